@@ -94,7 +94,9 @@ class Dataset:
         rng = np.random.default_rng(seed)
         keep = set(rng.choice(users, size=max_users, replace=False))
         inter = self.interactions[self.interactions["user_id"].isin(keep)].reset_index(drop=True)
-        return Dataset(self.name, self.items, inter, self.has_time, [*self.notes, f"subset of {max_users} users"])
+        return Dataset(
+            self.name, self.items, inter, self.has_time, [*self.notes, f"subset of {max_users} users"]
+        )
 
 
 def _read_table(path_without_ext: Path) -> pd.DataFrame:
@@ -122,7 +124,9 @@ def _finish(name: str, items: pd.DataFrame, inter: pd.DataFrame, has_time: bool,
         items["available"] = True
     items["available"] = items["available"].astype(bool)
     items["text"] = items["text"].fillna("").astype(str)
-    items = items[["item_id", "text", "category", "available"]].drop_duplicates("item_id").reset_index(drop=True)
+    items = (
+        items[["item_id", "text", "category", "available"]].drop_duplicates("item_id").reset_index(drop=True)
+    )
     inter = inter.copy()
     for col, default in (("type", "click"), ("query", ""), ("split", "")):
         if col not in inter:
@@ -173,7 +177,9 @@ def load_scientific(folder: Path) -> Dataset:
     folder = Path(folder)
     text = pd.read_csv(folder / "Scientific.text", sep="\t", dtype=str, keep_default_na=False)
     text.columns = ["asin", "text"]
-    idx = pd.read_csv(folder / "Scientific.item2index", sep="\t", header=None, names=["asin", "iid"], dtype=str)
+    idx = pd.read_csv(
+        folder / "Scientific.item2index", sep="\t", header=None, names=["asin", "iid"], dtype=str
+    )
     asin_of = dict(zip(idx["iid"], idx["asin"], strict=True))
     items = pd.DataFrame({"item_id": text["asin"], "text": text["text"].str.strip()})
 
@@ -205,7 +211,9 @@ def load_scientific(folder: Path) -> Dataset:
     inter["ts"] = _synthetic_ts(inter["order"].to_numpy())
     inter["type"] = "purchase"
     inter = inter.sort_values(["user_id", "order"], kind="stable")
-    notes = ["no timestamps: ts is synthetic (sequence position in minutes); leave-one-out splits from UniSRec"]
+    notes = [
+        "no timestamps: ts is synthetic (sequence position in minutes); leave-one-out splits from UniSRec"
+    ]
     return _finish("scientific", items, inter.drop(columns="order"), False, notes)
 
 
@@ -237,7 +245,9 @@ def load_online_retail(folder: Path) -> Dataset:
     items["category"] = items["text"].map(retail_category)
     ts = df["InvoiceDate"].astype("datetime64[ms]").astype("int64")
     split = np.where(
-        df["InvoiceDate"] < RETAIL_TRAIN_END, "train", np.where(df["InvoiceDate"] < RETAIL_TEST_START, "valid", "test")
+        df["InvoiceDate"] < RETAIL_TRAIN_END,
+        "train",
+        np.where(df["InvoiceDate"] < RETAIL_TEST_START, "valid", "test"),
     )
     inter = pd.DataFrame(
         {
@@ -279,4 +289,6 @@ def load_dataset(name_or_path: str | Path, data_dir: Path | None = None) -> Data
     path = Path(key)
     if path.is_dir():
         return load_generic(path)
-    raise FileNotFoundError(f"{key!r} is neither a known dataset ({', '.join(DATASETS)}) nor a dataset folder")
+    raise FileNotFoundError(
+        f"{key!r} is neither a known dataset ({', '.join(DATASETS)}) nor a dataset folder"
+    )

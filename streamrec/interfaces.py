@@ -42,6 +42,8 @@ class TextEncoder(Protocol):
 class DemandAdjustments(Protocol):
     """Time-limited multipliers from demand spikes (>1 boost) and drops (<1 damping)."""
 
-    def factors(self, item_ids: Sequence[str], categories: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
+    def factors(
+        self, item_ids: Sequence[str], categories: Sequence[str]
+    ) -> tuple[np.ndarray, list[str | None]]:
         """(multiplier per item, shape (n,), 1.0 when none; reason per item, e.g. 'trending_in:lantern')."""
         ...

@@ -169,7 +169,10 @@ class RedisSettings(BaseModel):
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis.from_url(settings.redis.url, **kwargs)``."""
-        kw: dict[str, Any] = {"socket_timeout": self.socket_timeout_s, "socket_connect_timeout": self.socket_timeout_s}
+        kw: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
         if self.password is not None:
             kw["password"] = self.password.get_secret_value()
         if self.username:

@@ -78,6 +78,13 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _free_port_for_tests() -> int:
+    """A free TCP port on loopback (for private stacks in tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def kafka_healthy(settings: Settings, timeout: float = 3.0) -> tuple[bool, str]:
     """A real metadata request through confluent-kafka's admin client."""
     from confluent_kafka.admin import AdminClient
@@ -150,7 +157,9 @@ class LocalStack:
         if marker.exists():
             return self.libs_dir
         if shutil.which("mvn") is None:
-            raise StackError("mvn not found: install Maven (apt-get install -y maven) to resolve the Kafka jars")
+            raise StackError(
+                "mvn not found: install Maven (apt-get install -y maven) to resolve the Kafka jars"
+            )
         tmp = self.libs_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [
@@ -159,7 +168,9 @@ class LocalStack:
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise StackError(f"mvn could not resolve Kafka {self.version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise StackError(
+                f"mvn could not resolve Kafka {self.version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
         shutil.rmtree(self.libs_dir, ignore_errors=True)
         tmp.rename(self.libs_dir)
         marker.write_text(self.version)
@@ -168,13 +179,18 @@ class LocalStack:
     def _java(self) -> str:
         java = shutil.which("java")
         if java is None:
-            raise StackError("java not found: install a Java 17 runtime (apt-get install -y openjdk-17-jre-headless)")
+            raise StackError(
+                "java not found: install a Java 17 runtime (apt-get install -y openjdk-17-jre-headless)"
+            )
         return java
 
     def _render_server_properties(self) -> Path:
         host, port = self.s.kafka.first_host_port
         text = Template((self.deploy / "server.properties").read_text()).substitute(
-            host=host, port=port, controller_port=self.s.kafka.controller_port, data_dir=self.kafka_dir / "data"
+            host=host,
+            port=port,
+            controller_port=self.s.kafka.controller_port,
+            data_dir=self.kafka_dir / "data",
         )
         out = self.kafka_dir / "server.properties"
         out.write_text(text)
@@ -186,7 +202,9 @@ class LocalStack:
         if pid is None:
             ok, _ = kafka_healthy(self.s, timeout=2.0)
             if ok:
-                return ServiceStatus("kafka", self.s.kafka.bootstrap_servers, True, None, False, None, "external")
+                return ServiceStatus(
+                    "kafka", self.s.kafka.bootstrap_servers, True, None, False, None, "external"
+                )
             if _port_open(host, port):
                 raise StackError(
                     f"port {host}:{port} is taken by something that is not a Kafka broker; "
@@ -200,7 +218,17 @@ class LocalStack:
             if not (self.kafka_dir / "data" / "meta.properties").exists():
                 cluster_id = uuid.uuid4().hex[:22]
                 fmt = subprocess.run(
-                    [java, "-cp", cp, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                    [
+                        java,
+                        "-cp",
+                        cp,
+                        "kafka.tools.StorageTool",
+                        "format",
+                        "-t",
+                        cluster_id,
+                        "-c",
+                        str(props),
+                    ],
                     capture_output=True,
                     text=True,
                 )
@@ -221,10 +249,14 @@ class LocalStack:
         detail = ""
         while time.monotonic() < deadline:
             if not _pid_alive(pid):
-                raise StackError(f"Kafka exited during start-up; see {self.kafka_log} and {self.kafka_stdout}")
-            ok, detail = kafka_healthy(self.s, timeout=2.0)
+                raise StackError(
+                    f"Kafka exited during start-up; see {self.kafka_log} and {self.kafka_stdout}"
+                )
+            ok, detail = kafka_healthy(self.s, timeout=min(2.0, max(0.2, deadline - time.monotonic())))
             if ok:
-                return ServiceStatus("kafka", self.s.kafka.bootstrap_servers, True, pid, True, self.kafka_log, detail)
+                return ServiceStatus(
+                    "kafka", self.s.kafka.bootstrap_servers, True, pid, True, self.kafka_log, detail
+                )
             time.sleep(0.5)
         raise StackError(
             f"Kafka did not answer a metadata request within {timeout:.0f}s ({detail}); see {self.kafka_log}"
@@ -237,7 +269,9 @@ class LocalStack:
         if pid is None:
             ok, detail = redis_healthy(self.s, timeout=1.0)
             if ok:
-                return ServiceStatus("redis", self.s.redis.url, True, None, False, None, f"external, {detail}")
+                return ServiceStatus(
+                    "redis", self.s.redis.url, True, None, False, None, f"external, {detail}"
+                )
             if _port_open(host, port):
                 raise StackError(
                     f"port {host}:{port} is taken by something that does not answer Redis PING with these "
@@ -245,7 +279,9 @@ class LocalStack:
                 )
             server = shutil.which("redis-server")
             if server is None:
-                raise StackError("redis-server not found on PATH: install it with `apt-get install -y redis-server`")
+                raise StackError(
+                    "redis-server not found on PATH: install it with `apt-get install -y redis-server`"
+                )
             self.redis_dir.mkdir(parents=True, exist_ok=True)
             conf = self.deploy / f"redis-{self.redis_profile}.conf"
             cmd = [
@@ -314,7 +350,9 @@ class LocalStack:
         ]  # fmt: skip
 
 
-def ensure_topics(settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0
+) -> list[str]:
     """Create the application's topics with the configured partitions (admin client).
 
     Returns the names that were created; existing topics are left as they are.
