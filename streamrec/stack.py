@@ -27,7 +27,6 @@ from string import Template
 
 from streamrec.settings import Settings
 
-
 _QUIET = logging.getLogger("streamrec.stack.probe")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
