@@ -216,6 +216,31 @@ class ProfileSettings(BaseModel):
     purchased_items: int = 200
     # A query-intent vector is forgotten after this long.
     query_ttl_s: float = 1800.0
+    # (streams/profiles) Applied event ids remembered per user, to drop a re-produced duplicate
+    # (same event_id, new offset). Events older than the oldest id forgotten are skipped as stale.
+    dedupe_event_ids: int = 1000
+    # (streams/profiles) Optimistic-concurrency retries when two workers write one user at once.
+    write_retries: int = 5
+
+
+class StreamSettings(BaseModel):
+    """The stream worker (faust): batching, commits, failure handling."""
+
+    # One batch: at most this many events, or what arrived within batch_within_s.
+    batch_max: int = 1000
+    batch_within_s: float = 0.1
+    # faust commits acknowledged offsets this often (processed events only are acknowledged).
+    commit_interval_s: float = 2.8
+    # Records fetched per poll by the consumer.
+    max_poll_records: int = 2000
+    # A batch that fails on Redis/Kafka is retried (idempotent) for this long before the worker stops.
+    failure_retry_s: float = 60.0
+    # Interface faust's web server (/healthz, /readyz) binds to.
+    web_bind: str = "0.0.0.0"
+    # Seconds between consumer-lag metric updates.
+    lag_interval_s: float = 5.0
+    # A worker that stops heart-beating (killed) loses its partitions after this long.
+    session_timeout_s: float = 30.0
 
 
 class ScoringSettings(BaseModel):
@@ -294,6 +319,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)

@@ -1,0 +1,69 @@
+"""The faust agent: batches of the events topic → :class:`~streams.pipeline.EventPipeline`.
+
+The agent takes up to ``stream.batch_max`` events or what arrived within
+``stream.batch_within_s`` (``stream.noack_take``, which keeps each record's partition and
+offset), runs the pipeline on them and only then acknowledges them, so faust commits an
+offset only after its event's profile write (or dead letter) is durable. A worker killed or
+stopped mid-batch therefore leaves the batch uncommitted; the next owner of the partition
+reads it again and the profile store skips what was already applied (exactly-once effect).
+
+A batch that fails on infrastructure (Redis or Kafka down) is retried with backoff for
+``stream.failure_retry_s``; then the agent raises, faust stops the worker, and the batch,
+never acknowledged, is redelivered after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import faust
+
+from streamrec.settings import Settings
+from streams.validation import RawRecord
+
+if TYPE_CHECKING:
+    from streams.app import WorkerState
+
+log = logging.getLogger(__name__)
+
+
+def to_record(event: faust.types.EventT) -> RawRecord:
+    """A faust event (raw serializers) as a :class:`RawRecord` with its source position."""
+    msg = event.message
+    value = msg.value if isinstance(msg.value, bytes | None) else event.value
+    key = msg.key if isinstance(msg.key, bytes | None) else None
+    return RawRecord(value=value, key=key, topic=msg.topic, partition=msg.partition, offset=msg.offset)
+
+
+def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, settings: Settings) -> None:
+    """Attach the events agent to ``app``."""
+    cfg = settings.stream
+
+    @app.agent(topic, name="streamrec.events", concurrency=1)
+    async def process_events(stream: faust.StreamT) -> None:
+        await state.loaded.wait()
+        pipeline = state.pipeline
+        async for batch in stream.noack_take(cfg.batch_max, within=cfg.batch_within_s):
+            records = [to_record(ev) for ev in batch]
+            deadline = time.monotonic() + cfg.failure_retry_s
+            delay = 0.2
+            while True:
+                try:
+                    await pipeline.process(records)
+                    break
+                except Exception as exc:
+                    if time.monotonic() + delay > deadline:
+                        log.critical(
+                            "batch of %d records failed for %.0fs, stopping (it will be redelivered): %s",
+                            len(records), cfg.failure_retry_s, exc,
+                        )  # fmt: skip
+                        raise
+                    log.warning("batch of %d records failed, retrying in %.1fs: %s", len(records), delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            for ev in batch:
+                await stream.ack(ev)
+            state.batches += 1

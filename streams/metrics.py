@@ -1,0 +1,48 @@
+"""Prometheus metrics of the stream worker (default registry, prefix ``streamrec_``).
+
+Declared once at import time; every module of ``streams`` updates these objects. Labels are
+bounded: event types (or ``unknown``), dead-letter reasons, topic/partition of the events topic.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+events_consumed = Counter(
+    "streamrec_events_consumed",
+    "Records read from the events topic, by event type ('unknown' if invalid).",
+    ["type"],
+)
+events_valid = Counter(
+    "streamrec_events_valid", "Records that decoded and validated as events, by type.", ["type"]
+)
+events_dead_lettered = Counter(
+    "streamrec_events_dead_lettered", "Records sent to the dead-letter topic, by reason.", ["reason"]
+)
+batch_size = Histogram("streamrec_batch_size", "Records per processed batch.", buckets=_BATCH_BUCKETS)
+batch_processing_seconds = Histogram(
+    "streamrec_batch_processing_seconds",
+    "Wall time of one batch: validation, dead letters, profile update, hooks.",
+    buckets=_LATENCY_BUCKETS,
+)
+consumer_lag = Gauge(
+    "streamrec_consumer_lag",
+    "Records of the events topic not yet processed (end offset - next offset to process).",
+    ["topic", "partition"],
+)
+worker_up = Gauge("streamrec_worker_up", "1 while the stream worker is running and ready to process.")
+rebalances = Counter("streamrec_rebalances", "Consumer-group rebalances seen by this worker.")
+results_published = Counter(
+    "streamrec_results_published", "Recommendation lists published to the results topic."
+)
+event_to_result_seconds = Histogram(
+    "streamrec_event_to_result_seconds",
+    "From an event's time to its recommendation list being published.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0),
+)
+recommendation_requests = Counter(
+    "streamrec_recommendation_requests", "Pull requests for recommendations, by status.", ["status"]
+)

@@ -1,0 +1,190 @@
+"""Validation of raw records and the dead-letter topic.
+
+Every record of the events topic is decoded with :func:`streamrec.events.decode` (strict schema,
+version, timestamps, sizes, NaN/negative values); then the item ids of the whole batch are
+checked against the catalog in one :meth:`ItemVectors.lookup`. A record that fails becomes a
+:class:`DeadLetter`, produced to the dead-letter topic with:
+
+* the **original bytes** as value and the original key (nothing re-encoded);
+* headers ``streamrec.dlq.reason`` (bounded label: not_json, bad_type, missing_field,
+  unknown_type, bad_timestamp, bad_value, bad_version, oversized, empty, unknown_item),
+  ``streamrec.dlq.detail`` (the decoder's message, at most 1000 bytes),
+  ``streamrec.dlq.topic`` / ``.partition`` / ``.offset`` (where it was read) and
+  ``streamrec.dlq.ts`` (epoch ms when it was dead-lettered).
+
+:func:`parse_dead_letter_headers` turns the headers back into a dict for tools and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from streamrec.events import Event, EventType, InvalidEvent, decode
+from streamrec.interfaces import ItemVectors
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEADER_PREFIX = "streamrec.dlq."
+MAX_DETAIL_BYTES = 1000
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record as read from Kafka: undecoded value and where it came from."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record that is not a valid event, and why."""
+
+    record: RawRecord
+    reason: str
+    detail: str
+
+    def headers(self, now_ms: int | None = None) -> list[tuple[str, bytes]]:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        r = self.record
+        return [
+            (HEADER_PREFIX + "reason", self.reason.encode()),
+            (HEADER_PREFIX + "detail", self.detail.encode(errors="replace")[:MAX_DETAIL_BYTES]),
+            (HEADER_PREFIX + "topic", r.topic.encode()),
+            (HEADER_PREFIX + "partition", str(r.partition).encode()),
+            (HEADER_PREFIX + "offset", str(r.offset).encode()),
+            (HEADER_PREFIX + "ts", str(now_ms).encode()),
+        ]
+
+
+def parse_dead_letter_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """``{"reason": ..., "detail": ..., "topic": ..., "partition": ..., "offset": ..., "ts": ...}``."""
+    return {
+        k[len(HEADER_PREFIX) :]: v.decode(errors="replace")
+        for k, v in (headers or [])
+        if k.startswith(HEADER_PREFIX)
+    }
+
+
+@dataclass
+class ValidatedBatch:
+    """The valid events of a batch (with their records and item vectors) and the dead letters."""
+
+    events: list[Event]
+    records: list[RawRecord]
+    item_vectors: np.ndarray  # (n, dim) float32; zero rows for searches
+    dead: list[DeadLetter]
+
+
+class Validator:
+    """Decodes a batch of records and checks item ids against the catalog (vectorised)."""
+
+    def __init__(self, items: ItemVectors | None) -> None:
+        self.items = items
+        self.dim = int(items.dim) if items is not None else 0
+
+    def validate(self, records: Sequence[RawRecord], now_ms: int | None = None) -> ValidatedBatch:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        events: list[Event] = []
+        kept: list[RawRecord] = []
+        dead: list[DeadLetter] = []
+        for r in records:
+            try:
+                events.append(decode(r.value, now_ms=now_ms))
+                kept.append(r)
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(r, exc.reason, exc.detail))
+            except Exception as exc:  # never let one record stop the worker
+                dead.append(DeadLetter(r, "invalid", f"{type(exc).__name__}: {exc}"))
+        vectors = np.zeros((len(events), self.dim), np.float32)
+        if self.items is not None and events:
+            need = [k for k, e in enumerate(events) if e.type is not EventType.SEARCH]
+            if need:
+                vecs, found = self.items.lookup([events[k].item_id or "" for k in need])
+                need_arr = np.asarray(need, np.int64)
+                found = np.asarray(found, bool)
+                vectors[need_arr[found]] = vecs[found]
+                missing = set(need_arr[~found].tolist())
+                if missing:
+                    for k in sorted(missing):
+                        e = events[k]
+                        dead.append(
+                            DeadLetter(
+                                kept[k], "unknown_item", f"item_id {e.item_id!r} is not in the catalog"
+                            )
+                        )
+                    keep = [k for k in range(len(events)) if k not in missing]
+                    events = [events[k] for k in keep]
+                    kept = [kept[k] for k in keep]
+                    vectors = vectors[keep]
+        return ValidatedBatch(events, kept, vectors, dead)
+
+
+class DeadLetterSink(Protocol):
+    """Where dead letters go."""
+
+    async def send(self, letters: Sequence[DeadLetter]) -> None: ...
+
+
+class KafkaDeadLetterSink:
+    """Produces dead letters to ``topics.dead_letter`` (confluent-kafka) and waits for delivery.
+
+    ``send`` returns only when every letter is acknowledged by the broker, so the source
+    offsets are committed only after their dead letters are safe.
+    """
+
+    def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = settings.topics.dead_letter
+        self.flush_timeout_s = flush_timeout_s
+        conf = {
+            **settings.kafka.librdkafka_config(),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+        }
+        self._producer = Producer(conf)
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def _produce_and_flush(self, letters: Sequence[DeadLetter]) -> None:
+        now_ms = int(time.time() * 1000)
+        for d in letters:
+            while True:
+                try:
+                    self._producer.produce(
+                        self.topic, value=d.record.value, key=d.record.key, headers=d.headers(now_ms),
+                        on_delivery=self._on_delivery,
+                    )  # fmt: skip
+                    break
+                except BufferError:
+                    self._producer.poll(0.1)
+        left = self._producer.flush(self.flush_timeout_s)
+        errors, self._errors = self._errors, []
+        if left or errors:
+            raise RuntimeError(
+                f"dead-letter topic {self.topic!r}: {left} records undelivered after {self.flush_timeout_s}s, "
+                f"errors: {errors[:3]}; check that the topic exists and the broker is reachable"
+            )
+
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
+        if letters:
+            await asyncio.get_running_loop().run_in_executor(None, self._produce_and_flush, letters)
+
+    def close(self) -> None:
+        self._producer.flush(self.flush_timeout_s)

@@ -1,0 +1,215 @@
+"""Profile store on the real Redis: reference equality, idempotency, ordering, concurrency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from profile_reference import (
+    DIM,
+    HashingEncoder,
+    RandomItems,
+    assert_profile_matches,
+    generate_events,
+    reference_profiles,
+)
+
+from profiles.store import Position, ProfileStore, ProfileStoreError
+from streamrec.events import make_event
+
+
+@pytest.fixture
+def items() -> RandomItems:
+    return RandomItems()
+
+
+@pytest.fixture
+def encoder() -> HashingEncoder:
+    return HashingEncoder()
+
+
+@pytest.fixture
+def store(redis_client, settings, items) -> ProfileStore:
+    return ProfileStore(redis_client, settings, items=items)
+
+
+def _apply(
+    store: ProfileStore, events, encoder, start_offset: int = 0, topic: str = "ev", partition: int = 0
+):
+    qv = {i: encoder.encode([e.query])[0] for i, e in enumerate(events) if e.type.value == "search"}
+    pos = [Position(topic, partition, start_offset + i) for i in range(len(events))]
+    return store.apply_batch(events, positions=pos, query_vectors=qv)
+
+
+def _dump(redis_client, store: ProfileStore, users) -> dict:
+    return {
+        u: (redis_client.hgetall(store.profile_key(u)), redis_client.zrange(store.ids_key(u), 0, -1))
+        for u in users
+    }
+
+
+def test_batches_equal_numpy_reference(store, items, encoder, settings):
+    events = generate_events(40, 1500, seed=1)
+    rng = np.random.default_rng(3)
+    cuts = np.sort(rng.choice(np.arange(1, len(events)), size=25, replace=False))
+    off = 0
+    for batch in np.split(np.array(events, dtype=object), cuts):
+        res = _apply(store, list(batch), encoder, start_offset=off)
+        off += len(batch)
+        assert res.applied == len(batch) and not res.skipped
+    ref = reference_profiles(events, items, encoder, settings.profile)
+    got = store.get_profiles(list(ref))
+    assert set(got) == set(ref)
+    for u, r in ref.items():
+        assert_profile_matches(got[u], r)
+    # The vectors are stored as binary float32.
+    some = next(iter(ref))
+    raw = store.redis.hget(store.profile_key(some), "lt")
+    assert len(raw) == DIM * 4
+    assert store.profile_key(some) == f"{{{settings.redis.prefix}:u:{some}}}:p"
+
+
+def test_cold_start_first_event_creates_profile(store, encoder):
+    e = make_event("click", "new-user", item_id="i3", ts=1_700_000_000_000, session_id="s1")
+    assert store.get_profile("new-user") is None
+    res = _apply(store, [e], encoder)
+    p = store.get_profile("new-user")
+    assert res.changed_users == {"new-user"}
+    np.testing.assert_allclose(p.long_term, store.items.lookup(["i3"])[0][0], rtol=1e-6)
+    np.testing.assert_allclose(p.session, p.long_term)
+    assert p.n_events == {"click": 1} and p.recent_items == ["i3"] and p.purchased_items == []
+    assert p.last_ts == e.ts and p.last_event_id == e.event_id and p.session_id == "s1"
+
+
+def test_replay_and_reproduced_duplicates_leave_profiles_identical(store, encoder, redis_client):
+    events = generate_events(10, 300, seed=2)
+    _apply(store, events[:200], encoder)
+    _apply(store, events[200:], encoder, start_offset=200)
+    users = {e.user_id for e in events}
+    before = _dump(redis_client, store, users)
+    # A consumer that crashed before committing reads the same records again.
+    res = _apply(store, events[50:300], encoder, start_offset=50)
+    assert res.applied == 0 and res.skipped == {"duplicate": 250} and not res.changed_users
+    # A producer retry re-sends the same events: same event ids, new offsets.
+    res = _apply(store, events[:120], encoder, start_offset=1000)
+    assert res.applied == 0 and res.skipped == {"duplicate": 120}
+    after = _dump(redis_client, store, users)
+    for u in users:  # byte-identical profile fields (offset watermarks may move forward)
+        b = {k: v for k, v in before[u][0].items() if not k.startswith(b"o:")}
+        a = {k: v for k, v in after[u][0].items() if not k.startswith(b"o:")}
+        assert a == b and after[u][1] == before[u][1]
+    # Duplicates inside one batch count once.
+    e = make_event("view", "dup", item_id="i1", ts=1_700_000_000_000)
+    res = _apply(store, [e, e, e], encoder, start_offset=5000)
+    assert res.applied == 1 and res.skipped == {"duplicate": 2}
+    assert store.get_profile("dup").n_events == {"view": 1}
+
+
+def test_out_of_order_within_batch_is_applied_in_event_time(store, items, encoder, settings):
+    events = generate_events(8, 400, seed=4)
+    shuffled = list(np.random.default_rng(0).permutation(np.array(events, dtype=object)))
+    # Each user's events go to one partition, so give every event a distinct offset.
+    _apply(store, shuffled, encoder)
+    # The reference takes events by time; ties (same ms) keep arrival order, here the shuffled one.
+    ref = reference_profiles(shuffled, items, encoder, settings.profile)
+    got = store.get_profiles(list(ref))
+    for u, r in ref.items():
+        assert_profile_matches(got[u], r)
+
+
+def test_late_event_in_a_later_batch(store, items, encoder, settings):
+    t = 1_700_000_000_000
+    first = [make_event("click", "u", item_id=f"i{k}", ts=t + k * 60_000, session_id="s") for k in range(5)]
+    late = make_event("purchase", "u", item_id="i9", ts=t - 3 * 24 * 3600_000, session_id="old")
+    _apply(store, first, encoder)
+    before = store.get_profile("u")
+    _apply(store, [late], encoder, start_offset=10)
+    after = store.get_profile("u")
+    ref = reference_profiles([*first, late], items, encoder, settings.profile)["u"]
+    # Long-term: exact, as if it had arrived in order (decayed against its own time).
+    np.testing.assert_allclose(after.long_term, ref.long_term, rtol=2e-4, atol=2e-5)
+    assert not np.allclose(after.long_term, before.long_term)
+    # Session, recency and last event describe the present: unchanged by a late event.
+    np.testing.assert_array_equal(after.session, before.session)
+    assert after.session_id == "s" and after.last_ts == before.last_ts
+    assert after.recent_items == before.recent_items and after.last_event_id == before.last_event_id
+    assert after.purchased_items == ["i9"] and after.n_events == {"click": 5, "purchase": 1}
+
+
+def test_session_resets_after_inactivity_and_query_is_latest_search(store, encoder, settings):
+    t = 1_700_000_000_000
+    timeout = int(settings.profile.session_timeout_s * 1000)
+    evs = [
+        make_event("view", "u", item_id="i1", ts=t),
+        make_event("search", "u", query="glass jar", ts=t + 1000),
+        make_event("search", "u", query="tea set", ts=t + 2000),
+        make_event("click", "u", item_id="i2", ts=t + 2000 + timeout + 1),
+    ]
+    _apply(store, evs, encoder)
+    p = store.get_profile("u")
+    i2 = store.items.lookup(["i2"])[0][0]
+    np.testing.assert_allclose(p.session, i2, rtol=1e-6)  # only the new session's item
+    assert not np.allclose(p.long_term, i2)
+    assert p.query_text == "tea set" and p.query_ts == t + 2000
+    np.testing.assert_allclose(p.query, encoder.encode(["tea set"])[0], rtol=1e-6)
+    # An older search arriving later does not replace the newer query.
+    _apply(store, [make_event("search", "u", query="wooden star", ts=t + 1500)], encoder, start_offset=10)
+    assert store.get_profile("u").query_text == "tea set"
+
+
+def test_unknown_items_are_skipped_not_applied(store, encoder):
+    good = make_event("view", "u", item_id="i1", ts=1_700_000_000_000)
+    bad = make_event("view", "u", item_id="no-such-item", ts=1_700_000_001_000)
+    res = _apply(store, [good, bad], encoder)
+    assert res.applied == 1 and res.skipped == {"unknown_item": 1}
+    assert store.get_profile("u").n_events == {"view": 1}
+
+
+def test_dedupe_horizon_rejects_forgotten_duplicates_as_stale(redis_client, settings, items, encoder):
+    settings.profile.dedupe_event_ids = 5
+    store = ProfileStore(redis_client, settings, items=items)
+    t = 1_700_000_000_000
+    evs = [make_event("view", "u", item_id=f"i{k}", ts=t + k * 1000) for k in range(10)]
+    _apply(store, evs, encoder)
+    assert redis_client.zcard(store.ids_key("u")) == 5
+    p = store.get_profile("u")
+    assert p.dedupe_horizon_ts == t + 4000
+    # A re-produced event whose id was forgotten: older than the horizon, skipped as stale.
+    res = _apply(store, [evs[1]], encoder, start_offset=100)
+    assert res.skipped == {"stale": 1}
+    # A remembered one is a duplicate; a genuinely new late event newer than the horizon applies.
+    res = _apply(
+        store, [evs[8], make_event("view", "u", item_id="i50", ts=t + 4500)], encoder, start_offset=200
+    )
+    assert res.skipped == {"duplicate": 1} and res.applied == 1
+    assert store.get_profile("u").n_events == {"view": 11}
+
+
+def test_conflict_between_read_and_write_retries(redis_client, settings, items):
+    """Another worker writes a user between this store's read and write (rebalance overlap)."""
+    store = ProfileStore(redis_client, settings, items=items)
+    store.apply_batch([make_event("view", "u", item_id="i1", ts=1_700_000_000_000)])
+    real_decode = store._decode
+    state = {"raced": False}
+
+    def decode_then_race(user_id, h):
+        prof = real_decode(user_id, h)
+        if not state["raced"]:
+            state["raced"] = True  # another worker writes the user right after our read
+            ProfileStore(redis_client, settings, items=items).apply_batch(
+                [make_event("purchase", "u", item_id="i7", ts=1_700_000_000_500)]
+            )
+        return prof
+
+    store._decode = decode_then_race  # type: ignore[method-assign]
+    res = store.apply_batch([make_event("click", "u", item_id="i2", ts=1_700_000_001_000)])
+    assert res.conflicts == 1 and res.applied == 1
+    p = ProfileStore(redis_client, settings, items=items).get_profile("u")
+    assert p.n_events == {"view": 1, "purchase": 1, "click": 1}
+    assert p.version == 3
+
+
+def test_store_refuses_decoding_client(settings):
+    client = settings.redis.client(decode_responses=True)
+    with pytest.raises(ProfileStoreError, match="decode_responses=False"):
+        ProfileStore(client, settings)
+    client.close()

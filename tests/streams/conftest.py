@@ -1,0 +1,213 @@
+"""Helpers for the stream tests: a real `streamrec worker` subprocess and Kafka utilities."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+PROFILES_TESTS = Path(__file__).resolve().parents[1] / "profiles"
+sys.path.insert(0, str(PROFILES_TESTS))  # profile_reference (reference maths, test ItemVectors)
+
+from streamrec.settings import Settings  # noqa: E402
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll until ``predicate()``; fail with ``what`` after ``timeout`` seconds (a deadline, not a speed check)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    s = settings
+    env = {
+        **os.environ,
+        "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+        "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
+        "STREAMREC_TOPICS_EVENTS": s.topics.events,
+        "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
+        "STREAMREC_TOPICS_RESULTS": s.topics.results,
+        "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
+        "STREAMREC_TOPICS_PARTITIONS": str(s.topics.partitions),
+        "STREAMREC_REDIS_URL": s.redis.url,
+        "STREAMREC_REDIS_PREFIX": s.redis.prefix,
+        "STREAMREC_STATE_DIR": str(s.state_dir),
+        "STREAMREC_WEB_PORT": str(s.web_port),
+        "STREAMREC_METRICS_PORT": str(s.metrics_port),
+        "STREAMREC_STREAM_WEB_BIND": "127.0.0.1",
+        "STREAMREC_STREAM_SESSION_TIMEOUT_S": "8",
+        "STREAMREC_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join([str(PROFILES_TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """`streamrec worker` with the test catalog/encoder plug-ins, as a real subprocess."""
+
+    def __init__(self, settings: Settings, log_dir: Path, **env: str) -> None:
+        self.settings = settings
+        self.env = worker_env(settings, **env)
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> WorkerProcess:
+        self.runs += 1
+        self.log = self.log_dir / f"worker-{self.runs}.log"
+        cmd = [sys.executable, "-m", "streamrec.cli", "worker",
+               "--items", "profile_reference:make_items", "--encoder", "profile_reference:make_encoder"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=str(PROFILES_TESTS.parents[1]),
+        )
+        return self
+
+    def url(self, path: str, port: int | None = None) -> str:
+        return f"http://127.0.0.1:{port or self.settings.web_port}{path}"
+
+    def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url(path, port), timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            return self.get("/readyz")[0] == 200
+
+        wait_until(ready, timeout, "the worker's /readyz")
+
+    def metrics(self) -> str:
+        return self.get("/metrics", self.settings.metrics_port)[1].decode()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (graceful: finish the batch, commit) and wait."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(
+                f"worker did not stop within {timeout}s of SIGTERM:\n{self.tail()}"
+            ) from None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no commit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path):
+    """A factory of worker subprocesses; every one still running is killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def make(**env: str) -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path, **env)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.kill()
+
+
+@pytest.fixture
+def topics(settings: Settings):
+    """Create this test's topics; delete them (and faust's internal ones) afterwards."""
+    from confluent_kafka.admin import AdminClient
+
+    from streamrec.stack import ensure_topics
+
+    ensure_topics(settings)
+    yield settings.topics
+    admin = AdminClient(settings.kafka.librdkafka_config())
+    uid = settings.redis.prefix[1:]
+    names = [t for t in admin.list_topics(timeout=10).topics if uid in t]
+    if names:
+        for fut in admin.delete_topics(names, operation_timeout=10).values():
+            try:
+                fut.result(15)
+            except Exception:
+                pass
+
+
+def committed_equals_end(settings: Settings) -> bool:
+    """True when the consumer group has committed every record of the events topic."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({**settings.kafka.librdkafka_config(), "group.id": settings.kafka.consumer_group,
+                  "enable.auto.commit": False})  # fmt: skip
+    try:
+        tps = [TopicPartition(settings.topics.events, p) for p in range(settings.topics.partitions)]
+        committed = c.committed(tps, timeout=10)
+        for tp in committed:
+            _, high = c.get_watermark_offsets(tp, timeout=10)
+            if high > 0 and tp.offset < high:
+                return False
+        return True
+    finally:
+        c.close()
+
+
+def read_topic(settings: Settings, topic: str, expect: int, timeout: float = 30.0) -> list:
+    """All records of ``topic`` from the beginning (waits until ``expect`` are there)."""
+    import uuid
+
+    from confluent_kafka import Consumer
+
+    c = Consumer({**settings.kafka.librdkafka_config(), "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    c.subscribe([topic])
+    out = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for m in c.consume(500, timeout=0.5):
+                if m.error() is None:
+                    out.append(m)
+        # Anything more than expected would also be returned by one more short poll.
+        for m in c.consume(500, timeout=1.0):
+            if m.error() is None:
+                out.append(m)
+    finally:
+        c.close()
+    return out

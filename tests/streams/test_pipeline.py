@@ -1,0 +1,80 @@
+"""EventPipeline in-process on real Redis and Kafka: hooks, dead letters, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from conftest import read_topic
+from profile_reference import (
+    HashingEncoder,
+    RandomItems,
+    assert_profile_matches,
+    generate_events,
+    reference_profiles,
+)
+
+from profiles.store import ProfileStore
+from streamrec.events import encode
+from streams.pipeline import EventPipeline
+from streams.validation import KafkaDeadLetterSink, RawRecord, Validator
+
+
+def _records(events, start: int = 0, partition: int = 0) -> list[RawRecord]:
+    return [
+        RawRecord(encode(e), e.user_id.encode(), "ev", partition, start + i) for i, e in enumerate(events)
+    ]
+
+
+def test_pipeline_applies_valid_events_dead_letters_the_rest_and_calls_hooks(settings, topics, redis_client):
+    items, enc = RandomItems(), HashingEncoder()
+    store = ProfileStore(redis_client, settings, items=items)
+    calls = []
+
+    async def hook(events, changed, st):
+        calls.append(([e.event_id for e in events], set(changed), st))
+
+    async def failing_hook(events, changed, st):
+        raise RuntimeError("a broken hook must not lose the batch")
+
+    pipe = EventPipeline(store, Validator(items), KafkaDeadLetterSink(settings), enc, hooks=[failing_hook])
+    pipe.add_hook(hook)
+    events = generate_events(12, 600, seed=21)
+    recs = _records(events)
+    recs.insert(10, RawRecord(b"nope", b"u0", "ev", 1, 0))
+    res = asyncio.run(pipe.process(recs))
+    assert (res.records, res.valid, res.dead_lettered) == (601, 600, 1)
+    assert res.dead_reasons == {"not_json": 1}
+    assert len(calls) == 1  # the failing hook was logged, the next one still ran
+    ids, changed, st = calls[0]
+    assert sorted(ids) == sorted(e.event_id for e in events) and st is store
+    assert changed == {e.user_id for e in events}
+    ref = reference_profiles(events, items, enc, settings.profile)
+    got = store.get_profiles(list(ref))
+    for u, r in ref.items():
+        assert_profile_matches(got[u], r)
+    (m,) = read_topic(settings, settings.topics.dead_letter, expect=1)
+    assert m.value() == b"nope"
+
+    # The same batch again (a replay): nothing applied, hooks not called, profiles unchanged.
+    calls.clear()
+    res = asyncio.run(pipe.process(recs))
+    assert res.apply.applied == 0 and res.apply.skipped == {"duplicate": 600} and not calls
+    assert pipe.positions[("ev", 0)] == 599
+
+
+def test_search_without_encoder_keeps_text_only(settings, redis_client):
+    items = RandomItems()
+
+    class NoDeadLetters:
+        async def send(self, letters):
+            assert not letters
+
+    store = ProfileStore(redis_client, settings, items=items)
+    pipe = EventPipeline(store, Validator(items), NoDeadLetters(), encoder=None)
+    rec = RawRecord(orjson.dumps({"v": 1, "event_id": "s1", "type": "search", "user_id": "u", "ts": 1_700_000_000_000,
+                                  "query": "red lantern"}), b"u", "ev", 0, 0)  # fmt: skip
+    asyncio.run(pipe.process([rec]))
+    p = store.get_profile("u")
+    assert p.query_text == "red lantern" and p.query is None and p.n_events == {"search": 1}
+    assert p.long_term is None and p.session is None
