@@ -35,6 +35,7 @@ from streamrec.settings import Settings
 from streams import metrics
 from streams.pipeline import EventPipeline, Hook
 from streams.validation import KafkaDeadLetterSink, Validator
+from streams.web import register_views
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ def default_hooks(ctx: WorkerContext) -> list[Hook]:
     Each is ``async hook(applied_events, changed_user_ids, store)``. Add one with one line,
     e.g. ``hooks.append(RecommendationPusher(...))``.
     """
+    from streams.recommend import recommendation_hooks
+
     hooks: list[Hook] = []
+    hooks += recommendation_hooks(ctx)  # cold-start popularity + push of fresh top-K
     return hooks
 
 
@@ -171,6 +175,7 @@ def create_app(
         partitions=s.topics.partitions,
     )
     register_agents(app, events_topic, state, settings)
+    register_views(app, state)
 
     @app.task
     async def load_components() -> None:
@@ -231,6 +236,10 @@ def create_app(
     @app.on_before_shutdown.connect
     async def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
         metrics.worker_up.set(0)
+        if state.ctx is not None:
+            from streams.recommend import shutdown_recommendations
+
+            await shutdown_recommendations(state.ctx)
 
     return app
 

@@ -1,0 +1,242 @@
+"""Online (test-then-learn) baseline recommenders for the replay evaluation.
+
+Each baseline sees the stream in event-time order through the same two calls as streamrec:
+``recommend(user_ids, k, now_ms)`` before a batch is applied, then ``update(events)``.
+All of them allow repeat purchases, as streamrec does in the replay (see streams/evaluation.py).
+
+- ``most_popular``: all-time counts (weighted by event type).
+- ``recent_popular``: counts decayed with event time (half-life 7 days), as a trending list.
+- ``item_knn``: item-to-item co-occurrence (items of one user within the last n items),
+  cosine-normalised; a user's list is the sum of the rows of their recent items.
+- ``session_knn``: SKNN (Jannach & Ludewig, 2017): the m past baskets most similar (cosine)
+  to the user's recent items vote for their items.
+- ``repeat``: the user's own past items by decayed frequency (buy-again), then popular.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from streamrec.events import Event
+
+TYPE_WEIGHT = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 6.0}
+
+
+class OnlineBaseline:
+    name = "baseline"
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.ids = list(item_ids)
+        self.index = {i: n for n, i in enumerate(self.ids)}
+        self.n = len(self.ids)
+
+    def _idx(self, events: Sequence[Event]) -> tuple[np.ndarray, np.ndarray, list[Event]]:
+        ev = [e for e in events if e.item_id in self.index]
+        idx = np.fromiter((self.index[e.item_id] for e in ev), np.int64, len(ev))
+        w = np.fromiter((TYPE_WEIGHT.get(e.type.value, 0.0) for e in ev), np.float64, len(ev))
+        return idx, w, ev
+
+    def _top(self, scores: np.ndarray, k: int) -> list[str]:
+        k = min(k, scores.size)
+        part = np.argpartition(-scores, k - 1)[:k]
+        part = part[np.argsort(-scores[part], kind="stable")]
+        return [self.ids[i] for i in part]
+
+    def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:
+        raise NotImplementedError
+
+    def update(self, events: Sequence[Event]) -> None:
+        raise NotImplementedError
+
+
+class MostPopular(OnlineBaseline):
+    name = "most_popular"
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        super().__init__(item_ids)
+        self.counts = np.zeros(self.n)
+
+    def recommend(self, user_ids, k, now_ms):
+        top = self._top(self.counts, k)
+        return [top for _ in user_ids]
+
+    def update(self, events):
+        idx, w, _ = self._idx(events)
+        np.add.at(self.counts, idx, w)
+
+
+class RecentPopular(OnlineBaseline):
+    """Σ weight · 2^(-(now - t)/half_life), kept by forward decay."""
+
+    name = "recent_popular"
+
+    def __init__(self, item_ids: Sequence[str], half_life_days: float = 7.0) -> None:
+        super().__init__(item_ids)
+        self.hl_ms = half_life_days * 86_400_000
+        self.scores = np.zeros(self.n)
+        self.t_ref: int | None = None
+
+    def recommend(self, user_ids, k, now_ms):
+        top = self._top(self.scores, k)
+        return [top for _ in user_ids]
+
+    def update(self, events):
+        idx, w, ev = self._idx(events)
+        if not ev:
+            return
+        ts = np.fromiter((e.ts for e in ev), np.int64, len(ev))
+        if self.t_ref is None:
+            self.t_ref = int(ts.min())
+        # Move the reference forward now and then so the exponents stay small.
+        if ts.max() - self.t_ref > 20 * self.hl_ms:
+            shift = int(ts.max() - self.t_ref)
+            self.scores *= 2.0 ** (-shift / self.hl_ms)
+            self.t_ref += shift
+        np.add.at(self.scores, idx, w * 2.0 ** ((ts - self.t_ref) / self.hl_ms))
+
+
+class _UserHistory(OnlineBaseline):
+    def __init__(self, item_ids: Sequence[str], history: int = 20) -> None:
+        super().__init__(item_ids)
+        self.recent: dict[str, deque[int]] = defaultdict(lambda: deque(maxlen=history))
+        self.fallback = MostPopular(item_ids)
+
+    def _remember(self, ev: list[Event], idx: np.ndarray) -> None:
+        for e, i in zip(ev, idx, strict=True):
+            dq = self.recent[e.user_id]
+            if i in dq:
+                dq.remove(i)
+            dq.append(int(i))
+
+    def _with_fallback(self, scores: np.ndarray | None, k: int) -> list[str]:
+        if scores is None or not np.any(scores > 0):
+            return self._top(self.fallback.counts, k)
+        # Ties (zeros) broken by popularity.
+        return self._top(scores + 1e-9 * self.fallback.counts / (self.fallback.counts.max() + 1.0), k)
+
+
+class ItemKNN(_UserHistory):
+    """Co-occurrence of items among a user's consecutive items, cosine-normalised."""
+
+    name = "item_knn"
+
+    def __init__(self, item_ids: Sequence[str], history: int = 20) -> None:
+        super().__init__(item_ids, history)
+        self.co = np.zeros((self.n, self.n), np.float32)
+        self.cnt = np.zeros(self.n, np.float32)
+
+    def recommend(self, user_ids, k, now_ms):
+        out = []
+        norm = 1.0 / np.sqrt(np.maximum(self.cnt, 1.0))
+        for u in user_ids:
+            hist = list(self.recent.get(u, ()))
+            if not hist:
+                out.append(self._with_fallback(None, k))
+                continue
+            rows = self.co[hist] * norm[hist, None] * norm[None, :]
+            out.append(self._with_fallback(rows.sum(0), k))
+        return out
+
+    def update(self, events):
+        self.fallback.update(events)
+        idx, _, ev = self._idx(events)
+        by_user: dict[str, list[int]] = defaultdict(list)
+        for e, i in zip(ev, idx, strict=True):
+            by_user[e.user_id].append(int(i))
+        for u, new in by_user.items():
+            prev = list(self.recent.get(u, ()))
+            new_u = list(dict.fromkeys(new))
+            ctx = np.array(list(dict.fromkeys(prev + new_u)), np.int64)
+            nu = np.array(new_u, np.int64)
+            self.co[np.ix_(nu, ctx)] += 1.0
+            self.co[np.ix_(ctx, nu)] += 1.0
+            self.co[nu, nu] -= 2.0  # no self co-occurrence
+            self.cnt[nu] += 1.0
+        self._remember(ev, idx)
+
+
+class SessionKNN(_UserHistory):
+    """SKNN over past baskets (a user's events at one timestamp form a basket)."""
+
+    name = "session_knn"
+
+    def __init__(self, item_ids: Sequence[str], neighbours: int = 100, history: int = 20) -> None:
+        super().__init__(item_ids, history)
+        self.m = neighbours
+        self.postings: list[list[int]] = [[] for _ in range(self.n)]  # item -> session ids
+        self.sessions: list[np.ndarray] = []
+
+    def recommend(self, user_ids, k, now_ms):
+        out = []
+        for u in user_ids:
+            hist = list(self.recent.get(u, ()))
+            if not hist or not self.sessions:
+                out.append(self._with_fallback(None, k))
+                continue
+            cand = np.concatenate([np.asarray(self.postings[i], np.int64) for i in hist])
+            if cand.size == 0:
+                out.append(self._with_fallback(None, k))
+                continue
+            sids, overlap = np.unique(cand, return_counts=True)
+            lens = np.fromiter((self.sessions[s].size for s in sids), np.float64, sids.size)
+            sim = overlap / np.sqrt(lens * len(hist))
+            top = np.argsort(-sim, kind="stable")[: self.m]
+            scores = np.zeros(self.n)
+            for s, w in zip(sids[top], sim[top], strict=True):
+                scores[self.sessions[s]] += w
+            out.append(self._with_fallback(scores, k))
+        return out
+
+    def update(self, events):
+        self.fallback.update(events)
+        idx, _, ev = self._idx(events)
+        baskets: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for e, i in zip(ev, idx, strict=True):
+            baskets[(e.user_id, e.ts)].append(int(i))
+        for items in baskets.values():
+            arr = np.unique(np.asarray(items, np.int64))
+            sid = len(self.sessions)
+            self.sessions.append(arr)
+            for i in arr:
+                self.postings[i].append(sid)
+        self._remember(ev, idx)
+
+
+class Repeat(_UserHistory):
+    """Buy-again: the user's own items by decayed frequency."""
+
+    name = "repeat"
+
+    def __init__(self, item_ids: Sequence[str], half_life_days: float = 30.0) -> None:
+        super().__init__(item_ids)
+        self.hl_ms = half_life_days * 86_400_000
+        self.freq: dict[str, dict[int, float]] = defaultdict(dict)
+
+    def recommend(self, user_ids, k, now_ms):
+        out = []
+        for u in user_ids:
+            f = self.freq.get(u)
+            if not f:
+                out.append(self._with_fallback(None, k))
+                continue
+            scores = np.zeros(self.n)
+            items = np.fromiter(f.keys(), np.int64, len(f))
+            scores[items] = np.fromiter(f.values(), np.float64, len(f))
+            out.append(self._with_fallback(scores, k))
+        return out
+
+    def update(self, events):
+        self.fallback.update(events)
+        idx, w, ev = self._idx(events)
+        for e, i, wi in zip(ev, idx, w, strict=True):
+            # Forward decay against a fixed landmark (2010-01-01).
+            x = wi * 2.0 ** ((e.ts - 1_262_304_000_000) / self.hl_ms)
+            d = self.freq[e.user_id]
+            d[int(i)] = d.get(int(i), 0.0) + x
+        self._remember(ev, idx)
+
+
+BASELINES = {cls.name: cls for cls in (MostPopular, RecentPopular, ItemKNN, SessionKNN, Repeat)}

@@ -1,0 +1,323 @@
+"""``streamrec eval replay``: prequential (test-then-learn) evaluation on the real stream.
+
+Protocol (Online Retail, clean purchases):
+
+1. Warm-up: the train and valid periods (up to 2011-10-31) are applied to the profiles in a
+   real Redis through the same code the workers run (``ProfileStore.apply_batch``), and to
+   every baseline's state.
+2. Test (from 2011-11-01), in event-time order, one batch per timestamp (a basket): *before*
+   applying it, each event's item is looked up in its user's latest recommendations
+   (recomputed from the current profile through ``inference.scoring.Scorer``, as the push path
+   does); then the batch is applied to profiles and baselines.
+3. Metrics per event: HR@10/20 (item in the top 10/20), NDCG@10/20 (1/log2(rank+1)),
+   MRR (reciprocal rank within the top-20 list, 0 beyond); per day and overall. Catalog
+   coverage: distinct items recommended / catalog size. Novelty: mean -log2 of the
+   recommended items' share of the warm-up purchases.
+
+Repeat purchases are allowed (37.5 % of the test purchases re-buy an item the customer bought
+before): streamrec runs with ``exclude_purchased = False`` here, and a buy-again baseline
+(``repeat``) is reported beside the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from streamrec.datasets import Dataset, load_dataset
+from streamrec.events import Event, EventType
+from streamrec.settings import Settings, get_settings
+
+KS = (10, 20)
+LIST_K = max(KS)
+
+
+@dataclass
+class MethodScores:
+    """Per-event ranks (0 = not in the list) and the recommended items, for one method."""
+
+    ranks: list[int] = field(default_factory=list)
+    days: list[str] = field(default_factory=list)
+    recommended: set[str] = field(default_factory=set)
+    novelty: list[float] = field(default_factory=list)
+
+    def add(self, rank: int, day: str) -> None:
+        self.ranks.append(rank)
+        self.days.append(day)
+
+
+def rank_metrics(ranks: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR from 1-based ranks (0 = absent) of the target in a top list."""
+    r = np.asarray(ranks, np.int64)
+    if r.size == 0:
+        return {**{f"hr@{k}": 0.0 for k in ks}, **{f"ndcg@{k}": 0.0 for k in ks}, "mrr": 0.0}
+    hit = r > 0
+    out: dict[str, float] = {}
+    for k in ks:
+        inside = hit & (r <= k)
+        out[f"hr@{k}"] = float(inside.mean())
+        out[f"ndcg@{k}"] = float(np.where(inside, 1.0 / np.log2(r + 1.0), 0.0).mean())
+    out["mrr"] = float(np.where(hit, 1.0 / np.maximum(r, 1), 0.0).mean())
+    return out
+
+
+def dataset_events(df: pd.DataFrame, categories: dict[str, str]) -> list[Event]:
+    """Interactions as events (purchases keep quantity and price when the dataset has them)."""
+    has_q = "quantity" in df
+    has_p = "price" in df
+    out = []
+    cols = [df[c].to_numpy() for c in ("user_id", "item_id", "ts", "type")]
+    qs = df["quantity"].to_numpy() if has_q else None
+    ps = df["price"].to_numpy() if has_p else None
+    for n, (u, i, ts, t) in enumerate(zip(*cols, strict=True)):
+        out.append(
+            Event(
+                event_id=f"r{n}",
+                type=EventType(t),
+                user_id=str(u),
+                ts=int(ts),
+                item_id=str(i),
+                category=categories.get(i) or None,
+                quantity=int(qs[n]) if has_q else None,
+                price=float(ps[n]) if has_p else None,
+            )
+        )
+    return out
+
+
+class StreamrecMethod:
+    """streamrec itself: ProfileStore (real Redis) + Scorer over a model folder's catalog."""
+
+    def __init__(self, name: str, settings: Settings, model_dir: Path, redis_client) -> None:
+        from inference.catalog import CatalogIndex
+
+        from inference.popularity import RedisPopularity
+        from inference.scoring import Scorer
+        from profiles.store import ProfileStore
+
+        self.name = name
+        s = settings.model_copy(deep=True)
+        s.redis.prefix = f"{settings.redis.prefix}:{name}"
+        s.scoring.exclude_purchased = False
+        self.settings = s
+        self.catalog = CatalogIndex.load(model_dir / "catalog")
+        self.store = ProfileStore(redis_client, s, items=self.catalog)
+        self.popularity = RedisPopularity(s, redis_client)
+        self.scorer = Scorer(self.catalog, s.scoring, s.profile, popularity=self.popularity)
+        self.redis = redis_client
+
+    def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:
+        from inference.scoring import Request
+
+        profiles = self.store.get_profiles(list(user_ids))
+        reqs = [Request(u, profiles.get(u), k=k, ref_ms=now_ms) for u in user_ids]
+        return [[it.item_id for it in lst] for lst in self.scorer.recommend(reqs, now_ms=now_ms)]
+
+    def update(self, events: Sequence[Event]) -> None:
+        self.store.apply_batch(events)
+        self.popularity.record(events)
+
+    def cleanup(self) -> None:
+        keys = list(self.redis.scan_iter(match=f"*{self.settings.redis.prefix}*", count=5000))
+        for i in range(0, len(keys), 5000):
+            self.redis.delete(*keys[i : i + 5000])
+
+
+def run_replay(
+    ds: Dataset,
+    methods: dict[str, object],
+    max_test_days: int | None = None,
+    warmup_days: int | None = None,
+    progress: bool = True,
+) -> dict[str, MethodScores]:
+    """Warm up every method on train+valid, then test-then-learn over the test period."""
+    cats = ds.item_category()
+    inter = ds.interactions
+    warm = inter[inter["split"] != "test"]
+    test = inter[inter["split"] == "test"]
+    if warmup_days:
+        start = warm["ts"].max() - warmup_days * 86_400_000
+        warm = warm[warm["ts"] >= start]
+    if max_test_days:
+        end = test["ts"].min() + max_test_days * 86_400_000
+        test = test[test["ts"] < end]
+    # Warm-up: large batches, time-ordered.
+    warm_events = dataset_events(warm, cats)
+    item_pop = defaultdict(float)
+    for e in warm_events:
+        item_pop[e.item_id] += 1.0
+    total = sum(item_pop.values()) or 1.0
+    step = 5000
+    for start in tqdm(range(0, len(warm_events), step), desc="warm-up", unit="batch", disable=not progress):
+        chunk = warm_events[start : start + step]
+        for m in methods.values():
+            m.update(chunk)
+    scores = {name: MethodScores() for name in methods}
+    test_events = dataset_events(test, cats)
+    by_ts: dict[int, list[Event]] = defaultdict(list)
+    for e in test_events:
+        by_ts[e.ts].append(e)
+    for ts in tqdm(sorted(by_ts), desc="test-then-learn", unit="basket", disable=not progress):
+        batch = by_ts[ts]
+        users = list(dict.fromkeys(e.user_id for e in batch))
+        day = time.strftime("%Y-%m-%d", time.gmtime(ts / 1000))
+        for name, m in methods.items():
+            lists = m.recommend(users, LIST_K, ts)
+            pos = {
+                u: {item: r + 1 for r, item in enumerate(lst)} for u, lst in zip(users, lists, strict=True)
+            }
+            sc = scores[name]
+            for lst in lists:
+                sc.recommended.update(lst)
+                sc.novelty.extend(-math.log2((item_pop.get(i, 0.0) + 1.0) / (total + 1.0)) for i in lst[:10])
+            for e in batch:
+                sc.add(pos[e.user_id].get(e.item_id, 0), day)
+            m.update(batch)
+    return scores
+
+
+def summarise(scores: dict[str, MethodScores], n_items: int) -> tuple[dict, pd.DataFrame]:
+    overall: dict[str, dict[str, float]] = {}
+    rows = []
+    for name, sc in scores.items():
+        met = rank_metrics(sc.ranks)
+        met["coverage"] = len(sc.recommended) / n_items
+        met["novelty"] = float(np.mean(sc.novelty)) if sc.novelty else 0.0
+        met["events"] = len(sc.ranks)
+        overall[name] = met
+        df = pd.DataFrame({"day": sc.days, "rank": sc.ranks})
+        for day, g in df.groupby("day"):
+            rows.append({"method": name, "day": day, **rank_metrics(g["rank"].tolist()), "events": len(g)})
+    return overall, pd.DataFrame(rows)
+
+
+def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, g in per_day.groupby("method"):
+        ax.plot(
+            pd.to_datetime(g["day"]),
+            g["hr@10"],
+            marker="o",
+            ms=3,
+            label=name,
+            lw=2 if name == "streamrec" else 1,
+        )
+    ax.set_ylabel("HR@10 (per day)")
+    ax.set_title("Prequential replay, Online Retail test period")
+    ax.legend(fontsize=8, ncol=3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(out_dir / "replay_hr10_per_day.png", dpi=110)
+    plt.close(fig)
+
+    names = list(overall)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(names))
+    for j, met in enumerate(("hr@10", "ndcg@10", "mrr")):
+        ax.bar(x + (j - 1) * 0.27, [overall[n][met] for n in names], width=0.27, label=met)
+    ax.set_xticks(x, names, rotation=20)
+    ax.legend()
+    ax.set_title("Overall (test period)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "replay_overall.png", dpi=110)
+    plt.close(fig)
+
+    cols = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "coverage", "novelty"]
+    lines = ["# Replay evaluation (prequential, Online Retail)", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for n in sorted(overall, key=lambda n: -overall[n]["hr@10"]):
+        lines.append(f"| {n} | " + " | ".join(f"{overall[n][c]:.4f}" for c in cols) + " |")
+    lines += ["", "![HR@10 per day](replay_hr10_per_day.png)", "", "![overall](replay_overall.png)", ""]
+    path = out_dir / "replay.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@click.command("replay")
+@click.option(
+    "--dataset", default="online-retail", show_default=True, help="Named dataset or generic folder."
+)
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Fine-tuned model folder (default: the settings' model dir).")  # fmt: skip
+@click.option("--pretrained-dir", type=click.Path(path_type=Path), default=None,
+              help="Pretrained (not fine-tuned) model folder; built from the base model when missing.")  # fmt: skip
+@click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=None, help="JSON with every method's metrics."
+)
+@click.option("--quick", is_flag=True, help="3 test days and 30 warm-up days (CI smoke run).")
+@click.option("--days", type=int, default=None, help="Limit the test period to this many days.")
+def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days) -> None:
+    """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
+    from streams.baselines import BASELINES
+
+    s = get_settings().model_copy(deep=True)
+    s.redis.prefix = f"eval-{int(time.time())}"
+    model_dir = model_dir or s.resolved_model_dir
+    if not (model_dir / "manifest.json").exists():
+        raise click.ClickException(
+            f"no model at {model_dir}: run `streamrec train`, `streamrec export` and `streamrec index` first "
+            "(or pass --model-dir)"
+        )
+    pretrained_dir = pretrained_dir or s.state_dir / "model-pretrained"
+    ds = load_dataset(dataset, s.data_dir)
+    if not (pretrained_dir / "catalog").exists():
+        ensure_pretrained(pretrained_dir, ds, s)
+    redis = s.redis.client()
+    methods: dict[str, object] = {
+        "streamrec": StreamrecMethod("streamrec", s, model_dir, redis),
+        "streamrec_pretrained": StreamrecMethod("streamrec_pretrained", s, pretrained_dir, redis),
+    }
+    methods.update({name: cls(ds.item_ids) for name, cls in BASELINES.items()})
+    t0 = time.time()
+    try:
+        scores = run_replay(
+            ds, methods, max_test_days=3 if quick else days, warmup_days=30 if quick else None
+        )
+    finally:
+        for m in methods.values():
+            if isinstance(m, StreamrecMethod):
+                m.cleanup()
+    overall, per_day = summarise(scores, len(ds.items))
+    notes = [
+        f"dataset {ds.name}: {len(ds.items)} items; test events evaluated: {overall['streamrec']['events']}",
+        "test-then-learn per basket; lists of 20; repeat purchases allowed for every method",
+        f"model: {methods['streamrec'].catalog.model_version}; pretrained: "
+        f"{methods['streamrec_pretrained'].catalog.model_version}",
+        f"run time {time.time() - t0:.0f}s" + (" (quick)" if quick else ""),
+    ]
+    report = write_report(overall, per_day, Path(results_dir), notes)
+    click.echo(report.read_text())
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(overall, indent=2))
+        click.echo(f"wrote {output}")
+
+
+def ensure_pretrained(folder: Path, ds: Dataset, s: Settings) -> Path:
+    """Export the base encoder (no fine-tuning) and embed the catalog into ``folder``."""
+    from inference.catalog import build_catalog
+    from inference.encoder import OnnxEncoder
+    from inference.export import export_pretrained
+
+    export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len)
+    enc = OnnxEncoder(folder, s.encoder)
+    build_catalog(enc, ds, folder / "catalog")
+    return folder

@@ -1,0 +1,288 @@
+"""Fresh recommendations: pushed to the results topic when a profile changes, served on request.
+
+Push: the pipeline calls :class:`RecommendationPusher` (a hook) after each batch of
+profile updates with the users whose profiles changed. A user's events within
+``scoring.coalesce_ms`` of the first one of a burst give one recomputation; due users are
+scored together (one profile pipeline read, one matrix product per ``scoring.batch_users``)
+and published to the results topic keyed by user_id:
+
+    {"user_id": "17850", "items": [{"item_id": "85123A", "score": 0.0931, "reason": "similar_to:71053"}],
+     "model_version": "minilm-ft-20261128-1a2b3c", "generated_at": 1795880000123,
+     "source_event_id": "3f1c...", "event_to_result_ms": 212}
+
+Pull: :meth:`RecommendationService.recommend_one` backs ``GET /recommendations/{user_id}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from inference.scoring import Request, ScoredItem, Scorer
+from streamrec.events import Event
+from streamrec.settings import Settings
+from streams import metrics
+
+log = logging.getLogger(__name__)
+
+MAX_K = 200
+MAX_QUERY_CHARS = 512
+
+
+def result_message(
+    user_id: str,
+    items: Sequence[ScoredItem],
+    model_version: str,
+    source_event_id: str | None,
+    event_ts_ms: int | None,
+    now_ms: int | None = None,
+) -> dict[str, Any]:
+    """The results-topic message (also the pull endpoint's JSON body)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return {
+        "user_id": user_id,
+        "items": [it.to_dict() for it in items],
+        "model_version": model_version,
+        "generated_at": now_ms,
+        "source_event_id": source_event_id,
+        "event_to_result_ms": (now_ms - event_ts_ms) if event_ts_ms is not None else None,
+    }
+
+
+class RecommendationService:
+    """Profiles + scorer (+ query encoder): the one place that turns users into top-K lists."""
+
+    def __init__(
+        self, settings: Settings, store: Any, scorer: Scorer, query_encoder: Any | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.scorer = scorer
+        self.query_encoder = query_encoder  # an object with `async encode(text) -> np.ndarray`
+
+    @property
+    def model_version(self) -> str:
+        return self.scorer.catalog.model_version
+
+    def recommend_many(
+        self,
+        user_ids: Sequence[str],
+        k: int,
+        category_hints: Sequence[str | None] | None = None,
+        query_vectors: Sequence[np.ndarray | None] | None = None,
+        ref_ms: Sequence[int | None] | None = None,
+        now_ms: int | None = None,
+    ) -> list[list[ScoredItem]]:
+        profiles = self.store.get_profiles(list(user_ids))
+        reqs = [
+            Request(
+                user_id=u,
+                profile=profiles.get(u),
+                k=k,
+                category_hint=category_hints[i] if category_hints else None,
+                query_vector=query_vectors[i] if query_vectors else None,
+                ref_ms=ref_ms[i] if ref_ms else None,
+            )
+            for i, u in enumerate(user_ids)
+        ]
+        return self.scorer.recommend(reqs, now_ms=now_ms)
+
+    async def recommend_one(self, user_id: str, k: int | None = None, q: str | None = None) -> dict[str, Any]:
+        """The pull path. Raises ValueError with a user-facing message on bad input."""
+        k = self.settings.scoring.top_k if k is None else k
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+        qv = None
+        if q is not None:
+            q = q.strip()
+            if len(q) > MAX_QUERY_CHARS:
+                raise ValueError(f"q must be at most {MAX_QUERY_CHARS} characters, got {len(q)}")
+            if q:
+                if self.query_encoder is None:
+                    raise ValueError("ad-hoc queries need the encoder, which this worker has not loaded")
+                qv = await self.query_encoder.encode(q)
+        items = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.recommend_many([user_id], k, query_vectors=[qv])[0]
+        )
+        return result_message(user_id, items, self.model_version, None, None)
+
+
+@dataclass
+class _Pending:
+    first_seen: float  # monotonic seconds of the burst's first event
+    event_id: str
+    event_ts: int
+    category: str | None
+
+
+class RecommendationPusher:
+    """Pipeline hook: coalesce per-user bursts, score due users in batches, publish."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: RecommendationService,
+        publish: Callable[[str, bytes], None],
+        flush: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.publish = publish  # (key, value) -> None; e.g. a confluent-kafka produce
+        self._flush_producer = flush
+        self.pending: dict[str, _Pending] = {}
+        self.window_s = settings.scoring.coalesce_ms / 1000.0
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    async def __call__(self, events: Sequence[Event], changed_users: set[str], store: Any = None) -> None:
+        """Hook entry: remember which users need fresh recommendations."""
+        now = time.monotonic()
+        latest: dict[str, Event] = {}
+        for ev in events:
+            if ev.user_id in changed_users:
+                cur = latest.get(ev.user_id)
+                if cur is None or ev.ts >= cur.ts:
+                    latest[ev.user_id] = ev
+        for u, ev in latest.items():
+            p = self.pending.get(u)
+            if p is None:
+                self.pending[u] = _Pending(now, ev.event_id, ev.ts, ev.category)
+            else:  # same burst: keep its start, point at the newest event
+                p.event_id, p.event_ts, p.category = ev.event_id, ev.ts, ev.category or p.category
+        if self._task is None:
+            self.start()
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="recommendation-pusher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.flush_due(force=True)
+
+    async def _run(self) -> None:
+        tick = max(self.window_s / 4, 0.005)
+        while not self._stopping:
+            try:
+                await self.flush_due()
+            except Exception:  # never let one bad batch stop the pusher
+                log.exception("recommendation push failed; will retry on the next tick")
+            await asyncio.sleep(tick)
+
+    async def flush_due(self, force: bool = False) -> int:
+        """Score and publish every user whose burst window has closed. Returns users published."""
+        now = time.monotonic()
+        due = [u for u, p in self.pending.items() if force or now - p.first_seen >= self.window_s]
+        if not due:
+            return 0
+        batch = self.settings.scoring.batch_users
+        loop = asyncio.get_running_loop()
+        sent = 0
+        for start in range(0, len(due), batch):
+            users = due[start : start + batch]
+            pend = [self.pending.pop(u) for u in users]
+            hints = [p.category for p in pend]
+            refs = [p.event_ts for p in pend]
+            lists = await loop.run_in_executor(
+                None,
+                functools.partial(
+                    self.service.recommend_many, users, self.settings.scoring.top_k, category_hints=hints, ref_ms=refs
+                ),
+            )
+            version = self.service.model_version
+            now_ms = int(time.time() * 1000)
+            for u, p, items in zip(users, pend, lists, strict=True):
+                msg = result_message(u, items, version, p.event_id, p.event_ts, now_ms)
+                self.publish(u, orjson.dumps(msg))
+                lag_s = (now_ms - p.event_ts) / 1000.0
+                if 0 <= lag_s < 3600:  # replays of historic data would swamp the histogram
+                    metrics.event_to_result_seconds.observe(lag_s)
+            metrics.results_published.inc(len(users))
+            sent += len(users)
+        if self._flush_producer is not None:
+            self._flush_producer()
+        return sent
+
+
+class PopularityRecorder:
+    """Pipeline hook: count applied events into the decayed popularity (cold-start fallback)."""
+
+    def __init__(self, popularity: Any, item_category: dict[str, str]) -> None:
+        self.popularity = popularity
+        self.item_category = item_category
+
+    async def __call__(self, events: Sequence[Event], changed_users: set[str], store: Any = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.popularity.record, events, self.item_category
+        )
+
+
+def recommendation_hooks(ctx: Any) -> list[Any]:
+    """Build the push path for a worker context (streams.app.WorkerContext).
+
+    Returns the hooks (popularity recorder, pusher) and leaves the service in
+    ``ctx.extras["recommendations"]`` for the pull endpoint. Needs a catalog index
+    (``inference.catalog.CatalogIndex``): plain ItemVectors (test plug-ins) get no push.
+    """
+    from confluent_kafka import Producer
+
+    from inference.popularity import RedisPopularity
+
+    s: Settings = ctx.settings
+    items = ctx.items
+    if not hasattr(items, "topk"):
+        log.warning("item vectors %s have no top-k index: recommendations disabled", type(items).__name__)
+        return []
+    adjustments = None
+    try:
+        from alerts.effects import RedisDemandAdjustments
+
+        adjustments = RedisDemandAdjustments(s, ctx.redis)
+    except ImportError:  # pragma: no cover - alerts is part of the package
+        log.warning("alerts package unavailable: no demand-spike adjustments")
+    popularity = RedisPopularity(s, ctx.redis)
+    scorer = Scorer(items, s.scoring, s.profile, adjustments=adjustments, popularity=popularity)
+    batcher = None
+    if ctx.encoder is not None:
+        from inference.encoder import MicroBatcher
+
+        batcher = MicroBatcher(ctx.encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)
+    service = RecommendationService(s, ctx.store, scorer, query_encoder=batcher)
+    producer = Producer({**s.kafka.librdkafka_config(), "linger.ms": 5, "acks": "all",
+                         "enable.idempotence": True})  # fmt: skip
+    topic = s.topics.results
+
+    def publish(key: str, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key.encode(), value=value)
+                return
+            except BufferError:  # local queue full: let it drain
+                producer.poll(0.05)
+
+    pusher = RecommendationPusher(s, service, publish, flush=lambda: producer.poll(0))
+    categories = dict(zip(items.ids, items.categories, strict=True))
+    ctx.extras.update(recommendations=service, pusher=pusher, results_producer=producer, batcher=batcher)
+    return [PopularityRecorder(popularity, categories), pusher]
+
+
+async def shutdown_recommendations(ctx: Any) -> None:
+    """Publish what is pending and flush the results producer (worker shutdown)."""
+    pusher = ctx.extras.get("pusher")
+    if pusher is not None:
+        await pusher.stop()
+    producer = ctx.extras.get("results_producer")
+    if producer is not None:
+        await asyncio.get_running_loop().run_in_executor(None, producer.flush, 10)

@@ -1,0 +1,165 @@
+"""Scoring: blend, softmax, filters, boosts, MMR and reasons on a catalog with known structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.catalog import CatalogIndex
+from inference.popularity import RedisPopularity
+from inference.scoring import Request, Scorer
+from profiles.model import Profile
+from streamrec.events import make_event
+from streamrec.settings import Settings
+
+CATS = ("lantern", "mug", "bag")
+PER_CAT = 30
+DIM = 32
+
+
+@pytest.fixture
+def catalog() -> CatalogIndex:
+    """3 categories of 30 items; items of a category cluster around one direction."""
+    rng = np.random.default_rng(7)
+    centers = np.linalg.qr(rng.normal(size=(DIM, DIM)))[0][: len(CATS)]
+    vecs, ids, cats = [], [], []
+    for c, name in enumerate(CATS):
+        for j in range(PER_CAT):
+            v = centers[c] + 0.35 * rng.normal(size=DIM) / np.sqrt(DIM)
+            vecs.append(v / np.linalg.norm(v))
+            ids.append(f"{name}-{j}")
+            cats.append(name)
+    return CatalogIndex.from_arrays(ids, np.asarray(vecs, np.float32), "test-v1", categories=cats)
+
+
+def _profile(catalog: CatalogIndex, items: list[str], purchased: list[str] = ()) -> Profile:
+    vecs, found = catalog.lookup(items)
+    assert found.all()
+    lt = vecs.mean(0)
+    return Profile(
+        user_id="u1",
+        long_term=lt / np.linalg.norm(lt),
+        session=vecs[-1],
+        last_ts=1_700_000_000_000,
+        recent_items=list(reversed(items)),
+        purchased_items=list(purchased),
+    )
+
+
+def _scorer(catalog, **overrides) -> Scorer:
+    s = Settings()
+    for k, v in overrides.items():
+        setattr(s.scoring, k, v)
+    return Scorer(catalog, s.scoring, s.profile)
+
+
+def test_clicks_in_one_category_dominate_its_recommendations(catalog):
+    prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
+    [recs] = _scorer(catalog).recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    assert len(recs) == 10
+    assert sum(r.item_id.startswith("mug-") for r in recs) >= 9
+    assert all(r.reason.startswith("similar_to:mug-") for r in recs if r.item_id.startswith("mug-"))
+    # Softmax probabilities over the candidates: positive, at most 1 in total.
+    assert all(r.score > 0 for r in recs) and sum(r.score for r in recs) <= 1.0 + 1e-6
+
+
+def test_purchased_and_unavailable_items_are_excluded(catalog):
+    prof = _profile(catalog, ["mug-1", "mug-2"], purchased=["mug-1", "mug-2", "mug-4"])
+    catalog.available[catalog.index_of(["mug-5"])[0]] = False
+    [recs] = _scorer(catalog).recommend([Request("u1", prof, k=25)], now_ms=prof.last_ts)
+    got = {r.item_id for r in recs}
+    assert not got & {"mug-1", "mug-2", "mug-4", "mug-5"}
+    # With the filter off, purchased items come back (repeat purchases are allowed).
+    [again] = _scorer(catalog, exclude_purchased=False).recommend([Request("u1", prof, k=25)], now_ms=prof.last_ts)
+    assert {"mug-1", "mug-2"} <= {r.item_id for r in again}
+
+
+def test_a_fresh_search_query_moves_results_toward_matching_items(catalog):
+    prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
+    qv, _ = catalog.lookup(["lantern-0", "lantern-1"])
+    q = qv.mean(0)
+    prof.query = q / np.linalg.norm(q)
+    prof.query_ts = prof.last_ts
+    scorer = _scorer(catalog)
+    [recs] = scorer.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    lanterns = [r for r in recs if r.item_id.startswith("lantern-")]
+    assert len(lanterns) >= 6
+    assert all(r.reason == "matches_query" for r in lanterns)
+    # An hour later the query has expired (query_ttl_s = 30 min): back to mugs.
+    [later] = scorer.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts + 3_600_000)
+    assert sum(r.item_id.startswith("mug-") for r in later) >= 9
+
+
+class _Boosts:
+    """DemandAdjustments over a fixed dict (the Redis-backed one lives in alerts.effects)."""
+
+    def __init__(self, by_category: dict[str, float]):
+        self.by_category = by_category
+
+    def factors(self, item_ids, categories):
+        f = np.array([self.by_category.get(c, 1.0) for c in categories], np.float32)
+        return f, [f"trending_in:{c}" if c in self.by_category else None for c in categories]
+
+
+def test_demand_boost_lifts_a_category_with_a_trending_reason(catalog):
+    prof = _profile(catalog, ["mug-1", "lantern-1"])
+    s = Settings()
+    plain = Scorer(catalog, s.scoring, s.profile)
+    boosted = Scorer(catalog, s.scoring, s.profile, adjustments=_Boosts({"bag": 1e6}))
+    [a] = plain.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    [b] = boosted.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    assert not any(r.item_id.startswith("bag-") for r in a)
+    bags = [r for r in b if r.item_id.startswith("bag-")]
+    assert bags and all(r.reason == "trending_in:bag" for r in bags)
+
+
+def test_mmr_diversifies(catalog):
+    prof = _profile(catalog, ["mug-1", "lantern-1", "mug-2"])
+    [relevance_only] = _scorer(catalog, mmr_lambda=1.0).recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    [diverse] = _scorer(catalog, mmr_lambda=0.3).recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+
+    def n_cats(recs):
+        return len({r.item_id.split("-")[0] for r in recs})
+
+    def mean_pair_sim(recs):
+        v, _ = catalog.lookup([r.item_id for r in recs])
+        s = v @ v.T
+        return (s.sum() - np.trace(s)) / (len(recs) * (len(recs) - 1))
+
+    assert mean_pair_sim(diverse) < mean_pair_sim(relevance_only)
+    assert n_cats(diverse) >= n_cats(relevance_only)
+
+
+def test_cold_user_gets_popular_items_in_the_event_category(catalog, settings, redis_client):
+    pop = RedisPopularity(settings, redis_client)
+    ts = 1_700_000_000_000
+    events = [make_event("purchase", f"x{i}", item_id="bag-3", ts=ts, category="bag") for i in range(5)]
+    events += [make_event("click", f"y{i}", item_id="mug-7", ts=ts, category="mug") for i in range(9)]
+    events += [make_event("view", "z", item_id="mug-8", ts=ts, category="mug")]
+    assert pop.record(events) == len(events)
+    scorer = Scorer(catalog, settings.scoring, settings.profile, popularity=pop)
+    [anyone, bag_shopper] = scorer.recommend(
+        [Request("new-1", None, k=3), Request("new-2", None, k=3, category_hint="bag")], now_ms=ts
+    )
+    # Weighted: 5 purchases x 6 = 30 for bag-3 > 9 clicks x 2 = 18 for mug-7 > 1 view of mug-8.
+    assert [r.item_id for r in anyone] == ["bag-3", "mug-7", "mug-8"]
+    assert all(r.reason == "popular" for r in anyone + bag_shopper)
+    assert bag_shopper[0].item_id == "bag-3"
+
+
+def test_popularity_decays_with_event_time(settings, redis_client):
+    pop = RedisPopularity(settings, redis_client, half_life_s=3600)
+    t0 = 1_700_000_000_000
+    pop.record([make_event("purchase", "a", item_id="old", ts=t0) for _ in range(3)])
+    # Two half-lives later, 1 purchase weighs more than 3 / 4.
+    pop.record([make_event("purchase", "b", item_id="new", ts=t0 + 2 * 3_600_000)])
+    assert [i for i, _ in pop.top(2)] == ["new", "old"]
+
+
+def test_batch_of_users_scored_together_matches_one_by_one(catalog):
+    scorer = _scorer(catalog)
+    profs = [_profile(catalog, [f"{c}-{j}", f"{c}-{j + 1}"]) for c in CATS for j in (0, 5)]
+    reqs = [Request(f"u{i}", p, k=5) for i, p in enumerate(profs)]
+    together = scorer.recommend(reqs, now_ms=profs[0].last_ts)
+    alone = [scorer.recommend([r], now_ms=profs[0].last_ts)[0] for r in reqs]
+    assert [[x.item_id for x in t] for t in together] == [[x.item_id for x in a] for a in alone]
