@@ -1,16 +1,16 @@
 """Decayed popularity per item and per category in Redis: the cold-start fallback.
 
 Forward decay (Cormode et al., 2009): an event of weight w at event time t adds
-``w · 2^((t - t0) / half_life)`` to the item's score in a sorted set, so older events
-weigh less without ever rewriting old entries; ranking by the stored score equals
-ranking by Σ w · 2^(-(now - t) / half_life). The landmark t0 is fixed; float64 holds
-the scores for about ±1000 half-lives around it (±19 years with the 7-day default).
+``w · 2^((t - L) / half_life)`` to the item's score in a sorted set, where L is a landmark
+time, so older events weigh less without rewriting old entries; ranking by the stored score
+equals ranking by Σ w · 2^(-(now - t) / half_life). The landmark is stored in Redis; when
+events run more than ``MAX_HALF_LIVES`` half-lives past it, a Lua script moves it forward and
+rescales every popularity key atomically, so the scores never overflow float64.
 One pipeline per batch of events; reads are one ZREVRANGE.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -19,8 +19,23 @@ import numpy as np
 from streamrec.events import Event, EventType
 from streamrec.settings import Settings
 
-# 2020-01-01: the landmark of the forward decay.
-LANDMARK_MS = 1_577_836_800_000
+# Exponents stay below 2^MAX_HALF_LIVES (float64 holds up to ~2^1023).
+MAX_HALF_LIVES = 400.0
+
+# KEYS[1] landmark key, KEYS[2] set of popularity keys. ARGV[1] new landmark (ms), ARGV[2] half-life (ms).
+_SHIFT_LUA = """
+local old = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local new = tonumber(ARGV[1])
+if old >= 0 and new <= old then return old end
+redis.call('SET', KEYS[1], ARGV[1])
+if old >= 0 then
+  local factor = math.pow(2, -(new - old) / tonumber(ARGV[2]))
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', factor)
+  end
+end
+return new
+"""
 
 
 class RedisPopularity:
@@ -39,6 +54,22 @@ class RedisPopularity:
         }
         # All popularity keys share one hash tag: one slot in Redis Cluster, one pipeline.
         self._tag = f"{{{self.prefix}:pop}}"
+        self._landmark_key = f"{self._tag}:landmark"
+        self._keys_key = f"{self._tag}:keys"
+        self._shift = self.r.register_script(_SHIFT_LUA)
+
+    def _landmark(self, events_ts: Sequence[int]) -> float:
+        """The landmark to use for these events, moved forward (with a rescale) when needed."""
+        raw = self.r.get(self._landmark_key)
+        hl = self.half_life_ms
+        if raw is None:
+            first = int(min(events_ts))
+            return float(self._shift(keys=[self._landmark_key, self._keys_key], args=[first, hl]))
+        landmark = float(raw)
+        newest = max(events_ts)
+        if (newest - landmark) / hl > MAX_HALF_LIVES:
+            return float(self._shift(keys=[self._landmark_key, self._keys_key], args=[int(newest), hl]))
+        return landmark
 
     def _key(self, category: str | None = None) -> str:
         return f"{self._tag}:all" if not category else f"{self._tag}:cat:{category}"
@@ -46,13 +77,15 @@ class RedisPopularity:
     def record(self, events: Sequence[Event], item_category: Mapping[str, str] | None = None) -> int:
         """Add a batch of events (one pipeline). Returns how many counted."""
         item_category = item_category or {}
+        counted = [ev for ev in events if self.weights.get(ev.type) and ev.item_id]
+        if not counted:
+            return 0
+        landmark = self._landmark([ev.ts for ev in counted])
         add: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         n = 0
-        for ev in events:
-            w = self.weights.get(ev.type)
-            if not w or not ev.item_id:
-                continue
-            x = w * 2.0 ** ((ev.ts - LANDMARK_MS) / self.half_life_ms)
+        for ev in counted:
+            w = self.weights[ev.type]
+            x = w * 2.0 ** ((ev.ts - landmark) / self.half_life_ms)
             add[self._key()][ev.item_id] += x
             cat = ev.category or item_category.get(ev.item_id)
             if cat:
@@ -61,6 +94,7 @@ class RedisPopularity:
         if not add:
             return 0
         with self.r.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._keys_key, *add.keys())
             for key, incs in add.items():
                 for item, x in incs.items():
                     pipe.zincrby(key, x, item)
@@ -81,13 +115,14 @@ class RedisPopularity:
     def seed(self, item_ids: Sequence[str], counts: Sequence[float], ts_ms: int,
              categories: Mapping[str, str] | None = None) -> None:  # fmt: skip
         """Bulk-load popularity (e.g. from the training period) as if counted at ``ts_ms``."""
-        scale = 2.0 ** ((ts_ms - LANDMARK_MS) / self.half_life_ms)
-        if not math.isfinite(scale):
-            raise ValueError("ts_ms too far from the landmark")
+        scale = 2.0 ** ((ts_ms - self._landmark([ts_ms])) / self.half_life_ms)
+        keys = {self._key()}
         with self.r.pipeline(transaction=False) as pipe:
             pipe.zadd(self._key(), {i: float(c) * scale for i, c in zip(item_ids, counts, strict=True)})
             if categories:
                 for i, c in zip(item_ids, counts, strict=True):
                     if categories.get(i):
+                        keys.add(self._key(categories[i]))
                         pipe.zincrby(self._key(categories[i]), float(c) * scale, i)
+            pipe.sadd(self._keys_key, *keys)
             pipe.execute()

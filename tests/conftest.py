@@ -82,3 +82,30 @@ def data_dir() -> Path:
     if not d.exists():
         pytest.fail(f"real data not found at {d}; set STREAMREC_DATA_DIR")
     return d
+
+
+@pytest.fixture(scope="session")
+def retail_model_dir(data_dir: Path) -> Path:
+    """A real model folder: the base encoder exported to ONNX (no fine-tuning) + the Online
+    Retail catalog embedded with it. Built once and cached in the state dir (the manifest is
+    verified at every load, so a stale or broken cache is rebuilt)."""
+    from inference.catalog import CatalogIndex, build_catalog
+    from inference.encoder import OnnxEncoder
+    from inference.export import export_pretrained
+    from streamrec.datasets import load_dataset
+
+    s = Settings()
+    folder = s.state_dir.resolve() / "test-cache" / "pretrained-online-retail"
+    try:
+        OnnxEncoder(folder, s.encoder)
+        CatalogIndex.load(folder / "catalog")
+        return folder
+    except Exception:
+        pass
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    export_pretrained(folder, max_len=s.encoder.max_len, variants=("fp32",))
+    enc = OnnxEncoder(folder, s.encoder)
+    build_catalog(enc, load_dataset("online-retail", data_dir), folder / "catalog")
+    return folder

@@ -70,7 +70,9 @@ def test_purchased_and_unavailable_items_are_excluded(catalog):
     got = {r.item_id for r in recs}
     assert not got & {"mug-1", "mug-2", "mug-4", "mug-5"}
     # With the filter off, purchased items come back (repeat purchases are allowed).
-    [again] = _scorer(catalog, exclude_purchased=False).recommend([Request("u1", prof, k=25)], now_ms=prof.last_ts)
+    [again] = _scorer(catalog, exclude_purchased=False).recommend(
+        [Request("u1", prof, k=25)], now_ms=prof.last_ts
+    )
     assert {"mug-1", "mug-2"} <= {r.item_id for r in again}
 
 
@@ -102,20 +104,28 @@ class _Boosts:
 
 
 def test_demand_boost_lifts_a_category_with_a_trending_reason(catalog):
-    prof = _profile(catalog, ["mug-1", "lantern-1"])
+    # A shopper who browses mugs and bags alike: both are candidates.
+    prof = _profile(catalog, ["bag-1", "mug-1", "bag-2", "mug-2"])
+    prof.session = None  # long-term only: an even mix of the two categories
     s = Settings()
     plain = Scorer(catalog, s.scoring, s.profile)
-    boosted = Scorer(catalog, s.scoring, s.profile, adjustments=_Boosts({"bag": 1e6}))
+    boosted = Scorer(catalog, s.scoring, s.profile, adjustments=_Boosts({"bag": 3.0}))
     [a] = plain.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
     [b] = boosted.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
-    assert not any(r.item_id.startswith("bag-") for r in a)
-    bags = [r for r in b if r.item_id.startswith("bag-")]
-    assert bags and all(r.reason == "trending_in:bag" for r in bags)
+
+    def bags(recs):
+        return [r for r in recs if r.item_id.startswith("bag-")]
+
+    assert len(bags(b)) > len(bags(a))
+    assert all(r.reason == "trending_in:bag" for r in bags(b))
+    assert not any(r.reason.startswith("trending") for r in a)
 
 
 def test_mmr_diversifies(catalog):
     prof = _profile(catalog, ["mug-1", "lantern-1", "mug-2"])
-    [relevance_only] = _scorer(catalog, mmr_lambda=1.0).recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
+    [relevance_only] = _scorer(catalog, mmr_lambda=1.0).recommend(
+        [Request("u1", prof, k=10)], now_ms=prof.last_ts
+    )
     [diverse] = _scorer(catalog, mmr_lambda=0.3).recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
 
     def n_cats(recs):
@@ -163,3 +173,15 @@ def test_batch_of_users_scored_together_matches_one_by_one(catalog):
     together = scorer.recommend(reqs, now_ms=profs[0].last_ts)
     alone = [scorer.recommend([r], now_ms=profs[0].last_ts)[0] for r in reqs]
     assert [[x.item_id for x in t] for t in together] == [[x.item_id for x in a] for a in alone]
+
+
+def test_popularity_landmark_moves_without_overflow(settings, redis_client):
+    """Years of event time over a 1-hour half-life: the landmark moves, ranks stay right."""
+    pop = RedisPopularity(settings, redis_client, half_life_s=3600)
+    t0 = 1_300_000_000_000
+    pop.record([make_event("purchase", "a", item_id="old", ts=t0, category="c") for _ in range(5)])
+    later = t0 + 3 * 365 * 86_400_000  # ~26,000 half-lives later
+    pop.record([make_event("view", "b", item_id="new", ts=later, category="c")])
+    assert [i for i, _ in pop.top(2)] == ["new", "old"]
+    assert [i for i, _ in pop.top(2, category="c")] == ["new", "old"]
+    assert float(redis_client.get(pop._landmark_key)) == later

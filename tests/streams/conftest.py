@@ -57,8 +57,17 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     """`streamrec worker` with the test catalog/encoder plug-ins, as a real subprocess."""
 
-    def __init__(self, settings: Settings, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        items: str = "profile_reference:make_items",
+        encoder: str = "profile_reference:make_encoder",
+        **env: str,
+    ) -> None:
         self.settings = settings
+        self.items = items
+        self.encoder = encoder
         self.env = worker_env(settings, **env)
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
@@ -67,8 +76,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.runs += 1
         self.log = self.log_dir / f"worker-{self.runs}.log"
-        cmd = [sys.executable, "-m", "streamrec.cli", "worker",
-               "--items", "profile_reference:make_items", "--encoder", "profile_reference:make_encoder"]  # fmt: skip
+        cmd = [sys.executable, "-m", "streamrec.cli", "worker", "--items", self.items, "--encoder", self.encoder]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,
@@ -141,7 +149,7 @@ def worker(settings: Settings, tmp_path: Path):
     started: list[WorkerProcess] = []
 
     def make(**env: str) -> WorkerProcess:
-        w = WorkerProcess(settings, tmp_path, **env)
+        w = WorkerProcess(settings, tmp_path, **env)  # items=/encoder= pick the plug-ins
         started.append(w)
         return w
 

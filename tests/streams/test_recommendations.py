@@ -1,0 +1,218 @@
+"""Fresh recommendations end to end on the real stack: events → worker → results topic / pull.
+
+One `streamrec worker` (real ONNX encoder + the Online Retail catalog) serves every test of
+this module; each test uses its own users.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+import uuid
+from collections import Counter
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+from conftest import WorkerProcess, wait_until
+
+from streamrec.datasets import load_dataset
+from streamrec.events import make_event
+from streamrec.stack import ensure_topics
+from streams.producer import EventProducer
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def retail(data_dir):
+    return load_dataset("online-retail", data_dir)
+
+
+@pytest.fixture(scope="module")
+def env(stack, retail_model_dir, tmp_path_factory):
+    """(settings, worker, results reader, producer) shared by the module."""
+    import socket
+
+    def port() -> int:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            return sk.getsockname()[1]
+
+    uid = uuid.uuid4().hex[:10]
+    s = stack.model_copy(deep=True)
+    s.topics.events, s.topics.results = f"r-{uid}.events", f"r-{uid}.results"
+    s.topics.dead_letter, s.topics.alerts = f"r-{uid}.dlq", f"r-{uid}.alerts"
+    s.redis.prefix = f"r{uid}"
+    s.kafka.consumer_group = f"rg-{uid}"
+    s.state_dir = tmp_path_factory.mktemp("rec-state")
+    s.web_port, s.metrics_port = port(), port()
+    ensure_topics(s)
+    w = WorkerProcess(
+        s,
+        tmp_path_factory.mktemp("rec-logs"),
+        items="inference.catalog:load_catalog",
+        encoder="inference.encoder:load_encoder",
+        STREAMREC_MODEL_DIR=str(retail_model_dir),
+        STREAMREC_SCORING_COALESCE_MS="400",
+        STREAMREC_ENCODER_PROVIDERS='["CPUExecutionProvider"]',
+    ).start()
+    consumer = Consumer({**s.kafka.librdkafka_config(), "group.id": f"reader-{uid}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.subscribe([s.topics.results])
+    try:
+        w.wait_ready(timeout=180)
+        yield s, w, Results(consumer), EventProducer(s)
+    finally:
+        w.stop()
+        consumer.close()
+        redis = s.redis.client()
+        keys = list(redis.scan_iter(match=f"*{s.redis.prefix}*", count=5000))
+        if keys:
+            redis.delete(*keys)
+
+
+class Results:
+    """Everything read from the results topic so far, by user."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.by_user: dict[str, list[dict]] = {}
+
+    def poll(self) -> None:
+        for m in self.consumer.consume(num_messages=500, timeout=0.5):
+            if m.error() is None:
+                msg = orjson.loads(m.value())
+                assert m.key().decode() == msg["user_id"]
+                self.by_user.setdefault(msg["user_id"], []).append(msg)
+
+    def wait_for(self, user: str, n: int = 1, timeout: float = 60.0) -> list[dict]:
+        def enough() -> bool:
+            self.poll()
+            return len(self.by_user.get(user, [])) >= n
+
+        wait_until(enough, timeout, f"{n} result message(s) for {user}")
+        return self.by_user[user]
+
+
+def _items_of(retail, category: str, n: int) -> list[str]:
+    it = retail.items[retail.items["category"] == category]
+    assert len(it) >= n, f"category {category} has only {len(it)} items"
+    return it["item_id"].tolist()[:n]
+
+
+def _send(producer: EventProducer, events) -> None:
+    for e in events:
+        producer.send(e)
+    producer.flush(30)
+
+
+def test_clicks_in_one_category_dominate_and_schema_is_complete(env, retail):
+    s, _, results, producer = env
+    cat = retail.item_category()
+    user = f"clock-fan-{uuid.uuid4().hex[:6]}"
+    clicks = _items_of(retail, "clock", 5)
+    now = int(time.time() * 1000)
+    _send(producer, [make_event("click", user, item_id=i, ts=now + n) for n, i in enumerate(clicks)])
+    [msg] = results.wait_for(user)
+    assert set(msg) == {
+        "user_id",
+        "items",
+        "model_version",
+        "generated_at",
+        "source_event_id",
+        "event_to_result_ms",
+    }
+    assert len(msg["items"]) == s.scoring.top_k
+    assert msg["event_to_result_ms"] >= 0 and msg["source_event_id"]
+    share = sum(cat[x["item_id"]] == "clock" for x in msg["items"]) / len(msg["items"])
+    assert share >= 0.5, [(x["item_id"], cat[x["item_id"]]) for x in msg["items"]]
+    assert all(x["reason"].startswith("similar_to:") for x in msg["items"] if cat[x["item_id"]] == "clock")
+    for x in msg["items"]:
+        if x["reason"].startswith("similar_to:"):
+            assert x["reason"].split(":", 1)[1] in clicks
+
+
+def test_purchased_items_are_excluded(env, retail):
+    _, _, results, producer = env
+    user = f"buyer-{uuid.uuid4().hex[:6]}"
+    bought = _items_of(retail, "clock", 4)
+    now = int(time.time() * 1000)
+    _send(producer, [make_event("purchase", user, item_id=i, ts=now + n) for n, i in enumerate(bought)])
+    [msg] = results.wait_for(user)
+    got = {x["item_id"] for x in msg["items"]}
+    assert not got & set(bought)
+
+
+def test_a_search_moves_results_toward_matching_items(env, retail):
+    _, _, results, producer = env
+    text = retail.item_text()
+    user = f"searcher-{uuid.uuid4().hex[:6]}"
+    now = int(time.time() * 1000)
+    _send(
+        producer,
+        [
+            make_event("click", user, item_id=i, ts=now + n)
+            for n, i in enumerate(_items_of(retail, "clock", 4))
+        ],
+    )
+    [before] = results.wait_for(user)
+    time.sleep(0.6)  # a new burst
+    _send(producer, [make_event("search", user, query="christmas tree decoration", ts=now + 10_000)])
+    msgs = results.wait_for(user, n=2)
+    after = msgs[-1]
+
+    def christmas(msg) -> int:
+        return sum("CHRISTMAS" in text[x["item_id"]].upper() for x in msg["items"][:10])
+
+    assert christmas(after) >= 5 > christmas(before)
+    assert Counter(x["reason"] for x in after["items"][:10])["matches_query"] >= 5
+
+
+def test_a_burst_of_events_gives_one_message(env, retail):
+    _, _, results, producer = env
+    user = f"burst-{uuid.uuid4().hex[:6]}"
+    items = _items_of(retail, "mug", 10)
+    now = int(time.time() * 1000)
+    _send(producer, [make_event("view", user, item_id=i, ts=now + n) for n, i in enumerate(items)])
+    results.wait_for(user)
+    time.sleep(2.0)  # anything else would have arrived by now (coalescing window 0.4 s)
+    results.poll()
+    assert len(results.by_user[user]) == 1
+    assert results.by_user[user][0]["source_event_id"]
+
+
+def test_pull_endpoint_cold_user_query_and_limits(env, retail):
+    s, w, results, producer = env
+    # Make one item clearly the most popular.
+    star = _items_of(retail, "bag", 1)[0]
+    now = int(time.time() * 1000)
+    _send(
+        producer,
+        [make_event("purchase", f"fan-{n}-{uuid.uuid4().hex[:4]}", item_id=star, ts=now) for n in range(30)],
+    )
+    wait_until(lambda: w.get("/recommendations/nobody-at-all")[0] == 200, 30, "the pull endpoint")
+
+    def top_cold() -> str:
+        return orjson.loads(w.get("/recommendations/nobody-at-all?k=5")[1])["items"][0]["item_id"]
+
+    wait_until(lambda: top_cold() == star, 30, "the popular item to lead the cold-start list")
+    status, body = w.get("/recommendations/nobody-at-all?k=5")
+    data = orjson.loads(body)
+    assert status == 200 and len(data["items"]) == 5
+    assert all(x["reason"] == "popular" for x in data["items"])
+    assert data["source_event_id"] is None
+
+    q = urllib.parse.quote("red alarm clock")
+    status, body = w.get(f"/recommendations/nobody-at-all?k=10&q={q}")
+    data = orjson.loads(body)
+    assert status == 200
+    assert sum("CLOCK" in retail.item_text()[x["item_id"]].upper() for x in data["items"]) >= 5
+    assert all(x["reason"] == "matches_query" for x in data["items"])
+
+    assert w.get("/recommendations/u?k=201")[0] == 400
+    assert w.get("/recommendations/u?k=0")[0] == 400
+    assert w.get("/recommendations/u?k=abc")[0] == 400
+    long_q = urllib.parse.quote("x" * 513)
+    status, body = w.get(f"/recommendations/u?q={long_q}")
+    assert status == 400 and b"512" in body
