@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import statistics
 import time
 import uuid
@@ -30,6 +31,7 @@ from typing import Any
 
 import click
 import numpy as np
+import orjson
 
 from streamrec.settings import Settings, get_settings
 
@@ -312,3 +314,249 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 # e2e: end-to-end latency benchmark (event → recommendation on the results topic). Written by
 # the lead; registered in streamrec/cli.py BENCH_COMMANDS as "streams.bench:e2e".
 # ---------------------------------------------------------------------------------------------
+
+
+E2E_RATES = (100, 500, 1000, 2000)
+E2E_SECONDS = 15.0
+
+
+def _synthetic_catalog_dir(root: Path, n_items: int, dim: int = 384, seed: int = 0) -> Path:
+    """A synthetic catalog shaped like a real one: items in 500 clusters ("categories")."""
+    from inference.catalog import CatalogIndex
+
+    folder = root / f"synthetic-{n_items}"
+    if (folder / "catalog").exists():
+        return folder
+    rng = np.random.default_rng(seed)
+    n_cat = 500
+    centers = rng.normal(size=(n_cat, dim)).astype(np.float32)
+    cats = rng.integers(0, n_cat, n_items)
+    m = centers[cats] + 0.8 * rng.normal(size=(n_items, dim)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    ids = [f"s{i}" for i in range(n_items)]
+    CatalogIndex.from_arrays(ids, m, f"synthetic-{n_items}", categories=[f"c{c}" for c in cats]).save(
+        folder / "catalog"
+    )
+    return folder
+
+
+class _ResultsReader:
+    """Consumes the results topic in a thread; records (arrival ms, message)."""
+
+    def __init__(self, s: Settings) -> None:
+        import threading
+
+        from confluent_kafka import Consumer
+
+        self.consumer = Consumer({**s.kafka.librdkafka_config(), "group.id": f"{s.kafka.consumer_group}-reader",
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                                  "fetch.wait.max.ms": 5})  # fmt: skip
+        self.consumer.subscribe([s.topics.results])
+        self.rows: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for m in self.consumer.consume(num_messages=1000, timeout=0.2):
+                if m.error() is None:
+                    now = time.time() * 1000.0
+                    self.rows.append((now, orjson.loads(m.value())["source_event_id"]))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.consumer.close()
+
+
+def _e2e_level(producer, reader: _ResultsReader, rate: float, seconds: float, items: list[str],
+               n_users: int, rng: np.random.Generator, sent_ts: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    from streamrec.events import make_event
+
+    start_rows = len(reader.rows)
+    n = int(rate * seconds)
+    users = rng.zipf(1.3, n) % n_users
+    pop = rng.zipf(1.2, n) % len(items)
+    types = rng.choice(["view", "click", "add_to_cart", "purchase"], n, p=[0.6, 0.3, 0.07, 0.03])
+    t0 = time.monotonic()
+    for k in range(n):
+        target = t0 + k / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        ts = time.time() * 1000.0
+        ev = make_event(types[k], f"bu{users[k]}", item_id=items[pop[k]], ts=int(ts))
+        sent_ts[ev.event_id] = ts
+        producer.send(ev)
+    producer.flush(60)
+    # Drain: wait until results stop arriving for 2 s (or 30 s at most).
+    last, quiet_since, deadline = len(reader.rows), time.monotonic(), time.monotonic() + 30
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 2.0:
+        time.sleep(0.2)
+        if len(reader.rows) != last:
+            last, quiet_since = len(reader.rows), time.monotonic()
+    elapsed = time.monotonic() - t0
+    rows = reader.rows[start_rows:]
+    lat = np.array([arr - sent_ts[eid] for arr, eid in rows if eid in sent_ts], np.float64)
+    out: dict[str, Any] = {"rate_events_per_s": rate, "events": n, "results": len(rows),
+                           "results_per_s": round(len(rows) / max(elapsed - 2.0, 1e-3), 1)}  # fmt: skip
+    if lat.size:
+        p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+        out.update(p50_ms=round(float(p50), 1), p95_ms=round(float(p95), 1), p99_ms=round(float(p99), 1))
+    return out
+
+
+def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: float, log_dir: Path,
+                     encoder: str) -> dict[str, Any]:  # fmt: skip
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from inference.catalog import CatalogIndex
+    from streamrec.stack import ensure_topics
+    from streams.producer import EventProducer
+
+    s = _bench_settings(base, f"e2e-{tag}")
+
+    def port() -> int:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            return sk.getsockname()[1]
+
+    s.web_port, s.metrics_port = port(), port()
+    ensure_topics(s)
+    env = {**os.environ, "STREAMREC_MODEL_DIR": str(model_dir), "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
+           "STREAMREC_TOPICS_EVENTS": s.topics.events, "STREAMREC_TOPICS_RESULTS": s.topics.results,
+           "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter, "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
+           "STREAMREC_REDIS_PREFIX": s.redis.prefix, "STREAMREC_WEB_PORT": str(s.web_port),
+           "STREAMREC_METRICS_PORT": str(s.metrics_port), "STREAMREC_STATE_DIR": str(log_dir / tag),
+           "STREAMREC_LOG_LEVEL": "WARNING"}  # fmt: skip
+    log = log_dir / f"worker-{tag}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    reader = None
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise click.ClickException(f"the worker exited ({proc.returncode}); see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the worker was not ready within 240 s; see {log}")
+            time.sleep(0.5)
+        items = CatalogIndex.load(model_dir / "catalog").ids
+        reader = _ResultsReader(s)
+        producer = EventProducer(s)
+        rng = np.random.default_rng(7)
+        sent: dict[str, float] = {}
+        levels = []
+        for rate in rates:
+            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent)
+            click.echo(f"[{tag}] {rate:>6.0f} events/s: {lv}")
+            levels.append(lv)
+        return {"items": len(items), "levels": levels}
+    finally:
+        if reader is not None:
+            reader.close()
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _delete_topics(s)
+        _clear_redis(s.redis.client(), s.redis.prefix)
+
+
+def _plot_e2e(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for tag, w in result["catalogs"].items():
+        lv = [x for x in w["levels"] if "p50_ms" in x]
+        rates = [x["rate_events_per_s"] for x in lv]
+        for q, style in (("p50_ms", "-o"), ("p99_ms", "--s")):
+            ax.plot(rates, [x[q] for x in lv], style, label=f"{tag} {q[:3]}")
+    ax.set_xlabel("load (events/s)")
+    ax.set_ylabel("event → result latency (ms)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("streamrec end to end: event in Kafka → recommendation at a results consumer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="One low load level for a few seconds (CI smoke run).")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here."
+)
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder for the Online Retail catalog (default: the settings' model dir, else the "
+                   "pretrained encoder exported into <state_dir>/model-pretrained).")  # fmt: skip
+@click.option("--synthetic-items", type=int, default=100_000, show_default=True)
+def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_items: int) -> None:
+    """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
+    import tempfile
+
+    from streamrec.datasets import load_dataset
+    from streams.evaluation import ensure_pretrained
+
+    s = get_settings()
+    rates = (50,) if quick else E2E_RATES
+    seconds = 4.0 if quick else E2E_SECONDS
+    if model_dir is None:
+        model_dir = s.resolved_model_dir
+        if not (model_dir / "catalog").exists():
+            model_dir = s.state_dir / "model-pretrained"
+            if not (model_dir / "catalog").exists():
+                ensure_pretrained(model_dir, load_dataset("online-retail", s.data_dir), s)
+    work = Path(tempfile.mkdtemp(prefix="streamrec-e2e-"))
+    syn_dir = _synthetic_catalog_dir(work, 5_000 if quick else synthetic_items)
+    result: dict[str, Any] = {
+        "bench": "e2e",
+        "quick": quick,
+        "seconds_per_level": seconds,
+        "coalesce_ms": s.scoring.coalesce_ms,
+        "top_k": s.scoring.top_k,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "gpu": _gpu_name()},
+        "catalogs": {},
+    }
+    result["catalogs"]["online_retail"] = _run_e2e_catalog(
+        s, "online_retail", model_dir, rates, seconds, work, "none"
+    )
+    result["catalogs"]["synthetic"] = _run_e2e_catalog(s, "synthetic", syn_dir, rates, seconds, work, "none")
+    plot = output.with_suffix(".png") if output else work / "e2e.png"
+    _plot_e2e(result, plot)
+    result["plot"] = str(plot)
+    text = json.dumps(result, indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    click.echo(text)
+
+
+def _gpu_name() -> str | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
