@@ -35,7 +35,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from streamrec.datasets import Dataset, load_dataset
-from streamrec.events import Event, EventType
+from streamrec.events import Event
 from streamrec.settings import Settings, get_settings
 
 KS = (10, 20)
@@ -57,42 +57,30 @@ class MethodScores:
 
 
 def rank_metrics(ranks: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
-    """HR@k, NDCG@k and MRR from 1-based ranks (0 = absent) of the target in a top list."""
-    r = np.asarray(ranks, np.int64)
-    if r.size == 0:
-        return {**{f"hr@{k}": 0.0 for k in ks}, **{f"ndcg@{k}": 0.0 for k in ks}, "mrr": 0.0}
-    hit = r > 0
-    out: dict[str, float] = {}
-    for k in ks:
-        inside = hit & (r <= k)
-        out[f"hr@{k}"] = float(inside.mean())
-        out[f"ndcg@{k}"] = float(np.where(inside, 1.0 / np.log2(r + 1.0), 0.0).mean())
-    out["mrr"] = float(np.where(hit, 1.0 / np.maximum(r, 1), 0.0).mean())
-    return out
+    """HR@k, NDCG@k and MRR from 1-based ranks (0 = absent) of the target in a top list.
+
+    The same maths as the offline evaluation (``inference.evaluate.ranking_metrics``); in a
+    prequential replay a hit within the top k of the pushed list is HR@k, and MRR is cut at
+    the list's length.
+    """
+    from inference.evaluate import ranking_metrics
+
+    m = ranking_metrics(ranks, ks)
+    return {
+        **{f"hr@{k}": m[f"recall@{k}"] for k in ks},
+        **{f"ndcg@{k}": m[f"ndcg@{k}"] for k in ks},
+        "mrr": m["mrr"],
+    }
 
 
-def dataset_events(df: pd.DataFrame, categories: dict[str, str]) -> list[Event]:
-    """Interactions as events (purchases keep quantity and price when the dataset has them)."""
-    has_q = "quantity" in df
-    has_p = "price" in df
-    out = []
-    cols = [df[c].to_numpy() for c in ("user_id", "item_id", "ts", "type")]
-    qs = df["quantity"].to_numpy() if has_q else None
-    ps = df["price"].to_numpy() if has_p else None
-    for n, (u, i, ts, t) in enumerate(zip(*cols, strict=True)):
-        out.append(
-            Event(
-                event_id=f"r{n}",
-                type=EventType(t),
-                user_id=str(u),
-                ts=int(ts),
-                item_id=str(i),
-                category=categories.get(i) or None,
-                quantity=int(qs[n]) if has_q else None,
-                price=float(ps[n]) if has_p else None,
-            )
-        )
-    return out
+def frame_events(ds: Dataset, df: pd.DataFrame, settings: Settings) -> list[Event]:
+    """The rows ``df`` of ``ds.interactions`` as events (the producer's mapping, so the replay
+    sees exactly what a live worker would)."""
+    from dataclasses import replace
+
+    from streams.producer import dataset_events
+
+    return list(dataset_events(replace(ds, interactions=df), "all", settings=settings))
 
 
 class StreamrecMethod:
@@ -100,7 +88,6 @@ class StreamrecMethod:
 
     def __init__(self, name: str, settings: Settings, model_dir: Path, redis_client) -> None:
         from inference.catalog import CatalogIndex
-
         from inference.popularity import RedisPopularity
         from inference.scoring import Scorer
         from profiles.store import ProfileStore
@@ -136,12 +123,12 @@ class StreamrecMethod:
 def run_replay(
     ds: Dataset,
     methods: dict[str, object],
+    settings: Settings,
     max_test_days: int | None = None,
     warmup_days: int | None = None,
     progress: bool = True,
 ) -> dict[str, MethodScores]:
     """Warm up every method on train+valid, then test-then-learn over the test period."""
-    cats = ds.item_category()
     inter = ds.interactions
     warm = inter[inter["split"] != "test"]
     test = inter[inter["split"] == "test"]
@@ -152,7 +139,7 @@ def run_replay(
         end = test["ts"].min() + max_test_days * 86_400_000
         test = test[test["ts"] < end]
     # Warm-up: large batches, time-ordered.
-    warm_events = dataset_events(warm, cats)
+    warm_events = frame_events(ds, warm, settings)
     item_pop = defaultdict(float)
     for e in warm_events:
         item_pop[e.item_id] += 1.0
@@ -163,7 +150,7 @@ def run_replay(
         for m in methods.values():
             m.update(chunk)
     scores = {name: MethodScores() for name in methods}
-    test_events = dataset_events(test, cats)
+    test_events = frame_events(ds, test, settings)
     by_ts: dict[int, list[Event]] = defaultdict(list)
     for e in test_events:
         by_ts[e.ts].append(e)
@@ -289,7 +276,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days)
     t0 = time.time()
     try:
         scores = run_replay(
-            ds, methods, max_test_days=3 if quick else days, warmup_days=30 if quick else None
+            ds, methods, s, max_test_days=3 if quick else days, warmup_days=30 if quick else None
         )
     finally:
         for m in methods.values():

@@ -1,0 +1,116 @@
+"""Replay evaluation: metrics and baselines on tiny hand-made streams with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from streamrec.datasets import load_generic
+from streamrec.events import make_event
+from streamrec.settings import Settings
+from streams.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
+from streams.evaluation import rank_metrics, run_replay, summarise
+
+ITEMS = ["a", "b", "c", "d", "e"]
+T0 = 1_300_000_000_000
+DAY = 86_400_000
+
+
+def test_rank_metrics_known_values():
+    m = rank_metrics([1, 0, 2, 11])
+    assert m["hr@10"] == pytest.approx(0.5)
+    assert m["hr@20"] == pytest.approx(0.75)
+    assert m["ndcg@10"] == pytest.approx((1.0 + 1 / 1.5849625007) / 4)
+    assert m["mrr"] == pytest.approx((1 + 0.5 + 1 / 11) / 4)
+
+
+def _ev(user, item, t, typ="purchase"):
+    return make_event(typ, user, item_id=item, ts=T0 + t)
+
+
+def test_most_and_recent_popular():
+    mp, rp = MostPopular(ITEMS), RecentPopular(ITEMS, half_life_days=1)
+    old = [_ev("u", "a", 0)] * 3
+    new = [_ev("v", "b", 10 * DAY)]
+    for m in (mp, rp):
+        m.update(old)
+        m.update(new)
+    assert mp.recommend(["x"], 2, T0)[0] == ["a", "b"]
+    # 3 purchases 10 half-lives ago weigh less than 1 purchase now.
+    assert rp.recommend(["x"], 2, T0)[0] == ["b", "a"]
+
+
+def test_item_knn_recommends_co_purchased_items():
+    knn = ItemKNN(ITEMS)
+    knn.update([_ev("u1", "a", 0), _ev("u1", "b", 1)])
+    knn.update([_ev("u2", "c", 2), _ev("u2", "d", 3)])
+    knn.update([_ev("u3", "a", 4)])
+    assert knn.recommend(["u3"], 1, T0)[0] == ["b"]
+
+
+def test_session_knn_votes_from_similar_baskets():
+    sknn = SessionKNN(ITEMS)
+    sknn.update([_ev("u1", "a", 0), _ev("u1", "b", 0), _ev("u1", "c", 0)])  # one basket
+    sknn.update([_ev("u2", "d", 1), _ev("u2", "e", 1)])
+    sknn.update([_ev("u3", "a", 2)])
+    top = sknn.recommend(["u3"], 3, T0)[0]
+    assert set(top[:3]) == {"a", "b", "c"}
+
+
+def test_repeat_prefers_the_users_own_items():
+    rep = Repeat(ITEMS)
+    rep.update([_ev("u1", "e", 0), _ev("u1", "e", 1), _ev("u1", "d", 2), _ev("u2", "a", 3)])
+    assert rep.recommend(["u1"], 2, T0)[0] == ["e", "d"]
+    assert rep.recommend(["cold"], 1, T0)[0] == ["e"]  # popular fallback
+
+
+def test_prequential_replay_on_a_generic_dataset(tmp_path):
+    """Test-then-learn: the test purchase of 'a' is most-popular's rank 1; 'e', never bought
+    before, is last of the 5 items (rank 5); u3's own 'a' leads the buy-again list after it."""
+    pd.DataFrame({"item_id": ITEMS, "text": [f"item {i}" for i in ITEMS]}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    rows = [
+        ("u1", "a", T0, "train"), ("u2", "a", T0 + 1000, "train"), ("u2", "b", T0 + 2000, "train"),
+        ("u3", "a", T0 + 2 * DAY, "test"), ("u3", "e", T0 + 3 * DAY, "test"),
+    ]  # fmt: skip
+    pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "split"]).assign(type="purchase").to_csv(
+        tmp_path / "interactions.csv", index=False
+    )
+    ds = load_generic(tmp_path)
+    methods = {"most_popular": MostPopular(ds.item_ids), "repeat": Repeat(ds.item_ids)}
+    scores = run_replay(ds, methods, Settings(), progress=False)
+    assert scores["most_popular"].ranks == [1, 5]
+    assert scores["repeat"].ranks[0] == 1  # cold u3: popular fallback puts 'a' first
+    overall, per_day = summarise(scores, len(ds.items))
+    assert overall["most_popular"]["hr@10"] == pytest.approx(1.0)
+    assert overall["most_popular"]["mrr"] == pytest.approx((1 + 1 / 5) / 2)
+    assert overall["most_popular"]["coverage"] == pytest.approx(1.0)
+    assert set(per_day["day"]) == {"2011-03-15", "2011-03-16"}
+
+
+@pytest.mark.timeout(300)
+def test_eval_replay_quick_cli(retail_model_dir, tmp_path, stack):
+    out = tmp_path / "replay.json"
+    res = CliRunner().invoke(
+        __import__("streamrec.cli", fromlist=["main"]).main,
+        ["eval", "replay", "--quick", "--model-dir", str(retail_model_dir), "--pretrained-dir",
+         str(retail_model_dir), "--results-dir", str(tmp_path), "--output", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    expected = {
+        "streamrec",
+        "streamrec_pretrained",
+        "most_popular",
+        "recent_popular",
+        "item_knn",
+        "session_knn",
+    }
+    assert expected <= set(data)
+    for m in data.values():
+        assert 0.0 <= m["hr@10"] <= m["hr@20"] <= 1.0 and m["events"] > 1000
+    assert (tmp_path / "replay.md").exists() and (tmp_path / "replay_hr10_per_day.png").exists()
