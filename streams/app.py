@@ -64,9 +64,11 @@ def default_hooks(ctx: WorkerContext) -> list[Hook]:
     Each is ``async hook(applied_events, changed_user_ids, store)``. Add one with one line,
     e.g. ``hooks.append(RecommendationPusher(...))``.
     """
+    from alerts.hook import demand_hooks
     from streams.recommend import recommendation_hooks
 
     hooks: list[Hook] = []
+    hooks += demand_hooks(ctx)  # windowed demand, spike/drop detection, boosts, alerts topic
     hooks += recommendation_hooks(ctx)  # cold-start popularity + push of fresh top-K
     return hooks
 
