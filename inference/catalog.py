@@ -1,0 +1,353 @@
+"""The catalog index: every item embedded once, top-k by exact matrix product or an ANN index.
+
+A :class:`CatalogIndex` holds unit float32 item vectors h_i (n, dim), their ids, categories and
+availability, and the version of the model that embedded them (implements
+``streamrec.interfaces.ItemVectors``). ``topk`` is an exact matrix product up to
+``ann_threshold`` items (one BLAS call for a whole batch of queries) and a faiss IVF index
+(inner product) above it; ``upsert`` adds or changes items without a rebuild, the ANN index
+included (IVF supports removal and addition by id). ``ann_recall`` measures the ANN index's
+recall@k against the exact product.
+
+On disk (``save``/``load``)::
+
+    catalog/meta.json      model_version, dim, n, created_at, ann settings, sha256 of vectors.npy
+    catalog/vectors.npy    float32 (n, dim)
+    catalog/items.parquet  item_id, category, available (row order = vectors)
+
+No torch here (serving needs none).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from inference.manifest import ModelFolderError, read_manifest, sha256_file
+from streamrec.settings import ScoringSettings, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANN_THRESHOLD = ScoringSettings().ann_threshold
+
+
+class CatalogError(RuntimeError):
+    """A catalog folder is missing, inconsistent or embedded with another model."""
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(n > 1e-12, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
+
+
+class CatalogIndex:
+    """Item vectors + id map + exact/ANN top-k. Mutations (``upsert``) are thread-safe."""
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        matrix: np.ndarray,
+        model_version: str,
+        categories: Sequence[str] | None = None,
+        available: Sequence[bool] | np.ndarray | None = None,
+        ann_threshold: int | None = None,
+        nprobe: int | None = None,
+    ) -> None:
+        ids = [str(i) for i in ids]
+        matrix = np.asarray(matrix, np.float32)
+        if matrix.ndim != 2 or matrix.shape[0] != len(ids):
+            raise CatalogError(f"matrix shape {matrix.shape} does not match {len(ids)} ids")
+        if len(set(ids)) != len(ids):
+            raise CatalogError("duplicate item ids in the catalog")
+        self.ids: list[str] = ids
+        self.matrix: np.ndarray = _unit_rows(matrix)
+        self.categories: list[str] = (
+            [str(c or "") for c in categories] if categories is not None else [""] * len(ids)
+        )
+        self.available: np.ndarray = (
+            np.asarray(available, bool).copy() if available is not None else np.ones(len(ids), bool)
+        )
+        if len(self.categories) != len(ids) or self.available.shape != (len(ids),):
+            raise CatalogError("categories/available must have one entry per item")
+        self.model_version = str(model_version)
+        self.dim = int(self.matrix.shape[1])
+        self.ann_threshold = DEFAULT_ANN_THRESHOLD if ann_threshold is None else int(ann_threshold)
+        self.nprobe = nprobe
+        self._pos = {x: k for k, x in enumerate(self.ids)}
+        self._lock = threading.RLock()
+        self._ann: Any | None = None
+        if self.uses_ann:
+            self._build_ann()
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_arrays(
+        cls,
+        ids: Sequence[str],
+        matrix: np.ndarray,
+        model_version: str,
+        categories: Sequence[str] | None = None,
+        available: Sequence[bool] | np.ndarray | None = None,
+        ann_threshold: int | None = None,
+    ) -> CatalogIndex:
+        """A catalog from ids and vectors (rows are L2-normalised)."""
+        return cls(ids, matrix, model_version, categories, available, ann_threshold)
+
+    @classmethod
+    def load(cls, folder: Path | str, ann_threshold: int | None = None) -> CatalogIndex:
+        """Load a saved catalog; refuses a folder whose vectors do not match its meta."""
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise CatalogError(
+                f"no catalog in {folder} (meta.json missing): embed one with `streamrec index --model-dir ...`"
+            )
+        meta = json.loads(meta_path.read_text())
+        vec_path = folder / "vectors.npy"
+        if not vec_path.is_file() or sha256_file(vec_path) != meta.get("vectors_sha256"):
+            raise CatalogError(
+                f"{vec_path} is missing or does not match meta.json; rebuild with `streamrec index`"
+            )
+        matrix = np.load(vec_path)
+        items = pd.read_parquet(folder / "items.parquet")
+        if len(items) != matrix.shape[0] or matrix.shape[1] != meta["dim"]:
+            raise CatalogError(
+                f"{folder}: {len(items)} items but vectors {matrix.shape}; rebuild the catalog"
+            )
+        return cls(
+            items["item_id"].astype(str).tolist(),
+            matrix,
+            meta["model_version"],
+            items["category"].fillna("").astype(str).tolist(),
+            items["available"].to_numpy(bool),
+            ann_threshold=ann_threshold,
+        )
+
+    def save(self, folder: Path | str) -> Path:
+        """Write the catalog (atomic per file: written to temporaries, then renamed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            np.save(folder / "vectors.tmp.npy", self.matrix)
+            pd.DataFrame(
+                {"item_id": self.ids, "category": self.categories, "available": self.available}
+            ).to_parquet(folder / "items.tmp.parquet", index=False)
+            meta = {
+                "model_version": self.model_version,
+                "dim": self.dim,
+                "n": len(self.ids),
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "vectors_sha256": sha256_file(folder / "vectors.tmp.npy"),
+            }
+        (folder / "vectors.tmp.npy").replace(folder / "vectors.npy")
+        (folder / "items.tmp.parquet").replace(folder / "items.parquet")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    # -- lookups -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id (int64), -1 for unknown ids."""
+        pos = self._pos
+        return np.fromiter((pos.get(i, -1) for i in item_ids), np.int64, len(item_ids))
+
+    def lookup(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors (n, dim), found (n,)); rows of unknown ids are zero."""
+        idx = self.index_of(item_ids)
+        found = idx >= 0
+        out = np.zeros((len(item_ids), self.dim), np.float32)
+        out[found] = self.matrix[idx[found]]
+        return out, found
+
+    # -- top-k ---------------------------------------------------------------------------
+    @property
+    def uses_ann(self) -> bool:
+        return len(self.ids) > self.ann_threshold
+
+    def topk(
+        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(indices (m, k) int64, scores (m, k) float32) by inner product, best first; the rows in
+        ``exclude[r]`` are never returned for query r. Missing slots are -1 / -inf."""
+        q = np.atleast_2d(np.asarray(queries, np.float32))
+        if self.uses_ann and self._ann is not None:
+            return self._topk_ann(q, k, exclude)
+        return self._topk_exact(q, k, exclude)
+
+    def _topk_exact(
+        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m, n = q.shape[0], len(self.ids)
+        idx = np.full((m, k), -1, np.int64)
+        sc = np.full((m, k), -np.inf, np.float32)
+        if n == 0 or k <= 0:
+            return idx, sc
+        scores = q @ self.matrix.T
+        if exclude is not None:
+            for r, ex in enumerate(exclude):
+                ex = np.asarray(ex, np.int64)
+                ex = ex[(ex >= 0) & (ex < n)]
+                if ex.size:
+                    scores[r, ex] = -np.inf
+        kk = min(k, n)
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (m, 1))
+        psc = np.take_along_axis(scores, part, 1)
+        order = np.argsort(-psc, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, 1)
+        tsc = np.take_along_axis(psc, order, 1)
+        valid = np.isfinite(tsc)
+        idx[:, :kk] = np.where(valid, top, -1)
+        sc[:, :kk] = np.where(valid, tsc, -np.inf)
+        return idx, sc
+
+    def _topk_ann(
+        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = q.shape[0]
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        kk = min(k + extra, len(self.ids))
+        with self._lock:
+            dist, lab = self._ann.search(np.ascontiguousarray(q), kk)
+        idx = np.full((m, k), -1, np.int64)
+        sc = np.full((m, k), -np.inf, np.float32)
+        for r in range(m):
+            keep = lab[r] >= 0
+            if exclude is not None and len(exclude[r]):
+                keep &= ~np.isin(lab[r], exclude[r])
+            li, ds = lab[r][keep][:k], dist[r][keep][:k]
+            idx[r, : li.size] = li
+            sc[r, : li.size] = ds
+        return idx, sc
+
+    def _build_ann(self) -> None:
+        import faiss
+
+        n = len(self.ids)
+        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = self.matrix[rng.choice(n, size=min(n, nlist * 64), replace=False)]
+        index.train(sample)
+        index.add_with_ids(self.matrix, np.arange(n, dtype=np.int64))
+        # Lists probed per query: ~1/8 of them (at least 32): recall@10 ~0.95+ on embedding catalogs.
+        index.nprobe = min(self.nprobe or max(32, nlist // 8), nlist)
+        self._ann = index
+        log.info("catalog: faiss IVF index over %d items (nlist %d, nprobe %d)", n, nlist, index.nprobe)
+
+    def ann_recall(self, queries: np.ndarray, k: int = 10) -> float:
+        """Recall@k of the ANN index against the exact product for ``queries`` (1.0 without ANN)."""
+        if self._ann is None:
+            return 1.0
+        q = np.atleast_2d(np.asarray(queries, np.float32))
+        exact, _ = self._topk_exact(q, k, None)
+        approx, _ = self._topk_ann(q, k, None)
+        hits = sum(len(set(a[a >= 0]) & set(e[e >= 0])) for a, e in zip(approx, exact, strict=True))
+        return hits / max(1, int((exact >= 0).sum()))
+
+    # -- updates -------------------------------------------------------------------------
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        categories: Sequence[str] | None = None,
+        available: Sequence[bool] | np.ndarray | None = None,
+    ) -> tuple[int, int]:
+        """Add new items and replace changed ones (vectors, category, availability) in place, ANN
+        index included; no rebuild. Returns (added, changed)."""
+        ids = [str(i) for i in ids]
+        vecs = _unit_rows(np.atleast_2d(np.asarray(vectors, np.float32)))
+        if vecs.shape != (len(ids), self.dim):
+            raise CatalogError(f"upsert: vectors {vecs.shape} do not match {len(ids)} ids of dim {self.dim}")
+        cats = [str(c or "") for c in categories] if categories is not None else None
+        avail = np.asarray(available, bool) if available is not None else None
+        with self._lock:
+            # Last occurrence wins for an id given twice.
+            last = {i: k for k, i in enumerate(ids)}
+            order = sorted(last.values())
+            existing = [k for k in order if ids[k] in self._pos]
+            new = [k for k in order if ids[k] not in self._pos]
+            if existing:
+                rows = np.array([self._pos[ids[k]] for k in existing], np.int64)
+                self.matrix[rows] = vecs[existing]
+                if cats is not None:
+                    for r, k in zip(rows, existing, strict=True):
+                        self.categories[r] = cats[k]
+                if avail is not None:
+                    self.available[rows] = avail[existing]
+                if self._ann is not None:
+                    self._ann.remove_ids(rows)
+                    self._ann.add_with_ids(vecs[existing], rows)
+            if new:
+                start = len(self.ids)
+                rows = np.arange(start, start + len(new), dtype=np.int64)
+                self.matrix = np.concatenate([self.matrix, vecs[new]])
+                for r, k in zip(rows, new, strict=True):
+                    self.ids.append(ids[k])
+                    self._pos[ids[k]] = int(r)
+                    self.categories.append(cats[k] if cats is not None else "")
+                self.available = np.concatenate(
+                    [self.available, avail[new] if avail is not None else np.ones(len(new), bool)]
+                )
+                if self._ann is not None:
+                    self._ann.add_with_ids(vecs[new], rows)
+                elif self.uses_ann:
+                    self._build_ann()
+        return len(new), len(existing)
+
+
+def build_catalog(
+    encoder: Any, dataset: Any, out_dir: Path | str | None = None, batch_size: int = 256,
+    ann_threshold: int | None = None,
+) -> CatalogIndex:  # fmt: skip
+    """Embed every item text of ``dataset`` (a streamrec Dataset) with ``encoder`` (batched, progress
+    bar) into a CatalogIndex tagged with the encoder's model version; saved to ``out_dir`` if given."""
+    items = dataset.items
+    texts = items["text"].tolist()
+    # Sort by length once so each batch pads little (the encoder sorts within a batch as well).
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    matrix = np.zeros((len(texts), encoder.dim), np.float32)
+    with tqdm(total=len(texts), desc=f"embedding {dataset.name} catalog", unit="item") as bar:
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            matrix[rows] = encoder.encode([texts[r] for r in rows])
+            bar.update(len(rows))
+    cat = CatalogIndex.from_arrays(
+        items["item_id"].tolist(),
+        matrix,
+        encoder.model_version,
+        categories=items["category"].tolist(),
+        available=items["available"].to_numpy(bool),
+        ann_threshold=ann_threshold,
+    )
+    if out_dir is not None:
+        cat.save(out_dir)
+    return cat
+
+
+def load_catalog(settings: Settings) -> CatalogIndex:
+    """The served catalog: ``<settings.resolved_model_dir>/catalog``. Refused when it was embedded
+    by another model than the one in the folder's manifest (stale catalog)."""
+    folder = settings.resolved_model_dir
+    cat = CatalogIndex.load(folder / "catalog", ann_threshold=settings.scoring.ann_threshold)
+    try:
+        version = read_manifest(folder).version
+    except ModelFolderError:
+        version = None
+    if version is not None and version != cat.model_version:
+        raise CatalogError(
+            f"catalog in {folder / 'catalog'} was embedded by {cat.model_version} but the model is {version}: "
+            f"re-embed it with `streamrec index --model-dir {folder}`"
+        )
+    return cat

@@ -1,0 +1,384 @@
+"""Offline evaluation by full ranking over the whole catalog.
+
+Protocol (:func:`evaluate_methods`): for each evaluation case (:func:`inference.pairs.eval_cases`)
+every catalog item is scored, the items of the user's history are **excluded**, and the
+target's rank among the remaining items gives Recall@k, NDCG@k and MRR (ties between the target
+and other items count half: the expected rank under a random tie-break). Methods:
+
+* ``most_popular``: interaction counts before the evaluated split;
+* ``item_knn``: item-item co-occurrence (users in common, cosine-normalised) summed over the
+  user's history;
+* ``pretrained``: the base encoder, softmax(α·h_iᵀp) order = h_iᵀp order;
+* ``streamrec``: the fine-tuned encoder.
+
+``streamrec eval loo`` runs it on Amazon Scientific (leave-one-out; ``--split valid`` for tuning,
+``test`` for the report), or on any dataset (Online Retail: time split), and writes Markdown,
+a PNG plot and JSON. :func:`ranking_metrics` and :func:`full_ranking_ranks` are reusable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from inference.pairs import EvalCases, eval_cases
+from streamrec.datasets import SPLITS, Dataset, load_dataset
+from streamrec.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+KS = (10, 50)
+METRIC_KEYS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
+
+# Published figures on the UniSRec "Scientific" data (leave-one-out, full ranking over all 4,385
+# items). Recalled from the papers' tables, not re-derived here; verify against the papers before
+# quoting them elsewhere. Whether history items were excluded is not stated in the tables.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "SASRec (UniSRec paper)": {
+        "recall@10": 0.1080, "ndcg@10": 0.0553, "recall@50": 0.2042, "ndcg@50": 0.0760,
+        "source": "Hou et al., KDD 2022 (UniSRec), Table 3, Scientific",
+    },
+    "UniSRec (fine-tuned, UniSRec paper)": {
+        "recall@10": 0.1255, "ndcg@10": 0.0685, "recall@50": 0.2527, "ndcg@50": 0.0958,
+        "source": "Hou et al., KDD 2022 (UniSRec), Table 3, Scientific",
+    },
+    "Recformer (Recformer paper)": {
+        "recall@10": 0.1448, "ndcg@10": 0.1027, "mrr": 0.0951,
+        "source": "Li et al., KDD 2023 (Recformer), Table 3, Scientific; Recall@10 reported as HR@10",
+    },
+}  # fmt: skip
+
+
+# -- metrics ------------------------------------------------------------------------------
+def ranking_metrics(ranks: Sequence[float] | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Recall@k, NDCG@k (one relevant item: 1/log2(1+rank)) and MRR from 1-based full-ranking
+    ranks of the target (0 or negative = not ranked, counts as a miss)."""
+    r = np.asarray(ranks, np.float64)
+    out: dict[str, float] = {}
+    if r.size == 0:
+        return {**{f"recall@{k}": 0.0 for k in ks}, **{f"ndcg@{k}": 0.0 for k in ks}, "mrr": 0.0, "n": 0}
+    hit = r >= 1
+    for k in ks:
+        inside = hit & (r <= k)
+        out[f"recall@{k}"] = float(inside.mean())
+        out[f"ndcg@{k}"] = float(np.where(inside, 1.0 / np.log2(1.0 + np.maximum(r, 1.0)), 0.0).mean())
+    out["mrr"] = float(np.where(hit, 1.0 / np.maximum(r, 1.0), 0.0).mean())
+    out["n"] = int(r.size)
+    return out
+
+
+def recall_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:
+    """Share of cases whose target is within the top k."""
+    return ranking_metrics(ranks, (k,))[f"recall@{k}"]
+
+
+def ndcg_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:
+    """Mean 1/log2(1 + rank) over cases with rank <= k (0 otherwise)."""
+    return ranking_metrics(ranks, (k,))[f"ndcg@{k}"]
+
+
+def mrr(ranks: Sequence[float] | np.ndarray) -> float:
+    """Mean reciprocal rank (full ranking, no cut-off)."""
+    return ranking_metrics(ranks, (1,))["mrr"]
+
+
+def full_ranking_ranks(
+    scores: np.ndarray, targets: np.ndarray, exclude: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
+    """1-based rank of ``targets[r]`` in row r of ``scores`` (m, n) over all items but ``exclude[r]``.
+
+    Ties count half (expected rank under a random tie-break), so constant scores are not
+    rewarded. Returns float ranks (m,).
+    """
+    s = np.array(scores, np.float32, copy=True)
+    rows = np.arange(s.shape[0])
+    t = s[rows, targets].copy()
+    if exclude is not None:
+        for r, ex in enumerate(exclude):
+            if len(ex):
+                s[r, ex] = -np.inf
+    s[rows, targets] = -np.inf  # the target itself is neither above nor tied with itself
+    greater = (s > t[:, None]).sum(1)
+    ties = (s == t[:, None]).sum(1)
+    return 1.0 + greater + 0.5 * ties
+
+
+# -- methods ------------------------------------------------------------------------------
+class Scorer:
+    """Scores of every catalog item for a chunk of cases: ``scores(case_idx) -> (len, n_items)``."""
+
+    name = "base"
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PopularityScorer(Scorer):
+    name = "most_popular"
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts.astype(np.float32)
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(rows), self.counts.size))
+
+
+class ItemKNNScorer(Scorer):
+    """Item-item co-occurrence: C = XᵀX over the users' item sets, cosine-normalised, zero
+    diagonal; a user's score is the sum of C over their history items."""
+
+    name = "item_knn"
+
+    def __init__(self, user_items: sp.csr_matrix, history_idx: Sequence[np.ndarray]) -> None:
+        x = (user_items > 0).astype(np.float32).tocsr()
+        c = (x.T @ x).tocsr()
+        c.setdiag(0)
+        c.eliminate_zeros()
+        norm = np.sqrt(np.asarray(x.sum(0)).ravel())
+        inv = np.where(norm > 0, 1.0 / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+        self.sim = sp.diags(inv) @ c @ sp.diags(inv)
+        self.sim = self.sim.tocsr()
+        n_items = user_items.shape[1]
+        ind_rows = np.repeat(np.arange(len(history_idx)), [len(h) for h in history_idx])
+        ind_cols = np.concatenate([np.asarray(h, np.int64) for h in history_idx]) if history_idx else []
+        self.hist = sp.csr_matrix(
+            (np.ones(len(ind_rows), np.float32), (ind_rows, ind_cols)), shape=(len(history_idx), n_items)
+        )
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray((self.hist[rows] @ self.sim).todense(), np.float32)
+
+
+class VectorScorer(Scorer):
+    """h_iᵀp for context vectors P (m, dim) and item vectors H (n, dim)."""
+
+    def __init__(self, name: str, contexts: np.ndarray, items: np.ndarray) -> None:
+        self.name = name
+        self.P = np.asarray(contexts, np.float32)
+        self.H = np.asarray(items, np.float32)
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        return self.P[rows] @ self.H.T
+
+
+def encoder_scorer(
+    name: str, encode: Callable[[list[str]], np.ndarray], ds: Dataset, cases: EvalCases, batch_size: int = 256
+) -> VectorScorer:
+    """Embed every item and every case context with ``encode`` (progress bars)."""
+    items = _encode_batched(encode, ds.items["text"].tolist(), batch_size, f"{name}: items")
+    ctx = _encode_batched(encode, cases.contexts, batch_size, f"{name}: contexts")
+    return VectorScorer(name, ctx, items)
+
+
+def _encode_batched(encode: Callable[[list[str]], np.ndarray], texts: list[str], bs: int, desc: str):
+    out = []
+    for s in tqdm(range(0, len(texts), bs), desc=desc, unit="batch", leave=False):
+        out.append(np.asarray(encode(texts[s : s + bs]), np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Scorer]:
+    """Most-popular and item-kNN fitted on the interactions before ``split``."""
+    pos = {i: k for k, i in enumerate(ds.item_ids)}
+    before = SPLITS[: SPLITS.index(split)]
+    df = ds.interactions[ds.interactions["split"].isin(list(before)) & ds.interactions["item_id"].isin(pos)]
+    item_idx = df["item_id"].map(pos).to_numpy()
+    counts = np.bincount(item_idx, minlength=len(pos)).astype(np.float32)
+    users, uidx = np.unique(df["user_id"].to_numpy(), return_inverse=True)
+    ui = sp.csr_matrix(
+        (np.ones(len(uidx), np.float32), (uidx, item_idx)), shape=(len(users), len(pos))
+    )  # duplicates sum; binarised in ItemKNNScorer
+    hist_idx = [np.fromiter((pos[i] for i in h), np.int64) for h in cases.histories]
+    return [PopularityScorer(counts), ItemKNNScorer(ui, hist_idx)]
+
+
+def evaluate_methods(
+    ds: Dataset, cases: EvalCases, scorers: Sequence[Scorer], chunk: int = 512
+) -> dict[str, dict[str, float]]:
+    """Metrics of every scorer over ``cases`` (full ranking, history excluded)."""
+    pos = {i: k for k, i in enumerate(ds.item_ids)}
+    targets = np.fromiter((pos[t] for t in cases.targets), np.int64, len(cases))
+    excl = [np.fromiter((pos[i] for i in h if i in pos), np.int64) for h in cases.histories]
+    results: dict[str, dict[str, float]] = {}
+    for sc in scorers:
+        ranks = np.zeros(len(cases), np.float64)
+        for s in range(0, len(cases), chunk):
+            rows = np.arange(s, min(s + chunk, len(cases)))
+            ranks[rows] = full_ranking_ranks(sc.scores(rows), targets[rows], [excl[r] for r in rows])
+        results[sc.name] = ranking_metrics(ranks)
+    return results
+
+
+# -- report -------------------------------------------------------------------------------
+def markdown_table(results: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """A Markdown table: one row per method, one column per metric (— when absent)."""
+    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, m in results.items():
+        cells = [f"{m[k]:.4f}" if isinstance(m.get(k), int | float) else "—" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Grouped bars of the metrics per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(METRIC_KEYS))
+    for j, name in enumerate(names):
+        vals = [float(results[name].get(k, np.nan)) for k in METRIC_KEYS]
+        ax.bar(x + j * width - 0.4 + width / 2, vals, width, label=name)
+    ax.set_xticks(x, METRIC_KEYS)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- the command --------------------------------------------------------------------------
+def run_evaluation(
+    ds: Dataset,
+    split: str,
+    encoders: Mapping[str, Callable[[list[str]], np.ndarray]],
+    context_items: int,
+    item_words: int,
+    max_users: int = 0,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, float]], EvalCases]:
+    """Baselines + every encoder on the evaluation cases of ``split``."""
+    cases = eval_cases(ds, split, context_items, item_words).take(max_users, seed)
+    if not len(cases):
+        raise click.ClickException(f"no evaluation cases in split {split!r} of {ds.name}")
+    scorers: list[Scorer] = baseline_scorers(ds, cases, split)
+    for name, enc in encoders.items():
+        scorers.append(encoder_scorer(name, enc, ds, cases))
+    return evaluate_methods(ds, cases, scorers), cases
+
+
+def pretrained_model_dir(s: Settings) -> Path:
+    """A cached export of the base encoder (no fine-tuning), built on first use."""
+    from inference.encoder import OnnxEncoder
+
+    folder = s.state_dir.resolve() / "cache" / f"pretrained-{s.encoder.max_len}"
+    try:
+        OnnxEncoder(folder, s.encoder, variant="fp32")
+        return folder
+    except Exception:
+        from inference.export import export_pretrained
+
+        export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len,
+                          variants=("fp32",))  # fmt: skip
+        return folder
+
+
+@click.command("loo")
+@click.option(
+    "--dataset",
+    "dataset",
+    default="scientific",
+    show_default=True,
+    help="scientific, online-retail, or a generic dataset folder.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["valid", "test"]),
+    default="test",
+    show_default=True,
+    help="valid for tuning, test for the report.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fine-tuned model folder (default: the served model dir). Missing: only baselines + pretrained.",
+)
+@click.option("--variant", default="fp32", show_default=True, help="ONNX variant to evaluate.")
+@click.option("--max-users", type=int, default=0, help="Evaluate a seeded sample of users (0 = all).")
+@click.option(
+    "--results-dir", type=click.Path(path_type=Path), default=Path("results/loo"), show_default=True
+)
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="JSON, method names as keys.")
+@click.option("--quick", is_flag=True, help="500 users (CI smoke run).")
+def loo(dataset: str, split: str, model_dir: Path | None, variant: str, max_users: int,
+        results_dir: Path, output: Path | None, quick: bool) -> None:  # fmt: skip
+    """Leave-one-out full ranking (history excluded): most-popular, item-kNN, pretrained and
+    fine-tuned (`streamrec`) encoders, beside published figures on Scientific."""
+    from inference.encoder import OnnxEncoder
+
+    s = get_settings()
+    t0 = time.time()
+    ds = load_dataset(dataset, s.data_dir)
+    if quick and not max_users:
+        max_users = 500
+    encoders: dict[str, Callable[[list[str]], np.ndarray]] = {}
+    pre = OnnxEncoder(pretrained_model_dir(s), s.encoder, variant="fp32")
+    encoders["pretrained"] = pre.encode
+    model_dir = model_dir or s.resolved_model_dir
+    ft = None
+    if (model_dir / "manifest.json").exists():
+        ft = OnnxEncoder(model_dir, s.encoder, variant=variant)
+        encoders["streamrec"] = ft.encode
+    else:
+        click.echo(f"no fine-tuned model in {model_dir}: evaluating baselines and the pretrained encoder")
+    ctx_items = (
+        int(ft.manifest.training.get("context_items", s.encoder.context_items))
+        if ft
+        else s.encoder.context_items
+    )
+    words = (
+        int(ft.manifest.training.get("context_item_words", s.encoder.context_item_words))
+        if ft
+        else s.encoder.context_item_words
+    )
+    results, cases = run_evaluation(ds, split, encoders, ctx_items, words, max_users)
+    published = PUBLISHED if ds.name == "scientific" else {}
+    notes = [
+        f"dataset {ds.name}: {len(ds.items)} items; split {split}; {len(cases)} users evaluated"
+        + (f" (sample of {max_users})" if max_users else ""),
+        f"skipped: {cases.skipped_cold} users without history, {cases.skipped_repeat} whose split items "
+        "were all in their history",
+        "full ranking over the whole catalog; the user's history items are excluded from the ranking; "
+        "target = first item of the split not in the history; ties count half",
+        f"context: last {ctx_items} items, most recent first, {words} words each, max_len {s.encoder.max_len}",
+        f"pretrained: {pre.model_version}"
+        + (f"; fine-tuned: {ft.model_version} ({ft.variant})" if ft else ""),
+        f"run time {time.time() - t0:.0f}s",
+    ]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{ds.name}-{split}"
+    plot = plot_results(results, results_dir / f"loo-{tag}.png", f"{ds.name} {split}: full ranking")
+    md = [f"# Leave-one-out evaluation: {ds.name}, {split}", "", markdown_table(results), ""]
+    if published:
+        md += ["## Published figures (same data, leave-one-out, full ranking)", "",
+               markdown_table(published), "",
+               *[f"- {k}: {v['source']}" for k, v in published.items()],
+               "- Recalled from the papers' tables, not re-run here; verify before quoting. The papers "
+               "do not say whether history items are excluded.", ""]  # fmt: skip
+    md += ["## Notes", "", *[f"- {n}" for n in notes], "", f"![plot]({plot.name})", ""]
+    report = results_dir / f"loo-{tag}.md"
+    report.write_text("\n".join(md))
+    click.echo("\n".join(md))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # Method names are the top-level keys; the published figures and notes are in the Markdown.
+        output.write_text(json.dumps(results, indent=2))
+        click.echo(f"wrote {output}")

@@ -1,0 +1,270 @@
+"""Fine-tuning the encoder M so that softmax(α·h_iᵀp) ranks first the item a shopper goes on to click.
+
+Pairs (:mod:`inference.pairs`): (context of the user's last items -> next item) and (query ->
+clicked item). One shared encoder embeds both sides (mean pooling + L2 norm); the loss is the
+in-batch softmax (InfoNCE) over the batch's distinct target items, with a learned (or fixed)
+temperature α. AdamW with linear warm-up and decay, gradient clipping, seeded shuffling.
+Validation: full-ranking NDCG@10 on the valid split (history excluded) at every epoch end (and
+every ``eval_every`` steps); the best checkpoint is kept, training stops after ``patience``
+evaluations without improvement. Writes::
+
+    <out>/best/       Hugging Face folder + tokenizer + streamrec_train.json (config, metrics)
+    <out>/last/       the same for the last step
+    <out>/metrics.json   one record per evaluation (step, epoch, loss, alpha, valid metrics)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from inference.evaluate import VectorScorer, evaluate_methods
+from inference.export import TRAIN_STATE, load_embedder, resolve_base_model, torch_encode
+from inference.pairs import Pairs, eval_cases, training_pairs
+from streamrec.datasets import Dataset, load_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in each checkpoint)."""
+
+    dataset: str = "online-retail"
+    out: str = ".streamrec/train/online-retail"
+    base_model: str = ""
+    max_len: int = 64
+    context_items: int = 10
+    context_item_words: int = 24
+    queries: bool = True
+    batch_size: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    epochs: int = 2
+    max_steps: int = 0  # 0 = epochs decide
+    warmup_ratio: float = 0.1
+    alpha: float = 20.0
+    fixed_alpha: bool = False
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_users: int = 0  # train on a seeded sample of users (0 = all)
+    max_pairs: int = 0  # at most this many training pairs (seeded sample, 0 = all)
+    max_pairs_per_user: int = 0
+    eval_users: int = 1000  # valid users per evaluation (seeded sample, 0 = all)
+    eval_every: int = 0  # also evaluate every N steps (0 = at epoch ends only)
+    eval_start: bool = True  # evaluate the pretrained encoder first (step 0)
+    test_eval: bool = True  # evaluate the best checkpoint on the test split at the end (report only)
+    patience: int = 2
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads (0 = torch's default); 1 when sharing a small machine
+    data_dir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """One fine-tuning run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset | None = None) -> None:
+        self.cfg = cfg
+        _seed_everything(cfg.seed)
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base = resolve_base_model(cfg.base_model or None)
+        full = (
+            ds if ds is not None else load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+        )
+        self.full = full
+        self.ds = full.subset(cfg.max_users, cfg.seed) if cfg.max_users else full
+        self.device = torch.device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+        self.model, self.tok = load_embedder(self.base)
+        self.model.to(self.device)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha), device=self.device),
+                                      requires_grad=not cfg.fixed_alpha)  # fmt: skip
+        self.item_text = full.item_text()
+        self.history: list[dict[str, Any]] = []
+
+    # -- data ----------------------------------------------------------------------------
+    def pairs(self) -> Pairs:
+        c = self.cfg
+        return training_pairs(
+            self.ds, ("train",), c.context_items, c.context_item_words, c.queries,
+            max_pairs_per_user=c.max_pairs_per_user, max_pairs=c.max_pairs, seed=c.seed,
+        )  # fmt: skip
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        b = self.tok(texts, padding=True, truncation=True, max_length=self.cfg.max_len, return_tensors="pt")
+        return {
+            "input_ids": b["input_ids"].to(self.device),
+            "attention_mask": b["attention_mask"].to(self.device),
+        }
+
+    # -- loss ----------------------------------------------------------------------------
+    def loss(self, contexts: list[str], targets: list[str]) -> torch.Tensor:
+        """InfoNCE over the batch's distinct targets (a repeated target is not its own negative)."""
+        uniq = list(dict.fromkeys(targets))
+        col = {t: k for k, t in enumerate(uniq)}
+        labels = torch.tensor([col[t] for t in targets], device=self.device)
+        p = self.model(**self._tokens(contexts))
+        h = self.model(**self._tokens([self.item_text[t] for t in uniq]))
+        logits = self.log_alpha.exp() * p @ h.T
+        return nn.functional.cross_entropy(logits, labels)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return torch_encode(
+            self.model, self.tok, texts, self.cfg.max_len, batch_size=128, device=str(self.device)
+        )
+
+    def evaluate(self, split: str = "valid", n_users: int | None = None) -> dict[str, float]:
+        c = self.cfg
+        cases = eval_cases(self.full, split, c.context_items, c.context_item_words)
+        cases = cases.take(c.eval_users if n_users is None else n_users, c.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            items = self.encode(self.full.items["text"].tolist())
+            ctx = self.encode(cases.contexts)
+        finally:
+            self.model.train(was_training)
+        res = evaluate_methods(self.full, cases, [VectorScorer("encoder", ctx, items)])["encoder"]
+        return res
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, name: str, metrics: dict[str, Any], step: int) -> Path:
+        d = self.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.encoder.save_pretrained(str(d))
+        self.tok.save_pretrained(str(d))
+        state = {
+            "base_model": self.cfg.base_model or "sentence-transformers/all-MiniLM-L6-v2",
+            "base_model_path": self.base,
+            "max_len": self.cfg.max_len,
+            "alpha": float(self.log_alpha.exp()),
+            "step": step,
+            "dataset": self.ds.name,
+            "metrics": metrics,
+            "config": {**asdict(self.cfg), "dataset_name": self.ds.name},
+        }
+        (d / TRAIN_STATE).write_text(json.dumps(state, indent=2))
+        return d
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        (self.out / "metrics.json").write_text(json.dumps(self.history, indent=2))
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        c = self.cfg
+        t0 = time.time()
+        pairs = self.pairs()
+        if len(pairs) < 2:
+            raise RuntimeError(f"only {len(pairs)} training pairs in {self.ds.name}: nothing to learn")
+        steps_per_epoch = max(1, len(pairs) // c.batch_size)
+        total = c.max_steps if c.max_steps else c.epochs * steps_per_epoch
+        log.info("training on %d pairs (%s), %d steps of %d", len(pairs), self.ds.name, total, c.batch_size)
+        from transformers import get_linear_schedule_with_warmup
+
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "LayerNorm" in n or n.endswith("bias") else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": c.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if not c.fixed_alpha:
+            groups.append({"params": [self.log_alpha], "weight_decay": 0.0, "lr": max(c.lr * 100, 1e-3)})
+        opt = torch.optim.AdamW(groups, lr=c.lr)
+        sched = get_linear_schedule_with_warmup(opt, int(c.warmup_ratio * total), total)
+        best, best_metrics, bad_evals = -1.0, {}, 0
+        if c.eval_start:
+            m0 = self.evaluate("valid")
+            self._record(
+                {"step": 0, "epoch": 0, "valid": m0, "alpha": c.alpha, "elapsed_s": time.time() - t0}
+            )
+            log.info("pretrained valid: %s", _fmt(m0))
+            # The pretrained encoder is the checkpoint to beat (and the best one if nothing beats it).
+            best, best_metrics = m0["ndcg@10"], m0
+            self.save("best", {"valid": m0}, 0)
+        rng = np.random.default_rng(c.seed)
+        step, epoch, stop = 0, 0, False
+        losses: list[float] = []
+        self.model.train()
+        bar = tqdm(total=total, desc=f"fine-tuning on {self.ds.name}", unit="step")
+        while step < total and not stop:
+            epoch += 1
+            order = rng.permutation(len(pairs))
+            for s in range(0, len(order) - c.batch_size + 1, c.batch_size):
+                idx = order[s : s + c.batch_size]
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                    enabled=self.device.type == "cuda"):  # fmt: skip
+                    loss = self.loss([pairs.texts[i] for i in idx], [pairs.targets[i] for i in idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    self.log_alpha.clamp_(math.log(1.0), math.log(100.0))
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{np.mean(losses[-20:]):.3f}", alpha=f"{float(self.log_alpha.exp()):.1f}"
+                )
+                end_of_epoch = s + 2 * c.batch_size > len(order)
+                if step >= total or end_of_epoch or (c.eval_every and step % c.eval_every == 0):
+                    m = self.evaluate("valid")
+                    rec = {"step": step, "epoch": epoch, "train_loss": float(np.mean(losses[-50:])),
+                           "alpha": float(self.log_alpha.exp()), "valid": m, "elapsed_s": time.time() - t0}  # fmt: skip
+                    self._record(rec)
+                    tqdm.write(f"step {step} epoch {epoch}: valid {_fmt(m)}")
+                    if m["ndcg@10"] > best:
+                        best, best_metrics, bad_evals = m["ndcg@10"], m, 0
+                        self.save("best", {"valid": m}, step)
+                    else:
+                        bad_evals += 1
+                        if bad_evals >= c.patience:
+                            tqdm.write(f"early stop: no valid NDCG@10 gain in {c.patience} evaluations")
+                            stop = True
+                if step >= total or stop:
+                    break
+        bar.close()
+        self.save("last", {"valid": self.history[-1]["valid"]}, step)
+        summary: dict[str, Any] = {"steps": step, "pairs": len(pairs), "best_valid": best_metrics,
+                                   "elapsed_s": time.time() - t0}  # fmt: skip
+        if c.test_eval:
+            from transformers import AutoModel
+
+            self.model.encoder = AutoModel.from_pretrained(str(self.out / "best")).to(self.device)
+            summary["best_test"] = self.evaluate("test")
+            state_path = self.out / "best" / TRAIN_STATE
+            state = json.loads(state_path.read_text())
+            state["metrics"]["test"] = summary["best_test"]
+            state_path.write_text(json.dumps(state, indent=2))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n") + f" (n={m.get('n')})"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

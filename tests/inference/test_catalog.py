@@ -1,0 +1,142 @@
+"""The catalog index: lookups, exact and ANN top-k with exclusions, upserts, persistence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.catalog import CatalogError, CatalogIndex, build_catalog, load_catalog
+from inference.encoder import OnnxEncoder
+from streamrec.interfaces import ItemVectors
+from streamrec.settings import Settings
+
+
+def _random(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    m = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def _brute_topk(q: np.ndarray, m: np.ndarray, k: int, exclude: set[int]) -> list[int]:
+    s = m @ q
+    order = [int(i) for i in np.argsort(-s, kind="stable") if int(i) not in exclude]
+    return order[:k]
+
+
+def test_lookup_index_of_and_protocol() -> None:
+    cat = CatalogIndex.from_arrays(["a", "b", "c"], 3 * _random(3), "v1", categories=["x", "y", None])
+    assert isinstance(cat, ItemVectors)
+    np.testing.assert_allclose(np.linalg.norm(cat.matrix, axis=1), 1.0, atol=1e-6)  # rows normalised
+    assert cat.index_of(["c", "zz", "a"]).tolist() == [2, -1, 0]
+    vecs, found = cat.lookup(["b", "nope"])
+    assert found.tolist() == [True, False]
+    np.testing.assert_allclose(vecs[0], cat.matrix[1])
+    assert not vecs[1].any()
+    assert cat.categories == ["x", "y", ""] and cat.available.all() and cat.dim == 32
+    with pytest.raises(CatalogError, match="duplicate"):
+        CatalogIndex.from_arrays(["a", "a"], _random(2), "v1")
+
+
+def test_exact_topk_matches_brute_force_with_exclusions() -> None:
+    m = _random(300)
+    cat = CatalogIndex.from_arrays([f"i{k}" for k in range(300)], m, "v1")
+    q = _random(5, seed=1)
+    excl = [np.array([], np.int64), np.array([3, 7]), np.arange(0, 300, 2), np.array([299]), np.array([0])]
+    for r in range(5):  # exclude the best item of query 4 to be sure exclusion bites
+        if r == 4:
+            excl[4] = np.array([_brute_topk(q[4], m, 1, set())[0]])
+    idx, sc = cat.topk(q, 10, exclude=excl)
+    for r in range(5):
+        assert idx[r].tolist() == _brute_topk(q[r], m, 10, set(excl[r].tolist()))
+        np.testing.assert_allclose(sc[r], m[idx[r]] @ q[r], rtol=1e-5)
+        assert np.all(np.diff(sc[r]) <= 1e-7)
+
+
+def test_topk_pads_when_fewer_items_than_k() -> None:
+    cat = CatalogIndex.from_arrays(["a", "b", "c"], _random(3), "v1")
+    idx, sc = cat.topk(_random(1, seed=3), 5, exclude=[np.array([1])])
+    assert sorted(idx[0][:2].tolist()) == [0, 2] and idx[0][2:].tolist() == [-1, -1, -1]
+    assert np.isneginf(sc[0][2:]).all()
+
+
+def test_save_load_roundtrip_and_tamper(tmp_path: Path) -> None:
+    cat = CatalogIndex.from_arrays(
+        ["a", "b"], _random(2), "v7", categories=["x", "y"], available=[True, False]
+    )
+    cat.save(tmp_path / "catalog")
+    back = CatalogIndex.load(tmp_path / "catalog")
+    assert (
+        back.ids == ["a", "b"] and back.categories == ["x", "y"] and back.available.tolist() == [True, False]
+    )
+    assert back.model_version == "v7"
+    np.testing.assert_array_equal(back.matrix, cat.matrix)
+    np.save(tmp_path / "catalog" / "vectors.npy", _random(2, seed=9))
+    with pytest.raises(CatalogError, match="does not match meta.json"):
+        CatalogIndex.load(tmp_path / "catalog")
+    with pytest.raises(CatalogError, match="streamrec index"):
+        CatalogIndex.load(tmp_path / "nothing")
+
+
+def test_upsert_adds_and_changes_without_rebuild() -> None:
+    m = _random(50)
+    cat = CatalogIndex.from_arrays([f"i{k}" for k in range(50)], m, "v1")
+    new_vec, moved = _random(2, seed=5)
+    added, changed = cat.upsert(
+        ["new", "i3"], np.stack([new_vec, moved]), categories=["c", "d"], available=[True, False]
+    )
+    assert (added, changed) == (1, 1)
+    assert len(cat) == 51 and cat.index_of(["new"]).tolist() == [50]
+    assert cat.topk(new_vec[None], 1)[0][0, 0] == 50
+    assert cat.topk(moved[None], 1)[0][0, 0] == 3
+    assert cat.categories[3] == "d" and not cat.available[3] and cat.available[50]
+
+
+def test_ann_above_threshold_recall_exclusion_and_upsert() -> None:
+    n = 4000  # clustered like real item embeddings: 80 product families
+    centers = _random(80, dim=48, seed=2)
+    m = centers[np.arange(n) % 80] + 0.6 * _random(n, dim=48, seed=3)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    ids = [f"i{k}" for k in range(n)]
+    cat = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000)
+    assert cat.uses_ann
+    q = m[:200] + 0.05 * _random(200, dim=48, seed=4)
+    recall = cat.ann_recall(q, 10)
+    assert recall >= 0.9, f"ANN recall@10 vs exact {recall:.3f}"
+    idx, _ = cat.topk(q[:3], 10, exclude=[np.array([0]), np.array([1]), np.array([], np.int64)])
+    assert 0 not in idx[0] and 1 not in idx[1] and idx[2][0] == 2
+    fresh = _random(1, dim=48, seed=11)
+    cat.upsert(["fresh", "i5"], np.stack([fresh[0], -m[5]]))
+    assert cat.ids[cat.topk(fresh, 1)[0][0, 0]] == "fresh"  # added to the ANN index
+    top_for_old = cat.topk(m[5][None], 5)[0][0]
+    assert 5 not in top_for_old  # i5 now points the other way
+    assert cat.topk(-m[5][None], 1)[0][0, 0] == 5
+
+
+def test_build_catalog_with_real_encoder_and_load_catalog(
+    pretrained_dir: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    import shutil
+
+    from streamrec.datasets import load_dataset
+
+    model = tmp_path / "model"
+    shutil.copytree(pretrained_dir, model)
+    enc = OnnxEncoder(model, variant="int8")
+    ds = load_dataset("online-retail", data_dir)
+    cat = build_catalog(enc, ds, model / "catalog")
+    assert len(cat) == len(ds.items) == 3659 and cat.model_version == enc.model_version
+    row = cat.index_of(["85123A"])[0]  # WHITE HANGING HEART T-LIGHT HOLDER
+    np.testing.assert_allclose(
+        cat.matrix[row], enc.encode(["WHITE HANGING HEART T-LIGHT HOLDER"])[0], atol=0.05
+    )
+    q = enc.encode(["white heart t-light holder"])
+    assert "85123A" in [cat.ids[i] for i in cat.topk(q, 10)[0][0]]
+    s = Settings(model_dir=model)
+    assert load_catalog(s).ids == cat.ids
+    meta = json.loads((model / "catalog" / "meta.json").read_text())
+    meta["model_version"] = "some-other-model"
+    (model / "catalog" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CatalogError, match="re-embed"):
+        load_catalog(s)
