@@ -155,7 +155,12 @@ def load_generic(folder: Path) -> Dataset:
     if "item_id" not in items:
         raise ValueError(f"{folder}/items has no item_id column")
     if "text" not in items:
-        text_cols = [c for c in items.columns if c not in RESERVED_ITEM_COLUMNS and items[c].dtype == object]
+        # is_string_dtype: pandas 3 reads text columns as "str", not object.
+        text_cols = [
+            c
+            for c in items.columns
+            if c not in RESERVED_ITEM_COLUMNS and pd.api.types.is_string_dtype(items[c])
+        ]
         if not text_cols:
             raise ValueError(f"{folder}/items has no text column (text, title, description, ...)")
         items["text"] = items[text_cols].fillna("").astype(str).agg(". ".join, axis=1)

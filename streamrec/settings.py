@@ -282,26 +282,69 @@ class EncoderSettings(BaseModel):
     intra_op_threads: int = 0
     max_batch: int = 64
     max_wait_ms: float = 5.0
+    # (inference) ONNX Runtime worker threads spin while idle; off on CPUs shared with other work.
+    allow_spinning: bool = True
+    # (inference) Training pairs: a context is the texts of the user's last `context_items` items,
+    # most recent first, each cut to `context_item_words` words, then truncated to max_len tokens.
+    context_items: int = 10
+    context_item_words: int = 24
+    # (inference) Also train on (search query -> clicked item) pairs where the data has queries.
+    train_queries: bool = True
+    # (inference) Fine-tuning defaults (`streamrec train` flags override them).
+    train_batch_size: int = 64
+    train_lr: float = 5e-5
+    train_epochs: int = 2
+    train_warmup_ratio: float = 0.1
+    # Initial softmax temperature alpha of the InfoNCE loss; learned unless train_fixed_alpha.
+    train_alpha: float = 20.0
+    train_fixed_alpha: bool = False
+    train_seed: int = 0
 
 
 class AlertSettings(BaseModel):
-    """Demand spike and drop detection."""
+    """Demand spike and drop detection (alerts/): windows, detector thresholds, effects."""
 
+    # (alerts) Tumbling event-time window. One hour: the Online Retail stream has ~110 purchases
+    # in a median trading hour, so the busiest categories see several events per window, and
+    # a surge is reported the hour it happens; longer evidence comes from `horizons`.
     window_s: int = 3600
-    # EWMA smoothing of the per-key baseline.
-    ewma_alpha: float = 0.1
-    # Windows seen before a key can alert.
-    warmup_windows: int = 24
-    # One-sided tail probability that raises an alert (Poisson).
+    # (alerts) A window closes once the watermark (newest event time seen) passes its end by
+    # this much; events of a closed window are late and not counted.
+    allowed_lateness_s: int = 300
+    # (alerts) Sliding sums over the last 1, 3 and 8 *active* windows (windows with any demand;
+    # nights and closed days are skipped) are each tested: a strong surge shows in one hour,
+    # a weaker one or a drop over a trading day.
+    horizons: list[int] = Field(default_factory=lambda: [1, 3, 8])
+    # (alerts) Half-life, in active windows, of a key's baseline share of all demand (~4 weeks
+    # of trading hours). The expected demand of a window = share x the window's other demand,
+    # which follows the hour-of-day, weekday and season of the whole shop.
+    baseline_half_life_windows: float = 240.0
+    # (alerts) Active windows a key must have been seen for before it can alert (~8 trading days:
+    # a product launched this week has no baseline yet; on the real stream 24 tripled false alarms).
+    warmup_windows: int = 80
+    # (alerts) Negative-binomial size r of the count model (variance = mean + mean^2 / r):
+    # shopping demand is over-dispersed; larger = closer to Poisson = more alerts.
+    nb_size: float = 3.0
+    # (alerts) Tail probability (Bonferroni-corrected over the horizons) that raises an alert.
     p_raise: float = 1e-6
-    # The alert clears when the tail probability is above this (hysteresis).
+    # (alerts) An active alert clears when every horizon's tail probability is above this
+    # (hysteresis: one alert per episode).
     p_clear: float = 1e-2
-    # Minimum weighted count of the window for a surge, minimum expected count for a drop.
-    min_count: float = 10.0
-    # Boost applied to a surging key, damping to a collapsing key, and how long it lasts.
+    # (alerts) Surge guards: at least this many events over the horizon, and this ratio to expected.
+    min_surge_count: float = 8.0
+    min_surge_ratio: float = 2.0
+    # (alerts) Drop guards: at least this many expected events over the horizon, and observed at
+    # most this fraction of expected.
+    min_drop_expected: float = 12.0
+    max_drop_ratio: float = 0.35
+    # Boost applied to a surging key, damping to a collapsing key, and how long it lasts without
+    # a refresh (the monitor refreshes the effects of active alerts at every closed window and
+    # deletes them when the alert clears; the TTL only matters when the monitor stops).
     boost: float = 1.5
     damping: float = 0.5
     effect_ttl_s: int = 6 * 3600
+    # (alerts) Safety TTL of an open window's counts and event-id set in Redis.
+    window_ttl_s: int = 7 * 24 * 3600
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,404 @@
+"""The demand detector: pure maths, no Redis (unit-testable on its own).
+
+Model
+-----
+Every key (an item ``i:<item_id>`` or a category ``c:<category>``) has a *baseline share*
+``s_k`` of all demand: an exponentially weighted sum of its demand over the sum of all demand,
+with a half-life of ``baseline_half_life_windows`` *active* windows (windows in which the shop
+sold anything). The expected demand of key ``k`` in a window is
+
+    e_k = s_k / (1 - s_k) * (T - o_k)
+
+where ``T`` is the window's total demand and ``o_k`` the key's own (leave-one-out, so a surge
+does not raise its own expectation). Conditioning on the shop's actual traffic handles the
+hour-of-day, the weekday (no sales on Saturdays in the Online Retail data), nights and seasons
+without a seasonal model per key: a key alerts only when it moves *relative to the shop*.
+Windows with no demand at all are skipped (no evidence, no decay).
+
+Counts are weighted by event type (view 1 ... purchase 6). They are turned back into event
+units by the stream's dispersion factor ``phi = sum(w^2) / sum(w)`` (a compound-Poisson
+argument: for a purchases-only stream ``phi`` is the purchase weight and the units are
+purchases), so the tail probabilities below are computed on event counts.
+
+Test
+----
+For each horizon ``h`` of ``horizons`` (e.g. 1, 3, 8 active windows), ``O_h`` and ``E_h`` are the
+sums of observed and expected events over the last ``h`` active windows. Under a
+negative-binomial count model with mean ``E_h`` and size ``nb_size * h`` (over-dispersion of
+one window; sums over independent windows add their sizes), the upper tail
+``P(X >= O_h)`` tests a surge and the lower tail ``P(X <= O_h)`` a drop. The tails are
+continuous in ``O_h`` (regularised incomplete beta), and the smallest over the horizons,
+times the number of horizons (Bonferroni), is the key's p-value.
+
+* raise a **surge** when p <= ``p_raise``, ``O_h >= min_surge_count`` and
+  ``O_h >= min_surge_ratio * E_h`` at that horizon;
+* raise a **drop** when p <= ``p_raise``, ``E_h >= min_drop_expected`` and
+  ``O_h <= max_drop_ratio * E_h``;
+* **clear** an active alert when every horizon's tail probability of its kind (without the
+  guards) is above ``p_clear``. ``p_clear >> p_raise`` is the hysteresis: one episode raises one
+  alert and clears once.
+
+A key needs ``warmup_windows`` active windows of history before it can alert. The baseline
+keeps learning during an alert, so a lasting change becomes the new normal and clears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+from scipy.special import betainc
+
+from streamrec.settings import AlertSettings
+
+__all__ = [
+    "DROP",
+    "LEVEL_CATEGORY",
+    "LEVEL_ITEM",
+    "NONE",
+    "SURGE",
+    "DetectorState",
+    "Transition",
+    "detect",
+    "key_level",
+    "nb_lower_tail",
+    "nb_upper_tail",
+]
+
+NONE, SURGE, DROP = 0, 1, -1
+LEVEL_ITEM, LEVEL_CATEGORY = 0, 1
+ITEM_PREFIX, CATEGORY_PREFIX = "i:", "c:"
+_MAX_SHARE = 0.95
+_TINY = 1e-12
+
+
+def key_level(key: str) -> int:
+    """LEVEL_ITEM for ``i:<item_id>``, LEVEL_CATEGORY for ``c:<category>``."""
+    if key.startswith(ITEM_PREFIX):
+        return LEVEL_ITEM
+    if key.startswith(CATEGORY_PREFIX):
+        return LEVEL_CATEGORY
+    raise ValueError(f"demand key {key!r} must start with 'i:' (item) or 'c:' (category)")
+
+
+def nb_upper_tail(observed: np.ndarray, mean: np.ndarray, size: float | np.ndarray) -> np.ndarray:
+    """P(X >= observed) for X ~ NegBin(mean, size), continuous in ``observed``.
+
+    ``P(X >= k) = I_{1-p}(k, r)`` with ``p = r / (r + mean)``; 1 where ``observed <= 0``.
+    """
+    k = np.asarray(observed, np.float64)
+    m = np.maximum(np.asarray(mean, np.float64), 0.0)
+    r = np.asarray(size, np.float64)
+    q = m / (r + m)  # 1 - p
+    out = np.ones(np.broadcast(k, m, r).shape, np.float64)
+    pos = np.broadcast_to(k > 0, out.shape)
+    if pos.any():
+        kb, qb, rb = (np.broadcast_to(a, out.shape)[pos] for a in (k, q, r))
+        out[pos] = betainc(kb, rb, qb)
+    return out
+
+
+def nb_lower_tail(observed: np.ndarray, mean: np.ndarray, size: float | np.ndarray) -> np.ndarray:
+    """P(X <= observed) for X ~ NegBin(mean, size), continuous in ``observed``.
+
+    ``P(X <= k) = I_p(r, k + 1)`` with ``p = r / (r + mean)``; 1 where ``mean <= 0``.
+    """
+    k = np.maximum(np.asarray(observed, np.float64), 0.0)
+    m = np.maximum(np.asarray(mean, np.float64), 0.0)
+    r = np.asarray(size, np.float64)
+    p = r / (r + m)
+    return np.where(m > 0, betainc(r, k + 1.0, p), 1.0)
+
+
+@dataclass
+class Transition:
+    """A key that raised or cleared an alert at the end of a window."""
+
+    key: str
+    level: int  # LEVEL_ITEM or LEVEL_CATEGORY
+    kind: int  # SURGE or DROP
+    raised: bool  # True: raised, False: cleared
+    observed: float  # events over the deciding horizon
+    expected: float
+    score: float  # -log10 of the tail probability (Bonferroni-corrected)
+    first_window: int  # window index where the deciding horizon starts
+    window: int  # window index that was closed
+
+
+class _StateWire(msgspec.Struct, array_like=True):
+    keys: list[str]
+    share_num: bytes
+    share_den: float
+    seen: bytes
+    alert: bytes
+    ring_o: bytes
+    ring_e: bytes
+    ring_w: bytes
+    pos: int
+    filled: int
+    disp_num: float
+    disp_den: float
+    active_windows: int
+    last_window: int
+    horizon_max: int
+
+
+@dataclass
+class DetectorState:
+    """Per-key baseline, sliding sums and alert state; grows as keys appear."""
+
+    horizon_max: int
+    keys: list[str] = field(default_factory=list)
+    share_num: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    share_den: float = 0.0
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    alert: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    ring_o: np.ndarray | None = None  # (horizon_max, K) observed events per active window
+    ring_e: np.ndarray | None = None  # (horizon_max, K) expected events
+    ring_w: np.ndarray | None = None  # (horizon_max,) window index of each ring row
+    pos: int = 0
+    filled: int = 0
+    disp_num: float = 0.0
+    disp_den: float = 0.0
+    active_windows: int = 0
+    last_window: int = -1
+    index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        k = len(self.keys)
+        if self.ring_o is None:
+            self.ring_o = np.zeros((self.horizon_max, k), np.float32)
+            self.ring_e = np.zeros((self.horizon_max, k), np.float32)
+            self.ring_w = np.full(self.horizon_max, -1, np.int64)
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.levels = np.array([key_level(key) for key in self.keys], np.int8)
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def add_keys(self, keys: Sequence[str]) -> None:
+        """Append keys not yet known (zero history)."""
+        new = [k for k in dict.fromkeys(keys) if k not in self.index]
+        if not new:
+            return
+        for k in new:
+            self.index[k] = len(self.keys)
+            self.keys.append(k)
+        n = len(new)
+        self.share_num = np.concatenate([self.share_num, np.zeros(n)])
+        self.seen = np.concatenate([self.seen, np.zeros(n, np.int32)])
+        self.alert = np.concatenate([self.alert, np.zeros(n, np.int8)])
+        pad = np.zeros((self.horizon_max, n), np.float32)
+        self.ring_o = np.concatenate([self.ring_o, pad], axis=1)
+        self.ring_e = np.concatenate([self.ring_e, pad], axis=1)
+        self.levels = np.concatenate([self.levels, np.array([key_level(k) for k in new], np.int8)])
+
+    def active(self) -> dict[tuple[int, int], int]:
+        """Number of active alerts by (kind, level)."""
+        out: dict[tuple[int, int], int] = {}
+        for kind in (SURGE, DROP):
+            for level in (LEVEL_ITEM, LEVEL_CATEGORY):
+                out[(kind, level)] = int(np.count_nonzero((self.alert == kind) & (self.levels == level)))
+        return out
+
+    def active_keys(self) -> list[tuple[str, int]]:
+        """(key, kind) of every active alert."""
+        return [(self.keys[i], int(self.alert[i])) for i in np.flatnonzero(self.alert)]
+
+    def to_bytes(self) -> bytes:
+        wire = _StateWire(
+            keys=self.keys,
+            share_num=self.share_num.astype(np.float64).tobytes(),
+            share_den=self.share_den,
+            seen=self.seen.astype(np.int32).tobytes(),
+            alert=self.alert.astype(np.int8).tobytes(),
+            ring_o=self.ring_o.astype(np.float32).tobytes(),
+            ring_e=self.ring_e.astype(np.float32).tobytes(),
+            ring_w=self.ring_w.astype(np.int64).tobytes(),
+            pos=self.pos,
+            filled=self.filled,
+            disp_num=self.disp_num,
+            disp_den=self.disp_den,
+            active_windows=self.active_windows,
+            last_window=self.last_window,
+            horizon_max=self.horizon_max,
+        )
+        return msgspec.msgpack.encode(wire)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, horizon_max: int) -> DetectorState:
+        """Decode a stored state; a state stored with another ``horizon_max`` restarts its sums."""
+        w = msgspec.msgpack.decode(raw, type=_StateWire)
+        k = len(w.keys)
+        ring_o = np.frombuffer(w.ring_o, np.float32).reshape(w.horizon_max, k).copy()
+        ring_e = np.frombuffer(w.ring_e, np.float32).reshape(w.horizon_max, k).copy()
+        ring_w = np.frombuffer(w.ring_w, np.int64).copy()
+        pos, filled = w.pos, w.filled
+        if w.horizon_max != horizon_max:  # horizons changed in settings: start the sums afresh
+            ring_o = np.zeros((horizon_max, k), np.float32)
+            ring_e = np.zeros((horizon_max, k), np.float32)
+            ring_w = np.full(horizon_max, -1, np.int64)
+            pos = filled = 0
+        return cls(
+            horizon_max=horizon_max,
+            keys=list(w.keys),
+            share_num=np.frombuffer(w.share_num, np.float64).copy(),
+            share_den=w.share_den,
+            seen=np.frombuffer(w.seen, np.int32).copy(),
+            alert=np.frombuffer(w.alert, np.int8).copy(),
+            ring_o=ring_o,
+            ring_e=ring_e,
+            ring_w=ring_w,
+            pos=pos,
+            filled=filled,
+            disp_num=w.disp_num,
+            disp_den=w.disp_den,
+            active_windows=w.active_windows,
+            last_window=w.last_window,
+        )
+
+
+def horizon_max(cfg: AlertSettings) -> int:
+    """Rows of the ring of active windows: the longest horizon."""
+    return max(cfg.horizons)
+
+
+def new_state(cfg: AlertSettings) -> DetectorState:
+    """An empty detector state for these settings."""
+    return DetectorState(horizon_max=horizon_max(cfg))
+
+
+def detect(
+    state: DetectorState,
+    window: int,
+    counts: dict[str, float],
+    total_w: float,
+    total_w2: float,
+    cfg: AlertSettings,
+) -> list[Transition]:
+    """Close one window: test every key, update the state in place, return raises and clears.
+
+    ``counts``: weighted demand per key (``i:<item>``, ``c:<category>``) in the window;
+    ``total_w`` / ``total_w2``: sum of the weights / squared weights of the window's events
+    (item level, each event once). Windows must come in increasing order; an empty window
+    (``total_w <= 0``) changes nothing.
+    """
+    if window <= state.last_window:
+        raise ValueError(f"window {window} is not after the last closed window {state.last_window}")
+    state.last_window = window
+    if total_w <= 0:
+        return []
+    state.add_keys(list(counts))
+    n_keys = state.size
+    decay = 0.5 ** (1.0 / cfg.baseline_half_life_windows)
+
+    # Dispersion factor: weighted units -> event units.
+    state.disp_num = decay * state.disp_num + total_w2
+    state.disp_den = decay * state.disp_den + total_w
+    phi = max(state.disp_num / max(state.disp_den, _TINY), _TINY)
+
+    o = np.zeros(n_keys, np.float64)
+    if counts:
+        idx = np.fromiter((state.index[k] for k in counts), np.int64, len(counts))
+        o[idx] = np.fromiter(counts.values(), np.float64, len(counts))
+    o /= phi
+    total = total_w / phi
+
+    share = np.minimum(state.share_num / max(state.share_den, _TINY), _MAX_SHARE)
+    others = np.maximum(total - o, 0.0)
+    e = share / (1.0 - share) * others
+
+    # Push the window into the ring of active windows.
+    H = state.horizon_max
+    state.ring_o[state.pos] = o
+    state.ring_e[state.pos] = e
+    state.ring_w[state.pos] = window
+    state.pos = (state.pos + 1) % H
+    state.filled = min(state.filled + 1, H)
+
+    # Baseline update (after computing e: the window is tested against the past only).
+    was_seen = (state.share_num > 0) | (o > 0)
+    state.share_num = decay * state.share_num + o
+    state.share_den = decay * state.share_den + total
+    state.seen = state.seen + was_seen.astype(np.int32)
+    state.active_windows += 1
+
+    eligible = state.seen > cfg.warmup_windows
+    horizons = sorted({min(h, H) for h in cfg.horizons})
+    up_h = dn_h = horizons
+    n_h = len(horizons)
+    threshold = cfg.p_raise / n_h  # Bonferroni over the horizons
+    p_up = np.ones((n_h, n_keys))
+    p_dn = np.ones((n_h, n_keys))
+    g_up = np.ones((n_h, n_keys))  # guarded (for raising)
+    g_dn = np.ones((n_h, n_keys))
+    O_all = np.zeros((n_h, n_keys))
+    E_all = np.zeros((n_h, n_keys))
+    for j, h in enumerate(horizons):
+        hh = min(h, state.filled)
+        rows = (state.pos - 1 - np.arange(hh)) % H
+        O = state.ring_o[rows].sum(axis=0, dtype=np.float64)  # noqa: E741
+        E = state.ring_e[rows].sum(axis=0, dtype=np.float64)
+        O_all[j], E_all[j] = O, E
+        size = cfg.nb_size * hh
+        # Only evaluate tails where they can matter (most keys sit at O = 0, E ~ 0).
+        if h in up_h:
+            up_idx = np.flatnonzero(O > E)
+            if up_idx.size:
+                p_up[j, up_idx] = nb_upper_tail(O[up_idx], E[up_idx], size)
+            ok_up = (O >= cfg.min_surge_count) & (O >= cfg.min_surge_ratio * E)
+            g_up[j] = np.where(ok_up, p_up[j], 1.0)
+        if h in dn_h:
+            dn_idx = np.flatnonzero((O < E) & (E > 0))
+            if dn_idx.size:
+                p_dn[j, dn_idx] = nb_lower_tail(O[dn_idx], E[dn_idx], size)
+            ok_dn = (E >= cfg.min_drop_expected) & (O <= cfg.max_drop_ratio * E)
+            g_dn[j] = np.where(ok_dn, p_dn[j], 1.0)
+
+    out: list[Transition] = []
+    ring_order_w = state.ring_w
+
+    def first_window(j: int) -> int:
+        hh = min(horizons[j], state.filled)
+        return int(ring_order_w[(state.pos - hh) % H])
+
+    def emit(i: int, kind: int, raised: bool, p_mat: np.ndarray) -> None:
+        j = int(np.argmin(p_mat[:, i]))
+        p = min(1.0, float(p_mat[j, i]) * (len(up_h) if kind == SURGE else len(dn_h)))
+        out.append(
+            Transition(
+                key=state.keys[i],
+                level=int(state.levels[i]),
+                kind=kind,
+                raised=raised,
+                observed=float(O_all[j, i]),
+                expected=float(E_all[j, i]),
+                score=float(-np.log10(max(p, 1e-300))),
+                first_window=first_window(j),
+                window=window,
+            )
+        )
+
+    best_up = g_up.min(axis=0)
+    best_dn = g_dn.min(axis=0)
+    idle = state.alert == NONE
+    raise_up = np.flatnonzero(idle & eligible & (best_up <= threshold) & (best_up <= best_dn))
+    raise_dn = np.flatnonzero(idle & eligible & (best_dn <= threshold) & (best_dn < best_up))
+    clear_up = np.flatnonzero((state.alert == SURGE) & (p_up.min(axis=0) > cfg.p_clear))
+    clear_dn = np.flatnonzero((state.alert == DROP) & (p_dn.min(axis=0) > cfg.p_clear))
+    for i in raise_up:
+        emit(int(i), SURGE, True, g_up)
+    for i in raise_dn:
+        emit(int(i), DROP, True, g_dn)
+    for i in clear_up:
+        emit(int(i), SURGE, False, p_up)
+    for i in clear_dn:
+        emit(int(i), DROP, False, p_dn)
+    state.alert[raise_up] = SURGE
+    state.alert[raise_dn] = DROP
+    state.alert[clear_up] = NONE
+    state.alert[clear_dn] = NONE
+    return out

@@ -1,0 +1,51 @@
+"""The alert record of the alerts topic (msgspec, JSON on the wire)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["AnomalyAlert", "decode_alert", "encode_alert"]
+
+
+class AnomalyAlert(msgspec.Struct, frozen=True, kw_only=True):
+    """A demand anomaly that was raised or cleared at the end of an event-time window.
+
+    ``key`` is the item id (``level="item"``) or the category (``level="category"``).
+    ``observed`` / ``expected`` are demand in event units (distinct shoppers, weighted by event
+    type and scaled back to events) over the horizon that decided, which spans
+    ``[window_start, window_end)`` (epoch ms, event time). ``score`` is -log10 of the
+    (Bonferroni-corrected) tail probability. ``raised_at`` is the wall-clock time (epoch ms)
+    the record was made, for both ``state="raised"`` and ``state="cleared"``.
+    """
+
+    key: str
+    level: Literal["item", "category"]
+    kind: Literal["surge", "drop"]
+    state: Literal["raised", "cleared"]
+    observed: float
+    expected: float
+    score: float
+    window_start: int
+    window_end: int
+    raised_at: int
+
+    @property
+    def record_key(self) -> str:
+        """Kafka record key: ``<level>:<key>`` (one key's alerts stay in order)."""
+        return f"{self.level}:{self.key}"
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnomalyAlert)
+
+
+def encode_alert(alert: AnomalyAlert) -> bytes:
+    """JSON bytes of an alert."""
+    return _encoder.encode(alert)
+
+
+def decode_alert(raw: bytes) -> AnomalyAlert:
+    """Parse JSON bytes of an alert (raises msgspec.ValidationError on a bad record)."""
+    return _decoder.decode(raw)
