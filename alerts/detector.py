@@ -22,13 +22,16 @@ purchases), so the tail probabilities below are computed on event counts.
 
 Test
 ----
-For each horizon ``h`` of ``horizons`` (e.g. 1, 3, 8 active windows), ``O_h`` and ``E_h`` are the
-sums of observed and expected events over the last ``h`` active windows. Under a
+For each horizon ``h`` (``surge_horizons``, e.g. 1, 3, 8 active windows, for surges;
+``drop_horizons``, e.g. 24, for drops), ``O_h`` and ``E_h`` are the sums of observed and expected
+events over the last ``h`` active windows. Under a
 negative-binomial count model with mean ``E_h`` and size ``nb_size * h`` (over-dispersion of
 one window; sums over independent windows add their sizes), the upper tail
 ``P(X >= O_h)`` tests a surge and the lower tail ``P(X <= O_h)`` a drop. The tails are
-continuous in ``O_h`` (regularised incomplete beta), and the smallest over the horizons,
-times the number of horizons (Bonferroni), is the key's p-value.
+continuous in ``O_h`` (regularised incomplete beta), and the smallest over the horizons of the
+kind, times their number (Bonferroni), is the key's p-value for that kind. Drops need longer
+horizons than surges: a key's expected demand per hour is small (an item sells ~1 per active
+hour), so an hour or a day of nothing is not improbable, three days of nothing is.
 
 * raise a **surge** when p <= ``p_raise``, ``O_h >= min_surge_count`` and
   ``O_h >= min_surge_ratio * E_h`` at that horizon;
@@ -62,9 +65,12 @@ __all__ = [
     "DetectorState",
     "Transition",
     "detect",
+    "horizon_max",
     "key_level",
     "nb_lower_tail",
     "nb_upper_tail",
+    "new_state",
+    "validate_horizons",
 ]
 
 NONE, SURGE, DROP = 0, 1, -1
@@ -261,9 +267,20 @@ class DetectorState:
         )
 
 
+def validate_horizons(cfg: AlertSettings) -> None:
+    """Raise ValueError unless both horizon lists are non-empty lists of positive window counts."""
+    for name in ("surge_horizons", "drop_horizons"):
+        hs = getattr(cfg, name)
+        if not hs or min(hs) < 1:
+            raise ValueError(
+                f"alerts.{name} must be a non-empty list of positive window counts, got {hs!r} "
+                f"(e.g. STREAMREC_ALERTS_{name.upper()}='[1,3,8]')"
+            )
+
+
 def horizon_max(cfg: AlertSettings) -> int:
-    """Rows of the ring of active windows: the longest horizon."""
-    return max(cfg.horizons)
+    """Rows of the ring of active windows: the longest horizon of either kind."""
+    return max(*cfg.surge_horizons, *cfg.drop_horizons)
 
 
 def new_state(cfg: AlertSettings) -> DetectorState:
@@ -327,10 +344,10 @@ def detect(
     state.active_windows += 1
 
     eligible = state.seen > cfg.warmup_windows
-    horizons = sorted({min(h, H) for h in cfg.horizons})
-    up_h = dn_h = horizons
+    up_h = sorted(set(cfg.surge_horizons))
+    dn_h = sorted(set(cfg.drop_horizons))
+    horizons = sorted(set(up_h) | set(dn_h))
     n_h = len(horizons)
-    threshold = cfg.p_raise / n_h  # Bonferroni over the horizons
     p_up = np.ones((n_h, n_keys))
     p_dn = np.ones((n_h, n_keys))
     g_up = np.ones((n_h, n_keys))  # guarded (for raising)
@@ -382,11 +399,12 @@ def detect(
             )
         )
 
-    best_up = g_up.min(axis=0)
-    best_dn = g_dn.min(axis=0)
+    # Bonferroni over the horizons of each kind: compare p * n_horizons with p_raise.
+    best_up = np.minimum(g_up.min(axis=0) * len(up_h), 1.0)
+    best_dn = np.minimum(g_dn.min(axis=0) * len(dn_h), 1.0)
     idle = state.alert == NONE
-    raise_up = np.flatnonzero(idle & eligible & (best_up <= threshold) & (best_up <= best_dn))
-    raise_dn = np.flatnonzero(idle & eligible & (best_dn <= threshold) & (best_dn < best_up))
+    raise_up = np.flatnonzero(idle & eligible & (best_up <= cfg.p_raise) & (best_up <= best_dn))
+    raise_dn = np.flatnonzero(idle & eligible & (best_dn <= cfg.p_raise) & (best_dn < best_up))
     clear_up = np.flatnonzero((state.alert == SURGE) & (p_up.min(axis=0) > cfg.p_clear))
     clear_dn = np.flatnonzero((state.alert == DROP) & (p_dn.min(axis=0) > cfg.p_clear))
     for i in raise_up:

@@ -73,7 +73,9 @@ class Raised:
 # -- the stream --------------------------------------------------------------------------------
 
 
-def load_stream(settings: Settings, start: str | None = None, end: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+def load_stream(
+    settings: Settings, start: str | None = None, end: str | None = None
+) -> tuple[pd.DataFrame, dict[str, str]]:
     """The Online Retail purchases (ts, user_id, item_id, category), sorted by time."""
     from streamrec.datasets import load_dataset
 
@@ -132,9 +134,21 @@ def plan_injections(
                     continue
                 item = str(rng.choice(pool.index.to_numpy()))
             used_items.add(item)
-            cat = str(df.loc[df["item_id"] == item, "category"].iloc[0]) if (df["item_id"] == item).any() else ""
+            cat = (
+                str(df.loc[df["item_id"] == item, "category"].iloc[0])
+                if (df["item_id"] == item).any()
+                else ""
+            )
             plan.append(
-                Injection(kind, float(size), item, cat, t0, (w_end + 1) * window_ms, float(buyers.get(item, 0)) / n_act)
+                Injection(
+                    kind,
+                    float(size),
+                    item,
+                    cat,
+                    t0,
+                    (w_end + 1) * window_ms,
+                    float(buyers.get(item, 0)) / n_act,
+                )
             )
     return plan
 
@@ -174,7 +188,9 @@ def inject(df: pd.DataFrame, injections: list[Injection], window_ms: int, seed: 
 # -- replays -----------------------------------------------------------------------------------
 
 
-def replay_detector(settings: Settings, redis_client: Any, df: pd.DataFrame, batch: int, desc: str) -> tuple[list[Raised], int]:
+def replay_detector(
+    settings: Settings, redis_client: Any, df: pd.DataFrame, batch: int, desc: str
+) -> tuple[list[Raised], int]:
     """Replay ``df`` through a fresh DemandMonitor; (raised alerts, windows closed)."""
     from alerts.monitor import DemandMonitor
     from streamrec.events import Event, EventType
@@ -191,25 +207,42 @@ def replay_detector(settings: Settings, redis_client: Any, df: pd.DataFrame, bat
     try:
         for i in tqdm(range(0, len(df), batch), desc=desc, unit="batch", leave=False):
             evs = [
-                Event(event_id=f"{u}-{it}-{t}", type=EventType.PURCHASE, user_id=str(u), ts=int(t), item_id=str(it))
-                for t, u, it in zip(ts[i : i + batch], users[i : i + batch], items[i : i + batch], strict=True)
+                Event(
+                    event_id=f"{u}-{it}-{t}",
+                    type=EventType.PURCHASE,
+                    user_id=str(u),
+                    ts=int(t),
+                    item_id=str(it),
+                )
+                for t, u, it in zip(
+                    ts[i : i + batch], users[i : i + batch], items[i : i + batch], strict=True
+                )
             ]
             alerts = monitor.process(evs, cats)
             raised += [Raised(a.key, a.level, a.kind, a.window_end) for a in alerts if a.state == "raised"]
-        raised += [Raised(a.key, a.level, a.kind, a.window_end) for a in monitor.flush() if a.state == "raised"]
+        raised += [
+            Raised(a.key, a.level, a.kind, a.window_end) for a in monitor.flush() if a.state == "raised"
+        ]
         return raised, monitor.stats.windows_closed
     finally:
         monitor.reset()
 
 
-def window_counts(df: pd.DataFrame, window_ms: int, weight: float) -> tuple[np.ndarray, list[str], np.ndarray]:
+def window_counts(
+    df: pd.DataFrame, window_ms: int, weight: float
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Per active window and key, weighted distinct buyers (the monitor's demand, in pandas).
 
     Returns (windows (T,), keys (K,), counts (T, K) float32).
     """
     d = df.assign(win=df["ts"] // window_ms)
     it = d.drop_duplicates(["win", "user_id", "item_id"]).groupby(["win", "item_id"]).size()
-    ct = d[d["category"] != ""].drop_duplicates(["win", "user_id", "category"]).groupby(["win", "category"]).size()
+    ct = (
+        d[d["category"] != ""]
+        .drop_duplicates(["win", "user_id", "category"])
+        .groupby(["win", "category"])
+        .size()
+    )
     it.index = it.index.set_levels(["i:" + x for x in it.index.levels[1]], level=1)
     ct.index = ct.index.set_levels(["c:" + x for x in ct.index.levels[1]], level=1)
     both = pd.concat([it, ct]).unstack(fill_value=0).sort_index()
@@ -244,9 +277,23 @@ def replay_baseline(df: pd.DataFrame, settings: Settings, fast_hl: float, ratio:
         clear_up = (state == 1) & (r < ratio / 2)
         clear_dn = (state == -1) & (r > 2 / ratio)
         for i in np.flatnonzero(up):
-            raised.append(Raised(keys[i][2:], "category" if levels[i] else "item", "surge", int(win + 1) * cfg.window_s * 1000))
+            raised.append(
+                Raised(
+                    keys[i][2:],
+                    "category" if levels[i] else "item",
+                    "surge",
+                    int(win + 1) * cfg.window_s * 1000,
+                )
+            )
         for i in np.flatnonzero(dn):
-            raised.append(Raised(keys[i][2:], "category" if levels[i] else "item", "drop", int(win + 1) * cfg.window_s * 1000))
+            raised.append(
+                Raised(
+                    keys[i][2:],
+                    "category" if levels[i] else "item",
+                    "drop",
+                    int(win + 1) * cfg.window_s * 1000,
+                )
+            )
         state[up] = 1
         state[dn] = -1
         state[clear_up | clear_dn] = 0
@@ -271,7 +318,10 @@ def score(
         hits = [
             (j, a)
             for j, a in enumerate(mine)
-            if ((a.level == "item" and a.key == inj.item) or (a.level == "category" and a.key == inj.category and inj.category))
+            if (
+                (a.level == "item" and a.key == inj.item)
+                or (a.level == "category" and a.key == inj.category and inj.category)
+            )
             and inj.start_ms < a.window_end <= inj.end_ms + grace_windows * window_ms
         ]
         if hits:
@@ -362,7 +412,12 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
         rows = result[method]["per_size"]
         labels = [f"{r['kind']} {r['size']:g}" for r in rows]
         axes[0].plot(labels, [r["recall"] or 0 for r in rows], marker=marker, label=method)
-        axes[1].plot(labels, [r["median_delay_windows"] if r["median_delay_windows"] is not None else np.nan for r in rows], marker=marker, label=method)
+        axes[1].plot(
+            labels,
+            [r["median_delay_windows"] if r["median_delay_windows"] is not None else np.nan for r in rows],
+            marker=marker,
+            label=method,
+        )
     axes[0].set_title("recall per injection size")
     axes[0].set_ylim(0, 1.05)
     axes[1].set_title("median detection delay (windows)")
@@ -397,7 +452,9 @@ def run_eval(
         sizes_surge, sizes_drop = [0.5, 1.0, 2.0, 4.0], [0.5, 0.8, 1.0]
         n = n_per_size or 20
     surge_windows, drop_windows = 6, 48
-    plan = plan_injections(df, window_ms, sizes_surge, sizes_drop, n, surge_windows, drop_windows, 6 * WEEK_MS, seed)
+    plan = plan_injections(
+        df, window_ms, sizes_surge, sizes_drop, n, surge_windows, drop_windows, 6 * WEEK_MS, seed
+    )
     redis_client = settings.redis.client()
     days = (int(df["ts"].iloc[-1]) - int(df["ts"].iloc[0])) / DAY_MS
     t0 = time.perf_counter()
@@ -408,7 +465,8 @@ def run_eval(
             "events": len(df),
             "days": days,
             "window_s": cfg.window_s,
-            "horizons": list(cfg.horizons),
+            "surge_horizons": list(cfg.surge_horizons),
+            "drop_horizons": list(cfg.drop_horizons),
             "n_per_size": n,
             "surge_windows": surge_windows,
             "drop_windows": drop_windows,
@@ -431,7 +489,11 @@ def run_eval(
         base = replay_baseline(stream, settings, baseline_fast_hl, baseline_ratio)
         for method, raised in (("detector", det), ("baseline", base)):
             row = score(raised, injs, kind, window_ms, grace_windows)
-            row.update(kind=kind, size=size, median_baseline_rate=float(np.median([i.baseline_rate for i in injs])) if injs else None)
+            row.update(
+                kind=kind,
+                size=size,
+                median_baseline_rate=float(np.median([i.baseline_rate for i in injs])) if injs else None,
+            )
             per[method].append(row)
     for method, clean in (("detector", clean_det), ("baseline", clean_base)):
         result[method] = {**_agg(per[method], len(clean) / max(days, 1e-9)), "per_size": per[method]}
@@ -446,13 +508,17 @@ def run_eval(
 @click.option("--batch", type=int, default=5000, show_default=True, help="Events per monitor batch.")
 @click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the JSON result here.")
-def spikes(quick: bool, n_per_size: int | None, seed: int, batch: int, results_dir: Path, output: Path | None) -> None:
+def spikes(
+    quick: bool, n_per_size: int | None, seed: int, batch: int, results_dir: Path, output: Path | None
+) -> None:
     """Inject known surges and drops into the real Online Retail stream; detector vs trending baseline."""
     settings = get_settings()
     try:
         settings.redis.client().ping()
     except Exception as exc:  # noqa: BLE001 - report any connection failure the same way
-        raise click.ClickException(f"Redis at {settings.redis.url} does not answer ({exc}): run `streamrec up`") from exc
+        raise click.ClickException(
+            f"Redis at {settings.redis.url} does not answer ({exc}): run `streamrec up`"
+        ) from exc
     result = run_eval(settings, quick=quick, n_per_size=n_per_size, seed=seed, batch=batch)
     md, png = write_report(result, results_dir)
     if output:

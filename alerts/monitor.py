@@ -58,7 +58,9 @@ from alerts.detector import (
     DetectorState,
     Transition,
     detect,
+    horizon_max,
     new_state,
+    validate_horizons,
 )
 from alerts.effects import DemandEffectWriter
 from alerts.models import AnomalyAlert
@@ -215,8 +217,7 @@ class DemandMonitor:
         self.cfg = settings.alerts
         if self.cfg.window_s <= 0:
             raise ValueError(f"alerts.window_s must be > 0, got {self.cfg.window_s}")
-        if not self.cfg.horizons or min(self.cfg.horizons) < 1:
-            raise ValueError(f"alerts.horizons must be positive window counts, got {self.cfg.horizons}")
+        validate_horizons(self.cfg)
         self.redis = redis_client
         self.base = f"{{{settings.redis.prefix}:dm}}"
         self.window_ms = int(self.cfg.window_s) * 1000
@@ -274,8 +275,7 @@ class DemandMonitor:
     def state(self) -> DetectorState:
         """The detector state as stored in Redis (a fresh one when none)."""
         raw = self.redis.get(self.base + ":state")
-        horizon_max = max(self.cfg.horizons)
-        return DetectorState.from_bytes(raw, horizon_max) if raw else new_state(self.cfg)
+        return DetectorState.from_bytes(raw, horizon_max(self.cfg)) if raw else new_state(self.cfg)
 
     def open_counts(self) -> dict[int, dict[str, float]]:
         """Weighted demand per key of every open window (window index -> {key: count})."""
