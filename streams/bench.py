@@ -38,24 +38,14 @@ from streamrec.settings import Settings, get_settings
 BENCH_DIM = 384
 
 
-class ArrayItems:
-    """ItemVectors over seeded random unit vectors for a list of item ids."""
+def random_items(ids: Sequence[str], dim: int = BENCH_DIM, seed: int = 0):
+    """A catalog index over seeded random unit vectors (the bench needs no trained model)."""
+    from inference.catalog import CatalogIndex
 
-    def __init__(self, ids: Sequence[str], dim: int = BENCH_DIM, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        m = rng.standard_normal((len(ids), dim), dtype=np.float32)
-        self.matrix = m / np.linalg.norm(m, axis=1, keepdims=True)
-        self.ids = list(ids)
-        self._pos = {x: k for k, x in enumerate(self.ids)}
-        self.dim = dim
-        self.model_version = f"bench-random-{dim}"
-
-    def lookup(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.fromiter((self._pos.get(i, -1) for i in item_ids), np.int64, len(item_ids))
-        found = idx >= 0
-        out = np.zeros((len(item_ids), self.dim), np.float32)
-        out[found] = self.matrix[idx[found]]
-        return out, found
+    m = np.random.default_rng(seed).standard_normal((len(ids), dim), dtype=np.float32)
+    return CatalogIndex.from_arrays(
+        list(ids), m / np.linalg.norm(m, axis=1, keepdims=True), f"bench-random-{dim}"
+    )
 
 
 class _NullDeadLetters:
@@ -171,7 +161,7 @@ async def _consume(s: Settings, n: int, process=None, group: str | None = None) 
     return out
 
 
-def _pipeline(s: Settings, items: ArrayItems, redis):
+def _pipeline(s: Settings, items: Any, redis):
     from profiles.store import ProfileStore
     from streams.pipeline import EventPipeline
     from streams.validation import Validator
@@ -197,7 +187,7 @@ def _delete_topics(s: Settings) -> None:
             pass
 
 
-async def _run_workload(base: Settings, tag: str, values: list[bytes], items: ArrayItems, reps: int) -> dict:
+async def _run_workload(base: Settings, tag: str, values: list[bytes], items: Any, reps: int) -> dict:
     from streamrec.stack import ensure_topics
     from streams.validation import RawRecord
 
@@ -283,7 +273,7 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
     n_syn = synthetic_events or (20_000 if quick else 1_000_000)
     n_ret = retail_events or (20_000 if quick else None)
     ds = load_dataset("online-retail", s.data_dir)
-    items = ArrayItems(ds.item_ids)
+    items = random_items(ds.item_ids)
     retail = [encode(e) for e in dataset_events(ds, "all", settings=s, limit=n_ret)]
     synthetic = synthetic_retail(ds, n_syn)
     result: dict[str, Any] = {
