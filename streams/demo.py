@@ -66,7 +66,10 @@ def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
                     "--no-test-eval"]  # fmt: skip
         else:  # a few CPU minutes, early stopping on valid NDCG@10
             args = ["--max-steps", "300", "--batch-size", "64", "--eval-every", "100", "--eval-users", "500"]
-        _run([*exe, "train", "--dataset", "online-retail", "--out", str(ckpt), *args], "fine-tuning the encoder")
+        _run(
+            [*exe, "train", "--dataset", "online-retail", "--out", str(ckpt), *args],
+            "fine-tuning the encoder",
+        )
         _run([*exe, "export", "--checkpoint", str(ckpt / "best"), "--out", str(model), "--variants", "fp32,int8"],
              "exporting to ONNX")  # fmt: skip
     _run([*exe, "index", "--dataset", "online-retail", "--model-dir", str(model)], "embedding the catalog")

@@ -198,7 +198,11 @@ class RecommendationPusher:
             lists = await loop.run_in_executor(
                 None,
                 functools.partial(
-                    self.service.recommend_many, users, self.settings.scoring.top_k, category_hints=hints, ref_ms=refs
+                    self.service.recommend_many,
+                    users,
+                    self.settings.scoring.top_k,
+                    category_hints=hints,
+                    ref_ms=refs,
                 ),
             )
             version = self.service.model_version

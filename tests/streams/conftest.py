@@ -76,7 +76,16 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.runs += 1
         self.log = self.log_dir / f"worker-{self.runs}.log"
-        cmd = [sys.executable, "-m", "streamrec.cli", "worker", "--items", self.items, "--encoder", self.encoder]
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamrec.cli",
+            "worker",
+            "--items",
+            self.items,
+            "--encoder",
+            self.encoder,
+        ]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,
