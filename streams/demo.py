@@ -65,7 +65,7 @@ def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
             args = ["--max-steps", "8", "--batch-size", "16", "--max-users", "200", "--eval-users", "100",
                     "--no-test-eval"]  # fmt: skip
         else:  # a few CPU minutes, early stopping on valid NDCG@10
-            args = ["--max-steps", "300", "--batch-size", "64", "--eval-every", "100", "--eval-users", "500"]
+            args = ["--max-steps", "150", "--batch-size", "64", "--eval-every", "75", "--eval-users", "300"]
         _run(
             [*exe, "train", "--dataset", "online-retail", "--out", str(ckpt), *args],
             "fine-tuning the encoder",
