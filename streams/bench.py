@@ -402,10 +402,10 @@ def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: 
     import socket
     import subprocess
     import sys
-    import urllib.request
 
     from inference.catalog import CatalogIndex
     from streamrec.stack import ensure_topics
+    from streams.demo import wait_until_ready
     from streams.producer import EventProducer
 
     s = _bench_settings(base, f"e2e-{tag}")
@@ -428,19 +428,7 @@ def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: 
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # fmt: skip
     reader = None
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise click.ClickException(f"the worker exited ({proc.returncode}); see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"the worker was not ready within 240 s; see {log}")
-            time.sleep(0.5)
+        wait_until_ready(proc, f"http://127.0.0.1:{s.web_port}", log)
         items = CatalogIndex.load(model_dir / "catalog").ids
         reader = _ResultsReader(s)
         producer = EventProducer(s)

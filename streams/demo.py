@@ -143,6 +143,17 @@ def _get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
+def wait_until_ready(worker: subprocess.Popen, web: str, log: Path, timeout: float = 240.0) -> None:
+    """Wait for a worker subprocess's ``/readyz``; a clear error if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while _get(f"{web}/readyz")[0] != 200:
+        if worker.poll() is not None:
+            raise click.ClickException(f"the worker exited ({worker.returncode}); see {log}")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the worker was not ready within {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
 @click.command()
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Events per second into Kafka.")
 @click.option("--duration", type=float, default=90.0, show_default=True, help="Seconds of live replay.")
@@ -177,13 +188,7 @@ def demo(
     view = None
     summary: dict = {}
     try:
-        deadline = time.monotonic() + 240
-        while _get(f"{web}/readyz")[0] != 200:
-            if worker.poll() is not None:
-                raise click.ClickException(f"the worker exited ({worker.returncode}); see {log_path}")
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"the worker was not ready within 240 s; see {log_path}")
-            time.sleep(0.5)
+        wait_until_ready(worker, web, log_path)
         click.secho(f"==> worker ready: {web}/readyz, metrics at {metrics_url}", fg="green")
         view = LiveView(s).start()
 

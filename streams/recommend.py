@@ -240,22 +240,16 @@ def recommendation_hooks(ctx: Any) -> list[Any]:
     ``ctx.extras["recommendations"]`` for the pull endpoint. Needs a catalog index
     (``inference.catalog.CatalogIndex``): plain ItemVectors (test plug-ins) get no push.
     """
-    from confluent_kafka import Producer
-
+    from alerts.effects import RedisDemandAdjustments
     from inference.popularity import RedisPopularity
+    from streams.producer import EventProducer
 
     s: Settings = ctx.settings
     items = ctx.items
     if not hasattr(items, "topk"):
         log.warning("item vectors %s have no top-k index: recommendations disabled", type(items).__name__)
         return []
-    adjustments = None
-    try:
-        from alerts.effects import RedisDemandAdjustments
-
-        adjustments = RedisDemandAdjustments(s, ctx.redis)
-    except ImportError:  # pragma: no cover - alerts is part of the package
-        log.warning("alerts package unavailable: no demand-spike adjustments")
+    adjustments = RedisDemandAdjustments(s, ctx.redis)
     popularity = RedisPopularity(s, ctx.redis)
     scorer = Scorer(items, s.scoring, s.profile, adjustments=adjustments, popularity=popularity)
     batcher = None
@@ -264,19 +258,10 @@ def recommendation_hooks(ctx: Any) -> list[Any]:
 
         batcher = MicroBatcher(ctx.encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)
     service = RecommendationService(s, ctx.store, scorer, query_encoder=batcher)
-    producer = Producer({**s.kafka.librdkafka_config(), "linger.ms": 5, "acks": "all",
-                         "enable.idempotence": True})  # fmt: skip
-    topic = s.topics.results
-
-    def publish(key: str, value: bytes) -> None:
-        while True:
-            try:
-                producer.produce(topic, key=key.encode(), value=value)
-                return
-            except BufferError:  # local queue full: let it drain
-                producer.poll(0.05)
-
-    pusher = RecommendationPusher(s, service, publish, flush=lambda: producer.poll(0))
+    producer = EventProducer(s, topic=s.topics.results, **{"linger.ms": 5})
+    pusher = RecommendationPusher(
+        s, service, lambda key, value: producer.send_raw(value, key.encode()), flush=producer.poll
+    )
     categories = dict(zip(items.ids, items.categories, strict=True))
     ctx.extras.update(recommendations=service, pusher=pusher, results_producer=producer, batcher=batcher)
     return [PopularityRecorder(popularity, categories), pusher]
