@@ -58,6 +58,20 @@ def _logging() -> None:
 @click.option("--context-items", type=int, default=None, help="Items in a context (most recent first).")
 @click.option("--context-item-words", type=int, default=None, help="Words kept of each context item.")
 @click.option("--queries/--no-queries", default=None, help="Also train on (query -> clicked item) pairs.")
+@click.option(
+    "--logq/--no-logq", default=None, help="logQ correction of the in-batch softmax (default: settings)."
+)
+@click.option(
+    "--basket/--no-basket",
+    default=None,
+    help="Contexts from earlier baskets (orders) only (default: settings).",
+)
+@click.option(
+    "--freeze-layers",
+    type=int,
+    default=None,
+    help="Freeze the embeddings and the lowest N layers (faster on CPU).",
+)
 @click.option("--max-users", type=int, default=0, help="Train on a seeded sample of users (0 = all).")
 @click.option("--max-pairs", type=int, default=0, help="At most this many training pairs (0 = all).")
 @click.option(
@@ -76,7 +90,8 @@ def _logging() -> None:
 def train(dataset: str, out: Path | None, base_model: str | None, max_len: int | None, epochs: int | None,
           max_steps: int, batch_size: int | None, lr: float | None, warmup_ratio: float | None,
           alpha: float | None, fixed_alpha: bool | None, context_items: int | None,
-          context_item_words: int | None, queries: bool | None, max_users: int, max_pairs: int,
+          context_item_words: int | None, queries: bool | None, logq: bool | None, basket: bool | None,
+          freeze_layers: int | None, max_users: int, max_pairs: int,
           eval_users: int, eval_every: int, patience: int, no_test_eval: bool, device: str,
           seed: int | None, threads: int) -> None:  # fmt: skip
     """Fine-tune the encoder (InfoNCE, early stopping on valid NDCG@10)."""
@@ -106,6 +121,9 @@ def train(dataset: str, out: Path | None, base_model: str | None, max_len: int |
         alpha=pick(alpha, e.train_alpha),
         fixed_alpha=pick(fixed_alpha, e.train_fixed_alpha),
         seed=pick(seed, e.train_seed),
+        logq=pick(logq, e.train_logq),
+        basket=pick(basket, e.train_basket),
+        freeze_layers=pick(freeze_layers, e.train_freeze_layers),
         max_users=max_users,
         max_pairs=max_pairs,
         eval_users=eval_users,

@@ -4,6 +4,10 @@
   of the user's last ``n`` items before t, most recent first, each cut to ``item_words`` words
   and joined with " ; " (the tokenizer then truncates to max_len tokens, dropping the oldest);
   the target is the item at t.
+  With ``basket=True`` items sharing a timestamp form one basket (an order): the context of
+  every item of a basket is the user's items of *earlier* baskets only, which is what a
+  recommender knows before the order starts (and what the evaluation asks). On data without
+  shared timestamps (leave-one-out sequences) the two modes give the same pairs.
 * (query -> clicked item): an interaction row with both a query and an item, or a search row
   (query, no item) followed by the user's next item interaction.
 
@@ -81,12 +85,14 @@ def training_pairs(
     max_pairs_per_user: int = 0,
     max_pairs: int = 0,
     seed: int = 0,
+    basket: bool = False,
 ) -> Pairs:
     """(context -> next item) pairs from each user's sequence in ``splits`` (plus query pairs).
 
     ``skip_repeats``: no pair whose target the user already had (the evaluation excludes history,
-    so learning repeats would not help). ``max_pairs_per_user``: keep a user's most recent pairs;
-    ``max_pairs``: a seeded random sample overall (0 = all).
+    so learning repeats would not help). ``basket``: contexts hold earlier baskets only (see the
+    module doc). ``max_pairs_per_user``: keep a user's most recent pairs; ``max_pairs``: a seeded
+    random sample overall (0 = all).
     """
     text = ds.item_text()
     inter = ds.interactions[ds.interactions["split"].isin(list(splits))]
@@ -94,15 +100,31 @@ def training_pairs(
     rng = np.random.default_rng(seed)
     items = inter[inter["item_id"].ne("") & inter["item_id"].isin(text.keys())]
     for user, g in items.groupby("user_id", sort=False):
-        seq = _dedupe_consecutive(g["item_id"].tolist())
-        seen: set[str] = {seq[0]}
+        ids = g["item_id"].tolist()
+        if basket:  # basket number of each row: a new basket starts where the timestamp changes
+            ts = g["ts"].to_numpy()
+            bask = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])
+        else:
+            ids = _dedupe_consecutive(ids)
+            bask = np.arange(len(ids))
+        seq: list[str] = []  # the user's history so far, consecutive repeats collapsed
+        seen: set[str] = set()
         user_pairs: list[tuple[str, str]] = []
-        for t in range(1, len(seq)):
-            target = seq[t]
-            if not (skip_repeats and target in seen):
-                hist = [text[i] for i in seq[max(0, t - context_items) : t]]
-                user_pairs.append((context_text(hist, context_items, item_words), target))
-            seen.add(target)
+        start = 0
+        while start < len(ids):
+            end = start + 1
+            while end < len(ids) and bask[end] == bask[start]:
+                end += 1
+            if seq:
+                ctx = context_text([text[i] for i in seq[-context_items:]], context_items, item_words)
+                for target in dict.fromkeys(ids[start:end]):
+                    if not (skip_repeats and target in seen):
+                        user_pairs.append((ctx, target))
+            for i in ids[start:end]:
+                if not seq or seq[-1] != i:
+                    seq.append(i)
+                seen.add(i)
+            start = end
         if max_pairs_per_user > 0:
             user_pairs = user_pairs[-max_pairs_per_user:]
         for c, tgt in user_pairs:

@@ -57,6 +57,9 @@ class TrainConfig:
     alpha: float = 20.0
     fixed_alpha: bool = False
     grad_clip: float = 1.0
+    logq: bool = True  # subtract log(target frequency) from the training logits (see loss())
+    basket: bool = True  # contexts from earlier baskets only (inference.pairs)
+    freeze_layers: int = 0  # freeze the embeddings and the lowest N Transformer layers
     seed: int = 0
     max_users: int = 0  # train on a seeded sample of users (0 = all)
     max_pairs: int = 0  # at most this many training pairs (seeded sample, 0 = all)
@@ -93,9 +96,12 @@ class Trainer:
             raise RuntimeError("--device cuda requested but torch sees no CUDA device; use --device cpu")
         self.model, self.tok = load_embedder(self.base)
         self.model.to(self.device)
+        if cfg.freeze_layers:
+            _freeze(self.model.encoder, cfg.freeze_layers)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha), device=self.device),
                                       requires_grad=not cfg.fixed_alpha)  # fmt: skip
         self.item_text = full.item_text()
+        self.log_q: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
     # -- data ----------------------------------------------------------------------------
@@ -103,7 +109,7 @@ class Trainer:
         c = self.cfg
         return training_pairs(
             self.ds, ("train",), c.context_items, c.context_item_words, c.queries,
-            max_pairs_per_user=c.max_pairs_per_user, max_pairs=c.max_pairs, seed=c.seed,
+            max_pairs_per_user=c.max_pairs_per_user, max_pairs=c.max_pairs, seed=c.seed, basket=c.basket,
         )  # fmt: skip
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -114,15 +120,36 @@ class Trainer:
         }
 
     # -- loss ----------------------------------------------------------------------------
-    def loss(self, contexts: list[str], targets: list[str]) -> torch.Tensor:
-        """InfoNCE over the batch's distinct targets (a repeated target is not its own negative)."""
+    def loss(self, contexts: list[str], targets: list[str], users: list[str] | None = None) -> torch.Tensor:
+        """InfoNCE over the batch's distinct targets.
+
+        A repeated target is one column, not its own negative. With logQ correction the logits
+        are α·pᵀh - log q(item), q the item's share of training targets, so that the in-batch
+        softmax estimates the full softmax instead of demoting popular items. Another row's
+        target of the *same user* is masked out of a row's negatives (it is a true positive
+        of that user, e.g. another item of the same order).
+        """
         uniq = list(dict.fromkeys(targets))
         col = {t: k for k, t in enumerate(uniq)}
         labels = torch.tensor([col[t] for t in targets], device=self.device)
         p = self.model(**self._tokens(contexts))
         h = self.model(**self._tokens([self.item_text[t] for t in uniq]))
         logits = self.log_alpha.exp() * p @ h.T
-        return nn.functional.cross_entropy(logits, labels)
+        if self.cfg.logq and self.log_q:
+            logits = logits - torch.tensor([self.log_q[t] for t in uniq], device=self.device)
+        if users is not None:
+            same = np.zeros((len(targets), len(uniq)), bool)
+            by_user: dict[str, list[int]] = {}
+            for r, u in enumerate(users):
+                by_user.setdefault(u, []).append(r)
+            for rows in by_user.values():
+                if len(rows) > 1:
+                    cols = [col[targets[r]] for r in rows]
+                    same[np.ix_(rows, cols)] = True
+            same[np.arange(len(targets)), labels.cpu().numpy()] = False
+            if same.any():
+                logits = logits.masked_fill(torch.from_numpy(same).to(self.device), float("-inf"))
+        return nn.functional.cross_entropy(logits.float(), labels)
 
     # -- evaluation ----------------------------------------------------------------------
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -154,7 +181,7 @@ class Trainer:
             "base_model": self.cfg.base_model or "sentence-transformers/all-MiniLM-L6-v2",
             "base_model_path": self.base,
             "max_len": self.cfg.max_len,
-            "alpha": float(self.log_alpha.exp()),
+            "alpha": float(self.log_alpha.detach().exp()),
             "step": step,
             "dataset": self.ds.name,
             "metrics": metrics,
@@ -174,6 +201,10 @@ class Trainer:
         pairs = self.pairs()
         if len(pairs) < 2:
             raise RuntimeError(f"only {len(pairs)} training pairs in {self.ds.name}: nothing to learn")
+        counts: dict[str, int] = {}
+        for t in pairs.targets:
+            counts[t] = counts.get(t, 0) + 1
+        self.log_q = {t: math.log(n / len(pairs)) for t, n in counts.items()}
         steps_per_epoch = max(1, len(pairs) // c.batch_size)
         total = c.max_steps if c.max_steps else c.epochs * steps_per_epoch
         log.info("training on %d pairs (%s), %d steps of %d", len(pairs), self.ds.name, total, c.batch_size)
@@ -212,7 +243,8 @@ class Trainer:
                 idx = order[s : s + c.batch_size]
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                     enabled=self.device.type == "cuda"):  # fmt: skip
-                    loss = self.loss([pairs.texts[i] for i in idx], [pairs.targets[i] for i in idx])
+                    loss = self.loss([pairs.texts[i] for i in idx], [pairs.targets[i] for i in idx],
+                                     [pairs.users[i] for i in idx])  # fmt: skip
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -224,13 +256,13 @@ class Trainer:
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{np.mean(losses[-20:]):.3f}", alpha=f"{float(self.log_alpha.exp()):.1f}"
+                    loss=f"{np.mean(losses[-20:]):.3f}", alpha=f"{float(self.log_alpha.detach().exp()):.1f}"
                 )
                 end_of_epoch = s + 2 * c.batch_size > len(order)
                 if step >= total or end_of_epoch or (c.eval_every and step % c.eval_every == 0):
                     m = self.evaluate("valid")
                     rec = {"step": step, "epoch": epoch, "train_loss": float(np.mean(losses[-50:])),
-                           "alpha": float(self.log_alpha.exp()), "valid": m, "elapsed_s": time.time() - t0}  # fmt: skip
+                           "alpha": float(self.log_alpha.detach().exp()), "valid": m, "elapsed_s": time.time() - t0}  # fmt: skip
                     self._record(rec)
                     tqdm.write(f"step {step} epoch {epoch}: valid {_fmt(m)}")
                     if m["ndcg@10"] > best:
@@ -258,6 +290,22 @@ class Trainer:
             state_path.write_text(json.dumps(state, indent=2))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _freeze(encoder: nn.Module, n_layers: int) -> None:
+    """Freeze the embeddings and the lowest ``n_layers`` layers of a BERT-like encoder."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    emb = getattr(encoder, "embeddings", None)
+    if layers is None or emb is None:
+        raise ValueError(
+            f"--freeze-layers needs a BERT-like encoder (embeddings + encoder.layer); "
+            f"{type(encoder).__name__} is not one: use --freeze-layers 0"
+        )
+    if n_layers > len(layers):
+        raise ValueError(f"--freeze-layers {n_layers}: the encoder has only {len(layers)} layers")
+    for module in [emb, *list(layers)[:n_layers]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def _fmt(m: dict[str, float]) -> str:

@@ -299,6 +299,15 @@ class EncoderSettings(BaseModel):
     train_alpha: float = 20.0
     train_fixed_alpha: bool = False
     train_seed: int = 0
+    # logQ correction: in-batch negatives are drawn in proportion to item popularity q, so the
+    # plain in-batch softmax learns log p(i|context) - log q(i) and under-ranks popular items;
+    # subtracting log q from the training logits removes that bias (Yi et al., RecSys 2019).
+    train_logq: bool = True
+    # Items sharing a timestamp form one basket (an order); their context is the earlier baskets
+    # only, as at serving time. No effect on data without shared timestamps.
+    train_basket: bool = True
+    # Freeze the embeddings and the lowest N Transformer layers (faster steps on a CPU).
+    train_freeze_layers: int = 0
 
 
 class AlertSettings(BaseModel):

@@ -52,6 +52,27 @@ def test_training_pairs_from_sequences_and_queries() -> None:
     assert with_repeats.targets == ["i1", "i0", "i2"]
 
 
+def test_basket_pairs_take_context_from_earlier_baskets_only() -> None:
+    # two orders (ts 1 and 2) of two items each, then a third order repeating i0
+    rows = [("u", "i0", 1, "train"), ("u", "i1", 1, "train"), ("u", "i2", 2, "train"), ("u", "i3", 2, "train"),
+            ("u", "i0", 3, "train"), ("u", "i4", 3, "train")]  # fmt: skip
+    ds = _ds(rows)
+    p = training_pairs(ds, ("train",), context_items=3, item_words=5, basket=True)
+    assert list(zip(p.texts, p.targets, strict=True)) == [
+        ("text 1 ; text 0", "i2"),
+        ("text 1 ; text 0", "i3"),  # both items of order 2 see order 1 only
+        ("text 3 ; text 2 ; text 1", "i4"),  # i0 is a repeat: no pair
+    ]
+    # sequence mode: each item is the next of the one before it, within an order too
+    seq = training_pairs(ds, ("train",), context_items=1, item_words=5)
+    assert list(zip(seq.texts, seq.targets, strict=True)) == [
+        ("text 0", "i1"),
+        ("text 1", "i2"),
+        ("text 2", "i3"),
+        ("text 0", "i4"),
+    ]
+
+
 def test_eval_cases_history_and_first_new_item() -> None:
     rows = [("u", "i0", 1, "train"), ("u", "i1", 2, "valid"), ("u", "i0", 3, "test"), ("u", "i5", 4, "test"),
             ("w", "i2", 1, "test"), ("x", "i3", 1, "train"), ("x", "i3", 2, "test")]  # fmt: skip
