@@ -15,6 +15,9 @@ catalog's exact top-k (one matrix product for the whole batch of users) or its A
 purchased items (configurable), unavailable items and recently recommended items are
 filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
 
+- ``buy_again``: an item the user bought before, when purchases are not filtered
+  (``exclude_purchased = false``): the r-th most recent purchase, bought n times, gets
+  ``repeat_weight · repeat_decay^r · (1 + ln n)`` added to its cosine h_iᵀp, so staples come back;
 - ``matches_query``: the fresh search query contributes most to its score;
 - ``trending_in:<category>`` / ``trending``: a demand surge boosted it;
 - ``similar_to:<item_id>``: the recent item of the user it is most similar to;
@@ -204,12 +207,49 @@ class Scorer:
             sim = cand_sim[j][ok].astype(np.float32)
             fac = factors[j][ok]
             rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
-            logits = alpha * sim + np.log(np.maximum(fac, 1e-6))
+            bonus = np.zeros(idx.size, np.float32)
+            bought, b_bonus = self._repeat_bonus(req, excl[j])
+            if bought.size:
+                # Bought items join the candidates even when their similarity is low; their demand
+                # factor is 1 (they were not in the batch's factor lookup).
+                extra = bought[~np.isin(bought, idx)]
+                idx = np.concatenate([idx, extra])
+                sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
+                fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
+                rsn += [None] * extra.size
+                bonus = np.zeros(idx.size, np.float32)
+                where = {int(i): t for t, i in enumerate(idx)}
+                bonus[[where[int(i)] for i in bought]] = b_bonus
+            logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))
             probs = _softmax(logits)
             order = self._mmr(idx, logits / alpha, req.k)
             out[r] = self._explain(
-                req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r]
+                req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
             )
+
+    def _repeat_bonus(self, req: Request, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Catalog rows of the user's purchases and their buy-again bonus (cosine units):
+        ``repeat_weight · repeat_decay^r · (1 + ln n)`` for the r-th most recent purchase, bought
+        n times. Empty when purchases are filtered (``exclude_purchased``) or the weight is 0."""
+        cfg = self.cfg
+        p = req.profile
+        none = np.empty(0, np.int64), np.empty(0, np.float32)
+        if cfg.exclude_purchased or cfg.repeat_weight <= 0 or p is None:
+            return none
+        bought = list(getattr(p, "purchased_items", None) or [])[: cfg.repeat_items]
+        if not bought:
+            return none
+        idx = self.catalog.index_of(bought)
+        counts = getattr(p, "purchase_counts", None) or {}
+        n = np.array([max(1, counts.get(i, 1)) for i in bought], np.float32)
+        bonus = (
+            cfg.repeat_weight * cfg.repeat_decay ** np.arange(len(bought), dtype=np.float32) * (1 + np.log(n))
+        )
+        keep = (idx >= 0) & ~np.isin(idx, excluded)
+        idx, bonus = idx[keep], bonus[keep].astype(np.float32)
+        _, first = np.unique(idx, return_index=True)  # a repeated id keeps its most recent rank
+        first.sort()
+        return idx[first], bonus[first]
 
     def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
         """Maximal marginal relevance over the candidates; returns positions into ``idx``."""
@@ -241,6 +281,7 @@ class Scorer:
         trend_reasons: list[str | None],
         factors: np.ndarray,
         q_share: float,
+        repeat_bonus: np.ndarray | None = None,
     ) -> list[ScoredItem]:
         cat = self.catalog
         H = cat.matrix[idx]
@@ -261,6 +302,8 @@ class Scorer:
         for t, i in enumerate(idx):
             if trend_reasons[t] and factors[t] > 1.0:
                 reason = trend_reasons[t]
+            elif repeat_bonus is not None and repeat_bonus[t] > 0:
+                reason = "buy_again"
             elif q_sim is not None and (r_sim is None or q_share >= 0.5 or q_sim[t] >= r_sim[t].max()):
                 reason = "matches_query"
             elif r_sim is not None:

@@ -11,7 +11,8 @@ A user's profile holds
   inactivity or when the event's ``session_id`` differs from the previous event's (both set);
 * a **query-intent vector**: the encoded query of the user's latest search (by event time);
 * counts by event type, the last event time and id, and bounded lists of recent items
-  (most recent first, unique) and purchased items (for filtering).
+  (most recent first, unique) and purchased items with their purchase counts (for filtering
+  or the buy-again bonus).
 
 Ordering rules (what keeps a profile a function of the events, whatever the batching):
 
@@ -58,6 +59,7 @@ class Profile:
     n_events: dict[str, int] = field(default_factory=dict)
     recent_items: list[str] = field(default_factory=list)  # most recent first
     purchased_items: list[str] = field(default_factory=list)  # most recent first
+    purchase_counts: dict[str, int] = field(default_factory=dict)  # purchase events per purchased item
     last_event_id: str | None = None
     session_id: str | None = None
     # State behind the vectors (needed to add events to them).
@@ -239,6 +241,7 @@ def apply(
             n_events=n_events,
             recent_items=p.recent_items,
             purchased_items=p.purchased_items,
+            purchase_counts=p.purchase_counts,
             last_event_id=p.last_event_id,
             session_id=p.session_id,
             long_term_weight=p.long_term_weight,
@@ -276,6 +279,11 @@ def apply(
         ]
         if bought:
             q.purchased_items = _front_unique(bought, p.purchased_items, cfg.purchased_items)
+            bought_n = dict(p.purchase_counts)
+            for item in bought:
+                bought_n[item] = bought_n.get(item, 0) + 1
+            # Counts are kept for the items still in the (capped) purchased list only.
+            q.purchase_counts = {i: bought_n[i] for i in q.purchased_items if i in bought_n}
         j = int(last_search[k])
         if j >= 0 and (p.query_ts is None or ts[j] >= p.query_ts):
             src = int(order[j])

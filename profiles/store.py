@@ -186,6 +186,7 @@ class ProfileStore:
             n_events=orjson.loads(g(b"n")) if g(b"n") else {},
             recent_items=orjson.loads(g(b"ri")) if g(b"ri") else [],
             purchased_items=orjson.loads(g(b"pi")) if g(b"pi") else [],
+            purchase_counts=orjson.loads(g(b"pc")) if g(b"pc") else {},
             last_event_id=_s(g(b"leid")),
             session_id=_s(g(b"sid")),
             long_term_weight=float(g(b"ltw") or 0.0),
@@ -211,7 +212,8 @@ class ProfileStore:
             "q", vec(p.query), "qt", p.query_text or "", "qts", "" if p.query_ts is None else str(p.query_ts),
             "last", "" if p.last_ts is None else str(p.last_ts), "leid", p.last_event_id or "",
             "n", orjson.dumps(p.n_events), "ri", orjson.dumps(p.recent_items),
-            "pi", orjson.dumps(p.purchased_items), "mv", p.model_version or "",
+            "pi", orjson.dumps(p.purchased_items), "pc", orjson.dumps(p.purchase_counts),
+            "mv", p.model_version or "",
         ]  # fmt: skip
         for tp, off in p.offsets.items():
             out += [f"o:{tp}", str(off)]

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from streamrec.datasets import Dataset, load_dataset
+from streamrec.datasets import SPLITS, Dataset, load_dataset
 from streamrec.events import Event
 from streamrec.settings import Settings, get_settings
 
@@ -127,11 +127,14 @@ def run_replay(
     max_test_days: int | None = None,
     warmup_days: int | None = None,
     progress: bool = True,
+    split: str = "test",
 ) -> dict[str, MethodScores]:
-    """Warm up every method on train+valid, then test-then-learn over the test period."""
+    """Warm up every method on the splits before ``split`` (train+valid for test), then
+    test-then-learn over ``split`` (``valid``: for tuning settings without touching test)."""
     inter = ds.interactions
-    warm = inter[inter["split"] != "test"]
-    test = inter[inter["split"] == "test"]
+    before = list(SPLITS[: SPLITS.index(split)])
+    warm = inter[inter["split"].isin(before)]
+    test = inter[inter["split"] == split]
     if warmup_days:
         start = warm["ts"].max() - warmup_days * 86_400_000
         warm = warm[warm["ts"] >= start]
@@ -251,7 +254,9 @@ def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: lis
 )
 @click.option("--quick", is_flag=True, help="3 test days and 30 warm-up days (CI smoke run).")
 @click.option("--days", type=int, default=None, help="Limit the test period to this many days.")
-def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days) -> None:
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="valid to tune settings (warm-up on train), test for the report.")  # fmt: skip
+def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days, split) -> None:
     """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
     from streams.baselines import BASELINES
 
@@ -276,7 +281,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days)
     t0 = time.time()
     try:
         scores = run_replay(
-            ds, methods, s, max_test_days=3 if quick else days, warmup_days=30 if quick else None
+            ds, methods, s, max_test_days=3 if quick else days, warmup_days=30 if quick else None, split=split
         )
     finally:
         for m in methods.values():
@@ -284,7 +289,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days)
                 m.cleanup()
     overall, per_day = summarise(scores, len(ds.items))
     notes = [
-        f"dataset {ds.name}: {len(ds.items)} items; test events evaluated: {overall['streamrec']['events']}",
+        f"dataset {ds.name}: {len(ds.items)} items; {split} events evaluated: {overall['streamrec']['events']}",
         "test-then-learn per basket; lists of 20; repeat purchases allowed for every method",
         f"model: {methods['streamrec'].catalog.model_version}; pretrained: "
         f"{methods['streamrec_pretrained'].catalog.model_version}",

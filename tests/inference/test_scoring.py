@@ -76,6 +76,24 @@ def test_purchased_and_unavailable_items_are_excluded(catalog):
     assert {"mug-1", "mug-2"} <= {r.item_id for r in again}
 
 
+def test_buy_again_brings_back_purchases_from_another_category(catalog):
+    # The user browses mugs but bought lanterns and a bag: far from p, still re-ordered staples.
+    prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"], purchased=["lantern-7", "bag-3", "lantern-2"])
+    req = [Request("u1", prof, k=10)]
+    [plain] = _scorer(catalog, exclude_purchased=False, repeat_weight=0.0).recommend(req, now_ms=prof.last_ts)
+    assert not {"lantern-7", "bag-3", "lantern-2"} & {r.item_id for r in plain}
+    [recs] = _scorer(catalog, exclude_purchased=False, repeat_weight=2.0, repeat_decay=0.5).recommend(
+        req, now_ms=prof.last_ts
+    )
+    ids = [r.item_id for r in recs]
+    assert {"lantern-7", "bag-3"} <= set(ids)
+    assert ids.index("lantern-7") < ids.index("bag-3")  # the most recent purchase first (same similarity)
+    assert {r.reason for r in recs if r.item_id in {"lantern-7", "bag-3"}} == {"buy_again"}
+    # The filter wins over the bonus: no purchase comes back when purchases are excluded.
+    [excl] = _scorer(catalog, exclude_purchased=True, repeat_weight=1.0).recommend(req, now_ms=prof.last_ts)
+    assert not {"lantern-7", "bag-3", "lantern-2"} & {r.item_id for r in excl}
+
+
 def test_a_fresh_search_query_moves_results_toward_matching_items(catalog):
     prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
     qv, _ = catalog.lookup(["lantern-0", "lantern-1"])

@@ -86,6 +86,7 @@ class RefProfile:
     counts: dict[str, int] = field(default_factory=dict)
     recent: list[str] = field(default_factory=list)
     purchased: list[str] = field(default_factory=list)
+    bought: dict[str, int] = field(default_factory=dict)
     query: np.ndarray | None = None
     query_text: str | None = None
     query_ts: int | None = None
@@ -160,6 +161,8 @@ def reference_profiles(
         p.counts[t] = p.counts.get(t, 0) + 1
         if t == "purchase":
             p.purchased = _front(p.purchased, e.item_id, cfg.purchased_items)
+            p.bought[e.item_id] = p.bought.get(e.item_id, 0) + 1
+            p.bought = {i: p.bought[i] for i in p.purchased}
         if t == "search" and (p.query_ts is None or e.ts >= p.query_ts):
             p.query_text, p.query_ts = e.query, e.ts
             p.query = encoder.encode([e.query])[0] if encoder is not None else None
@@ -185,6 +188,7 @@ def assert_profile_matches(got, ref: RefProfile, rtol: float = 2e-4, atol: float
     assert got.session_id == ref.sid
     assert got.recent_items == ref.recent, f"user {uid}: recent items"
     assert got.purchased_items == ref.purchased, f"user {uid}: purchased items"
+    assert got.purchase_counts == ref.bought, f"user {uid}: purchase counts"
     assert got.long_term_weight == pytest_approx(ref.lt_w)
 
 
