@@ -92,6 +92,28 @@ def test_prequential_replay_on_a_generic_dataset(tmp_path):
     assert set(per_day["day"]) == {"2011-03-15", "2011-03-16"}
 
 
+def test_replay_on_the_valid_split_warms_up_on_train_only(tmp_path):
+    pd.DataFrame({"item_id": ITEMS, "text": [f"item {i}" for i in ITEMS]}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    rows = [
+        ("u1", "b", T0, "train"), ("u2", "b", T0 + 1000, "train"),
+        ("u3", "c", T0 + DAY, "valid"),  # evaluated; b is the most popular item before it
+        ("u1", "c", T0 + 2 * DAY, "test"), ("u2", "c", T0 + 2 * DAY + 1, "test"),  # not in the warm-up
+        ("u4", "c", T0 + 2 * DAY + 2, "test"),
+    ]  # fmt: skip
+    pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "split"]).assign(type="purchase").to_csv(
+        tmp_path / "interactions.csv", index=False
+    )
+    ds = load_generic(tmp_path)
+    scores = run_replay(
+        ds, {"most_popular": MostPopular(ds.item_ids)}, Settings(), progress=False, split="valid"
+    )
+    # one valid event, c, never bought in train: below b (bought twice); had the 3 test purchases
+    # of c leaked into the warm-up, c would rank first
+    assert len(scores["most_popular"].ranks) == 1 and scores["most_popular"].ranks[0] > 1
+
+
 @pytest.mark.timeout(300)
 def test_eval_replay_quick_cli(retail_model_dir, tmp_path, stack):
     out = tmp_path / "replay.json"
