@@ -7,10 +7,11 @@ For each user, the context vector is a blend of the profile vectors,
 (the query term only while the search is fresh, so the query dominates right after a
 search), and every catalog item i gets
 
-    u_i = softmax_i(α · h_iᵀp + log f_i)
+    u_i = softmax_i(α · (h_iᵀp + b_i) + log f_i)
 
 where f_i is the demand-spike factor of the item or its category (>1 boost, <1 damping,
-1 without an anomaly): multiplying u_i by f_i and renormalising. Candidates come from the
+1 without an anomaly): multiplying u_i by f_i and renormalising; b_i is the buy-again bonus
+(0 unless bought items are allowed back, see ``buy_again`` below). Candidates come from the
 catalog's exact top-k (one matrix product for the whole batch of users) or its ANN index;
 purchased items (configurable), unavailable items and recently recommended items are
 filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
