@@ -179,7 +179,9 @@ def demo(
 
     log_path = s.state_dir / "demo-worker.log"
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "STREAMREC_MODEL_DIR": str(model)}
+    # Online Retail is a wholesale shop whose customers re-order: bought items come back as
+    # `buy_again` (the setting that wins the replay evaluation) unless the user chose otherwise.
+    env = {"STREAMREC_SCORING_EXCLUDE_PURCHASED": "false", **os.environ, "STREAMREC_MODEL_DIR": str(model)}
     click.secho(f"==> starting the worker (log {log_path})", fg="cyan")
     worker = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "worker"], env=env,
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)  # fmt: skip
