@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 
 import numpy as np
 import pandas as pd
@@ -110,21 +112,17 @@ def training_pairs(
         seq: list[str] = []  # the user's history so far, consecutive repeats collapsed
         seen: set[str] = set()
         user_pairs: list[tuple[str, str]] = []
-        start = 0
-        while start < len(ids):
-            end = start + 1
-            while end < len(ids) and bask[end] == bask[start]:
-                end += 1
+        for _, rows in groupby(zip(bask, ids, strict=True), key=itemgetter(0)):
+            basket_ids = [i for _, i in rows]
             if seq:
                 ctx = context_text([text[i] for i in seq[-context_items:]], context_items, item_words)
-                for target in dict.fromkeys(ids[start:end]):
-                    if not (skip_repeats and target in seen):
-                        user_pairs.append((ctx, target))
-            for i in ids[start:end]:
+                user_pairs += [
+                    (ctx, t) for t in dict.fromkeys(basket_ids) if not (skip_repeats and t in seen)
+                ]
+            for i in basket_ids:
                 if not seq or seq[-1] != i:
                     seq.append(i)
                 seen.add(i)
-            start = end
         if max_pairs_per_user > 0:
             user_pairs = user_pairs[-max_pairs_per_user:]
         for c, tgt in user_pairs:

@@ -208,17 +208,16 @@ class Scorer:
             sim = cand_sim[j][ok].astype(np.float32)
             fac = factors[j][ok]
             rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
-            bonus = np.zeros(idx.size, np.float32)
             bought, b_bonus = self._repeat_bonus(req, excl[j])
+            # Bought items join the candidates even when their similarity is low; their demand
+            # factor is 1 (they were not in the batch's factor lookup).
+            extra = bought[~np.isin(bought, idx)]
+            idx = np.concatenate([idx, extra])
+            sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
+            fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
+            rsn += [None] * extra.size
+            bonus = np.zeros(idx.size, np.float32)
             if bought.size:
-                # Bought items join the candidates even when their similarity is low; their demand
-                # factor is 1 (they were not in the batch's factor lookup).
-                extra = bought[~np.isin(bought, idx)]
-                idx = np.concatenate([idx, extra])
-                sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
-                fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
-                rsn += [None] * extra.size
-                bonus = np.zeros(idx.size, np.float32)
                 where = {int(i): t for t, i in enumerate(idx)}
                 bonus[[where[int(i)] for i in bought]] = b_bonus
             logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))

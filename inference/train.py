@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ class Trainer:
         self.log_q: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
     # -- data ----------------------------------------------------------------------------
     def pairs(self) -> Pairs:
         c = self.cfg
@@ -131,22 +136,19 @@ class Trainer:
         """
         uniq = list(dict.fromkeys(targets))
         col = {t: k for k, t in enumerate(uniq)}
-        labels = torch.tensor([col[t] for t in targets], device=self.device)
+        lab = np.array([col[t] for t in targets])
+        labels = torch.from_numpy(lab).to(self.device)
         p = self.model(**self._tokens(contexts))
         h = self.model(**self._tokens([self.item_text[t] for t in uniq]))
         logits = self.log_alpha.exp() * p @ h.T
         if self.cfg.logq and self.log_q:
             logits = logits - torch.tensor([self.log_q[t] for t in uniq], device=self.device)
         if users is not None:
-            same = np.zeros((len(targets), len(uniq)), bool)
-            by_user: dict[str, list[int]] = {}
-            for r, u in enumerate(users):
-                by_user.setdefault(u, []).append(r)
-            for rows in by_user.values():
-                if len(rows) > 1:
-                    cols = [col[targets[r]] for r in rows]
-                    same[np.ix_(rows, cols)] = True
-            same[np.arange(len(targets)), labels.cpu().numpy()] = False
+            # same[r, c]: column c is the target of some row of r's user; r's own label stays.
+            u = np.asarray(users)
+            same_user = (u[:, None] == u[None, :]).astype(np.float32)
+            same = same_user @ np.eye(len(uniq), dtype=np.float32)[lab] > 0
+            same[np.arange(len(targets)), lab] = False
             if same.any():
                 logits = logits.masked_fill(torch.from_numpy(same).to(self.device), float("-inf"))
         return nn.functional.cross_entropy(logits.float(), labels)
@@ -181,7 +183,7 @@ class Trainer:
             "base_model": self.cfg.base_model or "sentence-transformers/all-MiniLM-L6-v2",
             "base_model_path": self.base,
             "max_len": self.cfg.max_len,
-            "alpha": float(self.log_alpha.detach().exp()),
+            "alpha": self.alpha,
             "step": step,
             "dataset": self.ds.name,
             "metrics": metrics,
@@ -201,10 +203,7 @@ class Trainer:
         pairs = self.pairs()
         if len(pairs) < 2:
             raise RuntimeError(f"only {len(pairs)} training pairs in {self.ds.name}: nothing to learn")
-        counts: dict[str, int] = {}
-        for t in pairs.targets:
-            counts[t] = counts.get(t, 0) + 1
-        self.log_q = {t: math.log(n / len(pairs)) for t, n in counts.items()}
+        self.log_q = {t: math.log(n / len(pairs)) for t, n in Counter(pairs.targets).items()}
         steps_per_epoch = max(1, len(pairs) // c.batch_size)
         total = c.max_steps if c.max_steps else c.epochs * steps_per_epoch
         log.info("training on %d pairs (%s), %d steps of %d", len(pairs), self.ds.name, total, c.batch_size)
@@ -255,14 +254,12 @@ class Trainer:
                 step += 1
                 losses.append(loss.item())
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{np.mean(losses[-20:]):.3f}", alpha=f"{float(self.log_alpha.detach().exp()):.1f}"
-                )
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", alpha=f"{self.alpha:.1f}")
                 end_of_epoch = s + 2 * c.batch_size > len(order)
                 if step >= total or end_of_epoch or (c.eval_every and step % c.eval_every == 0):
                     m = self.evaluate("valid")
                     rec = {"step": step, "epoch": epoch, "train_loss": float(np.mean(losses[-50:])),
-                           "alpha": float(self.log_alpha.detach().exp()), "valid": m, "elapsed_s": time.time() - t0}  # fmt: skip
+                           "alpha": self.alpha, "valid": m, "elapsed_s": time.time() - t0}  # fmt: skip
                     self._record(rec)
                     tqdm.write(f"step {step} epoch {epoch}: valid {_fmt(m)}")
                     if m["ndcg@10"] > best:
