@@ -107,7 +107,7 @@ def read_manifest(folder: Path) -> Manifest:
     if not path.is_file():
         raise ModelFolderError(
             f"{path} not found: {folder} is not a streamrec model folder; "
-            "build one with `streamrec train` + `streamrec export` (or inference.export.export_pretrained)"
+            "build one with `streamrec train` + `streamrec export` (or inference.training.export.export_pretrained)"
         )
     try:
         data = json.loads(path.read_text())

@@ -36,27 +36,27 @@ class LazyGroup(click.Group):
 
 COMMANDS = {
     # encoder: fine-tune, export, embed the catalog, encode ad-hoc text (inference/)
-    "train": "inference.cli:train",
-    "export": "inference.cli:export",
-    "index": "inference.cli:index",
-    "encode": "inference.cli:encode",
+    "train": "inference.training.cli:train",
+    "export": "inference.training.cli:export",
+    "index": "inference.training.cli:index",
+    "encode": "inference.training.cli:encode",
     # streaming: the faust worker and the dataset replayer (streams/)
     "worker": "streams.cli:worker",
     "produce": "streams.cli:produce",
-    "demo": "streams.demo:demo",
+    "demo": "devstack.demo:demo",
 }
 
 EVAL_COMMANDS = {
-    "replay": "streams.evaluation:replay",
-    "loo": "inference.evaluate:loo",
-    "spikes": "alerts.evaluation:spikes",
+    "replay": "evaluation.replay:replay",
+    "loo": "evaluation.loo:loo",
+    "spikes": "evaluation.spikes:spikes",
 }
 
 BENCH_COMMANDS = {
-    "all": "streamrec.bench:bench_all",
-    "encoder": "inference.bench:encoder",
-    "ingest": "streams.bench:ingest",
-    "e2e": "streams.bench:e2e",
+    "all": "benchmarks.all:bench_all",
+    "encoder": "benchmarks.encoder:encoder",
+    "ingest": "benchmarks.stream:ingest",
+    "e2e": "benchmarks.stream:e2e",
 }
 
 
@@ -108,7 +108,8 @@ def _print_status(rows) -> None:
               help="test: no persistence; demo: append-only file.")  # fmt: skip
 def up(redis_profile: str) -> None:
     """Start the local Kafka (KRaft) and Redis, wait until both answer, create the topics."""
-    from streamrec.stack import LocalStack, StackError, ensure_topics
+    from devstack.stack import LocalStack, StackError
+    from streamrec.kafka import ensure_topics
 
     s = get_settings()
     t0 = time.monotonic()
@@ -126,7 +127,7 @@ def up(redis_profile: str) -> None:
 @main.command()
 def down() -> None:
     """Stop the Kafka and Redis processes that `streamrec up` started (pid files)."""
-    from streamrec.stack import LocalStack
+    from devstack.stack import LocalStack
 
     stopped = LocalStack(get_settings()).down()
     for name, pid in stopped.items():
@@ -136,7 +137,7 @@ def down() -> None:
 @main.command()
 def status() -> None:
     """Show Kafka and Redis: address, health, pid, log."""
-    from streamrec.stack import LocalStack
+    from devstack.stack import LocalStack
 
     rows = LocalStack(get_settings()).status()
     _print_status(rows)

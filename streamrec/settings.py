@@ -54,6 +54,7 @@ class KafkaSettings(BaseModel):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     client_id: str = "streamrec"
+    linger_ms: int = 5
     consumer_group: str = "streamrec-worker"
     # Controller port of the local single-node KRaft broker (`streamrec up`).
     controller_port: int = 9093

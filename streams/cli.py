@@ -36,7 +36,7 @@ def worker(items_factory: str | None, encoder_factory: str | None, loglevel: str
     import faust
     from prometheus_client import start_http_server
 
-    from streamrec.stack import ensure_topics
+    from streamrec.kafka import ensure_topics
     from streams.app import DEFAULT_ENCODER, DEFAULT_ITEMS, create_app, load_factory
 
     s = get_settings()
@@ -99,8 +99,8 @@ def produce(dataset: str, split: str, rate: float, limit: int | None, users: int
             speed: float, topic: str | None, quiet: bool) -> None:  # fmt: skip
     """Replay a dataset into the events topic (keyed by user_id) at a rate, with a progress bar."""
     from streamrec.datasets import load_dataset
-    from streamrec.stack import ensure_topics
-    from streams.producer import EventProducer, ProduceError, dataset_events, replay
+    from streamrec.kafka import ensure_topics
+    from devstack.produce import EventProducer, ProduceError, dataset_events, replay
 
     logging.basicConfig(level=logging.WARNING)
     s = get_settings()

@@ -242,7 +242,7 @@ def recommendation_hooks(ctx: Any) -> list[Any]:
     """
     from alerts.effects import RedisDemandAdjustments
     from inference.popularity import RedisPopularity
-    from streams.producer import EventProducer
+    from devstack.produce import EventProducer
 
     s: Settings = ctx.settings
     items = ctx.items

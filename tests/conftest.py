@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from streamrec.settings import Settings
-from streamrec.stack import kafka_healthy, redis_healthy
+from devstack.stack import kafka_healthy, redis_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def retail_model_dir(data_dir: Path) -> Path:
     verified at every load, so a stale or broken cache is rebuilt)."""
     from inference.catalog import CatalogIndex, build_catalog
     from inference.encoder import OnnxEncoder
-    from inference.export import export_pretrained
+    from inference.training.export import export_pretrained
     from streamrec.datasets import load_dataset
 
     s = Settings()

@@ -22,7 +22,7 @@ HOUR_MS = 3_600_000
 @pytest.fixture(scope="session")
 def retail_slice(data_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """(purchases ts/user_id/item_id/category sorted by time, item -> category) of the slice."""
-    from alerts.evaluation import load_stream
+    from evaluation.spikes import load_stream
 
     s = Settings(data_dir=data_dir)
     df, cats = load_stream(s, SLICE_START, SLICE_END)

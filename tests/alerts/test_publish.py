@@ -15,7 +15,7 @@ from alerts.models import AnomalyAlert, decode_alert, encode_alert
 from alerts.monitor import DemandMonitor
 from alerts.publish import publish_alerts
 from streamrec.settings import Settings
-from streamrec.stack import ensure_topics
+from streamrec.kafka import ensure_topics
 
 from .conftest import INJECT_AT, active_windows_after, batches, with_surge
 

@@ -17,7 +17,7 @@ import yaml
 from test_k8s import IMAGE_REPO, field_default, project_version, settings_env_names
 
 from streamrec.settings import Settings
-from streamrec.stack import kafka_version
+from devstack.stack import kafka_version
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 from test_metric_contract import deploy_metric_names, series_names
 
-from streamrec.promstack import DEFAULT_RULES, LocalPrometheus
+from devstack.promstack import DEFAULT_RULES, LocalPrometheus
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ from profile_reference import generate_events  # noqa: E402 (path set up by the 
 
 import profiles.metrics  # noqa: E402
 import streams.metrics  # noqa: E402
-from streams.producer import EventProducer  # noqa: E402
+from devstack.produce import EventProducer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""streamrec.promstack.LocalPrometheus: a real Prometheus server scraping a real exporter.
+"""devstack.promstack.LocalPrometheus: a real Prometheus server scraping a real exporter.
 
 The exporter is prometheus_client's HTTP server on a private registry, started by the test.
 """
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from streamrec.promstack import DEFAULT_RULES, LocalPrometheus, PrometheusError, find_binary
+from devstack.promstack import DEFAULT_RULES, LocalPrometheus, PrometheusError, find_binary
 
 pytestmark = pytest.mark.timeout(180)
 

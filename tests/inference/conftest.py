@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pretrained base encoder exported with its fp32 and int8 variants and a manifest."""
-    from inference.export import export_pretrained
+    from inference.training.export import export_pretrained
 
     return export_pretrained(
         tmp_path_factory.mktemp("model") / "pretrained", max_len=64, variants=("fp32", "int8")

@@ -20,7 +20,7 @@ from streamrec.settings import EncoderSettings, Settings
 
 
 def test_fp32_matches_torch_and_int8_keeps_cosine(pretrained_dir: Path, real_texts: list[str]) -> None:
-    from inference.export import load_embedder, resolve_base_model, torch_encode
+    from inference.training.export import load_embedder, resolve_base_model, torch_encode
 
     model, tok = load_embedder(resolve_base_model(None))
     ref = torch_encode(model, tok, real_texts, max_len=64)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from inference.evaluate import (
+from evaluation.loo import (
     ItemKNNScorer,
     VectorScorer,
     baseline_scorers,
@@ -19,7 +19,7 @@ from inference.evaluate import (
     ranking_metrics,
     recall_at_k,
 )
-from inference.pairs import context_text, eval_cases, training_pairs
+from inference.training.pairs import context_text, eval_cases, training_pairs
 from streamrec.datasets import Dataset, load_dataset
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.train import TrainConfig, Trainer
+from inference.training.train import TrainConfig, Trainer
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_another_item_of_the_same_user_is_not_a_negative(trainer: Trainer) -> No
 
 
 def test_freeze_layers_stops_gradients_below_the_cut(trainer: Trainer) -> None:
-    from inference.train import _freeze
+    from inference.training.train import _freeze
 
     enc = trainer.model.encoder
     _freeze(enc, 2)

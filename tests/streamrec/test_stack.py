@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 
 from streamrec import stack as stack_mod
 from streamrec.settings import Settings
-from streamrec.stack import (
+from devstack.stack import (
     LocalStack,
     StackError,
     _free_port_for_tests,

@@ -172,7 +172,7 @@ def topics(settings: Settings):
     """Create this test's topics; delete them (and faust's internal ones) afterwards."""
     from confluent_kafka.admin import AdminClient
 
-    from streamrec.stack import ensure_topics
+    from streamrec.kafka import ensure_topics
 
     ensure_topics(settings)
     yield settings.topics

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from streamrec.datasets import load_generic
 from streamrec.events import make_event
 from streamrec.settings import Settings
-from streams.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
-from streams.evaluation import rank_metrics, run_replay, summarise
+from evaluation.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
+from evaluation.replay import rank_metrics, run_replay, summarise
 
 ITEMS = ["a", "b", "c", "d", "e"]
 T0 = 1_300_000_000_000

@@ -11,7 +11,7 @@ from conftest import read_topic, worker_env
 
 from streamrec.datasets import load_dataset
 from streamrec.events import EventType, decode
-from streams.producer import _session_numbers, dataset_events
+from devstack.produce import _session_numbers, dataset_events
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from conftest import WorkerProcess, wait_until
 
 from streamrec.datasets import load_dataset
 from streamrec.events import make_event
-from streamrec.stack import ensure_topics
-from streams.producer import EventProducer
+from streamrec.kafka import ensure_topics
+from devstack.produce import EventProducer
 
 pytestmark = pytest.mark.timeout(600)
 

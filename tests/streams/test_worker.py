@@ -19,7 +19,7 @@ from profile_reference import (
 )
 
 from profiles.store import ProfileStore
-from streams.producer import EventProducer
+from devstack.produce import EventProducer
 from streams.validation import parse_dead_letter_headers
 
 pytestmark = pytest.mark.timeout(300)
@@ -134,6 +134,6 @@ def test_crash_before_commit_and_graceful_stop_lose_nothing_and_apply_nothing_tw
 
 
 def _produce_slowly(settings, events) -> None:
-    from streams.producer import replay
+    from devstack.produce import replay
 
     replay(EventProducer(settings), events, total=len(events), rate=400, progress=False)

@@ -2,7 +2,7 @@
 
 Each baseline sees the stream in event-time order through the same two calls as streamrec:
 ``recommend(user_ids, k, now_ms)`` before a batch is applied, then ``update(events)``.
-All of them allow repeat purchases, as streamrec does in the replay (see streams/evaluation.py).
+All of them allow repeat purchases, as streamrec does in the replay (see evaluation/replay.py).
 
 - ``most_popular``: all-time counts (weighted by event type).
 - ``recent_popular``: counts decayed with event time (half-life 7 days), as a trending list.

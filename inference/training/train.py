@@ -1,6 +1,6 @@
 """Fine-tuning the encoder M so that softmax(α·h_iᵀp) ranks first the item a shopper goes on to click.
 
-Pairs (:mod:`inference.pairs`): (context of the user's last items -> next item) and (query ->
+Pairs (:mod:`inference.training.pairs`): (context of the user's last items -> next item) and (query ->
 clicked item). One shared encoder embeds both sides (mean pooling + L2 norm); the loss is the
 in-batch softmax (InfoNCE) over the batch's distinct target items, with a learned (or fixed)
 temperature α. AdamW with linear warm-up and decay, gradient clipping, seeded shuffling.
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from inference.evaluate import VectorScorer, evaluate_methods
-from inference.export import TRAIN_STATE, load_embedder, resolve_base_model, torch_encode
-from inference.pairs import Pairs, eval_cases, training_pairs
+from evaluation.loo import VectorScorer, evaluate_methods
+from inference.training.export import TRAIN_STATE, load_embedder, resolve_base_model, torch_encode
+from inference.training.pairs import Pairs, eval_cases, training_pairs
 from streamrec.datasets import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class TrainConfig:
     fixed_alpha: bool = False
     grad_clip: float = 1.0
     logq: bool = True  # subtract log(target frequency) from the training logits (see loss())
-    basket: bool = True  # contexts from earlier baskets only (inference.pairs)
+    basket: bool = True  # contexts from earlier baskets only (inference.training.pairs)
     freeze_layers: int = 0  # freeze the embeddings and the lowest N Transformer layers
     seed: int = 0
     max_users: int = 0  # train on a seeded sample of users (0 = all)

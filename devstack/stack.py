@@ -27,7 +27,7 @@ from string import Template
 
 from streamrec.settings import Settings
 
-_QUIET = logging.getLogger("streamrec.stack.probe")
+_QUIET = logging.getLogger("devstack.stack.probe")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 
@@ -347,31 +347,3 @@ class LocalStack:
             ServiceStatus("redis", self.s.redis.url, rok, rpid, rpid is not None,
                           self.redis_log if rpid else None, rdetail),
         ]  # fmt: skip
-
-
-def ensure_topics(
-    settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0
-) -> list[str]:
-    """Create the application's topics with the configured partitions (admin client).
-
-    Returns the names that were created; existing topics are left as they are.
-    """
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    t = settings.topics
-    wanted = {t.events: t.partitions, t.results: t.partitions, t.dead_letter: t.partitions, t.alerts: 1}
-    wanted.update(extra or {})
-    admin = AdminClient(settings.kafka.librdkafka_config())
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    new = [NewTopic(name, num_partitions=n, replication_factor=t.replication_factor)
-           for name, n in wanted.items() if name not in existing]  # fmt: skip
-    created = []
-    if new:
-        for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
-            try:
-                fut.result(timeout)
-                created.append(name)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
-    return created

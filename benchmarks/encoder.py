@@ -90,7 +90,7 @@ def _worker(engine: str, model_dir: Path, batch_sizes: list[int], repeats: int, 
     if engine.startswith("torch"):
         import torch
 
-        from inference.export import load_embedder
+        from inference.training.export import load_embedder
 
         torch.set_num_threads(threads)
         model, _ = load_embedder(model_dir)
@@ -151,7 +151,7 @@ def _gpu_available() -> str | None:
 
 def _pretrained_bench_dir(variants: tuple[str, ...]) -> Path:
     from inference.encoder import OnnxEncoder
-    from inference.export import export_pretrained
+    from inference.training.export import export_pretrained
 
     s = get_settings()
     folder = s.state_dir.resolve() / "cache" / f"bench-pretrained-{'-'.join(variants)}"
@@ -170,7 +170,7 @@ def _pretrained_bench_dir(variants: tuple[str, ...]) -> Path:
 @click.option("--threads", type=int, default=None, help="Threads per engine (default: all cores).")
 def encoder(quick: bool, output: Path | None, tokens: int, repeats: int | None, threads: int | None) -> None:
     """Encoder throughput: torch eager vs ONNX fp32 vs ONNX int8 (CPU), and GPU engines when present."""
-    from inference.export import default_base_model
+    from inference.training.export import default_base_model
 
     s = get_settings()
     batch_sizes = [1, 32] if quick else [1, 32, 128]
@@ -196,7 +196,7 @@ def encoder(quick: bool, output: Path | None, tokens: int, repeats: int | None, 
     }
     for eng in engines:
         folder = base_dir if eng.startswith("torch") else onnx_dir
-        cmd = [sys.executable, "-m", "inference.bench", eng, str(folder), ",".join(map(str, batch_sizes)),
+        cmd = [sys.executable, "-m", "benchmarks.encoder", eng, str(folder), ",".join(map(str, batch_sizes)),
                str(repeats), str(tokens), str(threads), str(min_sentences), str(onnx_dir / "tokenizer.json")]  # fmt: skip
         click.echo(f"timing {eng} ...", err=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -231,7 +231,7 @@ def encoder(quick: bool, output: Path | None, tokens: int, repeats: int | None, 
 
 
 def _main(argv: list[str]) -> None:
-    """Subprocess entry: ``python -m inference.bench ENGINE FOLDER BATCHES REPEATS TOKENS THREADS MIN TOKENIZER``."""
+    """Subprocess entry: ``python -m benchmarks.encoder ENGINE FOLDER BATCHES REPEATS TOKENS THREADS MIN TOKENIZER``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     engine, folder, bss, repeats, tokens, threads, min_sentences, tok_file = argv
     res = _worker(engine, Path(folder), [int(b) for b in bss.split(",")], int(repeats), int(tokens), int(threads),

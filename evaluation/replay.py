@@ -59,11 +59,11 @@ class MethodScores:
 def rank_metrics(ranks: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
     """HR@k, NDCG@k and MRR from 1-based ranks (0 = absent) of the target in a top list.
 
-    The same maths as the offline evaluation (``inference.evaluate.ranking_metrics``); in a
+    The same maths as the offline evaluation (``evaluation.loo.ranking_metrics``); in a
     prequential replay a hit within the top k of the pushed list is HR@k, and MRR is cut at
     the list's length.
     """
-    from inference.evaluate import ranking_metrics
+    from evaluation.loo import ranking_metrics
 
     m = ranking_metrics(ranks, ks)
     return {
@@ -78,7 +78,7 @@ def frame_events(ds: Dataset, df: pd.DataFrame, settings: Settings) -> list[Even
     sees exactly what a live worker would)."""
     from dataclasses import replace
 
-    from streams.producer import dataset_events
+    from devstack.produce import dataset_events
 
     return list(dataset_events(replace(ds, interactions=df), "all", settings=settings))
 
@@ -258,7 +258,7 @@ def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: lis
               help="valid to tune settings (warm-up on train), test for the report.")  # fmt: skip
 def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days, split) -> None:
     """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
-    from streams.baselines import BASELINES
+    from evaluation.baselines import BASELINES
 
     s = get_settings().model_copy(deep=True)
     s.redis.prefix = f"eval-{int(time.time())}"
@@ -307,7 +307,7 @@ def ensure_pretrained(folder: Path, ds: Dataset, s: Settings) -> Path:
     """Export the base encoder (no fine-tuning) and embed the catalog into ``folder``."""
     from inference.catalog import build_catalog
     from inference.encoder import OnnxEncoder
-    from inference.export import export_pretrained
+    from inference.training.export import export_pretrained
 
     export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len)
     enc = OnnxEncoder(folder, s.encoder)

@@ -105,7 +105,7 @@ def _bench_settings(base: Settings, tag: str) -> Settings:
 
 
 def _produce(s: Settings, values: Sequence[bytes]) -> None:
-    from streams.producer import EventProducer
+    from devstack.produce import EventProducer
 
     p = EventProducer(s)
     for v in values:
@@ -188,7 +188,7 @@ def _delete_topics(s: Settings) -> None:
 
 
 async def _run_workload(base: Settings, tag: str, values: list[bytes], items: Any, reps: int) -> dict:
-    from streamrec.stack import ensure_topics
+    from streamrec.kafka import ensure_topics
     from streams.validation import RawRecord
 
     s = _bench_settings(base, tag)
@@ -266,7 +266,7 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 
     from streamrec.datasets import load_dataset
     from streamrec.events import encode
-    from streams.producer import dataset_events
+    from devstack.produce import dataset_events
 
     s = get_settings()
     reps = 1 if quick else 3
@@ -302,7 +302,7 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 
 # ---------------------------------------------------------------------------------------------
 # e2e: end-to-end latency benchmark (event → recommendation on the results topic). Written by
-# the lead; registered in streamrec/cli.py BENCH_COMMANDS as "streams.bench:e2e".
+# the lead; registered in streamrec/cli.py BENCH_COMMANDS as "benchmarks.stream:e2e".
 # ---------------------------------------------------------------------------------------------
 
 
@@ -404,9 +404,9 @@ def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: 
     import sys
 
     from inference.catalog import CatalogIndex
-    from streamrec.stack import ensure_topics
-    from streams.demo import wait_until_ready
-    from streams.producer import EventProducer
+    from streamrec.kafka import ensure_topics
+    from devstack.demo import wait_until_ready
+    from devstack.produce import EventProducer
 
     s = _bench_settings(base, f"e2e-{tag}")
 
@@ -490,7 +490,7 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
     import tempfile
 
     from streamrec.datasets import load_dataset
-    from streams.evaluation import ensure_pretrained
+    from evaluation.replay import ensure_pretrained
 
     s = get_settings()
     rates = (50,) if quick else E2E_RATES

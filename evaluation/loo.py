@@ -1,6 +1,6 @@
 """Offline evaluation by full ranking over the whole catalog.
 
-Protocol (:func:`evaluate_methods`): for each evaluation case (:func:`inference.pairs.eval_cases`)
+Protocol (:func:`evaluate_methods`): for each evaluation case (:func:`inference.training.pairs.eval_cases`)
 every catalog item is scored, the items of the user's history are **excluded**, and the
 target's rank among the remaining items gives Recall@k, NDCG@k and MRR (ties between the target
 and other items count half: the expected rank under a random tie-break). Methods:
@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from inference.pairs import EvalCases, eval_cases
+from inference.training.pairs import EvalCases, eval_cases
 from streamrec.datasets import SPLITS, Dataset, load_dataset
 from streamrec.settings import Settings, get_settings
 
@@ -283,7 +283,7 @@ def pretrained_model_dir(s: Settings) -> Path:
         OnnxEncoder(folder, s.encoder, variant="fp32")
         return folder
     except Exception:
-        from inference.export import export_pretrained
+        from inference.training.export import export_pretrained
 
         export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len,
                           variants=("fp32",))  # fmt: skip

@@ -55,7 +55,7 @@ def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
         pass
     exe = [sys.executable, "-m", "streamrec.cli"]
     if pretrained:
-        from inference.export import export_pretrained
+        from inference.training.export import export_pretrained
 
         click.secho("==> exporting the pretrained encoder (no fine-tuning)", fg="cyan")
         export_pretrained(model, max_len=s.encoder.max_len)
@@ -166,8 +166,9 @@ def demo(
 ) -> None:
     """Run the live pipeline on real data and show it working."""
     from streamrec.datasets import load_dataset
-    from streamrec.stack import LocalStack, ensure_topics
-    from streams.producer import EventProducer, dataset_events
+    from devstack.stack import LocalStack
+    from streamrec.kafka import ensure_topics
+    from devstack.produce import EventProducer, dataset_events
 
     s = get_settings()
     if quick:

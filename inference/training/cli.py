@@ -95,7 +95,7 @@ def train(dataset: str, out: Path | None, base_model: str | None, max_len: int |
           eval_users: int, eval_every: int, patience: int, no_test_eval: bool, device: str,
           seed: int | None, threads: int) -> None:  # fmt: skip
     """Fine-tune the encoder (InfoNCE, early stopping on valid NDCG@10)."""
-    from inference.train import TrainConfig, Trainer
+    from inference.training.train import TrainConfig, Trainer
 
     _logging()
     s = get_settings()
@@ -163,7 +163,7 @@ def export(
     checkpoint: Path | None, pretrained: bool, out: Path | None, variants: str, dataset: str | None
 ) -> None:
     """Export to ONNX (pooling + normalisation inside), int8/fp16 variants, parity checks, manifest."""
-    from inference.export import export_checkpoint, export_pretrained
+    from inference.training.export import export_checkpoint, export_pretrained
     from inference.manifest import ModelFolderError, read_manifest
 
     _logging()

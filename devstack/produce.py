@@ -1,8 +1,8 @@
-"""Producing events: a confluent-kafka helper and the dataset replayer behind ``streamrec produce``.
+"""The dataset replayer behind ``streamrec produce``: datasets become events on the events topic.
 
 :class:`EventProducer` sends :class:`~streamrec.events.Event` objects (or raw bytes) to the
-events topic keyed by ``user_id`` (so one user's events stay in one partition, in order), with
-idempotent, acks=all delivery and batching (``linger.ms``).
+events topic keyed by ``user_id`` (so one user's events stay in one partition, in order),
+through the one producer module (:mod:`streamrec.kafka`).
 
 :func:`dataset_events` turns a dataset (``streamrec.datasets``) into events: Online Retail
 purchases become ``purchase`` events with quantity, price and category; the Scientific
@@ -26,7 +26,10 @@ from tqdm import tqdm
 
 from streamrec.datasets import Dataset
 from streamrec.events import Event, EventType, encode
+from streamrec.kafka import KafkaProducer, ProduceError
 from streamrec.settings import Settings
+
+__all__ = ["EventProducer", "ProduceError", "dataset_events", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -34,49 +37,16 @@ log = logging.getLogger(__name__)
 DATASET_EVENT_TYPE = {"online-retail": "purchase", "scientific": "click"}
 
 
-class ProduceError(RuntimeError):
-    """Events could not be delivered; the message says how many and why."""
-
-
 class EventProducer:
-    """A confluent-kafka producer for the events topic (keyed by user_id)."""
+    """Events to the events topic, keyed by ``user_id`` (one user's events stay in order)."""
 
     def __init__(self, settings: Settings, topic: str | None = None, **overrides: Any) -> None:
-        from confluent_kafka import Producer
-
         self.topic = topic or settings.topics.events
-        conf = {
-            **settings.kafka.librdkafka_config(),
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 10,
-            "batch.num.messages": 10000,
-            "compression.type": "lz4",
-            **overrides,
-        }
-        self._producer = Producer(conf)
-        self.delivered = 0
-        self.errors: list[str] = []
+        self.kafka = KafkaProducer(settings, **{"linger.ms": 10, **overrides})
 
-    def _on_delivery(self, err, msg) -> None:
-        if err is None:
-            self.delivered += 1
-        elif len(self.errors) < 100:
-            self.errors.append(str(err))
-
-    def send_raw(
-        self, value: bytes | None, key: bytes | str | None = None, headers: list | None = None
-    ) -> None:
-        """Queue one record (non-blocking unless the local queue is full)."""
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
-                )
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                self._producer.poll(0.05)
-        self._producer.poll(0)
+    def send_raw(self, value: bytes | None, key: bytes | str | None = None, headers: list | None = None) -> None:
+        self.kafka.produce(self.topic, value, key, headers)
+        self.kafka.poll(0)
 
     def send(self, event: Event) -> None:
         self.send_raw(encode(event), event.user_id.encode())
@@ -88,19 +58,17 @@ class EventProducer:
             n += 1
         return n
 
+    @property
+    def delivered(self) -> int:
+        return self.kafka.delivered
+
     def flush(self, timeout: float = 60.0) -> int:
         """Wait for every queued record; raise :class:`ProduceError` if any failed."""
-        left = self._producer.flush(timeout)
-        if left or self.errors:
-            raise ProduceError(
-                f"{left} records still queued after {timeout:.0f}s and {len(self.errors)} failed "
-                f"(first: {self.errors[:1]}) producing to {self.topic!r}; is the broker at the configured "
-                "bootstrap servers up (`streamrec status`)?"
-            )
-        return self.delivered
+        self.kafka.flush(timeout)
+        return self.kafka.delivered
 
     def poll(self, timeout: float = 0.0) -> None:
-        self._producer.poll(timeout)
+        self.kafka.poll(timeout)
 
 
 def _session_numbers(users: np.ndarray, ts: np.ndarray, timeout_ms: float) -> np.ndarray:

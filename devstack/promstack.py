@@ -9,7 +9,7 @@ until ``/-/ready`` answers, and stops the process (and removes its data) on exit
         prom.wait_for('streamrec_worker_up == 1')
         print(prom.query('sum(rate(streamrec_events_consumed_total[1m]))'))
 
-``python -m streamrec.promstack 127.0.0.1:9464`` runs one in the foreground against a local
+``python -m devstack.promstack 127.0.0.1:9464`` runs one in the foreground against a local
 worker (with the alert rules of ``deploy/prometheus/rules.yml``) until Ctrl-C.
 """
 
@@ -289,10 +289,10 @@ class LocalPrometheus:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m streamrec.promstack HOST:PORT ...``: a local Prometheus until Ctrl-C."""
+    """``python -m devstack.promstack HOST:PORT ...``: a local Prometheus until Ctrl-C."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m streamrec.promstack", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m devstack.promstack", description=main.__doc__)
     ap.add_argument("targets", nargs="+", help="host:port of /metrics endpoints (e.g. 127.0.0.1:9464)")
     ap.add_argument("--port", type=int, default=9090, help="listen port on 127.0.0.1 (default 9090)")
     ap.add_argument("--rules", default=str(DEFAULT_RULES), help="rule file ('' for none)")

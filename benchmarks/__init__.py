@@ -1,0 +1,1 @@
+"""Benchmarks behind `streamrec bench ...`: JSON out, floors measured beside the system."""

@@ -1,0 +1,1 @@
+"""Offline evaluations and every baseline: `streamrec eval loo|replay|spikes` (needs the `eval` extra)."""
