@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export STREAMREC_STATE_DIR ?= $(CURDIR)/.streamrec
 # CPU torch and ONNX Runtime; `make install EXTRAS=gpu,train,dev` on a GPU machine.
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,eval,dev
 TORCH ?= torch>=2.4
 
 .PHONY: venv install up down status test lint demo clean

@@ -309,26 +309,45 @@ def detect(
     if total_w <= 0:
         return []
     state.add_keys(list(counts))
-    n_keys = state.size
     decay = 0.5 ** (1.0 / cfg.baseline_half_life_windows)
+    o, total = _event_units(state, counts, total_w, total_w2, decay)
+    e = _expected_events(state, o, total)
+    _push_window(state, window, o, e)
+    # Baseline update after computing e: the window is tested against the past only.
+    _update_baseline(state, o, total, decay)
+    tests = _test_horizons(state, cfg)
+    return _transitions(state, window, tests, cfg)
 
-    # Dispersion factor: weighted units -> event units.
+
+def _event_units(
+    state: DetectorState, counts: dict[str, float], total_w: float, total_w2: float, decay: float
+) -> tuple[np.ndarray, float]:
+    """Update the dispersion factor; the window's observed events per key and in total.
+
+    Weighted demand is divided by ``phi = sum(w^2) / sum(w)`` (decayed like the baseline) to
+    turn weighted units into event units.
+    """
     state.disp_num = decay * state.disp_num + total_w2
     state.disp_den = decay * state.disp_den + total_w
     phi = max(state.disp_num / max(state.disp_den, _TINY), _TINY)
 
-    o = np.zeros(n_keys, np.float64)
+    o = np.zeros(state.size, np.float64)
     if counts:
         idx = np.fromiter((state.index[k] for k in counts), np.int64, len(counts))
         o[idx] = np.fromiter(counts.values(), np.float64, len(counts))
     o /= phi
-    total = total_w / phi
+    return o, total_w / phi
 
+
+def _expected_events(state: DetectorState, o: np.ndarray, total: float) -> np.ndarray:
+    """Expected events per key: ``s_k / (1 - s_k)`` times the window's other (leave-one-out) demand."""
     share = np.minimum(state.share_num / max(state.share_den, _TINY), _MAX_SHARE)
     others = np.maximum(total - o, 0.0)
-    e = share / (1.0 - share) * others
+    return share / (1.0 - share) * others
 
-    # Push the window into the ring of active windows.
+
+def _push_window(state: DetectorState, window: int, o: np.ndarray, e: np.ndarray) -> None:
+    """Push the window into the ring of active windows."""
     H = state.horizon_max
     state.ring_o[state.pos] = o
     state.ring_e[state.pos] = e
@@ -336,21 +355,42 @@ def detect(
     state.pos = (state.pos + 1) % H
     state.filled = min(state.filled + 1, H)
 
-    # Baseline update (after computing e: the window is tested against the past only).
+
+def _update_baseline(state: DetectorState, o: np.ndarray, total: float, decay: float) -> None:
+    """Decay the baseline shares and add the window; count the windows each key was seen in."""
     was_seen = (state.share_num > 0) | (o > 0)
     state.share_num = decay * state.share_num + o
     state.share_den = decay * state.share_den + total
     state.seen = state.seen + was_seen.astype(np.int32)
     state.active_windows += 1
 
-    eligible = state.seen > cfg.warmup_windows
+
+@dataclass
+class _HorizonTests:
+    """Tail probabilities and sums per (horizon, key), rows in the order of ``horizons``."""
+
+    horizons: list[int]  # union of both kinds' horizons, ascending
+    n_up: int  # number of distinct surge horizons (Bonferroni factor)
+    n_dn: int  # number of distinct drop horizons
+    p_up: np.ndarray  # upper tails (1 where not tested or not a surge horizon)
+    p_dn: np.ndarray  # lower tails
+    g_up: np.ndarray  # upper tails where the surge guards hold, else 1 (for raising)
+    g_dn: np.ndarray  # lower tails where the drop guards hold, else 1
+    observed: np.ndarray  # O_h
+    expected: np.ndarray  # E_h
+
+
+def _test_horizons(state: DetectorState, cfg: AlertSettings) -> _HorizonTests:
+    """Sum the ring over each horizon and compute the surge / drop tails of every key."""
+    n_keys = state.size
+    H = state.horizon_max
     up_h = sorted(set(cfg.surge_horizons))
     dn_h = sorted(set(cfg.drop_horizons))
     horizons = sorted(set(up_h) | set(dn_h))
     n_h = len(horizons)
     p_up = np.ones((n_h, n_keys))
     p_dn = np.ones((n_h, n_keys))
-    g_up = np.ones((n_h, n_keys))  # guarded (for raising)
+    g_up = np.ones((n_h, n_keys))
     g_dn = np.ones((n_h, n_keys))
     O_all = np.zeros((n_h, n_keys))
     E_all = np.zeros((n_h, n_keys))
@@ -374,49 +414,58 @@ def detect(
                 p_dn[j, dn_idx] = nb_lower_tail(O[dn_idx], E[dn_idx], size)
             ok_dn = (E >= cfg.min_drop_expected) & (O <= cfg.max_drop_ratio * E)
             g_dn[j] = np.where(ok_dn, p_dn[j], 1.0)
+    return _HorizonTests(horizons, len(up_h), len(dn_h), p_up, p_dn, g_up, g_dn, O_all, E_all)
 
-    out: list[Transition] = []
-    ring_order_w = state.ring_w
 
-    def first_window(j: int) -> int:
-        hh = min(horizons[j], state.filled)
-        return int(ring_order_w[(state.pos - hh) % H])
-
-    def emit(i: int, kind: int, raised: bool, p_mat: np.ndarray) -> None:
-        j = int(np.argmin(p_mat[:, i]))
-        p = min(1.0, float(p_mat[j, i]) * (len(up_h) if kind == SURGE else len(dn_h)))
-        out.append(
-            Transition(
-                key=state.keys[i],
-                level=int(state.levels[i]),
-                kind=kind,
-                raised=raised,
-                observed=float(O_all[j, i]),
-                expected=float(E_all[j, i]),
-                score=float(-np.log10(max(p, 1e-300))),
-                first_window=first_window(j),
-                window=window,
-            )
-        )
-
+def _transitions(
+    state: DetectorState, window: int, tests: _HorizonTests, cfg: AlertSettings
+) -> list[Transition]:
+    """Raise and clear alerts from the horizon tests; update ``state.alert``; return the transitions."""
+    eligible = state.seen > cfg.warmup_windows
     # Bonferroni over the horizons of each kind: compare p * n_horizons with p_raise.
-    best_up = np.minimum(g_up.min(axis=0) * len(up_h), 1.0)
-    best_dn = np.minimum(g_dn.min(axis=0) * len(dn_h), 1.0)
+    best_up = np.minimum(tests.g_up.min(axis=0) * tests.n_up, 1.0)
+    best_dn = np.minimum(tests.g_dn.min(axis=0) * tests.n_dn, 1.0)
     idle = state.alert == NONE
     raise_up = np.flatnonzero(idle & eligible & (best_up <= cfg.p_raise) & (best_up <= best_dn))
     raise_dn = np.flatnonzero(idle & eligible & (best_dn <= cfg.p_raise) & (best_dn < best_up))
-    clear_up = np.flatnonzero((state.alert == SURGE) & (p_up.min(axis=0) > cfg.p_clear))
-    clear_dn = np.flatnonzero((state.alert == DROP) & (p_dn.min(axis=0) > cfg.p_clear))
-    for i in raise_up:
-        emit(int(i), SURGE, True, g_up)
-    for i in raise_dn:
-        emit(int(i), DROP, True, g_dn)
-    for i in clear_up:
-        emit(int(i), SURGE, False, p_up)
-    for i in clear_dn:
-        emit(int(i), DROP, False, p_dn)
+    clear_up = np.flatnonzero((state.alert == SURGE) & (tests.p_up.min(axis=0) > cfg.p_clear))
+    clear_dn = np.flatnonzero((state.alert == DROP) & (tests.p_dn.min(axis=0) > cfg.p_clear))
+    out: list[Transition] = []
+    for keys, kind, raised, p_mat in (
+        (raise_up, SURGE, True, tests.g_up),
+        (raise_dn, DROP, True, tests.g_dn),
+        (clear_up, SURGE, False, tests.p_up),
+        (clear_dn, DROP, False, tests.p_dn),
+    ):
+        out.extend(_transition(state, window, tests, int(i), kind, raised, p_mat) for i in keys)
     state.alert[raise_up] = SURGE
     state.alert[raise_dn] = DROP
     state.alert[clear_up] = NONE
     state.alert[clear_dn] = NONE
     return out
+
+
+def _transition(
+    state: DetectorState,
+    window: int,
+    tests: _HorizonTests,
+    i: int,
+    kind: int,
+    raised: bool,
+    p_mat: np.ndarray,
+) -> Transition:
+    """The transition of key ``i``, reported at its deciding (smallest-p) horizon."""
+    j = int(np.argmin(p_mat[:, i]))
+    p = min(1.0, float(p_mat[j, i]) * (tests.n_up if kind == SURGE else tests.n_dn))
+    hh = min(tests.horizons[j], state.filled)
+    return Transition(
+        key=state.keys[i],
+        level=int(state.levels[i]),
+        kind=kind,
+        raised=raised,
+        observed=float(tests.observed[j, i]),
+        expected=float(tests.expected[j, i]),
+        score=float(-np.log10(max(p, 1e-300))),
+        first_window=int(state.ring_w[(state.pos - hh) % state.horizon_max]),
+        window=window,
+    )

@@ -1,30 +1,27 @@
 """The stream worker's demand hook: run the monitor on each batch, publish its alerts.
 
-The lead wires it into ``streams.app.default_hooks`` with one line::
-
-    from alerts.hook import demand_hooks
-    hooks += demand_hooks(ctx)
+``streams/context.py`` builds it with :func:`demand_hook` and adds it to the pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from alerts.models import AnomalyAlert
 from alerts.monitor import DemandMonitor
-from alerts.publish import publish_alerts
 from streamrec.events import Event
+from streamrec.settings import Settings
 
-__all__ = ["DemandHook", "demand_hooks"]
+__all__ = ["DemandHook", "demand_hook", "item_categories"]
 
 log = logging.getLogger(__name__)
 
 
 class DemandHook:
-    """``async hook(applied_events, changed_users, store)``: monitor a batch, publish alerts.
+    """``async hook(applied_events, changed_users)``: monitor a batch, publish alerts.
 
     The monitor's Redis work and the Kafka flush run in the default executor so the worker's
     event loop keeps heart-beating. A failure propagates (the pipeline logs it and goes on; the
@@ -54,14 +51,15 @@ class DemandHook:
                 self.publish(alerts)
         return alerts
 
-    async def __call__(self, events: Sequence[Event], changed_users: set[str], store: Any) -> None:
+    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         if not events:
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.run, list(events))
 
 
-def _item_category(items: Any) -> dict[str, str]:
+def item_categories(items: Any) -> dict[str, str]:
+    """item id → category from a catalog's ``ids`` / ``categories`` ({} when it has none)."""
     ids = getattr(items, "ids", None)
     cats = getattr(items, "categories", None)
     if ids is None or cats is None:
@@ -69,30 +67,16 @@ def _item_category(items: Any) -> dict[str, str]:
     return {str(i): str(c or "") for i, c in zip(ids, cats, strict=True)}
 
 
-def demand_hooks(ctx: Any) -> list[Callable[[Sequence[Event], set[str], Any], Awaitable[None]]]:
-    """Hooks for a worker context (``streams.app.WorkerContext``): the demand monitor.
+def demand_hook(
+    settings: Settings,
+    redis_client: Any,
+    item_category: Mapping[str, str],
+    publish: Callable[[Sequence[AnomalyAlert]], Any] | None,
+) -> DemandHook:
+    """The demand monitor over ``redis_client`` as a pipeline hook; alerts go to ``publish``.
 
-    Categories come from the catalog index (``ctx.items.ids`` / ``.categories``); without them
-    an event's own ``category`` field is used. Alerts go to ``settings.topics.alerts``. The
-    monitor is left in ``ctx.extras["demand_monitor"]``.
+    Without categories (``item_category`` empty) an event's own ``category`` field is used.
     """
-    from confluent_kafka import Producer
-
-    s = ctx.settings
-    monitor = DemandMonitor(s, ctx.redis)
-    item_category = _item_category(ctx.items)
     if not item_category:
-        log.warning(
-            "item vectors %s have no categories: demand counted per event category only",
-            type(ctx.items).__name__,
-        )
-    producer = Producer(
-        {**s.kafka.librdkafka_config(), "linger.ms": 5, "acks": "all", "enable.idempotence": True}
-    )
-    topic = s.topics.alerts
-
-    def publish(alerts: Sequence[AnomalyAlert]) -> None:
-        publish_alerts(producer, topic, alerts)
-
-    ctx.extras["demand_monitor"] = monitor
-    return [DemandHook(monitor, item_category, publish)]
+        log.warning("the catalog has no categories: demand counted per event category only")
+    return DemandHook(DemandMonitor(settings, redis_client), item_category, publish)

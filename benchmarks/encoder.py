@@ -81,8 +81,16 @@ def _time_engine(
     return out
 
 
-def _worker(engine: str, model_dir: Path, batch_sizes: list[int], repeats: int, tokens: int, threads: int,
-            min_sentences: int, tokenizer_file: Path) -> dict[str, Any]:  # fmt: skip
+def _worker(
+    engine: str,
+    model_dir: Path,
+    batch_sizes: list[int],
+    repeats: int,
+    tokens: int,
+    threads: int,
+    min_sentences: int,
+    tokenizer_file: Path,
+) -> dict[str, Any]:
     """Time one engine in this process (called in a subprocess by the command). ``model_dir``: the
     Hugging Face folder for torch engines, the ONNX model folder for ONNX Runtime engines."""
     rows = bench_texts(max(batch_sizes), tokens, tokenizer_file)
@@ -111,16 +119,19 @@ def _worker(engine: str, model_dir: Path, batch_sizes: list[int], repeats: int, 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        file = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx", "onnx_cuda_fp16": "model.fp16.onnx",
-                "onnx_trt_fp16": "model.onnx"}[engine]  # fmt: skip
+        file = {
+            "onnx_fp32": "model.onnx",
+            "onnx_int8": "model.int8.onnx",
+            "onnx_cuda_fp16": "model.fp16.onnx",
+            "onnx_trt_fp16": "model.onnx",
+        }[engine]
         providers: list[Any] = ["CPUExecutionProvider"]
         if engine == "onnx_cuda_fp16":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         elif engine == "onnx_trt_fp16":
             cache = str(model_dir / ".trt-cache")
-            providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                                        "trt_engine_cache_path": cache}),
-                         "CUDAExecutionProvider", "CPUExecutionProvider"]  # fmt: skip
+            trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}
+            providers = [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
         sess = ort.InferenceSession(str(model_dir / file), sess_options=so, providers=providers)
         used = sess.get_providers()[0]
         if engine != "onnx_fp32" and engine != "onnx_int8" and used == "CPUExecutionProvider":
@@ -196,8 +207,19 @@ def encoder(quick: bool, output: Path | None, tokens: int, repeats: int | None, 
     }
     for eng in engines:
         folder = base_dir if eng.startswith("torch") else onnx_dir
-        cmd = [sys.executable, "-m", "benchmarks.encoder", eng, str(folder), ",".join(map(str, batch_sizes)),
-               str(repeats), str(tokens), str(threads), str(min_sentences), str(onnx_dir / "tokenizer.json")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.encoder",
+            eng,
+            str(folder),
+            ",".join(map(str, batch_sizes)),
+            str(repeats),
+            str(tokens),
+            str(threads),
+            str(min_sentences),
+            str(onnx_dir / "tokenizer.json"),
+        ]
         click.echo(f"timing {eng} ...", err=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -209,14 +231,21 @@ def encoder(quick: bool, output: Path | None, tokens: int, repeats: int | None, 
         return r["sentences_per_s"] if r else None
 
     for bs in batch_sizes:
-        for a, b in (("onnx_int8", "torch"), ("onnx_fp32", "torch"), ("onnx_int8", "onnx_fp32"),
-                     ("onnx_cuda_fp16", "torch_cuda_fp16"), ("onnx_trt_fp16", "torch_cuda_fp16")):  # fmt: skip
+        for a, b in (
+            ("onnx_int8", "torch"),
+            ("onnx_fp32", "torch"),
+            ("onnx_int8", "onnx_fp32"),
+            ("onnx_cuda_fp16", "torch_cuda_fp16"),
+            ("onnx_trt_fp16", "torch_cuda_fp16"),
+        ):
             ra, rb = rate(a, bs), rate(b, bs)
             if ra and rb:
                 results[f"ratio_{a}_vs_{b}_bs{bs}"] = round(ra / rb, 3)
     results["gpu"] = {"skipped": gpu_skip} if gpu_skip else {"engines": list(GPU_ENGINES)}
-    table = ["| engine | " + " | ".join(f"bs{b} sent/s" for b in batch_sizes) + " |",
-             "|---|" + "---:|" * len(batch_sizes)]  # fmt: skip
+    table = [
+        "| engine | " + " | ".join(f"bs{b} sent/s" for b in batch_sizes) + " |",
+        "|---|" + "---:|" * len(batch_sizes),
+    ]
     for eng, r in results["engines"].items():
         cells = [f"{r[f'bs{b}']['sentences_per_s']:.1f}" if f"bs{b}" in r else "—" for b in batch_sizes]
         table.append(f"| {eng} | " + " | ".join(cells) + " |")
@@ -234,8 +263,16 @@ def _main(argv: list[str]) -> None:
     """Subprocess entry: ``python -m benchmarks.encoder ENGINE FOLDER BATCHES REPEATS TOKENS THREADS MIN TOKENIZER``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     engine, folder, bss, repeats, tokens, threads, min_sentences, tok_file = argv
-    res = _worker(engine, Path(folder), [int(b) for b in bss.split(",")], int(repeats), int(tokens), int(threads),
-                  int(min_sentences), Path(tok_file))  # fmt: skip
+    res = _worker(
+        engine,
+        Path(folder),
+        [int(b) for b in bss.split(",")],
+        int(repeats),
+        int(tokens),
+        int(threads),
+        int(min_sentences),
+        Path(tok_file),
+    )
     print(json.dumps(res))
 
 

@@ -83,9 +83,17 @@ def synthetic_retail(ds, n: int, seed: int = 0) -> list[bytes]:
             t += int(g)
             for j in range(int(s)):
                 item = its[pos + j]
-                ev = Event(event_id=uuid.uuid4().hex, type=EventType.PURCHASE, user_id=str(u), ts=t,
-                           session_id=f"{u}-{t // 3_600_000}", item_id=str(item), price=2.5,
-                           quantity=int(qty[pos + j]), category=cat.get(item) or None)  # fmt: skip
+                ev = Event(
+                    event_id=uuid.uuid4().hex,
+                    type=EventType.PURCHASE,
+                    user_id=str(u),
+                    ts=t,
+                    session_id=f"{u}-{t // 3_600_000}",
+                    item_id=str(item),
+                    price=2.5,
+                    quantity=int(qty[pos + j]),
+                    category=cat.get(item) or None,
+                )
                 out.append(encode(ev))
             pos += int(s)
             if len(out) >= n:
@@ -204,8 +212,10 @@ async def _run_workload(base: Settings, tag: str, values: list[bytes], items: An
             _clear_redis(redis, s.redis.prefix)
             pipe = _pipeline(s, items, redis)
             ing.append(await _consume(s, len(values), process=pipe.process))
-            click.echo(f"[{tag}] ingest {r + 1}/{reps}: {ing[-1]['per_s']:,.0f} events/s, "
-                       f"batch p50 {ing[-1]['batch_p50_ms']} ms p99 {ing[-1]['batch_p99_ms']} ms")  # fmt: skip
+            click.echo(
+                f"[{tag}] ingest {r + 1}/{reps}: {ing[-1]['per_s']:,.0f} events/s, "
+                f"batch p50 {ing[-1]['batch_p50_ms']} ms p99 {ing[-1]['batch_p99_ms']} ms"
+            )
         raw_ps = statistics.median(x["per_s"] for x in raw)
         ing_ps = statistics.median(x["per_s"] for x in ing)
         # Naive baseline vs batched pipeline, without Kafka, on a slice of the stream.
@@ -264,9 +274,9 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
     """Events/s from the events topic to profiles in Redis vs the raw consume rate of the topic."""
     import platform
 
+    from devstack.produce import dataset_events
     from streamrec.datasets import load_dataset
     from streamrec.events import encode
-    from devstack.produce import dataset_events
 
     s = get_settings()
     reps = 1 if quick else 3
@@ -301,8 +311,8 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 
 
 # ---------------------------------------------------------------------------------------------
-# e2e: end-to-end latency benchmark (event → recommendation on the results topic). Written by
-# the lead; registered in streamrec/cli.py BENCH_COMMANDS as "benchmarks.stream:e2e".
+# e2e: end-to-end latency benchmark (event → recommendation on the results topic); registered
+# in streamrec/cli.py BENCH_COMMANDS as "benchmarks.stream:e2e".
 # ---------------------------------------------------------------------------------------------
 
 
@@ -338,9 +348,15 @@ class _ResultsReader:
 
         from confluent_kafka import Consumer
 
-        self.consumer = Consumer({**s.kafka.librdkafka_config(), "group.id": f"{s.kafka.consumer_group}-reader",
-                                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                                  "fetch.wait.max.ms": 5})  # fmt: skip
+        self.consumer = Consumer(
+            {
+                **s.kafka.librdkafka_config(),
+                "group.id": f"{s.kafka.consumer_group}-reader",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,
+            }
+        )
         self.consumer.subscribe([s.topics.results])
         self.rows: list[tuple[float, str]] = []
         self.stop = threading.Event()
@@ -360,8 +376,16 @@ class _ResultsReader:
         self.consumer.close()
 
 
-def _e2e_level(producer, reader: _ResultsReader, rate: float, seconds: float, items: list[str],
-               n_users: int, rng: np.random.Generator, sent_ts: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+def _e2e_level(
+    producer,
+    reader: _ResultsReader,
+    rate: float,
+    seconds: float,
+    items: list[str],
+    n_users: int,
+    rng: np.random.Generator,
+    sent_ts: dict[str, float],
+) -> dict[str, Any]:
     from streamrec.events import make_event
 
     start_rows = len(reader.rows)
@@ -389,24 +413,29 @@ def _e2e_level(producer, reader: _ResultsReader, rate: float, seconds: float, it
     elapsed = time.monotonic() - t0
     rows = reader.rows[start_rows:]
     lat = np.array([arr - sent_ts[eid] for arr, eid in rows if eid in sent_ts], np.float64)
-    out: dict[str, Any] = {"rate_events_per_s": rate, "events": n, "results": len(rows),
-                           "results_per_s": round(len(rows) / max(elapsed - 2.0, 1e-3), 1)}  # fmt: skip
+    out: dict[str, Any] = {
+        "rate_events_per_s": rate,
+        "events": n,
+        "results": len(rows),
+        "results_per_s": round(len(rows) / max(elapsed - 2.0, 1e-3), 1),
+    }
     if lat.size:
         p50, p95, p99 = np.percentile(lat, [50, 95, 99])
         out.update(p50_ms=round(float(p50), 1), p95_ms=round(float(p95), 1), p99_ms=round(float(p99), 1))
     return out
 
 
-def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: float, log_dir: Path,
-                     encoder: str) -> dict[str, Any]:  # fmt: skip
+def _run_e2e_catalog(
+    base: Settings, tag: str, model_dir: Path, rates, seconds: float, log_dir: Path, encoder: str
+) -> dict[str, Any]:
     import socket
     import subprocess
     import sys
 
-    from inference.catalog import CatalogIndex
-    from streamrec.kafka import ensure_topics
     from devstack.demo import wait_until_ready
     from devstack.produce import EventProducer
+    from inference.catalog import CatalogIndex
+    from streamrec.kafka import ensure_topics
 
     s = _bench_settings(base, f"e2e-{tag}")
 
@@ -417,15 +446,27 @@ def _run_e2e_catalog(base: Settings, tag: str, model_dir: Path, rates, seconds: 
 
     s.web_port, s.metrics_port = port(), port()
     ensure_topics(s)
-    env = {**os.environ, "STREAMREC_MODEL_DIR": str(model_dir), "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
-           "STREAMREC_TOPICS_EVENTS": s.topics.events, "STREAMREC_TOPICS_RESULTS": s.topics.results,
-           "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter, "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
-           "STREAMREC_REDIS_PREFIX": s.redis.prefix, "STREAMREC_WEB_PORT": str(s.web_port),
-           "STREAMREC_METRICS_PORT": str(s.metrics_port), "STREAMREC_STATE_DIR": str(log_dir / tag),
-           "STREAMREC_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        **os.environ,
+        "STREAMREC_MODEL_DIR": str(model_dir),
+        "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
+        "STREAMREC_TOPICS_EVENTS": s.topics.events,
+        "STREAMREC_TOPICS_RESULTS": s.topics.results,
+        "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
+        "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
+        "STREAMREC_REDIS_PREFIX": s.redis.prefix,
+        "STREAMREC_WEB_PORT": str(s.web_port),
+        "STREAMREC_METRICS_PORT": str(s.metrics_port),
+        "STREAMREC_STATE_DIR": str(log_dir / tag),
+        "STREAMREC_LOG_LEVEL": "WARNING",
+    }
     log = log_dir / f"worker-{tag}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder], env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder],
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     reader = None
     try:
         wait_until_ready(proc, f"http://127.0.0.1:{s.web_port}", log)
@@ -481,16 +522,20 @@ def _plot_e2e(result: dict[str, Any], path: Path) -> None:
 @click.option(
     "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here."
 )
-@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
-              help="Model folder for the Online Retail catalog (default: the settings' model dir, else the "
-                   "pretrained encoder exported into <state_dir>/model-pretrained).")  # fmt: skip
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model folder for the Online Retail catalog (default: the settings' model dir, else the "
+    "pretrained encoder exported into <state_dir>/model-pretrained).",
+)
 @click.option("--synthetic-items", type=int, default=100_000, show_default=True)
 def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_items: int) -> None:
     """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
     import tempfile
 
-    from streamrec.datasets import load_dataset
     from evaluation.replay import ensure_pretrained
+    from streamrec.datasets import load_dataset
 
     s = get_settings()
     rates = (50,) if quick else E2E_RATES
@@ -533,8 +578,12 @@ def _gpu_name() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         return None

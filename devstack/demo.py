@@ -62,16 +62,16 @@ def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
     else:
         ckpt = s.state_dir / "train" / "demo"
         if quick:  # a smoke run of the real training loop, not a useful model
-            args = ["--max-steps", "8", "--batch-size", "16", "--max-users", "200", "--eval-users", "100",
-                    "--no-test-eval"]  # fmt: skip
+            args = ["--max-steps", "8", "--batch-size", "16", "--max-users", "200", "--eval-users", "100"]
+            args.append("--no-test-eval")
         else:  # a few CPU minutes, early stopping on valid NDCG@10
             args = ["--max-steps", "150", "--batch-size", "64", "--eval-every", "75", "--eval-users", "300"]
         _run(
             [*exe, "train", "--dataset", "online-retail", "--out", str(ckpt), *args],
             "fine-tuning the encoder",
         )
-        _run([*exe, "export", "--checkpoint", str(ckpt / "best"), "--out", str(model), "--variants", "fp32,int8"],
-             "exporting to ONNX")  # fmt: skip
+        export_args = ["--checkpoint", str(ckpt / "best"), "--out", str(model), "--variants", "fp32,int8"]
+        _run([*exe, "export", *export_args], "exporting to ONNX")
     _run([*exe, "index", "--dataset", "online-retail", "--model-dir", str(model)], "embedding the catalog")
     return model
 
@@ -83,8 +83,14 @@ class LiveView:
         from confluent_kafka import Consumer
 
         self.s = s
-        self.consumer = Consumer({**s.kafka.librdkafka_config(), "group.id": f"demo-view-{os.getpid()}",
-                                  "auto.offset.reset": "latest", "enable.auto.commit": False})  # fmt: skip
+        self.consumer = Consumer(
+            {
+                **s.kafka.librdkafka_config(),
+                "group.id": f"demo-view-{os.getpid()}",
+                "auto.offset.reset": "latest",
+                "enable.auto.commit": False,
+            }
+        )
         self.consumer.subscribe([s.topics.results, s.topics.alerts])
         self.results = 0
         self.latencies: deque[float] = deque(maxlen=5000)
@@ -165,10 +171,10 @@ def demo(
     rate: float, duration: float, quick: bool, pretrained: bool, stop_stack: bool, json_summary: Path | None
 ) -> None:
     """Run the live pipeline on real data and show it working."""
-    from streamrec.datasets import load_dataset
-    from devstack.stack import LocalStack
-    from streamrec.kafka import ensure_topics
     from devstack.produce import EventProducer, dataset_events
+    from devstack.stack import LocalStack
+    from streamrec.datasets import load_dataset
+    from streamrec.kafka import ensure_topics
 
     s = get_settings()
     if quick:
@@ -184,8 +190,12 @@ def demo(
     # `buy_again` (the setting that wins the replay evaluation) unless the user chose otherwise.
     env = {"STREAMREC_SCORING_EXCLUDE_PURCHASED": "false", **os.environ, "STREAMREC_MODEL_DIR": str(model)}
     click.secho(f"==> starting the worker (log {log_path})", fg="cyan")
-    worker = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "worker"], env=env,
-                              stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamrec.cli", "worker"],
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+    )
     web = f"http://127.0.0.1:{s.web_port}"
     metrics_url = f"http://127.0.0.1:{s.metrics_port}/metrics"
     view = None
@@ -207,8 +217,10 @@ def demo(
         next_view = t0 + 5
         last_consumed = 0.0
         last_t = t0
-        click.secho(f"==> replaying {len(events):,} Online Retail test events at {rate:.0f}/s, re-timed to now",
-                    fg="cyan")  # fmt: skip
+        click.secho(
+            f"==> replaying {len(events):,} Online Retail test events at {rate:.0f}/s, re-timed to now",
+            fg="cyan",
+        )
         while sent < len(events):
             due = int((time.monotonic() - t0) * rate) + 1
             while sent < min(due, len(events)):

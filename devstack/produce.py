@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import click
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -44,7 +45,9 @@ class EventProducer:
         self.topic = topic or settings.topics.events
         self.kafka = KafkaProducer(settings, **{"linger.ms": 10, **overrides})
 
-    def send_raw(self, value: bytes | None, key: bytes | str | None = None, headers: list | None = None) -> None:
+    def send_raw(
+        self, value: bytes | None, key: bytes | str | None = None, headers: list | None = None
+    ) -> None:
         self.kafka.produce(self.topic, value, key, headers)
         self.kafka.poll(0)
 
@@ -167,3 +170,87 @@ def replay(
     finally:
         bar.close()
     return sent
+
+
+@click.command()
+@click.option(
+    "--dataset",
+    default="online-retail",
+    show_default=True,
+    help="online-retail, scientific, or a generic dataset folder.",
+)
+@click.option(
+    "--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True
+)
+@click.option(
+    "--rate", type=float, default=0.0, show_default=True, help="Events per second; 0 = as fast as possible."
+)
+@click.option("--limit", type=int, default=None, help="Send at most this many events.")
+@click.option("--users", type=int, default=None, help="Only a random sample of this many users.")
+@click.option(
+    "--now",
+    "retime",
+    is_flag=True,
+    help="Re-time events to the present (relative spacing / --speed); they are sent as their time comes.",
+)
+@click.option(
+    "--speed",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="With --now: event-time speed-up (3600 = one hour of the dataset per second).",
+)
+@click.option("--topic", default=None, help="Topic (default: STREAMREC_TOPICS_EVENTS).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def produce(
+    dataset: str,
+    split: str,
+    rate: float,
+    limit: int | None,
+    users: int | None,
+    retime: bool,
+    speed: float,
+    topic: str | None,
+    quiet: bool,
+) -> None:
+    """Replay a dataset into the events topic (keyed by user_id) at a rate, with a progress bar."""
+    from streamrec.datasets import load_dataset
+    from streamrec.kafka import ensure_topics
+    from streamrec.settings import get_settings
+
+    logging.basicConfig(level=logging.WARNING)
+    s = get_settings()
+    if speed <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--speed")
+    try:
+        ds = load_dataset(dataset, s.data_dir).subset(users)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if topic:
+        s = s.model_copy(update={"topics": s.topics.model_copy(update={"events": topic})})
+    try:
+        ensure_topics(s)
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {exc}; start the stack with `streamrec up`"
+        ) from exc
+    n = len(ds.interactions) if split == "all" else int((ds.interactions["split"] == split).sum())
+    total = min(n, limit) if limit is not None else n
+    now_ms = int(time.time() * 1000) if retime else None
+    events = dataset_events(ds, split, settings=s, limit=limit, now_ms=now_ms, speed=speed)
+    producer = EventProducer(s)
+    t0 = time.monotonic()
+    try:
+        sent = replay(
+            producer, events, total=total, rate=rate, paced_by_event_time=retime, progress=not quiet
+        )
+    except ProduceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        producer.flush(10)
+        click.echo(f"interrupted after {producer.delivered} events", err=True)
+        raise SystemExit(130) from None
+    dt = time.monotonic() - t0
+    click.echo(
+        f"sent {sent} {ds.name}/{split} events to {s.topics.events} in {dt:.1f}s ({sent / max(dt, 1e-9):,.0f}/s)"
+    )

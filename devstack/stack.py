@@ -162,9 +162,15 @@ class LocalStack:
         tmp = self.libs_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [
-            "mvn", "-q", "-B", "-f", str(self.deploy / "pom.xml"), "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
-        ]  # fmt: skip
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(self.deploy / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise StackError(
@@ -235,11 +241,19 @@ class LocalStack:
                     raise StackError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
             logs = self.kafka_dir / "logs"
             cmd = [
-                java, f"-Xmx{self.s.kafka.heap}", f"-Xms{self.s.kafka.heap}", "-XX:+UseG1GC",
-                "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
-                f"-Dkafka.logs.dir={logs}", f"-Dlog4j2.configurationFile={self.deploy / 'log4j2.yaml'}",
-                "-cp", cp, "kafka.Kafka", str(props),
-            ]  # fmt: skip
+                java,
+                f"-Xmx{self.s.kafka.heap}",
+                f"-Xms{self.s.kafka.heap}",
+                "-XX:+UseG1GC",
+                "-XX:TieredStopAtLevel=1",
+                "-Djava.awt.headless=true",
+                f"-Dkafka.logs.dir={logs}",
+                f"-Dlog4j2.configurationFile={self.deploy / 'log4j2.yaml'}",
+                "-cp",
+                cp,
+                "kafka.Kafka",
+                str(props),
+            ]
             with open(self.kafka_stdout, "ab") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             self.kafka_pidfile.write_text(str(proc.pid))
@@ -284,9 +298,19 @@ class LocalStack:
             self.redis_dir.mkdir(parents=True, exist_ok=True)
             conf = self.deploy / f"redis-{self.redis_profile}.conf"
             cmd = [
-                server, str(conf), "--port", str(port), "--bind", host, "--dir", str(self.redis_dir),
-                "--logfile", str(self.redis_log), "--pidfile", str(self.redis_dir / "redis-server.pid"),
-            ]  # fmt: skip
+                server,
+                str(conf),
+                "--port",
+                str(port),
+                "--bind",
+                host,
+                "--dir",
+                str(self.redis_dir),
+                "--logfile",
+                str(self.redis_log),
+                "--pidfile",
+                str(self.redis_dir / "redis-server.pid"),
+            ]
             if self.s.redis.password is not None:
                 cmd += ["--requirepass", self.s.redis.password.get_secret_value()]
             proc = subprocess.Popen(
@@ -342,8 +366,22 @@ class LocalStack:
         rpid = self._read_pid(self.redis_pidfile)
         rok, rdetail = redis_healthy(self.s, timeout=1.0)
         return [
-            ServiceStatus("kafka", self.s.kafka.bootstrap_servers, kok, kpid, kpid is not None,
-                          self.kafka_log if kpid else None, kdetail),
-            ServiceStatus("redis", self.s.redis.url, rok, rpid, rpid is not None,
-                          self.redis_log if rpid else None, rdetail),
-        ]  # fmt: skip
+            ServiceStatus(
+                "kafka",
+                self.s.kafka.bootstrap_servers,
+                kok,
+                kpid,
+                kpid is not None,
+                self.kafka_log if kpid else None,
+                kdetail,
+            ),
+            ServiceStatus(
+                "redis",
+                self.s.redis.url,
+                rok,
+                rpid,
+                rpid is not None,
+                self.redis_log if rpid else None,
+                rdetail,
+            ),
+        ]

@@ -285,8 +285,9 @@ def pretrained_model_dir(s: Settings) -> Path:
     except Exception:
         from inference.training.export import export_pretrained
 
-        export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len,
-                          variants=("fp32",))  # fmt: skip
+        export_pretrained(
+            folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len, variants=("fp32",)
+        )
         return folder
 
 
@@ -318,8 +319,16 @@ def pretrained_model_dir(s: Settings) -> Path:
 )
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="JSON, method names as keys.")
 @click.option("--quick", is_flag=True, help="500 users (CI smoke run).")
-def loo(dataset: str, split: str, model_dir: Path | None, variant: str, max_users: int,
-        results_dir: Path, output: Path | None, quick: bool) -> None:  # fmt: skip
+def loo(
+    dataset: str,
+    split: str,
+    model_dir: Path | None,
+    variant: str,
+    max_users: int,
+    results_dir: Path,
+    output: Path | None,
+    quick: bool,
+) -> None:
     """Leave-one-out full ranking (history excluded): most-popular, item-kNN, pretrained and
     fine-tuned (`streamrec`) encoders, beside published figures on Scientific."""
     from inference.encoder import OnnxEncoder
@@ -368,11 +377,16 @@ def loo(dataset: str, split: str, model_dir: Path | None, variant: str, max_user
     plot = plot_results(results, results_dir / f"loo-{tag}.png", f"{ds.name} {split}: full ranking")
     md = [f"# Leave-one-out evaluation: {ds.name}, {split}", "", markdown_table(results), ""]
     if published:
-        md += ["## Published figures (same data, leave-one-out, full ranking)", "",
-               markdown_table(published), "",
-               *[f"- {k}: {v['source']}" for k, v in published.items()],
-               "- Recalled from the papers' tables, not re-run here; verify before quoting. The papers "
-               "do not say whether history items are excluded.", ""]  # fmt: skip
+        md += [
+            "## Published figures (same data, leave-one-out, full ranking)",
+            "",
+            markdown_table(published),
+            "",
+            *[f"- {k}: {v['source']}" for k, v in published.items()],
+            "- Recalled from the papers' tables, not re-run here; verify before quoting. The papers "
+            "do not say whether history items are excluded.",
+            "",
+        ]
     md += ["## Notes", "", *[f"- {n}" for n in notes], "", f"![plot]({plot.name})", ""]
     report = results_dir / f"loo-{tag}.md"
     report.write_text("\n".join(md))

@@ -244,18 +244,31 @@ def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: lis
 @click.option(
     "--dataset", default="online-retail", show_default=True, help="Named dataset or generic folder."
 )
-@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
-              help="Fine-tuned model folder (default: the settings' model dir).")  # fmt: skip
-@click.option("--pretrained-dir", type=click.Path(path_type=Path), default=None,
-              help="Pretrained (not fine-tuned) model folder; built from the base model when missing.")  # fmt: skip
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fine-tuned model folder (default: the settings' model dir).",
+)
+@click.option(
+    "--pretrained-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Pretrained (not fine-tuned) model folder; built from the base model when missing.",
+)
 @click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option(
     "--output", type=click.Path(path_type=Path), default=None, help="JSON with every method's metrics."
 )
 @click.option("--quick", is_flag=True, help="3 test days and 30 warm-up days (CI smoke run).")
 @click.option("--days", type=int, default=None, help="Limit the test period to this many days.")
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
-              help="valid to tune settings (warm-up on train), test for the report.")  # fmt: skip
+@click.option(
+    "--split",
+    type=click.Choice(["valid", "test"]),
+    default="test",
+    show_default=True,
+    help="valid to tune settings (warm-up on train), test for the report.",
+)
 def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days, split) -> None:
     """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
     from evaluation.baselines import BASELINES
@@ -305,7 +318,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
 
 def ensure_pretrained(folder: Path, ds: Dataset, s: Settings) -> Path:
     """Export the base encoder (no fine-tuning) and embed the catalog into ``folder``."""
-    from inference.catalog import build_catalog
+    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.training.export import export_pretrained
 

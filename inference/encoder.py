@@ -128,9 +128,13 @@ class OnnxEncoder:
         opts: list[tuple[str, dict[str, Any]]] = []
         for p in providers:
             if p == "TensorrtExecutionProvider":
-                cache = self.folder / ".trt-cache"
-                opts.append((p, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                 "trt_engine_cache_path": str(cache)}))  # fmt: skip
+                cache = str(self.folder / ".trt-cache")
+                trt = {
+                    "trt_fp16_enable": True,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                }
+                opts.append((p, trt))
             else:
                 opts.append((p, {}))
         path = self.folder / self.manifest.variant_file(self.variant)

@@ -112,8 +112,13 @@ class RedisPopularity:
             (m.decode() if isinstance(m, bytes) else m, float(s)) for (m, _), s in zip(rows, rel, strict=True)
         ]
 
-    def seed(self, item_ids: Sequence[str], counts: Sequence[float], ts_ms: int,
-             categories: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    def seed(
+        self,
+        item_ids: Sequence[str],
+        counts: Sequence[float],
+        ts_ms: int,
+        categories: Mapping[str, str] | None = None,
+    ) -> None:
         """Bulk-load popularity (e.g. from the training period) as if counted at ``ts_ms``."""
         scale = 2.0 ** ((ts_ms - self._landmark([ts_ms])) / self.half_life_ms)
         keys = {self._key()}

@@ -30,36 +30,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from inference import metrics
-from streamrec.interfaces import DemandAdjustments
+from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
-
-
-class Catalog(Protocol):
-    """What the scorer needs of the catalog index (inference.catalog.CatalogIndex)."""
-
-    ids: list[str]
-    matrix: np.ndarray
-    categories: list[str]
-    available: np.ndarray
-    model_version: str
-    dim: int
-
-    def index_of(self, item_ids: Sequence[str]) -> np.ndarray: ...
-
-    def topk(
-        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-class PopularitySource(Protocol):
-    """Popular / trending items for users without a profile vector."""
-
-    def top(self, k: int, category: str | None = None) -> list[tuple[str, float]]: ...
 
 
 @dataclass(frozen=True)
@@ -331,8 +308,11 @@ class Scorer:
             picks = [(self.catalog.ids[i], 0.0) for i in avail]
         avail_idx = self.catalog.index_of([i for i, _ in picks])
         ok_avail = np.asarray(self.catalog.available, bool)
-        chosen = [(i, s) for (i, s), j in zip(picks, avail_idx, strict=True)
-                  if i not in excl and (j < 0 or ok_avail[j])][: req.k]  # fmt: skip
+        chosen = [
+            (i, s)
+            for (i, s), j in zip(picks, avail_idx, strict=True)
+            if i not in excl and (j < 0 or ok_avail[j])
+        ][: req.k]
         total = sum(s for _, s in chosen) or 1.0
         return [ScoredItem(i, s / total, "popular") for i, s in chosen]
 

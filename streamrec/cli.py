@@ -40,9 +40,10 @@ COMMANDS = {
     "export": "inference.training.cli:export",
     "index": "inference.training.cli:index",
     "encode": "inference.training.cli:encode",
-    # streaming: the faust worker and the dataset replayer (streams/)
+    # streaming: the faust worker (streams/)
     "worker": "streams.cli:worker",
-    "produce": "streams.cli:produce",
+    # local tooling: the dataset replayer and the live demo (devstack/)
+    "produce": "devstack.produce:produce",
     "demo": "devstack.demo:demo",
 }
 

@@ -34,20 +34,35 @@ SPLITS = ("train", "valid", "test")
 
 # UCI Online Retail: stock codes that are not products.
 NON_PRODUCT_CODES = {
-    "POST", "M", "D", "DOT", "BANK CHARGES", "AMAZONFEE", "C2", "CRUK", "PADS", "S", "B",
-    "GIFT_0001_10", "GIFT_0001_20", "GIFT_0001_30", "GIFT_0001_40", "GIFT_0001_50",
-}  # fmt: skip
+    "POST",
+    "M",
+    "D",
+    "DOT",
+    "BANK CHARGES",
+    "AMAZONFEE",
+    "C2",
+    "CRUK",
+    "PADS",
+    "S",
+    "B",
+    "GIFT_0001_10",
+    "GIFT_0001_20",
+    "GIFT_0001_30",
+    "GIFT_0001_40",
+    "GIFT_0001_50",
+}
 RETAIL_TRAIN_END = pd.Timestamp("2011-10-01")  # train: up to 2011-09-30
 RETAIL_TEST_START = pd.Timestamp("2011-11-01")  # valid: October 2011; test: from 2011-11-01
 
 # Words that describe rather than name a product; skipped when deriving a retail category.
-_DESCRIPTIVE = {
-    "DESIGN", "RETROSPOT", "PINK", "RED", "BLUE", "GREEN", "WHITE", "BLACK", "IVORY", "LARGE",
-    "SMALL", "MINI", "JUMBO", "SET", "OF", "POLKADOT", "VINTAGE", "CHRISTMAS", "HEART", "ASSORTED",
-    "COLOUR", "COLOURS", "3", "6", "12", "2", "4", "SPOT", "SPOTS", "FLOWER", "FLORAL", "GLASS",
-    "WOODEN", "METAL", "PAISLEY", "SKULL", "SKULLS", "STRAWBERRY", "LOVE", "HEARTS", "STAR",
-    "DOLLY", "GIRL", "GIRLS", "BOY", "CHARLOTTE", "REGENCY", "LOLITA", "+", "&", "-", "DES", "DESIGNS",
-}  # fmt: skip
+_DESCRIPTIVE = set(
+    """
+    DESIGN RETROSPOT PINK RED BLUE GREEN WHITE BLACK IVORY LARGE SMALL MINI JUMBO SET OF POLKADOT
+    VINTAGE CHRISTMAS HEART ASSORTED COLOUR COLOURS 3 6 12 2 4 SPOT SPOTS FLOWER FLORAL GLASS WOODEN
+    METAL PAISLEY SKULL SKULLS STRAWBERRY LOVE HEARTS STAR DOLLY GIRL GIRLS BOY CHARLOTTE REGENCY
+    LOLITA + & - DES DESIGNS
+    """.split()
+)
 
 
 @dataclass

@@ -1,17 +1,21 @@
 """The small typed interfaces through which the top-level packages talk.
 
-``inference`` implements :class:`ItemVectors` (the catalog index) and :class:`TextEncoder`;
-``profiles`` reads item vectors through :class:`ItemVectors` only; ``alerts`` implements
-:class:`DemandAdjustments`, which the scorer applies. The packages never import each
-other's internals: ``streams`` (the faust worker) wires the implementations together.
+``inference`` implements :class:`ItemVectors` / :class:`Catalog` (the catalog index),
+:class:`TextEncoder` and :class:`PopularitySource`; ``profiles`` reads item vectors through
+:class:`ItemVectors` only; ``alerts`` implements :class:`DemandAdjustments`, which the scorer
+applies, and a :class:`Hook`. The packages never import each other's internals: ``streams``
+(the faust worker, ``streams/context.py``) wires the implementations together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from streamrec.events import Event
 
 
 @runtime_checkable
@@ -47,3 +51,39 @@ class DemandAdjustments(Protocol):
     ) -> tuple[np.ndarray, list[str | None]]:
         """(multiplier per item, shape (n,), 1.0 when none; reason per item, e.g. 'trending_in:lantern')."""
         ...
+
+
+@runtime_checkable
+class Catalog(ItemVectors, Protocol):
+    """The catalog index the scorer ranks: ids, vectors, categories, availability, top-k."""
+
+    ids: list[str]
+    matrix: np.ndarray
+    categories: list[str]
+    available: np.ndarray
+
+    def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, -1 for unknown ids."""
+        ...
+
+    def topk(
+        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (n, k), scores (n, k)) of the best items per query row, ``exclude[i]`` rows left out."""
+        ...
+
+
+class PopularitySource(Protocol):
+    """Popular / trending items for users without a profile vector."""
+
+    def top(self, k: int, category: str | None = None) -> list[tuple[str, float]]: ...
+
+
+class Hook(Protocol):
+    """Run after each batch's profiles are applied, with the applied events and changed users.
+
+    The applied events are the batch's valid events less replays and duplicates, so a hook
+    that counts (the demand monitor) never counts an event twice.
+    """
+
+    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None: ...

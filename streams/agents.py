@@ -17,15 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import faust
 
 from streamrec.settings import Settings
+from streams.context import WorkerState
 from streams.validation import RawRecord
-
-if TYPE_CHECKING:
-    from streams.app import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +55,10 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                     if time.monotonic() + delay > deadline:
                         log.critical(
                             "batch of %d records failed for %.0fs, stopping (it will be redelivered): %s",
-                            len(records), cfg.failure_retry_s, exc,
-                        )  # fmt: skip
+                            len(records),
+                            cfg.failure_retry_s,
+                            exc,
+                        )
                         raise
                     log.warning("batch of %d records failed, retrying in %.1fs: %s", len(records), delay, exc)
                     await asyncio.sleep(delay)

@@ -7,145 +7,32 @@
 * one consumer group (``kafka.consumer_group`` is the faust app id); offsets are committed
   every ``stream.commit_interval_s`` for events the agent acknowledged after processing;
 * the agent of ``streams/agents.py`` (batches of ``stream.batch_max`` / ``stream.batch_within_s``);
-* faust's web server on ``web_port`` with ``GET /healthz`` (the process runs) and
-  ``GET /readyz`` (components loaded, not rebalancing, agent not crashed);
-* the worker's components (catalog, encoder, Redis, dead-letter producer, pipeline, hooks),
-  loaded in a thread when the worker starts (:class:`WorkerContext`);
+* faust's web server on ``web_port``: ``GET /healthz``, ``GET /readyz`` and the pull endpoint
+  (``streams/web.py``);
+* the worker's services (``streams/context.py``), built in a thread when the worker starts;
 * Prometheus gauges: ``streamrec_worker_up``, ``streamrec_consumer_lag``,
   ``streamrec_rebalances_total``.
-
-To run something after every batch (recommendation push, demand monitor), add it in
-:func:`default_hooks`: one line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
-from profiles.store import ProfileStore
-from streamrec.interfaces import ItemVectors, TextEncoder
 from streamrec.settings import Settings
 from streams import metrics
-from streams.pipeline import EventPipeline, Hook
-from streams.validation import KafkaDeadLetterSink, Validator
+from streams.agents import register_agents
+from streams.context import DEFAULT_ENCODER, DEFAULT_ITEMS, WorkerState, build_context
 from streams.web import register_views
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ITEMS = "inference.catalog:load_catalog"
-DEFAULT_ENCODER = "inference.encoder:load_encoder"
 
-
-@dataclass
-class WorkerContext:
-    """Everything a running worker holds; hooks are built from it."""
-
-    settings: Settings
-    items: ItemVectors
-    encoder: TextEncoder | None
-    redis: Any
-    store: ProfileStore
-    dead_letters: KafkaDeadLetterSink
-    pipeline: EventPipeline
-    app: faust.App | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-def default_hooks(ctx: WorkerContext) -> list[Hook]:
-    """The hooks run after each batch's profiles are applied, in order.
-
-    Each is ``async hook(applied_events, changed_user_ids, store)``. Add one with one line,
-    e.g. ``hooks.append(RecommendationPusher(...))``.
-    """
-    from alerts.hook import demand_hooks
-    from streams.recommend import recommendation_hooks
-
-    hooks: list[Hook] = []
-    hooks += demand_hooks(ctx)  # windowed demand, spike/drop detection, boosts, alerts topic
-    hooks += recommendation_hooks(ctx)  # cold-start popularity + push of fresh top-K
-    return hooks
-
-
-def load_factory(spec: str) -> Callable[[Settings], Any]:
-    """``"module:attribute"`` → the callable it names (the worker's plug-in points)."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"expected 'module:callable', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
-
-
-def build_context(
-    settings: Settings,
-    items_factory: str | None = DEFAULT_ITEMS,
-    encoder_factory: str | None = DEFAULT_ENCODER,
-    hooks_factory: Callable[[WorkerContext], list[Hook]] = default_hooks,
-) -> WorkerContext:
-    """Load the catalog and encoder, connect Redis and the dead-letter producer, build the pipeline.
-
-    ``items_factory``/``encoder_factory`` name ``callable(settings)``; ``encoder_factory=None``
-    runs without a text encoder (search events then keep their query text without a vector).
-    """
-    items = load_factory(items_factory or DEFAULT_ITEMS)(settings)
-    if not isinstance(items, ItemVectors):
-        raise TypeError(
-            f"{items_factory} returned {type(items).__name__}, which does not implement ItemVectors"
-        )
-    encoder = load_factory(encoder_factory)(settings) if encoder_factory else None
-    if encoder is not None and int(encoder.dim) != int(items.dim):
-        raise ValueError(
-            f"encoder dim {encoder.dim} != item vector dim {items.dim}: the catalog was not built with this "
-            "encoder; re-run `streamrec index`"
-        )
-    redis = settings.redis.client()
-    redis.ping()
-    store = ProfileStore(redis, settings, items=items)
-    dead = KafkaDeadLetterSink(settings)
-    pipeline = EventPipeline(store, Validator(items), dead, encoder=encoder)
-    ctx = WorkerContext(settings, items, encoder, redis, store, dead, pipeline)
-    for hook in hooks_factory(ctx):
-        pipeline.add_hook(hook)
-    return ctx
-
-
-class WorkerState:
-    """Readiness and the loaded context, shared by the agent, web views and timers."""
-
-    def __init__(self) -> None:
-        self.ctx: WorkerContext | None = None
-        self.loaded = asyncio.Event()
-        self.error: BaseException | None = None
-        self.batches = 0
-
-    @property
-    def pipeline(self) -> EventPipeline:
-        if self.ctx is None:
-            raise RuntimeError("worker components are not loaded yet")
-        return self.ctx.pipeline
-
-
-def create_app(
-    settings: Settings,
-    *,
-    items_factory: str | None = DEFAULT_ITEMS,
-    encoder_factory: str | None = DEFAULT_ENCODER,
-    hooks_factory: Callable[[WorkerContext], list[Hook]] = default_hooks,
-) -> faust.App:
-    """The worker's faust app. ``app.streamrec_state`` holds its :class:`WorkerState`."""
-    from streams.agents import register_agents
-
-    s = settings
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+def _faust_app(s: Settings) -> faust.App:
+    return faust.App(
         s.kafka.consumer_group,
         broker=s.kafka.faust_broker_url(),
         broker_credentials=s.kafka.faust_broker_credentials(),
@@ -166,6 +53,18 @@ def create_app(
         web_host="localhost",
         producer_acks=-1,
     )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    items_factory: str | None = DEFAULT_ITEMS,
+    encoder_factory: str | None = DEFAULT_ENCODER,
+) -> faust.App:
+    """The worker's faust app. ``app.streamrec_state`` holds its :class:`WorkerState`."""
+    s = settings
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    app = _faust_app(s)
     state = WorkerState()
     app.streamrec_state = state  # type: ignore[attr-defined]
     events_topic = app.topic(
@@ -176,55 +75,38 @@ def create_app(
         value_serializer="raw",
         partitions=s.topics.partitions,
     )
-    register_agents(app, events_topic, state, settings)
-    register_views(app, state)
+    register_agents(app, events_topic, state, s)
+    register_views(app, state, s)
+    _register_lifecycle(app, state, s, items_factory, encoder_factory)
+    return app
+
+
+def _register_lifecycle(
+    app: faust.App, state: WorkerState, s: Settings, items_factory: str | None, encoder_factory: str | None
+) -> None:
+    """Loading the services at start, rebalance and lag metrics, shutdown."""
 
     @app.task
     async def load_components() -> None:
         loop = asyncio.get_running_loop()
         try:
-            ctx = await loop.run_in_executor(
-                None, lambda: build_context(s, items_factory, encoder_factory, hooks_factory)
-            )
+            ctx = await loop.run_in_executor(None, lambda: build_context(s, items_factory, encoder_factory))
         except Exception as exc:
             state.error = exc
             log.critical("worker components failed to load: %s", exc)
             await app.crash(exc)
             return
-        ctx.app = app
         state.ctx = ctx
         state.loaded.set()
         metrics.worker_up.set(1)
         log.info(
             "worker ready: items %s (dim %s, model %s), encoder %s, %d hooks",
-            getattr(ctx.items, "__class__", type(ctx.items)).__name__,
+            type(ctx.items).__name__,
             ctx.items.dim,
             ctx.items.model_version,
             type(ctx.encoder).__name__ if ctx.encoder else "none",
             len(ctx.pipeline.hooks),
         )
-
-    @app.page("/healthz")
-    async def healthz(web, request):
-        crashed = bool(getattr(app, "crashed", False)) or state.error is not None
-        body = {"status": "failed" if crashed else "ok", "error": str(state.error) if state.error else None}
-        return web.json(body, status=500 if crashed else 200)
-
-    @app.page("/readyz")
-    async def readyz(web, request):
-        ready = state.loaded.is_set() and state.error is None and not app.rebalancing
-        body = {
-            "ready": ready,
-            "components_loaded": state.loaded.is_set(),
-            "rebalancing": bool(app.rebalancing),
-            "assigned_partitions": sorted(
-                tp.partition
-                for tp in (app.consumer.assignment() if app.consumer is not None else ())
-                if tp.topic == s.topics.events
-            ),
-            "batches": state.batches,
-        }
-        return web.json(body, status=200 if ready else 503)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any = None, assigned: Any = None, **kwargs: Any) -> None:
@@ -239,11 +121,7 @@ def create_app(
     async def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
         metrics.worker_up.set(0)
         if state.ctx is not None:
-            from streams.recommend import shutdown_recommendations
-
-            await shutdown_recommendations(state.ctx)
-
-    return app
+            await state.ctx.close()
 
 
 def update_consumer_lag(app: faust.App, state: WorkerState) -> None:

@@ -8,7 +8,7 @@ and what the benchmark drives directly. Per batch:
 2. encode the batch's search queries (distinct texts) in one encoder call (if an encoder is loaded);
 3. apply the events to the profiles in Redis (``profiles/store.py``: one read pipeline, one
    write pipeline of per-user compare-and-set Lua scripts; replays and duplicates are skipped);
-4. call the hooks, each with ``(applied events, users whose profile changed, profile store)``;
+4. call the hooks (:class:`streamrec.interfaces.Hook`), each with ``(applied events, users whose profile changed)``;
    the applied events are the batch's valid events less replays and duplicates, so a hook
    that counts (demand monitor) never counts an event twice.
 
@@ -23,22 +23,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from profiles.store import ApplyResult, Position, ProfileStore
 from streamrec.events import Event, EventType
-from streamrec.interfaces import TextEncoder
+from streamrec.interfaces import Hook, TextEncoder
 from streams import metrics
 from streams.validation import DeadLetterSink, RawRecord, ValidatedBatch, Validator
 
 log = logging.getLogger(__name__)
-
-Hook = Callable[[Sequence[Event], set[str], ProfileStore], Awaitable[None]]
-"""An async callable run after each batch's profiles are applied."""
-
 
 @dataclass
 class BatchResult:
@@ -109,7 +105,7 @@ class EventPipeline:
             applied = [batch.events[i] for i in res.apply.applied_index]
             for hook in self.hooks:
                 try:
-                    await hook(applied, res.apply.changed_users, self.store)
+                    await hook(applied, res.apply.changed_users)
                 except Exception:  # a hook must not lose the batch: profiles are already applied
                     log.exception("pipeline hook %r failed on a batch of %d events", hook, len(applied))
         res.seconds = time.perf_counter() - t0

@@ -26,8 +26,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from alerts.effects import RedisDemandAdjustments
+from inference.encoder import MicroBatcher
+from inference.popularity import RedisPopularity
 from inference.scoring import Request, ScoredItem, Scorer
+from profiles.store import ProfileStore
 from streamrec.events import Event
+from streamrec.interfaces import Catalog, Hook, TextEncoder
+from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams import metrics
 
@@ -61,12 +67,16 @@ class RecommendationService:
     """Profiles + scorer (+ query encoder): the one place that turns users into top-K lists."""
 
     def __init__(
-        self, settings: Settings, store: Any, scorer: Scorer, query_encoder: Any | None = None
+        self,
+        settings: Settings,
+        store: ProfileStore,
+        scorer: Scorer,
+        query_encoder: MicroBatcher | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.scorer = scorer
-        self.query_encoder = query_encoder  # an object with `async encode(text) -> np.ndarray`
+        self.query_encoder = query_encoder
 
     @property
     def model_version(self) -> str:
@@ -142,7 +152,7 @@ class RecommendationPusher:
         self._task: asyncio.Task | None = None
         self._stopping = False
 
-    async def __call__(self, events: Sequence[Event], changed_users: set[str], store: Any = None) -> None:
+    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         """Hook entry: remember which users need fresh recommendations."""
         now = time.monotonic()
         latest: dict[str, Event] = {}
@@ -223,55 +233,56 @@ class RecommendationPusher:
 class PopularityRecorder:
     """Pipeline hook: count applied events into the decayed popularity (cold-start fallback)."""
 
-    def __init__(self, popularity: Any, item_category: dict[str, str]) -> None:
+    def __init__(self, popularity: RedisPopularity, item_category: dict[str, str]) -> None:
         self.popularity = popularity
         self.item_category = item_category
 
-    async def __call__(self, events: Sequence[Event], changed_users: set[str], store: Any = None) -> None:
+    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         await asyncio.get_running_loop().run_in_executor(
             None, self.popularity.record, events, self.item_category
         )
 
 
-def recommendation_hooks(ctx: Any) -> list[Any]:
-    """Build the push path for a worker context (streams.app.WorkerContext).
+@dataclass
+class PushPath:
+    """The recommendation services of a worker: pull service, push hook, popularity recorder."""
 
-    Returns the hooks (popularity recorder, pusher) and leaves the service in
-    ``ctx.extras["recommendations"]`` for the pull endpoint. Needs a catalog index
-    (``inference.catalog.CatalogIndex``): plain ItemVectors (test plug-ins) get no push.
-    """
-    from alerts.effects import RedisDemandAdjustments
-    from inference.popularity import RedisPopularity
-    from devstack.produce import EventProducer
+    service: RecommendationService
+    pusher: RecommendationPusher
+    popularity: PopularityRecorder
+    query_encoder: MicroBatcher | None
 
-    s: Settings = ctx.settings
-    items = ctx.items
-    if not hasattr(items, "topk"):
-        log.warning("item vectors %s have no top-k index: recommendations disabled", type(items).__name__)
-        return []
-    adjustments = RedisDemandAdjustments(s, ctx.redis)
-    popularity = RedisPopularity(s, ctx.redis)
-    scorer = Scorer(items, s.scoring, s.profile, adjustments=adjustments, popularity=popularity)
+    @property
+    def hooks(self) -> list[Hook]:
+        return [self.popularity, self.pusher]
+
+    async def close(self) -> None:
+        """Publish what is pending (worker shutdown); the caller flushes the producer."""
+        await self.pusher.stop()
+
+
+def build_push_path(
+    settings: Settings,
+    catalog: Catalog,
+    store: ProfileStore,
+    redis_client: Any,
+    encoder: TextEncoder | None,
+    producer: KafkaProducer,
+) -> PushPath:
+    """Scorer (demand adjustments, popularity fallback), query micro-batcher, pull service, pusher."""
+    s = settings
+    adjustments = RedisDemandAdjustments(s, redis_client)
+    popularity = RedisPopularity(s, redis_client)
+    scorer = Scorer(catalog, s.scoring, s.profile, adjustments=adjustments, popularity=popularity)
     batcher = None
-    if ctx.encoder is not None:
-        from inference.encoder import MicroBatcher
+    if encoder is not None:
+        batcher = MicroBatcher(encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)
+    service = RecommendationService(s, store, scorer, query_encoder=batcher)
+    topic = s.topics.results
 
-        batcher = MicroBatcher(ctx.encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)
-    service = RecommendationService(s, ctx.store, scorer, query_encoder=batcher)
-    producer = EventProducer(s, topic=s.topics.results, **{"linger.ms": 5})
-    pusher = RecommendationPusher(
-        s, service, lambda key, value: producer.send_raw(value, key.encode()), flush=producer.poll
-    )
-    categories = dict(zip(items.ids, items.categories, strict=True))
-    ctx.extras.update(recommendations=service, pusher=pusher, results_producer=producer, batcher=batcher)
-    return [PopularityRecorder(popularity, categories), pusher]
+    def publish(key: str, value: bytes) -> None:
+        producer.produce(topic, value, key.encode())
 
-
-async def shutdown_recommendations(ctx: Any) -> None:
-    """Publish what is pending and flush the results producer (worker shutdown)."""
-    pusher = ctx.extras.get("pusher")
-    if pusher is not None:
-        await pusher.stop()
-    producer = ctx.extras.get("results_producer")
-    if producer is not None:
-        await asyncio.get_running_loop().run_in_executor(None, producer.flush, 10)
+    pusher = RecommendationPusher(s, service, publish, flush=producer.poll)
+    categories = dict(zip(catalog.ids, catalog.categories, strict=True))
+    return PushPath(service, pusher, PopularityRecorder(popularity, categories), batcher)

@@ -28,7 +28,7 @@ import numpy as np
 
 from streamrec.events import Event, EventType, InvalidEvent, decode
 from streamrec.interfaces import ItemVectors
-from streamrec.settings import Settings
+from streamrec.kafka import KafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -138,53 +138,23 @@ class DeadLetterSink(Protocol):
 
 
 class KafkaDeadLetterSink:
-    """Produces dead letters to ``topics.dead_letter`` (confluent-kafka) and waits for delivery.
+    """Produces dead letters to the dead-letter topic and waits for their delivery.
 
     ``send`` returns only when every letter is acknowledged by the broker, so the source
     offsets are committed only after their dead letters are safe.
     """
 
-    def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
-        from confluent_kafka import Producer
-
-        self.topic = settings.topics.dead_letter
+    def __init__(self, producer: KafkaProducer, topic: str, flush_timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.topic = topic
         self.flush_timeout_s = flush_timeout_s
-        conf = {
-            **settings.kafka.librdkafka_config(),
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 5,
-        }
-        self._producer = Producer(conf)
-        self._errors: list[str] = []
-
-    def _on_delivery(self, err, msg) -> None:
-        if err is not None:
-            self._errors.append(str(err))
 
     def _produce_and_flush(self, letters: Sequence[DeadLetter]) -> None:
         now_ms = int(time.time() * 1000)
         for d in letters:
-            while True:
-                try:
-                    self._producer.produce(
-                        self.topic, value=d.record.value, key=d.record.key, headers=d.headers(now_ms),
-                        on_delivery=self._on_delivery,
-                    )  # fmt: skip
-                    break
-                except BufferError:
-                    self._producer.poll(0.1)
-        left = self._producer.flush(self.flush_timeout_s)
-        errors, self._errors = self._errors, []
-        if left or errors:
-            raise RuntimeError(
-                f"dead-letter topic {self.topic!r}: {left} records undelivered after {self.flush_timeout_s}s, "
-                f"errors: {errors[:3]}; check that the topic exists and the broker is reachable"
-            )
+            self.producer.produce(self.topic, d.record.value, d.record.key, d.headers(now_ms))
+        self.producer.flush(self.flush_timeout_s, topic=self.topic)
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
         if letters:
             await asyncio.get_running_loop().run_in_executor(None, self._produce_and_flush, letters)
-
-    def close(self) -> None:
-        self._producer.flush(self.flush_timeout_s)

@@ -89,7 +89,8 @@ def retail_model_dir(data_dir: Path) -> Path:
     """A real model folder: the base encoder exported to ONNX (no fine-tuning) + the Online
     Retail catalog embedded with it. Built once and cached in the state dir (the manifest is
     verified at every load, so a stale or broken cache is rebuilt)."""
-    from inference.catalog import CatalogIndex, build_catalog
+    from inference.catalog import CatalogIndex
+    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.training.export import export_pretrained
     from streamrec.datasets import load_dataset

@@ -219,7 +219,7 @@ def _parity_texts(checkpoint: Path, dataset: str | None, n: int = 64) -> list[st
 @click.option("--batch-size", type=int, default=256, show_default=True)
 def index(dataset: str, model_dir: Path | None, variant: str | None, batch_size: int) -> None:
     """Embed every catalog item into <model-dir>/catalog (float32 matrix + id map)."""
-    from inference.catalog import build_catalog
+    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.manifest import ModelFolderError
     from streamrec.datasets import load_dataset

@@ -45,8 +45,15 @@ OPSET = 17
 FP32_MAX_DIFF = 1e-4
 INT8_MIN_COSINE = 0.98
 FP16_MIN_COSINE = 0.99
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "sentencepiece.bpe.model", "merges.txt", "vocab.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "merges.txt",
+    "vocab.json",
+)
 TRAIN_STATE = "streamrec_train.json"
 
 # Real product texts (Online Retail descriptions, Amazon Scientific titles) used for parity checks
@@ -114,14 +121,25 @@ def load_embedder(path: str | Path) -> tuple[SentenceEmbedder, Any]:
     return SentenceEmbedder(model).eval(), tok
 
 
-def torch_encode(model: SentenceEmbedder, tok: Any, texts: Sequence[str], max_len: int, batch_size: int = 64,
-                 device: str = "cpu") -> np.ndarray:  # fmt: skip
+def torch_encode(
+    model: SentenceEmbedder,
+    tok: Any,
+    texts: Sequence[str],
+    max_len: int,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> np.ndarray:
     """Embeddings with torch (eager), for parity checks and evaluation during training."""
     outs = []
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
-            b = tok(list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_len,
-                    return_tensors="pt")  # fmt: skip
+            b = tok(
+                list(texts[s : s + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
             outs.append(
                 model(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu().numpy()
             )
@@ -214,8 +232,10 @@ def export_model(
             "fp32_max_abs_diff_vs_torch": float(np.abs(fp32 - ref).max()),
         }
         if parity["fp32_max_abs_diff_vs_torch"] > FP32_MAX_DIFF:
-            raise ModelFolderError(f"ONNX fp32 differs from torch by {parity['fp32_max_abs_diff_vs_torch']:.2e} "
-                                   f"(> {FP32_MAX_DIFF}); export refused")  # fmt: skip
+            raise ModelFolderError(
+                f"ONNX fp32 differs from torch by {parity['fp32_max_abs_diff_vs_torch']:.2e} "
+                f"(> {FP32_MAX_DIFF}); export refused"
+            )
         if "int8" in variants:
             _export_int8(tmp / VARIANT_FILES["fp32"], tmp / VARIANT_FILES["int8"])
             cos = _cosines(_ort_encode(tmp / VARIANT_FILES["int8"], tok, texts, max_len), fp32)
@@ -306,9 +326,12 @@ def export_pretrained(
 
 
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, variants: Sequence[str] = ("fp32", "int8", "fp16"),
-    sample_texts: Sequence[str] | None = None, max_len: int | None = None,
-) -> Path:  # fmt: skip
+    checkpoint: Path,
+    out_dir: Path,
+    variants: Sequence[str] = ("fp32", "int8", "fp16"),
+    sample_texts: Sequence[str] | None = None,
+    max_len: int | None = None,
+) -> Path:
     """Export a `streamrec train` checkpoint folder (its training state gives max_len, base model
     and the evaluation metrics for the manifest)."""
     checkpoint = Path(checkpoint)

@@ -1,21 +1,20 @@
-"""Alert records on a real Kafka topic, and the worker hook (demand_hooks) end to end."""
+"""Alert records on a real Kafka topic, and the worker hook (demand_hook) end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import msgspec
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
-from alerts.hook import DemandHook, demand_hooks
+from alerts.hook import DemandHook, demand_hook
 from alerts.models import AnomalyAlert, decode_alert, encode_alert
 from alerts.monitor import DemandMonitor
-from alerts.publish import publish_alerts
+from alerts.publish import AlertPublisher, publish_alerts
+from streamrec.kafka import KafkaProducer, ensure_topics
 from streamrec.settings import Settings
-from streamrec.kafka import ensure_topics
 
 from .conftest import INJECT_AT, active_windows_after, batches, with_surge
 
@@ -75,14 +74,14 @@ def test_alerts_published_to_a_real_topic_are_consumed_back(settings: Settings) 
     topic = settings.topics.alerts
     ensure_topics(settings)
     alerts = [_alert(), _alert(key="lantern", level="category", kind="drop", observed=0.0, expected=14.0)]
-    producer = Producer({**settings.kafka.librdkafka_config(), "acks": "all"})
+    producer = KafkaProducer(settings)
     assert publish_alerts(producer, topic, alerts) == 2
     assert publish_alerts(producer, topic, []) == 0
     got = consume(settings, topic, 2)
     assert sorted((k, decode_alert(v)) for k, v in got) == sorted((a.record_key.encode(), a) for a in alerts)
 
 
-def test_demand_hooks_on_a_worker_context_publish_the_surge(
+def test_demand_hook_publishes_the_surge(
     settings: Settings, redis_client, retail_slice
 ) -> None:
     df, cats = retail_slice
@@ -92,23 +91,17 @@ def test_demand_hooks_on_a_worker_context_publish_the_surge(
     stream = with_surge(df, item, cats[item], wins, buyers=8)
     stream = stream[stream["ts"] < (wins[-1] + 3) * 3_600_000]  # through the raise, not the clear
     ids = sorted(cats)
-    ctx = SimpleNamespace(
-        settings=settings,
-        redis=redis_client,
-        items=SimpleNamespace(ids=ids, categories=[cats[i] for i in ids]),
-        extras={},
-    )
-    hooks = demand_hooks(ctx)
-    assert len(hooks) == 1 and isinstance(hooks[0], DemandHook)
-    assert isinstance(ctx.extras["demand_monitor"], DemandMonitor)
+    publisher = AlertPublisher(KafkaProducer(settings), settings.topics.alerts)
+    hook = demand_hook(settings, redis_client, {i: cats[i] for i in ids}, publisher)
+    assert isinstance(hook, DemandHook) and isinstance(hook.monitor, DemandMonitor)
 
     async def feed() -> None:
         for evs in batches(stream):
-            await hooks[0](evs, set(), None)
-        await hooks[0]([], set(), None)  # an empty batch is a no-op
+            await hook(evs, set())
+        await hook([], set())  # an empty batch is a no-op
 
     asyncio.run(feed())
-    active = ctx.extras["demand_monitor"].state().active_keys()
+    active = hook.monitor.state().active_keys()
     assert (f"i:{item}", 1) in active  # 1 = SURGE
     # Every active alert was published once, as a raised record (nothing cleared yet).
     records = [decode_alert(v) for _, v in consume(settings, settings.topics.alerts, len(active))]

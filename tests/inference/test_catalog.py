@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.catalog import CatalogError, CatalogIndex, build_catalog, load_catalog
+from inference.catalog import CatalogError, CatalogIndex, load_catalog
+from inference.training.index import build_catalog
 from inference.encoder import OnnxEncoder
 from streamrec.interfaces import ItemVectors
 from streamrec.settings import Settings

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from evaluation.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
+from evaluation.replay import rank_metrics, run_replay, summarise
 from streamrec.datasets import load_generic
 from streamrec.events import make_event
 from streamrec.settings import Settings
-from evaluation.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
-from evaluation.replay import rank_metrics, run_replay, summarise
 
 ITEMS = ["a", "b", "c", "d", "e"]
 T0 = 1_300_000_000_000

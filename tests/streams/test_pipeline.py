@@ -16,6 +16,7 @@ from profile_reference import (
 
 from profiles.store import ProfileStore
 from streamrec.events import encode
+from streamrec.kafka import KafkaProducer
 from streams.pipeline import EventPipeline
 from streams.validation import KafkaDeadLetterSink, RawRecord, Validator
 
@@ -31,13 +32,13 @@ def test_pipeline_applies_valid_events_dead_letters_the_rest_and_calls_hooks(set
     store = ProfileStore(redis_client, settings, items=items)
     calls = []
 
-    async def hook(events, changed, st):
-        calls.append(([e.event_id for e in events], set(changed), st))
+    async def hook(events, changed):
+        calls.append(([e.event_id for e in events], set(changed)))
 
-    async def failing_hook(events, changed, st):
+    async def failing_hook(events, changed):
         raise RuntimeError("a broken hook must not lose the batch")
 
-    pipe = EventPipeline(store, Validator(items), KafkaDeadLetterSink(settings), enc, hooks=[failing_hook])
+    pipe = EventPipeline(store, Validator(items), KafkaDeadLetterSink(KafkaProducer(settings), settings.topics.dead_letter), enc, hooks=[failing_hook])
     pipe.add_hook(hook)
     events = generate_events(12, 600, seed=21)
     recs = _records(events)
@@ -46,8 +47,8 @@ def test_pipeline_applies_valid_events_dead_letters_the_rest_and_calls_hooks(set
     assert (res.records, res.valid, res.dead_lettered) == (601, 600, 1)
     assert res.dead_reasons == {"not_json": 1}
     assert len(calls) == 1  # the failing hook was logged, the next one still ran
-    ids, changed, st = calls[0]
-    assert sorted(ids) == sorted(e.event_id for e in events) and st is store
+    ids, changed = calls[0]
+    assert sorted(ids) == sorted(e.event_id for e in events)
     assert changed == {e.user_id for e in events}
     ref = reference_profiles(events, items, enc, settings.profile)
     got = store.get_profiles(list(ref))

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import read_topic, worker_env
 
+from devstack.produce import _session_numbers, dataset_events
 from streamrec.datasets import load_dataset
 from streamrec.events import EventType, decode
-from devstack.produce import _session_numbers, dataset_events
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 from confluent_kafka import Consumer
 from conftest import WorkerProcess, wait_until
 
+from devstack.produce import EventProducer
 from streamrec.datasets import load_dataset
 from streamrec.events import make_event
 from streamrec.kafka import ensure_topics
-from devstack.produce import EventProducer
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import read_topic
 from profile_reference import RandomItems
 
+from streamrec.kafka import KafkaProducer
 from streams.validation import (
     DeadLetter,
     KafkaDeadLetterSink,
@@ -70,7 +71,7 @@ def test_item_vectors_come_with_the_valid_events():
 
 
 def test_dead_letter_sink_keeps_original_bytes_reason_and_source(settings, topics):
-    sink = KafkaDeadLetterSink(settings)
+    sink = KafkaDeadLetterSink(KafkaProducer(settings), settings.topics.dead_letter)
     raw = b'{"broken": '
     letter = DeadLetter(RawRecord(raw, b"k1", settings.topics.events, 3, 1234), "not_json", "unexpected end")
     asyncio.run(sink.send([letter]))

@@ -18,8 +18,8 @@ from profile_reference import (
     reference_profiles,
 )
 
-from profiles.store import ProfileStore
 from devstack.produce import EventProducer
+from profiles.store import ProfileStore
 from streams.validation import parse_dead_letter_headers
 
 pytestmark = pytest.mark.timeout(300)

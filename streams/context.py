@@ -1,0 +1,137 @@
+"""How a worker is assembled: every service it builds, typed, in one place.
+
+:func:`build_context` is the one screen to read::
+
+    catalog, encoder          plug-ins named "module:callable" (default: the served model folder)
+    redis, producer           one Redis client, one Kafka producer (streamrec.kafka) for every topic
+    store                     profiles in Redis (profiles/)
+    dead letters, pipeline    validation → dead-letter topic, profiles applied, then the hooks:
+      demand hook             windowed demand, spike/drop detection, alerts topic (alerts/)
+      popularity, pusher      cold-start popularity, fresh top-K to the results topic (streams/recommend.py)
+
+The faust app (``streams/app.py``) runs :func:`build_context` in a thread at start and keeps
+the result in :class:`WorkerState`, which the agent, the web views and the timers share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from alerts.hook import DemandHook, demand_hook, item_categories
+from alerts.publish import AlertPublisher
+from profiles.store import ProfileStore
+from streamrec.interfaces import Catalog, ItemVectors, TextEncoder
+from streamrec.kafka import KafkaProducer
+from streamrec.settings import Settings
+from streams.pipeline import EventPipeline
+from streams.recommend import PushPath, build_push_path
+from streams.validation import KafkaDeadLetterSink, Validator
+
+__all__ = ["DEFAULT_ENCODER", "DEFAULT_ITEMS", "WorkerContext", "WorkerState", "build_context", "load_factory"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ITEMS = "inference.catalog:load_catalog"
+DEFAULT_ENCODER = "inference.encoder:load_encoder"
+
+
+@dataclass
+class WorkerContext:
+    """Everything a running worker holds."""
+
+    settings: Settings
+    items: ItemVectors
+    encoder: TextEncoder | None
+    redis: Any  # redis.Redis
+    producer: KafkaProducer
+    store: ProfileStore
+    dead_letters: KafkaDeadLetterSink
+    pipeline: EventPipeline
+    demand: DemandHook
+    push: PushPath | None  # None when the catalog plug-in has no top-k index (test plug-ins)
+
+    async def close(self) -> None:
+        """Publish pending recommendations and flush the producer (worker shutdown)."""
+        if self.push is not None:
+            await self.push.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 10.0)
+
+
+def load_factory(spec: str) -> Callable[[Settings], Any]:
+    """``"module:attribute"`` → the callable it names (the worker's plug-in points)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"expected 'module:callable', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
+
+
+def _load_plugins(
+    settings: Settings, items_factory: str | None, encoder_factory: str | None
+) -> tuple[ItemVectors, TextEncoder | None]:
+    items = load_factory(items_factory or DEFAULT_ITEMS)(settings)
+    if not isinstance(items, ItemVectors):
+        raise TypeError(
+            f"{items_factory} returned {type(items).__name__}, which does not implement ItemVectors"
+        )
+    encoder = load_factory(encoder_factory)(settings) if encoder_factory else None
+    if encoder is not None and int(encoder.dim) != int(items.dim):
+        raise ValueError(
+            f"encoder dim {encoder.dim} != item vector dim {items.dim}: the catalog was not built with this "
+            "encoder; re-run `streamrec index`"
+        )
+    return items, encoder
+
+
+def build_context(
+    settings: Settings,
+    items_factory: str | None = DEFAULT_ITEMS,
+    encoder_factory: str | None = DEFAULT_ENCODER,
+) -> WorkerContext:
+    """Load the plug-ins, connect Redis and Kafka, build the pipeline and its hooks.
+
+    ``items_factory``/``encoder_factory`` name ``callable(settings)``; ``encoder_factory=None``
+    runs without a text encoder (search events then keep their query text without a vector).
+    """
+    s = settings
+    items, encoder = _load_plugins(s, items_factory, encoder_factory)
+    redis = s.redis.client()
+    redis.ping()
+    producer = KafkaProducer(s)
+    store = ProfileStore(redis, s, items=items)
+    dead_letters = KafkaDeadLetterSink(producer, s.topics.dead_letter)
+    pipeline = EventPipeline(store, Validator(items), dead_letters, encoder=encoder)
+
+    demand = demand_hook(s, redis, item_categories(items), AlertPublisher(producer, s.topics.alerts))
+    pipeline.add_hook(demand)
+    push = None
+    if isinstance(items, Catalog):
+        push = build_push_path(s, items, store, redis, encoder, producer)
+        for hook in push.hooks:
+            pipeline.add_hook(hook)
+    else:
+        log.warning("item vectors %s have no top-k index: recommendations disabled", type(items).__name__)
+    return WorkerContext(s, items, encoder, redis, producer, store, dead_letters, pipeline, demand, push)
+
+
+class WorkerState:
+    """Readiness and the loaded context, shared by the agent, web views and timers."""
+
+    def __init__(self) -> None:
+        self.ctx: WorkerContext | None = None
+        self.loaded = asyncio.Event()
+        self.error: BaseException | None = None
+        self.batches = 0
+
+    @property
+    def pipeline(self) -> EventPipeline:
+        if self.ctx is None:
+            raise RuntimeError("worker components are not loaded yet")
+        return self.ctx.pipeline
