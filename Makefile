@@ -10,7 +10,7 @@ export STREAMREC_STATE_DIR ?= $(CURDIR)/.streamrec
 EXTRAS ?= cpu,train,eval,dev
 TORCH ?= torch>=2.4
 
-.PHONY: venv install up down status test lint demo clean
+.PHONY: venv install up down status test lint typecheck demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install
+typecheck: install
+	$(BIN)/mypy
+
+# Static checks first (seconds), then the suite against the real stack.
+test: install lint typecheck
 	$(BIN)/streamrec up
 	set -o pipefail; $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; $(BIN)/streamrec down; exit $$rc
 

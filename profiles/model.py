@@ -31,23 +31,28 @@ only matters when more events are added; it is kept as ``long_term_ts`` and ``la
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamrec.events import EventType
 from streamrec.settings import ProfileSettings
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+EVENT_TYPES: tuple[EventType, ...] = tuple(EventType)
 TYPE_INDEX = {t: i for i, t in enumerate(EVENT_TYPES)}
-SEARCH = TYPE_INDEX["search"]
-PURCHASE = TYPE_INDEX["purchase"]
+SEARCH = TYPE_INDEX[EventType.SEARCH]
+PURCHASE = TYPE_INDEX[EventType.PURCHASE]
 _NO_TS = np.iinfo(np.int64).min
 
 
 @dataclass
 class Profile:
-    """One user's profile as stored in Redis (vectors are float32, ``None`` when absent)."""
+    """One user's profile as stored in Redis (vectors are float32, ``None`` when absent).
+
+    The Redis representation of each field is the field table ``profiles.store._FIELDS``.
+    """
 
     user_id: str
     long_term: np.ndarray | None = None
@@ -78,9 +83,14 @@ class Profile:
 
 def type_weights(cfg: ProfileSettings) -> np.ndarray:
     """Weight of each event type in ``EVENT_TYPES`` order (search moves no item vector)."""
-    return np.array(
-        [cfg.weight_view, cfg.weight_click, cfg.weight_add_to_cart, cfg.weight_purchase, 0.0], np.float64
-    )
+    weights = {
+        EventType.VIEW: cfg.weight_view,
+        EventType.CLICK: cfg.weight_click,
+        EventType.ADD_TO_CART: cfg.weight_add_to_cart,
+        EventType.PURCHASE: cfg.weight_purchase,
+        EventType.SEARCH: 0.0,
+    }
+    return np.array([weights[t] for t in EVENT_TYPES], np.float64)
 
 
 @dataclass
@@ -100,6 +110,66 @@ class EventColumns:
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
+
+
+@dataclass
+class _Sorted:
+    """The batch in (user, event time) order; user k's events are ``starts[k]:ends[k]``."""
+
+    ev: EventColumns
+    order: np.ndarray  # (E,) sorted position -> row of ``ev``
+    u: np.ndarray  # (E,) user of each sorted event
+    ts: np.ndarray  # (E,) event time
+    typ: np.ndarray  # (E,) index into EVENT_TYPES
+    H: np.ndarray  # (E, dim) float64 item vectors
+    w: np.ndarray  # (E,) weight of the event's type
+    weighted: np.ndarray  # (E,) w > 0: the event moves the vectors
+    starts: np.ndarray  # (m,) first sorted position of each user
+    ends: np.ndarray  # (m,) one past the last sorted position of each user
+    idx: np.ndarray  # (E,) arange
+    sids: list[str | None]  # session ids, sorted
+
+    def item_id(self, i: int) -> str | None:
+        return self.ev.item_ids[self.order[i]]
+
+
+@dataclass
+class _Stored:
+    """The users' stored state, as arrays (vectors as float64 means)."""
+
+    last: np.ndarray  # (m,) int64, _NO_TS for a new user
+    has_last: np.ndarray  # (m,) bool
+    lt_w: np.ndarray  # (m,) long-term weight
+    lt_ref: np.ndarray  # (m,) reference time of lt_w
+    lt_mean: np.ndarray  # (m, dim)
+    se_w: np.ndarray  # (m,) session weight, referenced at last
+    se_mean: np.ndarray  # (m, dim)
+    sid: list[str | None]  # (m,) session id
+
+
+@dataclass
+class _Session:
+    """Per event: not late; per user: the new session state (valid where ``has_nonlate``)."""
+
+    nonlate: np.ndarray  # (E,) bool
+    has_nonlate: np.ndarray  # (m,) bool: some event of the user is not late
+    last_nonlate: np.ndarray  # (m,) sorted position of the user's newest non-late event
+    weight: np.ndarray  # (m,)
+    sum: np.ndarray  # (m, dim) weighted sum
+
+
+@dataclass
+class _Update:
+    """Everything :func:`apply` computed for the batch, per user."""
+
+    lt_w: np.ndarray  # (m,) new long-term weight
+    lt_sum: np.ndarray  # (m, dim) new long-term weighted sum
+    lt_ref: np.ndarray  # (m,) new long-term reference time
+    session: _Session
+    counts: np.ndarray  # (m, len(EVENT_TYPES)) events of the batch by type
+    last: np.ndarray  # (m,) new last event time
+    is_search: np.ndarray  # (E,) bool
+    last_search: np.ndarray  # (m,) sorted position of the user's latest search, -1 if none
 
 
 def _segment_starts(u: np.ndarray) -> np.ndarray:
@@ -136,23 +206,56 @@ def apply(
     m = len(profiles)
     if m == 0:
         return []
+    b = _sort_events(ev, m, cfg)
+    s = _stored_state(profiles, dim)
+    lt_w, lt_sum, lt_ref = _long_term(b, s, cfg)
+    is_search = b.typ == SEARCH
+    upd = _Update(
+        lt_w=lt_w,
+        lt_sum=lt_sum,
+        lt_ref=lt_ref,
+        session=_session(b, s, cfg),
+        counts=np.bincount(b.u * len(EVENT_TYPES) + b.typ, minlength=m * len(EVENT_TYPES)).reshape(
+            m, len(EVENT_TYPES)
+        ),
+        last=np.maximum(s.last, np.maximum.reduceat(b.ts, b.starts)),
+        is_search=is_search,
+        last_search=np.maximum.reduceat(np.where(is_search, b.idx, -1), b.starts),
+    )
+    return [_new_profile(k, p, b, upd, cfg, model_version) for k, p in enumerate(profiles)]
+
+
+def _sort_events(ev: EventColumns, m: int, cfg: ProfileSettings) -> _Sorted:
+    """Sort the batch by user, then event time (stable: ties keep arrival order)."""
     order = np.argsort(ev.ts, kind="stable")
     order = order[np.argsort(ev.user[order], kind="stable")]
     u = ev.user[order]
-    ts = ev.ts[order]
     typ = ev.type[order]
     H = ev.vectors[order].astype(np.float64)
     starts = _segment_starts(u)
     if len(starts) != m or not np.array_equal(u[starts], np.arange(m)):
         raise ValueError("apply() needs at least one event for every profile, users indexed 0..m-1")
     E = len(u)
-    idx = np.arange(E)
+    w = type_weights(cfg)[typ]
+    return _Sorted(
+        ev=ev,
+        order=order,
+        u=u,
+        ts=ev.ts[order],
+        typ=typ,
+        H=H,
+        w=w,
+        weighted=w > 0,
+        starts=starts,
+        ends=np.r_[starts[1:], E],
+        idx=np.arange(E),
+        sids=[ev.session_ids[i] for i in order],
+    )
 
-    w_type = type_weights(cfg)
-    w = w_type[typ]
-    # Stored state as arrays.
+
+def _stored_state(profiles: Sequence[Profile], dim: int) -> _Stored:
+    m = len(profiles)
     last = np.array([p.last_ts if p.last_ts is not None else _NO_TS for p in profiles], np.int64)
-    has_last = last != _NO_TS
     lt_w = np.array([p.long_term_weight if p.long_term is not None else 0.0 for p in profiles], np.float64)
     lt_ref = np.array([p.long_term_ts if p.long_term_ts is not None else _NO_TS for p in profiles], np.int64)
     lt_mean = np.zeros((m, dim), np.float64)
@@ -163,135 +266,152 @@ def apply(
             lt_mean[k] = p.long_term
         if p.session is not None and se_w[k] > 0:
             se_mean[k] = p.session
+    return _Stored(
+        last=last,
+        has_last=last != _NO_TS,
+        lt_w=lt_w,
+        lt_ref=lt_ref,
+        lt_mean=lt_mean,
+        se_w=se_w,
+        se_mean=se_mean,
+        sid=[p.session_id for p in profiles],
+    )
 
-    # ---- long-term: closed form, order-independent --------------------------------------
+
+def _long_term(b: _Sorted, s: _Stored, cfg: ProfileSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New long-term (weight, weighted sum, reference time) per user: closed form, order-independent."""
     H_lt = cfg.long_term_half_life_s * 1000.0
-    weighted = w > 0
-    ev_max = np.maximum.reduceat(np.where(weighted, ts, _NO_TS), starts)
-    ref = np.maximum(np.where(lt_w > 0, lt_ref, _NO_TS), ev_max)  # new reference time per user
+    ts, u, starts = b.ts, b.u, b.starts
+    ev_max = np.maximum.reduceat(np.where(b.weighted, ts, _NO_TS), starts)
+    ref = np.maximum(np.where(s.lt_w > 0, s.lt_ref, _NO_TS), ev_max)  # new reference time per user
     touched = ref != _NO_TS
     ref_f = np.where(touched, ref, 0).astype(np.float64)
-    c = np.where(weighted, w * np.exp2(np.minimum(ts - ref_f[u], 0.0) / H_lt), 0.0)
-    S = np.add.reduceat(c[:, None] * H, starts, axis=0)
+    c = np.where(b.weighted, b.w * np.exp2(np.minimum(ts - ref_f[u], 0.0) / H_lt), 0.0)
+    S = np.add.reduceat(c[:, None] * b.H, starts, axis=0)
     C = np.add.reduceat(c, starts)
-    old = np.where(lt_w > 0, lt_w * np.exp2(np.minimum(lt_ref.astype(np.float64) - ref_f, 0.0) / H_lt), 0.0)
-    new_lt_w = old + C
-    new_lt_sum = lt_mean * old[:, None] + S
+    old = np.where(
+        s.lt_w > 0, s.lt_w * np.exp2(np.minimum(s.lt_ref.astype(np.float64) - ref_f, 0.0) / H_lt), 0.0
+    )
+    return old + C, s.lt_mean * old[:, None] + S, ref
 
-    # ---- session: in event-time order over the non-late events --------------------------
-    late = has_last[u] & (ts < last[u])
-    nonlate = ~late
-    H_se = cfg.session_half_life_s * 1000.0
+
+def _session_resets(b: _Sorted, s: _Stored, nonlate: np.ndarray, cfg: ProfileSettings) -> np.ndarray:
+    """Non-late events that start a new session (inactivity, changed session id or first event)."""
+    u, ts = b.u, b.ts
     timeout_ms = cfg.session_timeout_s * 1000.0
-    sids = [ev.session_ids[i] for i in order]
-    first_of_user = np.zeros(E, bool)
-    first_of_user[starts] = True
+    first_of_user = np.zeros(len(u), bool)
+    first_of_user[b.starts] = True
     # Late events sort before the non-late ones of their user, so the previous non-late event
     # of a non-late event i is i-1 unless i-1 is late or another user's (then: stored state).
     prev_is_batch = ~first_of_user & np.r_[False, nonlate[:-1]]
-    prev_ts = np.where(prev_is_batch, np.r_[_NO_TS, ts[:-1]], last[u])
-    has_prev = prev_is_batch | has_last[u]
-    stored_sid = [p.session_id for p in profiles]
-    sid_change = np.zeros(E, bool)
+    prev_ts = np.where(prev_is_batch, np.r_[_NO_TS, ts[:-1]], s.last[u])
+    has_prev = prev_is_batch | s.has_last[u]
+    sids = b.sids
+    sid_change = np.zeros(len(u), bool)
     for i in np.flatnonzero(nonlate):
-        prev_sid = sids[i - 1] if prev_is_batch[i] else stored_sid[u[i]]
+        prev_sid = sids[i - 1] if prev_is_batch[i] else s.sid[u[i]]
         if sids[i] is not None and prev_sid is not None and sids[i] != prev_sid:
             sid_change[i] = True
     gap = np.where(has_prev, ts.astype(np.float64) - prev_ts.astype(np.float64), np.inf)
-    reset = nonlate & (~has_prev | (gap > timeout_ms) | sid_change)
+    return nonlate & (~has_prev | (gap > timeout_ms) | sid_change)
+
+
+def _session(b: _Sorted, s: _Stored, cfg: ProfileSettings) -> _Session:
+    """The session vectors: in event-time order over the non-late events."""
+    u, ts, idx, starts, last, se_w = b.u, b.ts, b.idx, b.starts, s.last, s.se_w
+    H_se = cfg.session_half_life_s * 1000.0
+    nonlate = ~(s.has_last[u] & (ts < last[u]))
+    reset = _session_resets(b, s, nonlate, cfg)
     last_reset = np.maximum.reduceat(np.where(reset, idx, -1), starts)
     has_nonlate = np.maximum.reduceat(nonlate.astype(np.int64), starts) > 0
     last_nonlate = np.maximum.reduceat(np.where(nonlate, idx, -1), starts)
     se_ref = np.where(has_nonlate, ts[np.maximum(last_nonlate, 0)], last).astype(np.float64)
     in_session = nonlate & (idx >= last_reset[u])
-    cs = np.where(in_session & weighted, w * np.exp2(np.minimum(ts - se_ref[u], 0.0) / H_se), 0.0)
-    S_se = np.add.reduceat(cs[:, None] * H, starts, axis=0)
+    cs = np.where(in_session & b.weighted, b.w * np.exp2(np.minimum(ts - se_ref[u], 0.0) / H_se), 0.0)
+    S_se = np.add.reduceat(cs[:, None] * b.H, starts, axis=0)
     C_se = np.add.reduceat(cs, starts)
     keep_old = has_nonlate & (last_reset < 0) & (se_w > 0)
     old_se = np.where(keep_old, se_w * np.exp2(np.minimum(last.astype(np.float64) - se_ref, 0.0) / H_se), 0.0)
-    new_se_w = np.where(has_nonlate, old_se + C_se, se_w)
-    new_se_sum = np.where(has_nonlate[:, None], se_mean * old_se[:, None] + S_se, se_mean * se_w[:, None])
-
-    # ---- counts, last event ---------------------------------------------------------------
-    counts = np.bincount(u * len(EVENT_TYPES) + typ, minlength=m * len(EVENT_TYPES)).reshape(
-        m, len(EVENT_TYPES)
+    return _Session(
+        nonlate=nonlate,
+        has_nonlate=has_nonlate,
+        last_nonlate=last_nonlate,
+        weight=np.where(has_nonlate, old_se + C_se, se_w),
+        sum=np.where(has_nonlate[:, None], s.se_mean * old_se[:, None] + S_se, s.se_mean * se_w[:, None]),
     )
-    new_last = np.maximum(last, np.maximum.reduceat(ts, starts))
 
-    # ---- query: the latest search by event time ------------------------------------------
-    is_search = typ == SEARCH
-    last_search = np.maximum.reduceat(np.where(is_search, idx, -1), starts)
 
-    out: list[Profile] = []
-    for k, p in enumerate(profiles):
-        lo = starts[k]
-        hi = starts[k + 1] if k + 1 < m else E
-        n_events = dict(p.n_events)
-        for t, cnt in zip(EVENT_TYPES, counts[k], strict=True):
-            if cnt:
-                n_events[t] = n_events.get(t, 0) + int(cnt)
-        q = Profile(
-            user_id=p.user_id,
-            long_term=p.long_term,
-            session=p.session,
-            query=p.query,
-            query_text=p.query_text,
-            query_ts=p.query_ts,
-            last_ts=int(new_last[k]),
-            n_events=n_events,
-            recent_items=p.recent_items,
-            purchased_items=p.purchased_items,
-            purchase_counts=p.purchase_counts,
-            last_event_id=p.last_event_id,
-            session_id=p.session_id,
-            long_term_weight=p.long_term_weight,
-            long_term_ts=p.long_term_ts,
-            session_weight=p.session_weight,
-            model_version=model_version if model_version is not None else p.model_version,
-            version=p.version,
-            offsets=dict(p.offsets),
-            dedupe_horizon_ts=p.dedupe_horizon_ts,
-        )
-        if new_lt_w[k] > 0:
-            q.long_term = (new_lt_sum[k] / new_lt_w[k]).astype(np.float32)
-            q.long_term_weight = float(new_lt_w[k])
-            q.long_term_ts = int(ref[k])
-        if has_nonlate[k]:
-            if new_se_w[k] > 0:
-                q.session = (new_se_sum[k] / new_se_w[k]).astype(np.float32)
-                q.session_weight = float(new_se_w[k])
-            else:
-                q.session, q.session_weight = None, 0.0
-            j = int(last_nonlate[k])
-            q.session_id = sids[j]
-            q.last_event_id = ev.event_ids[order[j]]
-            recent_new = [
-                ev.item_ids[order[i]]
-                for i in range(hi - 1, lo - 1, -1)
-                if nonlate[i] and not is_search[i] and ev.item_ids[order[i]]
-            ]
-            if recent_new:
-                q.recent_items = _front_unique(recent_new, p.recent_items, cfg.recent_items)
-        bought = [
-            ev.item_ids[order[i]]
-            for i in range(hi - 1, lo - 1, -1)
-            if typ[i] == PURCHASE and ev.item_ids[order[i]]
-        ]
-        if bought:
-            q.purchased_items = _front_unique(bought, p.purchased_items, cfg.purchased_items)
-            bought_n = dict(p.purchase_counts)
-            for item in bought:
-                bought_n[item] = bought_n.get(item, 0) + 1
-            # Counts are kept for the items still in the (capped) purchased list only.
-            q.purchase_counts = {i: bought_n[i] for i in q.purchased_items if i in bought_n}
-        j = int(last_search[k])
-        if j >= 0 and (p.query_ts is None or ts[j] >= p.query_ts):
-            src = int(order[j])
-            q.query_text = ev.queries[src]
-            q.query_ts = int(ts[j])
-            if ev.query_vectors is not None and ev.has_query_vector is not None and ev.has_query_vector[src]:
-                q.query = np.asarray(ev.query_vectors[src], np.float32)
-            else:
-                q.query = None
-        out.append(q)
-    return out
+def _new_profile(
+    k: int, p: Profile, b: _Sorted, upd: _Update, cfg: ProfileSettings, model_version: str | None
+) -> Profile:
+    """User k's profile after the batch."""
+    n_events = dict(p.n_events)
+    for t, cnt in zip(EVENT_TYPES, upd.counts[k], strict=True):
+        if cnt:
+            n_events[t.value] = n_events.get(t.value, 0) + int(cnt)
+    q = dataclasses.replace(
+        p,
+        last_ts=int(upd.last[k]),
+        n_events=n_events,
+        model_version=model_version if model_version is not None else p.model_version,
+        offsets=dict(p.offsets),
+    )
+    if upd.lt_w[k] > 0:
+        q.long_term = (upd.lt_sum[k] / upd.lt_w[k]).astype(np.float32)
+        q.long_term_weight = float(upd.lt_w[k])
+        q.long_term_ts = int(upd.lt_ref[k])
+    if upd.session.has_nonlate[k]:
+        _set_present(q, p, k, b, upd, cfg)
+    _add_purchases(q, p, k, b, cfg)
+    _set_query(q, p, k, b, upd)
+    return q
+
+
+def _set_present(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update, cfg: ProfileSettings) -> None:
+    """Session vector, session id, last event id and recent items (from the non-late events)."""
+    se = upd.session
+    if se.weight[k] > 0:
+        q.session = (se.sum[k] / se.weight[k]).astype(np.float32)
+        q.session_weight = float(se.weight[k])
+    else:
+        q.session, q.session_weight = None, 0.0
+    j = int(se.last_nonlate[k])
+    q.session_id = b.sids[j]
+    q.last_event_id = b.ev.event_ids[b.order[j]]
+    recent_new = [
+        b.item_id(i)
+        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
+        if se.nonlate[i] and not upd.is_search[i] and b.item_id(i)
+    ]
+    if recent_new:
+        q.recent_items = _front_unique(recent_new, p.recent_items, cfg.recent_items)
+
+
+def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSettings) -> None:
+    """Purchased items (late purchases included) and their purchase counts."""
+    bought = [
+        b.item_id(i)
+        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
+        if b.typ[i] == PURCHASE and b.item_id(i)
+    ]
+    if bought:
+        q.purchased_items = _front_unique(bought, p.purchased_items, cfg.purchased_items)
+        bought_n = dict(p.purchase_counts)
+        for item in bought:
+            bought_n[item] = bought_n.get(item, 0) + 1
+        # Counts are kept for the items still in the (capped) purchased list only.
+        q.purchase_counts = {i: bought_n[i] for i in q.purchased_items if i in bought_n}
+
+
+def _set_query(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update) -> None:
+    """The latest search by event time, unless the stored query is newer."""
+    j = int(upd.last_search[k])
+    if j >= 0 and (p.query_ts is None or b.ts[j] >= p.query_ts):
+        ev = b.ev
+        src = int(b.order[j])
+        q.query_text = ev.queries[src]
+        q.query_ts = int(b.ts[j])
+        if ev.query_vectors is not None and ev.has_query_vector is not None and ev.has_query_vector[src]:
+            q.query = np.asarray(ev.query_vectors[src], np.float32)
+        else:
+            q.query = None

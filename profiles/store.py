@@ -30,15 +30,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
 from profiles import metrics
 from profiles.model import EVENT_TYPES, TYPE_INDEX, EventColumns, Profile, apply
-from streamrec.events import Event
+from streamrec.events import Event, EventType
 from streamrec.interfaces import ItemVectors
 from streamrec.settings import Settings
 
@@ -108,16 +109,72 @@ class ApplyResult:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
-def _f32(b: bytes | None) -> np.ndarray | None:
+@dataclass(frozen=True, slots=True)
+class _Codec:
+    """How a profile attribute is written to and read from its hash field (empty value: absent)."""
+
+    encode: Callable[[Any], bytes | str] | None  # None: the field is written by _WRITE_LUA only
+    decode: Callable[[bytes | None], Any]
+
+
+def _encode_vector(x: np.ndarray | None) -> bytes:
+    return b"" if x is None else np.asarray(x, np.float32).tobytes()
+
+
+def _decode_vector(b: bytes | None) -> np.ndarray | None:
     return np.frombuffer(b, dtype=np.float32).copy() if b else None
 
 
-def _s(b: bytes | None) -> str | None:
-    return b.decode() if b else None
+_VECTOR = _Codec(_encode_vector, _decode_vector)  # raw float32 bytes
+_TEXT = _Codec(lambda x: x or "", lambda b: b.decode() if b else None)
+_TIME = _Codec(lambda x: "" if x is None else str(x), lambda b: int(float(b)) if b else None)
+_WEIGHT = _Codec(lambda x: repr(float(x)), lambda b: float(b) if b else 0.0)
+_JSON_DICT = _Codec(orjson.dumps, lambda b: orjson.loads(b) if b else {})
+_JSON_LIST = _Codec(orjson.dumps, lambda b: orjson.loads(b) if b else [])
+_SCRIPT_INT = _Codec(None, lambda b: int(float(b)) if b else 0)
 
 
-def _i(b: bytes | None) -> int | None:
-    return int(float(b)) if b else None
+class _Field(NamedTuple):
+    attr: str  # Profile attribute
+    name: str  # hash field
+    codec: _Codec
+
+
+# The profile hash, one entry per Profile attribute (but user_id, in the key, and offsets, stored
+# as one "o:<topic>:<partition>" field per source partition). Written in this order.
+_FIELDS: tuple[_Field, ...] = (
+    _Field("long_term", "lt", _VECTOR),
+    _Field("long_term_weight", "ltw", _WEIGHT),
+    _Field("long_term_ts", "ltr", _TIME),
+    _Field("session", "se", _VECTOR),
+    _Field("session_weight", "sew", _WEIGHT),
+    _Field("session_id", "sid", _TEXT),
+    _Field("query", "q", _VECTOR),
+    _Field("query_text", "qt", _TEXT),
+    _Field("query_ts", "qts", _TIME),
+    _Field("last_ts", "last", _TIME),
+    _Field("last_event_id", "leid", _TEXT),
+    _Field("n_events", "n", _JSON_DICT),
+    _Field("recent_items", "ri", _JSON_LIST),
+    _Field("purchased_items", "pi", _JSON_LIST),
+    _Field("purchase_counts", "pc", _JSON_DICT),
+    _Field("model_version", "mv", _TEXT),
+    _Field("version", "v", _SCRIPT_INT),  # compare-and-set version
+    _Field("dedupe_horizon_ts", "hz", _SCRIPT_INT),  # newest evicted event id's time
+)
+_OFFSET_PREFIX = "o:"
+_ENCODERS = tuple((f.attr, f.name, f.codec.encode) for f in _FIELDS if f.codec.encode is not None)
+_DECODERS = tuple((f.attr, f.name.encode(), f.codec.decode) for f in _FIELDS)
+
+
+@dataclass
+class _UserEvents:
+    """One user's part of a batch, read and de-duplicated."""
+
+    profile: Profile  # as read (an empty one for a new user)
+    kept: list[int] = field(default_factory=list)  # batch indices of the events to apply
+    offsets: dict[str, int] = field(default_factory=dict)  # newest offset of the events, by topic:partition
+    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class ProfileStore:
@@ -173,51 +230,19 @@ class ProfileStore:
 
     @staticmethod
     def _decode(user_id: str, h: Mapping[bytes, bytes]) -> Profile:
-        g = h.get
-        offsets = {k[2:].decode(): int(v) for k, v in h.items() if k.startswith(b"o:")}
-        return Profile(
-            user_id=user_id,
-            long_term=_f32(g(b"lt")),
-            session=_f32(g(b"se")),
-            query=_f32(g(b"q")),
-            query_text=_s(g(b"qt")),
-            query_ts=_i(g(b"qts")),
-            last_ts=_i(g(b"last")),
-            n_events=orjson.loads(g(b"n")) if g(b"n") else {},
-            recent_items=orjson.loads(g(b"ri")) if g(b"ri") else [],
-            purchased_items=orjson.loads(g(b"pi")) if g(b"pi") else [],
-            purchase_counts=orjson.loads(g(b"pc")) if g(b"pc") else {},
-            last_event_id=_s(g(b"leid")),
-            session_id=_s(g(b"sid")),
-            long_term_weight=float(g(b"ltw") or 0.0),
-            long_term_ts=_i(g(b"ltr")),
-            session_weight=float(g(b"sew") or 0.0),
-            model_version=_s(g(b"mv")),
-            version=int(g(b"v") or 0),
-            offsets=offsets,
-            dedupe_horizon_ts=_i(g(b"hz")) or 0,
-        )
+        prefix = _OFFSET_PREFIX.encode()
+        offsets = {k[len(prefix) :].decode(): int(v) for k, v in h.items() if k.startswith(prefix)}
+        values = {attr: decode(h.get(key)) for attr, key, decode in _DECODERS}
+        return Profile(user_id=user_id, offsets=offsets, **values)
 
     @staticmethod
     def _encode(p: Profile) -> list[bytes | str | int | float]:
-        """Field/value pairs of the hash (absent vectors are written as empty values)."""
-
-        def vec(x: np.ndarray | None) -> bytes:
-            return b"" if x is None else np.asarray(x, np.float32).tobytes()
-
-        out: list[bytes | str | int | float] = [
-            "lt", vec(p.long_term), "ltw", repr(float(p.long_term_weight)),
-            "ltr", "" if p.long_term_ts is None else str(p.long_term_ts),
-            "se", vec(p.session), "sew", repr(float(p.session_weight)), "sid", p.session_id or "",
-            "q", vec(p.query), "qt", p.query_text or "", "qts", "" if p.query_ts is None else str(p.query_ts),
-            "last", "" if p.last_ts is None else str(p.last_ts), "leid", p.last_event_id or "",
-            "n", orjson.dumps(p.n_events), "ri", orjson.dumps(p.recent_items),
-            "pi", orjson.dumps(p.purchased_items), "pc", orjson.dumps(p.purchase_counts),
-            "mv", p.model_version or "",
-        ]  # fmt: skip
+        """Field/value pairs of the hash (absent values are written as empty strings)."""
+        out: list[bytes | str | int | float] = []
+        for attr, name, encode in _ENCODERS:
+            out += [name, encode(getattr(p, attr))]
         for tp, off in p.offsets.items():
-            out += [f"o:{tp}", str(off)]
-        # Empty strings mean "absent" on read.
+            out += [f"{_OFFSET_PREFIX}{tp}", str(off)]
         return out
 
     # -- writes ----------------------------------------------------------------------------
@@ -256,7 +281,7 @@ class ProfileStore:
         query_vectors = query_vectors or {}
         by_user: dict[str, list[int]] = defaultdict(list)
         for i, e in enumerate(events):
-            if e.type.value != "search" and not item_found[i]:
+            if e.type is not EventType.SEARCH and not item_found[i]:
                 res.skip("unknown_item")
                 continue
             by_user[e.user_id].append(i)
@@ -291,6 +316,20 @@ class ProfileStore:
     ) -> list[str]:
         """Read, de-duplicate, compute and write the given users; return the conflicted ones."""
         users = list(by_user)
+        raw = self._read_users(users, by_user, events)
+        state = [
+            self._dedupe(u, raw[2 * k], raw[2 * k + 1], by_user[u], events, positions)
+            for k, u in enumerate(users)
+        ]
+        updated = self._compute(state, events, item_vectors, query_vectors)
+        conflicted = self._write_users(users, state, updated, events)
+        _tally(users, state, updated, conflicted, res)
+        return conflicted
+
+    def _read_users(
+        self, users: Sequence[str], by_user: Mapping[str, list[int]], events: Sequence[Event]
+    ) -> list:
+        """One pipeline: per user, the profile hash and which of its event ids were applied."""
         t0 = time.perf_counter()
         pipe = self.redis.pipeline(transaction=False)
         for u in users:
@@ -298,125 +337,149 @@ class ProfileStore:
             pipe.zmscore(self.ids_key(u), [events[i].event_id for i in by_user[u]])
         raw = pipe.execute()
         metrics.redis_seconds.labels("read").observe(time.perf_counter() - t0)
+        return raw
 
-        profiles: list[Profile] = []
-        keep: list[list[int]] = []
-        new_offsets: list[dict[str, int]] = []
-        skipped: list[dict[str, int]] = []
-        for k, u in enumerate(users):
-            h, scores = raw[2 * k], raw[2 * k + 1]
-            prof = self._decode(u, h) if h else Profile(user_id=u)
-            offs: dict[str, int] = {}
-            skips: dict[str, int] = defaultdict(int)
-            skipped.append(skips)
-            kept: list[int] = []
-            seen: set[str] = set()
-            for j, i in enumerate(by_user[u]):
-                e = events[i]
-                pos = positions[i] if positions is not None else None
-                if pos is not None:
-                    if pos.offset <= prof.offsets.get(pos.tp, -1):
-                        skips["duplicate"] += 1
-                        continue
-                    offs[pos.tp] = max(offs.get(pos.tp, -1), pos.offset)
-                if scores[j] is not None or e.event_id in seen:
+    def _dedupe(
+        self,
+        user: str,
+        h: Mapping[bytes, bytes],
+        scores: Sequence[float | None],
+        indices: Sequence[int],
+        events: Sequence[Event],
+        positions: Sequence[Position | None] | None,
+    ) -> _UserEvents:
+        """Decode a user's profile and keep the events not applied yet (replays, duplicates, stale)."""
+        ue = _UserEvents(self._decode(user, h) if h else Profile(user_id=user))
+        prof, offs, skips = ue.profile, ue.offsets, ue.skipped
+        seen: set[str] = set()
+        for j, i in enumerate(indices):
+            e = events[i]
+            pos = positions[i] if positions is not None else None
+            if pos is not None:
+                if pos.offset <= prof.offsets.get(pos.tp, -1):
                     skips["duplicate"] += 1
                     continue
-                if e.ts < prof.dedupe_horizon_ts:
-                    skips["stale"] += 1
-                    continue
-                seen.add(e.event_id)
-                kept.append(i)
-            profiles.append(prof)
-            keep.append(kept)
-            new_offsets.append(offs)
+                offs[pos.tp] = max(offs.get(pos.tp, -1), pos.offset)
+            if scores[j] is not None or e.event_id in seen:
+                skips["duplicate"] += 1
+                continue
+            if e.ts < prof.dedupe_horizon_ts:
+                skips["stale"] += 1
+                continue
+            seen.add(e.event_id)
+            ue.kept.append(i)
+        return ue
 
-        # Users with events to apply go through the model; users whose events were all skipped
-        # only need their offsets moved (so a replay of them is cheap), without a version check.
-        live = [k for k in range(len(users)) if keep[k]]
-        updated: dict[int, Profile] = {}
-        if live:
-            idx = [i for k in live for i in keep[k]]
-            user_col = np.concatenate([np.full(len(keep[k]), r, np.int64) for r, k in enumerate(live)])
-            evs = [events[i] for i in idx]
-            qv = None
-            has_q = None
-            if query_vectors:
-                dim = item_vectors.shape[1]
-                qv = np.zeros((len(idx), dim), np.float32)
-                has_q = np.zeros(len(idx), bool)
-                for r, i in enumerate(idx):
-                    v = query_vectors.get(i)
-                    if v is not None:
-                        qv[r] = v
-                        has_q[r] = True
-            vecs = item_vectors[idx].copy()
-            is_search = np.fromiter((e.type.value == "search" for e in evs), bool, len(evs))
-            vecs[is_search] = 0.0
-            cols = EventColumns(
-                user=user_col,
-                ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
-                type=np.fromiter((TYPE_INDEX[e.type.value] for e in evs), np.int64, len(evs)),
-                vectors=vecs,
-                event_ids=[e.event_id for e in evs],
-                item_ids=[e.item_id for e in evs],
-                session_ids=[e.session_id for e in evs],
-                queries=[e.query for e in evs],
-                query_vectors=qv,
-                has_query_vector=has_q,
-            )
-            mv = getattr(self.items, "model_version", None) if self.items is not None else None
-            new = apply([profiles[k] for k in live], cols, self.cfg, item_vectors.shape[1], mv)
-            updated = dict(zip(live, new, strict=True))
+    def _compute(
+        self,
+        state: Sequence[_UserEvents],
+        events: Sequence[Event],
+        item_vectors: np.ndarray,
+        query_vectors: Mapping[int, np.ndarray],
+    ) -> dict[int, Profile]:
+        """New profiles (by position in ``state``) of the users with events to apply, in one model call.
 
+        Users whose events were all skipped only need their offsets moved (see _write_users).
+        """
+        live = [k for k, s in enumerate(state) if s.kept]
+        if not live:
+            return {}
+        cols = _event_columns([state[k].kept for k in live], events, item_vectors, query_vectors)
+        mv = getattr(self.items, "model_version", None) if self.items is not None else None
+        new = apply([state[k].profile for k in live], cols, self.cfg, item_vectors.shape[1], mv)
+        return dict(zip(live, new, strict=True))
+
+    def _write_users(
+        self,
+        users: Sequence[str],
+        state: Sequence[_UserEvents],
+        updated: Mapping[int, Profile],
+        events: Sequence[Event],
+    ) -> list[str]:
+        """One pipeline: a compare-and-set write per updated user; return the conflicted users."""
         t0 = time.perf_counter()
         pipe = self.redis.pipeline(transaction=False)
-        order: list[int] = []
+        order: list[tuple[int, int]] = []  # (user index, position of its CAS reply in the pipeline)
         for k, u in enumerate(users):
+            s = state[k]
             if k in updated:
                 p = updated[k]
-                p.offsets.update(new_offsets[k])
+                p.offsets.update(s.offsets)
                 fields = self._encode(p)
                 ids_args: list[str | int] = []
-                for i in keep[k]:
+                for i in s.kept:
                     ids_args += [events[i].ts, events[i].event_id]
-                args = [
-                    profiles[k].version,
-                    len(fields),
-                    len(keep[k]),
-                    self.cfg.dedupe_event_ids,
-                    *fields,
-                    *ids_args,
-                ]
+                args = [s.profile.version, len(fields), len(s.kept), self.cfg.dedupe_event_ids]
+                args += [*fields, *ids_args]
+                order.append((k, len(pipe)))
                 self._write(keys=[self.profile_key(u), self.ids_key(u)], args=args, client=pipe)
-                order.append(k)
-            elif new_offsets[k]:
+            elif s.offsets and s.profile.version:  # never create a profile from duplicates alone
                 # Only skipped events: advance the replay watermark (monotonic, no CAS needed).
                 pk = self.profile_key(u)
-                if profiles[k].version:  # never create a profile from duplicates alone
-                    for tp, off in new_offsets[k].items():
-                        if off > profiles[k].offsets.get(tp, -1):
-                            pipe.hset(pk, f"o:{tp}", off)
+                for tp, off in s.offsets.items():
+                    if off > s.profile.offsets.get(tp, -1):
+                        pipe.hset(pk, f"{_OFFSET_PREFIX}{tp}", off)
         out = pipe.execute() if len(pipe) else []
         metrics.redis_seconds.labels("write").observe(time.perf_counter() - t0)
+        # Replies by position: the watermark-only HSETs of other users sit in the same pipeline.
+        return [users[k] for k, pos in order if int(out[pos]) < 0]
 
-        conflicted: list[str] = []
-        results = iter(out)
-        for k in order:
-            if int(next(results)) < 0:
-                conflicted.append(users[k])
-        # A conflicted user is re-read and recomputed: its skips are counted on the retry.
-        done = set(conflicted)
-        for k, u in enumerate(users):
-            if u in done:
-                continue
-            if k in updated:
-                res.applied += len(keep[k])
-                res.applied_index.extend(keep[k])
-                res.changed_users.add(u)
-            for reason, c in skipped[k].items():
-                res.skip(reason, c)
-        return conflicted
+
+def _event_columns(
+    keeps: Sequence[Sequence[int]],
+    events: Sequence[Event],
+    item_vectors: np.ndarray,
+    query_vectors: Mapping[int, np.ndarray],
+) -> EventColumns:
+    """The model's columns of the kept events; user r of the model call has the events ``keeps[r]``."""
+    idx = [i for kept in keeps for i in kept]
+    user_col = np.concatenate([np.full(len(kept), r, np.int64) for r, kept in enumerate(keeps)])
+    evs = [events[i] for i in idx]
+    qv = None
+    has_q = None
+    if query_vectors:
+        qv = np.zeros((len(idx), item_vectors.shape[1]), np.float32)
+        has_q = np.zeros(len(idx), bool)
+        for r, i in enumerate(idx):
+            v = query_vectors.get(i)
+            if v is not None:
+                qv[r] = v
+                has_q[r] = True
+    vecs = item_vectors[idx].copy()
+    is_search = np.fromiter((e.type is EventType.SEARCH for e in evs), bool, len(evs))
+    vecs[is_search] = 0.0
+    return EventColumns(
+        user=user_col,
+        ts=np.fromiter((e.ts for e in evs), np.int64, len(evs)),
+        type=np.fromiter((TYPE_INDEX[e.type] for e in evs), np.int64, len(evs)),
+        vectors=vecs,
+        event_ids=[e.event_id for e in evs],
+        item_ids=[e.item_id for e in evs],
+        session_ids=[e.session_id for e in evs],
+        queries=[e.query for e in evs],
+        query_vectors=qv,
+        has_query_vector=has_q,
+    )
+
+
+def _tally(
+    users: Sequence[str],
+    state: Sequence[_UserEvents],
+    updated: Mapping[int, Profile],
+    conflicted: Sequence[str],
+    res: ApplyResult,
+) -> None:
+    """Count applied and skipped events of the users written (a conflicted user's count on its retry)."""
+    done = set(conflicted)
+    for k, u in enumerate(users):
+        if u in done:
+            continue
+        if k in updated:
+            res.applied += len(state[k].kept)
+            res.applied_index.extend(state[k].kept)
+            res.changed_users.add(u)
+        for reason, c in state[k].skipped.items():
+            res.skip(reason, c)
 
 
 def events_total(p: Profile) -> int:

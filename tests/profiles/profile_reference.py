@@ -115,7 +115,7 @@ def reference_profiles(
                "purchase": cfg.weight_purchase, "search": 0.0}  # fmt: skip
     H = cfg.long_term_half_life_s * 1000.0
     Hs = cfg.session_half_life_s * 1000.0
-    timeout = cfg.session_timeout_s * 1000.0
+    timeout = cfg.session_inactivity_s * 1000.0
     evs = sorted(enumerate(events), key=lambda p: (p[1].ts, p[0]))
     out: dict[str, RefProfile] = {}
     for _, e in evs:

@@ -137,7 +137,7 @@ def test_late_event_in_a_later_batch(store, items, encoder, settings):
 
 def test_session_resets_after_inactivity_and_query_is_latest_search(store, encoder, settings):
     t = 1_700_000_000_000
-    timeout = int(settings.profile.session_timeout_s * 1000)
+    timeout = int(settings.profile.session_inactivity_s * 1000)
     evs = [
         make_event("view", "u", item_id="i1", ts=t),
         make_event("search", "u", query="glass jar", ts=t + 1000),
@@ -165,7 +165,7 @@ def test_unknown_items_are_skipped_not_applied(store, encoder):
 
 
 def test_dedupe_horizon_rejects_forgotten_duplicates_as_stale(redis_client, settings, items, encoder):
-    settings.profile.dedupe_event_ids = 5
+    settings = settings.override(profile={"dedupe_event_ids": 5})
     store = ProfileStore(redis_client, settings, items=items)
     t = 1_700_000_000_000
     evs = [make_event("view", "u", item_id=f"i{k}", ts=t + k * 1000) for k in range(10)]
@@ -213,3 +213,39 @@ def test_store_refuses_decoding_client(settings):
     with pytest.raises(ProfileStoreError, match="decode_responses=False"):
         ProfileStore(client, settings)
     client.close()
+
+
+def test_conflict_is_found_behind_a_watermark_only_write(redis_client, settings, items):
+    """A user whose events are all duplicates gets a watermark-only write in the same pipeline as
+    another user's compare-and-set: the conflict of the second must still be seen and retried."""
+    store = ProfileStore(redis_client, settings, items=items)
+    t = 1_700_000_000_000
+    dup = make_event("view", "a", item_id="i1", ts=t)
+    store.apply_batch(
+        [dup, make_event("view", "b", item_id="i1", ts=t)],
+        positions=[Position("ev", 0, 1), Position("ev", 0, 2)],
+    )
+    real_decode = store._decode
+    state = {"raced": False}
+
+    def decode_then_race(user_id, h):
+        prof = real_decode(user_id, h)
+        if user_id == "b" and not state["raced"]:
+            state["raced"] = True
+            ProfileStore(redis_client, settings, items=items).apply_batch(
+                [make_event("purchase", "b", item_id="i7", ts=t + 500)]
+            )
+        return prof
+
+    store._decode = decode_then_race  # type: ignore[method-assign]
+    # a's event re-produced at a new offset (a duplicate: watermark only), b's click races.
+    res = store.apply_batch(
+        [dup, make_event("click", "b", item_id="i2", ts=t + 1000)],
+        positions=[Position("ev", 0, 3), Position("ev", 0, 4)],
+    )
+    assert state["raced"] and res.conflicts == 1 and res.applied == 1
+    assert ProfileStore(redis_client, settings, items=items).get_profile("b").n_events == {
+        "view": 1,
+        "purchase": 1,
+        "click": 1,
+    }
