@@ -100,6 +100,11 @@ def decode(raw: bytes | None, *, now_ms: int | None = None) -> Event:
         raise InvalidEvent("empty", "record has no value")
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversized", f"{len(raw)} bytes > {MAX_EVENT_BYTES}")
+    if not raw.isascii():  # JSON is UTF-8 throughout (RFC 8259); msgspec skips unknown keys unchecked
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent("not_json", f"not valid UTF-8 at byte {exc.start}: {exc.reason}") from exc
     try:
         ev = _decoder.decode(raw)
     except msgspec.ValidationError as exc:

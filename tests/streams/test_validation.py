@@ -9,6 +9,7 @@ import pytest
 from conftest import read_topic
 from profile_reference import RandomItems
 
+from streamrec.events import decode
 from streamrec.kafka import KafkaProducer
 from streams.validation import (
     DeadLetter,
@@ -29,6 +30,9 @@ def _rec(value, offset: int = 0) -> RawRecord:
     ("value", "reason"),
     [
         (b"\xff\xfe garbage", "not_json"),
+        # Stray bytes inside a key the schema does not know: the whole record must be UTF-8.
+        (orjson.dumps(GOOD)[:-1] + b', "sess\xb1on_id": "s1"}', "not_json"),
+        (orjson.dumps(GOOD)[:-1] + b', "note": "caf\xc3"}', "not_json"),
         (
             b'{"v": 1, "event_id": "e", "type": "view", "user_id": "u", "ts": NaN, "item_id": "i1"}',
             "not_json",
@@ -81,3 +85,9 @@ def test_dead_letter_sink_keeps_original_bytes_reason_and_source(settings, topic
     assert h["reason"] == "not_json" and h["detail"] == "unexpected end"
     assert (h["topic"], h["partition"], h["offset"]) == (settings.topics.events, "3", "1234")
     assert int(h["ts"]) > 0
+
+
+def test_valid_utf8_beyond_ascii_is_accepted():
+    raw = orjson.dumps({**GOOD, "type": "search", "item_id": None, "query": "café lanterne ☕"})
+    ev = decode(raw, now_ms=GOOD["ts"])
+    assert ev.query == "café lanterne ☕"
