@@ -388,19 +388,28 @@ def _set_present(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update, cfg: 
 
 
 def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSettings) -> None:
-    """Purchased items (late purchases included) and their purchase counts."""
-    bought = [
-        b.item_id(i)
-        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
-        if b.typ[i] == PURCHASE and b.item_id(i)
-    ]
-    if bought:
-        q.purchased_items = _front_unique(bought, p.purchased_items, cfg.purchased_items)
-        bought_n = dict(p.purchase_counts)
-        for item in bought:
-            bought_n[item] = bought_n.get(item, 0) + 1
-        # Counts are kept for the items still in the (capped) purchased list only.
-        q.purchase_counts = {i: bought_n[i] for i in q.purchased_items if i in bought_n}
+    """Purchased items (late purchases included) and their purchase counts.
+
+    Applied one purchase at a time in event order, so the bounded state is a function of the
+    events whatever the batching: an item pushed out of the capped list loses its count, and
+    one that comes back starts again at 1.
+    """
+    bought = [b.item_id(i) for i in range(b.starts[k], b.ends[k]) if b.typ[i] == PURCHASE and b.item_id(i)]
+    if not bought:
+        return
+    items = list(p.purchased_items)
+    counts = dict(p.purchase_counts)
+    cap = cfg.purchased_items
+    for item in bought:  # oldest first
+        if item in items:
+            items.remove(item)
+        items.insert(0, item)
+        counts[item] = counts.get(item, 0) + 1
+        for gone in items[cap:]:
+            counts.pop(gone, None)
+        del items[cap:]
+    q.purchased_items = items
+    q.purchase_counts = {i: counts[i] for i in items if i in counts}
 
 
 def _set_query(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update) -> None:
