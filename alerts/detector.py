@@ -215,6 +215,7 @@ class DetectorState:
         return [(self.keys[i], int(self.alert[i])) for i in np.flatnonzero(self.alert)]
 
     def to_bytes(self) -> bytes:
+        assert self.ring_o is not None and self.ring_e is not None and self.ring_w is not None
         wire = _StateWire(
             keys=self.keys,
             share_num=self.share_num.astype(np.float64).tobytes(),
@@ -349,6 +350,7 @@ def _expected_events(state: DetectorState, o: np.ndarray, total: float) -> np.nd
 def _push_window(state: DetectorState, window: int, o: np.ndarray, e: np.ndarray) -> None:
     """Push the window into the ring of active windows."""
     H = state.horizon_max
+    assert state.ring_o is not None and state.ring_e is not None and state.ring_w is not None
     state.ring_o[state.pos] = o
     state.ring_e[state.pos] = e
     state.ring_w[state.pos] = window
@@ -384,6 +386,7 @@ def _test_horizons(state: DetectorState, cfg: AlertSettings) -> _HorizonTests:
     """Sum the ring over each horizon and compute the surge / drop tails of every key."""
     n_keys = state.size
     H = state.horizon_max
+    assert state.ring_o is not None and state.ring_e is not None
     up_h = sorted(set(cfg.surge_horizons))
     dn_h = sorted(set(cfg.drop_horizons))
     horizons = sorted(set(up_h) | set(dn_h))
@@ -458,6 +461,7 @@ def _transition(
     j = int(np.argmin(p_mat[:, i]))
     p = min(1.0, float(p_mat[j, i]) * (tests.n_up if kind == SURGE else tests.n_dn))
     hh = min(tests.horizons[j], state.filled)
+    assert state.ring_w is not None
     return Transition(
         key=state.keys[i],
         level=int(state.levels[i]),

@@ -45,8 +45,8 @@ class DemandHook:
             for a in alerts:
                 log.info(
                     "demand %s %s %s %r: observed %.1f expected %.2f score %.1f",
-                    a.level, a.kind, a.state, a.key, a.observed, a.expected, a.score,
-                )  # fmt: skip
+                    *(a.level, a.kind, a.state, a.key, a.observed, a.expected, a.score),
+                )
             if self.publish is not None:
                 self.publish(alerts)
         return alerts

@@ -102,14 +102,16 @@ def synthetic_retail(ds, n: int, seed: int = 0) -> list[bytes]:
 
 
 def _bench_settings(base: Settings, tag: str) -> Settings:
-    s = base.model_copy(deep=True)
     run = uuid.uuid4().hex[:8]
-    s.topics.events = f"bench-{run}-{tag}.events"
-    s.topics.dead_letter = f"bench-{run}-{tag}.dlq"
-    s.topics.results = f"bench-{run}-{tag}.results"
-    s.topics.alerts = f"bench-{run}-{tag}.alerts"
-    s.redis.prefix = f"bench{run}"
-    return s
+    return base.override(
+        topics={
+            "events": f"bench-{run}-{tag}.events",
+            "dead_letter": f"bench-{run}-{tag}.dlq",
+            "results": f"bench-{run}-{tag}.results",
+            "alerts": f"bench-{run}-{tag}.alerts",
+        },
+        redis={"prefix": f"bench{run}"},
+    )
 
 
 def _produce(s: Settings, values: Sequence[bytes]) -> None:
@@ -230,8 +232,8 @@ async def _run_workload(base: Settings, tag: str, values: list[bytes], items: An
         _clear_redis(redis, s.redis.prefix)
         pipe = _pipeline(s, items, redis)
         t0 = time.perf_counter()
-        for r in recs:
-            await pipe.process([r])
+        for rec in recs:
+            await pipe.process([rec])
         naive = k / (time.perf_counter() - t0)
         click.echo(
             f"[{tag}] pipeline batched {batched:,.0f}/s vs naive one-event-per-round-trip {naive:,.0f}/s"
@@ -368,7 +370,9 @@ class _ResultsReader:
             for m in self.consumer.consume(num_messages=1000, timeout=0.2):
                 if m.error() is None:
                     now = time.time() * 1000.0
-                    self.rows.append((now, orjson.loads(m.value())["source_event_id"]))
+                    value = m.value()
+                    assert value is not None  # result messages always carry a value
+                    self.rows.append((now, orjson.loads(value)["source_event_id"]))
 
     def close(self) -> None:
         self.stop.set()
@@ -444,7 +448,7 @@ def _run_e2e_catalog(
             sk.bind(("127.0.0.1", 0))
             return sk.getsockname()[1]
 
-    s.web_port, s.metrics_port = port(), port()
+    s = s.override(web_port=port(), metrics_port=port())
     ensure_topics(s)
     env = {
         **os.environ,

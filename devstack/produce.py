@@ -7,7 +7,7 @@ through the one producer module (:mod:`streamrec.kafka`).
 :func:`dataset_events` turns a dataset (``streamrec.datasets``) into events: Online Retail
 purchases become ``purchase`` events with quantity, price and category; the Scientific
 dataset's interactions become ``click`` events; a generic dataset keeps its ``type``/``query``
-columns. Each user's session id changes after ``profile.session_timeout_s`` of inactivity.
+columns. Each user's session id changes after ``profile.session_inactivity_s`` of inactivity.
 With ``now_ms`` the events are re-timed to the present, keeping their relative spacing divided
 by ``speed``. :func:`replay` sends them at a rate (or as fast as possible) with a progress bar.
 """
@@ -105,7 +105,7 @@ def dataset_events(
         return
     users = df["user_id"].to_numpy()
     ts = df["ts"].to_numpy(np.int64)
-    sess = _session_numbers(users, ts, settings.profile.session_timeout_s * 1000.0)
+    sess = _session_numbers(users, ts, settings.profile.session_inactivity_s * 1000.0)
     if now_ms is not None:
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")

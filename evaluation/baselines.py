@@ -6,8 +6,9 @@ All of them allow repeat purchases, as streamrec does in the replay (see evaluat
 
 - ``most_popular``: all-time counts (weighted by event type).
 - ``recent_popular``: counts decayed with event time (half-life 7 days), as a trending list.
-- ``item_knn``: item-to-item co-occurrence (items of one user within the last n items),
-  cosine-normalised; a user's list is the sum of the rows of their recent items.
+- ``item_knn``: item-to-item co-occurrence over users' item sets, cosine-normalised
+  (:class:`ItemSimilarity`, shared with ``eval loo``); a user's list is the sum of the rows
+  of their recent items.
 - ``session_knn``: SKNN (Jannach & Ludewig, 2017): the m past baskets most similar (cosine)
   to the user's recent items vote for their items.
 - ``repeat``: the user's own past items by decayed frequency (buy-again), then popular.
@@ -19,6 +20,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from streamrec.events import Event
 
@@ -34,8 +36,11 @@ class OnlineBaseline:
         self.n = len(self.ids)
 
     def _idx(self, events: Sequence[Event]) -> tuple[np.ndarray, np.ndarray, list[Event]]:
-        ev = [e for e in events if e.item_id in self.index]
-        idx = np.fromiter((self.index[e.item_id] for e in ev), np.int64, len(ev))
+        hits = [
+            (e, self.index[e.item_id]) for e in events if e.item_id is not None and e.item_id in self.index
+        ]
+        ev = [e for e, _ in hits]
+        idx = np.fromiter((n for _, n in hits), np.int64, len(hits))
         w = np.fromiter((TYPE_WEIGHT.get(e.type.value, 0.0) for e in ev), np.float64, len(ev))
         return idx, w, ev
 
@@ -118,27 +123,66 @@ class _UserHistory(OnlineBaseline):
         return self._top(scores + 1e-9 * self.fallback.counts / (self.fallback.counts.max() + 1.0), k)
 
 
+class ItemSimilarity:
+    """Item-to-item co-occurrence C = XᵀX over users' item sets (X binary users × items), zero
+    diagonal, cosine-normalised at query time: sim(i, j) = C_ij / sqrt(n_i · n_j).
+
+    The one item-kNN of the project: :meth:`fit` builds it from a users × items matrix
+    (leave-one-out), :meth:`add` grows it as a user meets new items (the replay's stream); both
+    give the same C for the same user-item pairs. :meth:`scores` sums the similarity rows of
+    each query's items.
+    """
+
+    def __init__(self, n_items: int) -> None:
+        self.n = n_items
+        self.co = np.zeros((n_items, n_items), np.float32)
+        self.cnt = np.zeros(n_items, np.float32)  # users per item
+
+    @classmethod
+    def fit(cls, user_items: sp.spmatrix) -> ItemSimilarity:
+        x = (sp.csr_matrix(user_items) > 0).astype(np.float32)
+        knn = cls(x.shape[1])
+        knn.co = np.asarray((x.T @ x).todense(), np.float32)
+        np.fill_diagonal(knn.co, 0.0)
+        knn.cnt = np.asarray(x.sum(0), np.float32).ravel()
+        return knn
+
+    def add(self, new: np.ndarray, known: np.ndarray) -> None:
+        """A user met the items ``new`` (distinct, not seen by them before) and already had ``known``."""
+        if new.size == 0:
+            return
+        self.co[np.ix_(new, known)] += 1.0
+        self.co[np.ix_(known, new)] += 1.0
+        self.co[np.ix_(new, new)] += 1.0  # each new pair once (both orders)
+        self.co[new, new] -= 1.0  # no self co-occurrence
+        self.cnt[new] += 1.0
+
+    def scores(self, queries: Sequence[np.ndarray]) -> np.ndarray:
+        """(len(queries), n_items): per query, the summed similarity rows of its items."""
+        inv = (1.0 / np.sqrt(np.maximum(self.cnt, 1.0))).astype(np.float32)
+        out = np.zeros((len(queries), self.n), np.float32)
+        for r, q in enumerate(queries):
+            if len(q):
+                q = np.asarray(q, np.int64)
+                out[r] = (self.co[q] * inv[q, None]).sum(0) * inv
+        return out
+
+
 class ItemKNN(_UserHistory):
-    """Co-occurrence of items among a user's consecutive items, cosine-normalised."""
+    """Online item-kNN (:class:`ItemSimilarity` grown from the stream); a user's list is the
+    sum of the similarity rows of their recent items."""
 
     name = "item_knn"
 
     def __init__(self, item_ids: Sequence[str], history: int = 20) -> None:
         super().__init__(item_ids, history)
-        self.co = np.zeros((self.n, self.n), np.float32)
-        self.cnt = np.zeros(self.n, np.float32)
+        self.sim = ItemSimilarity(self.n)
+        self.seen: dict[str, set[int]] = defaultdict(set)
 
     def recommend(self, user_ids, k, now_ms):
-        out = []
-        norm = 1.0 / np.sqrt(np.maximum(self.cnt, 1.0))
-        for u in user_ids:
-            hist = list(self.recent.get(u, ()))
-            if not hist:
-                out.append(self._with_fallback(None, k))
-                continue
-            rows = self.co[hist] * norm[hist, None] * norm[None, :]
-            out.append(self._with_fallback(rows.sum(0), k))
-        return out
+        hists = [np.fromiter(self.recent.get(u, ()), np.int64) for u in user_ids]
+        scores = self.sim.scores(hists)
+        return [self._with_fallback(scores[r] if len(h) else None, k) for r, h in enumerate(hists)]
 
     def update(self, events):
         self.fallback.update(events)
@@ -146,15 +190,11 @@ class ItemKNN(_UserHistory):
         by_user: dict[str, list[int]] = defaultdict(list)
         for e, i in zip(ev, idx, strict=True):
             by_user[e.user_id].append(int(i))
-        for u, new in by_user.items():
-            prev = list(self.recent.get(u, ()))
-            new_u = list(dict.fromkeys(new))
-            ctx = np.array(list(dict.fromkeys(prev + new_u)), np.int64)
-            nu = np.array(new_u, np.int64)
-            self.co[np.ix_(nu, ctx)] += 1.0
-            self.co[np.ix_(ctx, nu)] += 1.0
-            self.co[nu, nu] -= 2.0  # no self co-occurrence
-            self.cnt[nu] += 1.0
+        for u, items in by_user.items():
+            seen = self.seen[u]
+            new = np.array([i for i in dict.fromkeys(items) if i not in seen], np.int64)
+            self.sim.add(new, np.fromiter(seen, np.int64, len(seen)))
+            seen.update(new.tolist())
         self._remember(ev, idx)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from evaluation.baselines import ItemSimilarity
 from inference.training.pairs import EvalCases, eval_cases
 from streamrec.datasets import SPLITS, Dataset, load_dataset
 from streamrec.settings import Settings, get_settings
@@ -113,7 +114,7 @@ def full_ranking_ranks(
 
 
 # -- methods ------------------------------------------------------------------------------
-class Scorer:
+class Ranker:
     """Scores of every catalog item for a chunk of cases: ``scores(case_idx) -> (len, n_items)``."""
 
     name = "base"
@@ -122,7 +123,7 @@ class Scorer:
         raise NotImplementedError
 
 
-class PopularityScorer(Scorer):
+class PopularityRanker(Ranker):
     name = "most_popular"
 
     def __init__(self, counts: np.ndarray) -> None:
@@ -132,33 +133,21 @@ class PopularityScorer(Scorer):
         return np.broadcast_to(self.counts, (len(rows), self.counts.size))
 
 
-class ItemKNNScorer(Scorer):
-    """Item-item co-occurrence: C = XᵀX over the users' item sets, cosine-normalised, zero
-    diagonal; a user's score is the sum of C over their history items."""
+class ItemKNNRanker(Ranker):
+    """Item-kNN (:class:`evaluation.baselines.ItemSimilarity` fitted on the users' item sets):
+    a case's score is the summed similarity of its history items."""
 
     name = "item_knn"
 
     def __init__(self, user_items: sp.csr_matrix, history_idx: Sequence[np.ndarray]) -> None:
-        x = (user_items > 0).astype(np.float32).tocsr()
-        c = (x.T @ x).tocsr()
-        c.setdiag(0)
-        c.eliminate_zeros()
-        norm = np.sqrt(np.asarray(x.sum(0)).ravel())
-        inv = np.where(norm > 0, 1.0 / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
-        self.sim = sp.diags(inv) @ c @ sp.diags(inv)
-        self.sim = self.sim.tocsr()
-        n_items = user_items.shape[1]
-        ind_rows = np.repeat(np.arange(len(history_idx)), [len(h) for h in history_idx])
-        ind_cols = np.concatenate([np.asarray(h, np.int64) for h in history_idx]) if history_idx else []
-        self.hist = sp.csr_matrix(
-            (np.ones(len(ind_rows), np.float32), (ind_rows, ind_cols)), shape=(len(history_idx), n_items)
-        )
+        self.sim = ItemSimilarity.fit(user_items)
+        self.hist = [np.asarray(h, np.int64) for h in history_idx]
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray((self.hist[rows] @ self.sim).todense(), np.float32)
+        return self.sim.scores([self.hist[r] for r in rows])
 
 
-class VectorScorer(Scorer):
+class VectorRanker(Ranker):
     """h_iᵀp for context vectors P (m, dim) and item vectors H (n, dim)."""
 
     def __init__(self, name: str, contexts: np.ndarray, items: np.ndarray) -> None:
@@ -172,11 +161,11 @@ class VectorScorer(Scorer):
 
 def encoder_scorer(
     name: str, encode: Callable[[list[str]], np.ndarray], ds: Dataset, cases: EvalCases, batch_size: int = 256
-) -> VectorScorer:
+) -> VectorRanker:
     """Embed every item and every case context with ``encode`` (progress bars)."""
     items = _encode_batched(encode, ds.items["text"].tolist(), batch_size, f"{name}: items")
     ctx = _encode_batched(encode, cases.contexts, batch_size, f"{name}: contexts")
-    return VectorScorer(name, ctx, items)
+    return VectorRanker(name, ctx, items)
 
 
 def _encode_batched(encode: Callable[[list[str]], np.ndarray], texts: list[str], bs: int, desc: str):
@@ -186,7 +175,7 @@ def _encode_batched(encode: Callable[[list[str]], np.ndarray], texts: list[str],
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Scorer]:
+def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Ranker]:
     """Most-popular and item-kNN fitted on the interactions before ``split``."""
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     before = SPLITS[: SPLITS.index(split)]
@@ -196,13 +185,13 @@ def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Scorer]:
     users, uidx = np.unique(df["user_id"].to_numpy(), return_inverse=True)
     ui = sp.csr_matrix(
         (np.ones(len(uidx), np.float32), (uidx, item_idx)), shape=(len(users), len(pos))
-    )  # duplicates sum; binarised in ItemKNNScorer
+    )  # duplicates sum; binarised in ItemSimilarity.fit
     hist_idx = [np.fromiter((pos[i] for i in h), np.int64) for h in cases.histories]
-    return [PopularityScorer(counts), ItemKNNScorer(ui, hist_idx)]
+    return [PopularityRanker(counts), ItemKNNRanker(ui, hist_idx)]
 
 
 def evaluate_methods(
-    ds: Dataset, cases: EvalCases, scorers: Sequence[Scorer], chunk: int = 512
+    ds: Dataset, cases: EvalCases, scorers: Sequence[Ranker], chunk: int = 512
 ) -> dict[str, dict[str, float]]:
     """Metrics of every scorer over ``cases`` (full ranking, history excluded)."""
     pos = {i: k for k, i in enumerate(ds.item_ids)}
@@ -268,7 +257,7 @@ def run_evaluation(
     cases = eval_cases(ds, split, context_items, item_words).take(max_users, seed)
     if not len(cases):
         raise click.ClickException(f"no evaluation cases in split {split!r} of {ds.name}")
-    scorers: list[Scorer] = baseline_scorers(ds, cases, split)
+    scorers: list[Ranker] = baseline_scorers(ds, cases, split)
     for name, enc in encoders.items():
         scorers.append(encoder_scorer(name, enc, ds, cases))
     return evaluate_methods(ds, cases, scorers), cases
@@ -349,14 +338,12 @@ def loo(
     else:
         click.echo(f"no fine-tuned model in {model_dir}: evaluating baselines and the pretrained encoder")
     ctx_items = (
-        int(ft.manifest.training.get("context_items", s.encoder.context_items))
-        if ft
-        else s.encoder.context_items
+        int(ft.manifest.training.get("context_items", s.train.context_items)) if ft else s.train.context_items
     )
     words = (
-        int(ft.manifest.training.get("context_item_words", s.encoder.context_item_words))
+        int(ft.manifest.training.get("context_item_words", s.train.context_item_words))
         if ft
-        else s.encoder.context_item_words
+        else s.train.context_item_words
     )
     results, cases = run_evaluation(ds, split, encoders, ctx_items, words, max_users)
     published = PUBLISHED if ds.name == "scientific" else {}

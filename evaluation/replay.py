@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import click
 import numpy as np
@@ -83,6 +84,15 @@ def frame_events(ds: Dataset, df: pd.DataFrame, settings: Settings) -> list[Even
     return list(dataset_events(replace(ds, interactions=df), "all", settings=settings))
 
 
+class ReplayMethod(Protocol):
+    """What :func:`run_replay` needs of a method: :class:`StreamrecMethod` and the baselines
+    (``evaluation.baselines``)."""
+
+    def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]: ...
+
+    def update(self, events: Sequence[Event]) -> None: ...
+
+
 class StreamrecMethod:
     """streamrec itself: ProfileStore (real Redis) + Scorer over a model folder's catalog."""
 
@@ -93,9 +103,9 @@ class StreamrecMethod:
         from profiles.store import ProfileStore
 
         self.name = name
-        s = settings.model_copy(deep=True)
-        s.redis.prefix = f"{settings.redis.prefix}:{name}"
-        s.scoring.exclude_purchased = False
+        s = settings.override(
+            redis={"prefix": f"{settings.redis.prefix}:{name}"}, scoring={"exclude_purchased": False}
+        )
         self.settings = s
         self.catalog = CatalogIndex.load(model_dir / "catalog")
         self.store = ProfileStore(redis_client, s, items=self.catalog)
@@ -122,7 +132,7 @@ class StreamrecMethod:
 
 def run_replay(
     ds: Dataset,
-    methods: dict[str, object],
+    methods: dict[str, ReplayMethod],
     settings: Settings,
     max_test_days: int | None = None,
     warmup_days: int | None = None,
@@ -143,7 +153,7 @@ def run_replay(
         test = test[test["ts"] < end]
     # Warm-up: large batches, time-ordered.
     warm_events = frame_events(ds, warm, settings)
-    item_pop = defaultdict(float)
+    item_pop: defaultdict[str | None, float] = defaultdict(float)
     for e in warm_events:
         item_pop[e.item_id] += 1.0
     total = sum(item_pop.values()) or 1.0
@@ -163,7 +173,8 @@ def run_replay(
         day = time.strftime("%Y-%m-%d", time.gmtime(ts / 1000))
         for name, m in methods.items():
             lists = m.recommend(users, LIST_K, ts)
-            pos = {
+            # Keyed by item id; an event without one (None) finds no rank.
+            pos: dict[str, dict[str | None, int]] = {
                 u: {item: r + 1 for r, item in enumerate(lst)} for u, lst in zip(users, lists, strict=True)
             }
             sc = scores[name]
@@ -273,8 +284,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
     """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
     from evaluation.baselines import BASELINES
 
-    s = get_settings().model_copy(deep=True)
-    s.redis.prefix = f"eval-{int(time.time())}"
+    s = get_settings().override(redis={"prefix": f"eval-{int(time.time())}"})
     model_dir = model_dir or s.resolved_model_dir
     if not (model_dir / "manifest.json").exists():
         raise click.ClickException(
@@ -286,10 +296,9 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
     if not (pretrained_dir / "catalog").exists():
         ensure_pretrained(pretrained_dir, ds, s)
     redis = s.redis.client()
-    methods: dict[str, object] = {
-        "streamrec": StreamrecMethod("streamrec", s, model_dir, redis),
-        "streamrec_pretrained": StreamrecMethod("streamrec_pretrained", s, pretrained_dir, redis),
-    }
+    ours = StreamrecMethod("streamrec", s, model_dir, redis)
+    pretrained = StreamrecMethod("streamrec_pretrained", s, pretrained_dir, redis)
+    methods: dict[str, ReplayMethod] = {"streamrec": ours, "streamrec_pretrained": pretrained}
     methods.update({name: cls(ds.item_ids) for name, cls in BASELINES.items()})
     t0 = time.time()
     try:
@@ -304,8 +313,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
     notes = [
         f"dataset {ds.name}: {len(ds.items)} items; {split} events evaluated: {overall['streamrec']['events']}",
         "test-then-learn per basket; lists of 20; repeat purchases allowed for every method",
-        f"model: {methods['streamrec'].catalog.model_version}; pretrained: "
-        f"{methods['streamrec_pretrained'].catalog.model_version}",
+        f"model: {ours.catalog.model_version}; pretrained: {pretrained.catalog.model_version}",
         f"run time {time.time() - t0:.0f}s" + (" (quick)" if quick else ""),
     ]
     report = write_report(overall, per_day, Path(results_dir), notes)
@@ -318,9 +326,9 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
 
 def ensure_pretrained(folder: Path, ds: Dataset, s: Settings) -> Path:
     """Export the base encoder (no fine-tuning) and embed the catalog into ``folder``."""
-    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.training.export import export_pretrained
+    from inference.training.index import build_catalog
 
     export_pretrained(folder, base_model=s.encoder.base_model or None, max_len=s.encoder.max_len)
     enc = OnnxEncoder(folder, s.encoder)

@@ -195,8 +195,7 @@ def replay_detector(
     from alerts.monitor import DemandMonitor
     from streamrec.events import Event, EventType
 
-    s = settings.model_copy(deep=True)
-    s.redis.prefix = f"{settings.redis.prefix}:eval-spikes-{uuid.uuid4().hex[:8]}"
+    s = settings.override(redis={"prefix": f"{settings.redis.prefix}:eval-spikes-{uuid.uuid4().hex[:8]}"})
     monitor = DemandMonitor(s, redis_client)
     monitor.reset()
     cats = dict(zip(df["item_id"], df["category"], strict=True))

@@ -216,8 +216,10 @@ class CatalogIndex:
         m = q.shape[0]
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
         kk = min(k + extra, len(self.ids))
+        ann = self._ann
+        assert ann is not None
         with self._lock:
-            dist, lab = self._ann.search(np.ascontiguousarray(q), kk)
+            dist, lab = ann.search(np.ascontiguousarray(q), kk)
         idx = np.full((m, k), -1, np.int64)
         sc = np.full((m, k), -np.inf, np.float32)
         for r in range(m):

@@ -232,8 +232,9 @@ class MicroBatcher:
         self.encoder = encoder
         self.max_batch = max_batch
         self.max_wait_s = max(max_wait_ms, 0.0) / 1000.0
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future]] | None = None
-        self._task: asyncio.Task | None = None
+        # (text, future of its vector); a None future is the stop sentinel.
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray] | None]] | None = None
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0  # batches run (for tests and logs)
 
     async def __aenter__(self) -> MicroBatcher:
@@ -258,6 +259,7 @@ class MicroBatcher:
         """Encode what is queued, then stop the task."""
         if not self.running or self._queue is None:
             return
+        assert self._task is not None  # running
         await self._queue.put(("", None))  # sentinel
         await self._task
         self._task = None
@@ -266,7 +268,8 @@ class MicroBatcher:
         """The (dim,) unit vector of ``text``."""
         if not self.running:
             self.start()
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        assert self._queue is not None  # started above
         await self._queue.put((text, fut))
         return await fut
 
@@ -294,10 +297,11 @@ class MicroBatcher:
                     )
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
-                if item[1] is None:
+                next_text, next_fut = item
+                if next_fut is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch.append((next_text, next_fut))
             live = [(t, f) for t, f in batch if not f.done()]
             if not live:
                 continue

@@ -84,12 +84,14 @@ class RedisPopularity:
         add: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         n = 0
         for ev in counted:
+            item = ev.item_id
+            assert item is not None  # `counted` keeps events with an item only
             w = self.weights[ev.type]
             x = w * 2.0 ** ((ev.ts - landmark) / self.half_life_ms)
-            add[self._key()][ev.item_id] += x
-            cat = ev.category or item_category.get(ev.item_id)
+            add[self._key()][item] += x
+            cat = ev.category or item_category.get(item)
             if cat:
-                add[self._key(cat)][ev.item_id] += x
+                add[self._key(cat)][item] += x
             n += 1
         if not add:
             return 0

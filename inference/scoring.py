@@ -97,7 +97,7 @@ class Scorer:
         qu = np.zeros((m, dim), np.float32)
         w = np.zeros((m, 3), np.float32)
         ttl_ms = self.profile_cfg.query_ttl_s * 1000.0
-        session_ms = self.profile_cfg.session_timeout_s * 1000.0
+        session_ms = self.profile_cfg.session_inactivity_s * 1000.0
         for r, req in enumerate(reqs):
             p = req.profile
             ref = now_ms if req.ref_ms is None else req.ref_ms
@@ -139,159 +139,302 @@ class Scorer:
         warm = np.flatnonzero(has)
         if warm.size:
             self._score_warm(reqs, warm, P, q_share, out)
-        for r in np.flatnonzero(~has):
-            out[r] = self._fallback(reqs[r])
+        popular: dict[tuple[str | None, int], list[tuple[str, float]]] = {}  # one lookup per category
+        for r in np.flatnonzero(~has).tolist():
+            out[r] = self._fallback(reqs[r], popular)
         metrics.scoring_seconds.observe(time.perf_counter() - t0)
         metrics.scoring_batch_users.observe(len(reqs))
         return out
 
-    def _exclusions(self, req: Request) -> np.ndarray:
-        ids: list[str] = list(req.exclude_ids)
-        p = req.profile
-        if p is not None and self.cfg.exclude_purchased:
-            ids.extend(getattr(p, "purchased_items", None) or [])
-        if not ids:
-            return np.empty(0, np.int64)
-        idx = self.catalog.index_of(ids)
-        return idx[idx >= 0]
-
+    # -- warm users: everything vectorised over the batch ---------------------------------
     def _score_warm(
         self, reqs: Sequence[Request], rows: np.ndarray, P: np.ndarray, q_share: np.ndarray, out: list
     ) -> None:
+        """Candidates, buy-again, demand factors, softmax, MMR and reasons for the users ``rows``.
+
+        Array shapes: m users, C candidates per user (top-k by similarity, then the user's
+        bought items), k_max slots. No Python loop over candidates; one over users only to
+        gather their item id lists and to build the returned objects.
+        """
         cat = self.catalog
-        unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
-        excl = [np.union1d(self._exclusions(reqs[r]), unavailable) for r in rows]
-        k_max = max(reqs[r].k for r in rows)
+        sub = [reqs[r] for r in rows]
+        Pw = P[rows]
+        k_max = max(r.k for r in sub)
         n_cand = int(min(len(cat.ids), max(4 * k_max, k_max + 50)))
-        cand_idx, cand_sim = cat.topk(P[rows], n_cand, exclude=excl)
+        excl_rows, excl_items = self._exclusions(sub)
+        unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
+        excl = _split_rows(excl_rows, excl_items, len(sub))
+        top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
+        c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items)
+        fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
-        # Demand factors for every candidate of the batch in one call.
-        flat = cand_idx.reshape(-1)
-        valid = flat >= 0
-        factors = np.ones(flat.shape, np.float32)
-        reasons: list[str | None] = [None] * flat.size
-        if self.adjustments is not None and valid.any():
-            vidx = flat[valid]
-            f, rs = self.adjustments.factors([cat.ids[i] for i in vidx], [cat.categories[i] for i in vidx])
-            factors[valid] = np.asarray(f, np.float32)
-            pos = np.flatnonzero(valid)
-            for j, reason in zip(pos, rs, strict=True):
-                reasons[j] = reason
-        factors = factors.reshape(cand_idx.shape)
-        for j, r in enumerate(rows):
-            req = reqs[r]
-            ok = cand_idx[j] >= 0
-            idx = cand_idx[j][ok]
-            sim = cand_sim[j][ok].astype(np.float32)
-            fac = factors[j][ok]
-            rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
-            bought, b_bonus = self._repeat_bonus(req, excl[j])
-            # Bought items join the candidates even when their similarity is low; their demand
-            # factor is 1 (they were not in the batch's factor lookup).
-            extra = bought[~np.isin(bought, idx)]
-            idx = np.concatenate([idx, extra])
-            sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
-            fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
-            rsn += [None] * extra.size
-            bonus = np.zeros(idx.size, np.float32)
-            if bought.size:
-                where = {int(i): t for t, i in enumerate(idx)}
-                bonus[[where[int(i)] for i in bought]] = b_bonus
-            logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))
-            probs = _softmax(logits)
-            order = self._mmr(idx, logits / alpha, req.k)
-            out[r] = self._explain(
-                req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
-            )
-
-    def _repeat_bonus(self, req: Request, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Catalog rows of the user's purchases and their buy-again bonus (cosine units):
-        ``repeat_weight · repeat_decay^r · (1 + ln n)`` for the r-th most recent purchase, bought
-        n times. Empty when purchases are filtered (``exclude_purchased``) or the weight is 0."""
-        cfg = self.cfg
-        p = req.profile
-        none = np.empty(0, np.int64), np.empty(0, np.float32)
-        if cfg.exclude_purchased or cfg.repeat_weight <= 0 or p is None:
-            return none
-        bought = list(getattr(p, "purchased_items", None) or [])[: cfg.repeat_items]
-        if not bought:
-            return none
-        idx = self.catalog.index_of(bought)
-        counts = getattr(p, "purchase_counts", None) or {}
-        n = np.array([max(1, counts.get(i, 1)) for i in bought], np.float32)
-        bonus = (
-            cfg.repeat_weight * cfg.repeat_decay ** np.arange(len(bought), dtype=np.float32) * (1 + np.log(n))
+        valid = c.idx >= 0
+        logits = np.where(valid, alpha * (c.sim + c.bonus) + np.log(np.maximum(fac, 1e-6)), -np.inf)
+        probs = _softmax_rows(logits)
+        order = self._mmr_batch(c.idx, logits / alpha, k_max)  # (m, k_max) columns, -1 = none
+        sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
+        sel = np.where(order >= 0, sel, -1)
+        take = np.maximum(order, 0)
+        codes, similar = self._reason_codes(
+            sub,
+            Pw,
+            sel,
+            np.take_along_axis(fac, take, 1),
+            np.take_along_axis(trend, take, 1),
+            np.take_along_axis(c.bonus, take, 1),
+            q_share[rows],
         )
-        keep = (idx >= 0) & ~np.isin(idx, excluded)
-        idx, bonus = idx[keep], bonus[keep].astype(np.float32)
-        _, first = np.unique(idx, return_index=True)  # a repeated id keeps its most recent rank
-        first.sort()
-        return idx[first], bonus[first]
+        sel_probs = np.take_along_axis(probs, take, 1)
+        sel_trend = np.take_along_axis(trend, take, 1)
+        for j, r in enumerate(rows.tolist()):
+            out[r] = self._items_of_row(sub[j].k, sel[j], sel_probs[j], codes[j], similar[j], sel_trend[j])
 
-    def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
-        """Maximal marginal relevance over the candidates; returns positions into ``idx``."""
-        lam = self.cfg.mmr_lambda
-        n = idx.size
-        k = min(k, n)
-        if lam >= 1.0 or n <= 1:
-            return np.argsort(-rel, kind="stable")[:k]
-        H = self.catalog.matrix[idx]
-        sims = H @ H.T
-        selected: list[int] = []
-        max_sim = np.full(n, -np.inf, np.float32)
-        remaining = np.ones(n, bool)
-        for _ in range(k):
-            div = np.where(np.isfinite(max_sim), max_sim, 0.0)
-            mmr = lam * rel - (1.0 - lam) * div
-            mmr[~remaining] = -np.inf
-            best = int(np.argmax(mmr))
-            selected.append(best)
-            remaining[best] = False
-            max_sim = np.maximum(max_sim, sims[best])
-        return np.asarray(selected, np.int64)
+    def _exclusions(self, sub: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+        """(request row, catalog row) pairs to filter: excluded ids, and purchases when filtered."""
+        lists: list[list[str]] = []
+        for req in sub:
+            ids = list(req.exclude_ids)
+            p = req.profile
+            if p is not None and self.cfg.exclude_purchased:
+                ids.extend(getattr(p, "purchased_items", None) or [])
+            lists.append(ids)
+        rows, idx, _ = self._flat_index(lists)
+        return rows, idx
 
-    def _explain(
+    def _flat_index(self, lists: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ragged id lists → (row, catalog row, flat position) of the known ids, in one lookup.
+
+        Rows come out in ascending order; ``flat position`` indexes the concatenated lists.
+        """
+        lens = np.fromiter((len(x) for x in lists), np.int64, len(lists))
+        flat = [i for x in lists for i in x]
+        idx = self.catalog.index_of(flat) if flat else np.empty(0, np.int64)
+        row = np.repeat(np.arange(len(lists)), lens)
+        ok = np.flatnonzero(idx >= 0)
+        return row[ok], idx[ok], ok
+
+    def _candidates(
         self,
-        req: Request,
-        idx: np.ndarray,
-        probs: np.ndarray,
-        trend_reasons: list[str | None],
-        factors: np.ndarray,
-        q_share: float,
-        repeat_bonus: np.ndarray | None = None,
-    ) -> list[ScoredItem]:
-        cat = self.catalog
-        H = cat.matrix[idx]
-        p = req.profile
-        recent = list(getattr(p, "recent_items", None) or [])[:20] if p is not None else []
-        ridx = cat.index_of(recent) if recent else np.empty(0, np.int64)
-        known = ridx >= 0
-        recent_ids = [recent[i] for i in np.flatnonzero(known)]
-        R = cat.matrix[ridx[known]] if known.any() else None
-        qv = None
-        if req.query_vector is not None:
-            qv = req.query_vector
-        elif p is not None and getattr(p, "query", None) is not None and q_share > 0:
-            qv = p.query
-        q_sim = H @ _unit(np.asarray(qv, np.float32)[None])[0] if qv is not None else None
-        r_sim = H @ R.T if R is not None else None
-        items = []
-        for t, i in enumerate(idx):
-            if trend_reasons[t] and factors[t] > 1.0:
-                reason = trend_reasons[t]
-            elif repeat_bonus is not None and repeat_bonus[t] > 0:
-                reason = "buy_again"
-            elif q_sim is not None and (r_sim is None or q_share >= 0.5 or q_sim[t] >= r_sim[t].max()):
-                reason = "matches_query"
-            elif r_sim is not None:
-                reason = f"similar_to:{recent_ids[int(np.argmax(r_sim[t]))]}"
-            else:
-                reason = "popular"
-            items.append(ScoredItem(cat.ids[i], float(probs[t]), reason))
-        return items
+        sub: Sequence[Request],
+        Pw: np.ndarray,
+        top_idx: np.ndarray,
+        top_sim: np.ndarray,
+        excl_rows: np.ndarray,
+        excl_items: np.ndarray,
+    ) -> _Candidates:
+        """Top-k columns, then one column per bought item not among them (buy-again).
 
-    def _fallback(self, req: Request) -> list[ScoredItem]:
+        Bought items join the candidates even when their similarity is low; those among the
+        top-k keep their column (and demand factor) and get the bonus there.
+        """
+        m, n = len(sub), len(self.catalog.ids)
+        b_rows, b_items, b_bonus = self._repeat_bonus(sub)
+        if b_rows.size:  # not excluded, available
+            keep = ~np.isin(b_rows * n + b_items, excl_rows * n + excl_items)
+            keep &= np.asarray(self.catalog.available, bool)[b_items]
+            b_rows, b_items, b_bonus = b_rows[keep], b_items[keep], b_bonus[keep]
+        top_valid = top_idx >= 0
+        top_keys = np.where(top_valid, np.arange(m)[:, None] * n + top_idx, -1)
+        b_keys = b_rows * n + b_items
+        top_bonus = np.zeros(top_idx.shape, np.float32)
+        if b_keys.size:
+            order = np.argsort(b_keys)
+            sk = b_keys[order]
+            pos = np.minimum(np.searchsorted(sk, top_keys), sk.size - 1)
+            hit = top_valid & (sk[pos] == top_keys)
+            top_bonus = np.where(hit, b_bonus[order][pos], 0.0).astype(np.float32)
+            extra = ~np.isin(b_keys, top_keys[top_valid])
+            b_rows, b_items, b_bonus = b_rows[extra], b_items[extra], b_bonus[extra]
+        top_sim = np.where(top_valid, top_sim, -np.inf).astype(np.float32)
+        counts = np.bincount(b_rows, minlength=m)
+        width = int(counts.max()) if counts.size else 0
+        col = np.arange(b_rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        b_idx = np.full((m, width), -1, np.int64)
+        b_sim = np.full((m, width), -np.inf, np.float32)
+        b_bon = np.zeros((m, width), np.float32)
+        if b_rows.size:
+            b_idx[b_rows, col] = b_items
+            b_sim[b_rows, col] = np.einsum("nd,nd->n", self.catalog.matrix[b_items], Pw[b_rows])
+            b_bon[b_rows, col] = b_bonus
+        return _Candidates(
+            idx=np.concatenate([top_idx, b_idx], 1),
+            sim=np.concatenate([top_sim, b_sim], 1),
+            bonus=np.concatenate([top_bonus, b_bon], 1),
+        )
+
+    def _repeat_bonus(self, sub: Sequence[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, catalog row, bonus) of the users' purchases, most recent first per user, deduplicated.
+
+        The buy-again bonus in cosine units: ``repeat_weight · repeat_decay^r · (1 + ln n)`` for
+        the r-th most recent purchase, bought n times. Empty when purchases are filtered
+        (``exclude_purchased``) or the weight is 0.
+        """
+        cfg = self.cfg
+        none = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        if cfg.exclude_purchased or cfg.repeat_weight <= 0:
+            return none
+        lists = [list(getattr(r.profile, "purchased_items", None) or [])[: cfg.repeat_items] for r in sub]
+        counts = [getattr(r.profile, "purchase_counts", None) or {} for r in sub]
+        n_flat = np.fromiter(
+            (max(1, counts[j].get(i, 1)) for j, x in enumerate(lists) for i in x), np.float32
+        )
+        rows, items, flat = self._flat_index(lists)
+        if not rows.size:
+            return none
+        lens = np.fromiter((len(x) for x in lists), np.int64, len(lists))
+        rank = flat - (np.cumsum(lens) - lens)[rows]  # recency rank within the user's purchases
+        n_all = self.catalog.matrix.shape[0]
+        bonus = cfg.repeat_weight * cfg.repeat_decay ** rank.astype(np.float32) * (1 + np.log(n_flat[flat]))
+        _, first = np.unique(rows * n_all + items, return_index=True)  # a repeat keeps its best rank
+        first.sort()
+        return rows[first], items[first], bonus[first].astype(np.float32)
+
+    def _demand(self, idx: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Demand factors (1 without an anomaly) and trend reasons (object array, None) of the
+        top-k candidates, in one lookup; bought columns get 1 and None."""
+        fac = np.ones(idx.shape, np.float32)
+        trend = np.full(idx.shape, None, object)
+        if self.adjustments is None:
+            return fac, trend
+        top = idx[:, :n_top]
+        valid = top >= 0
+        if valid.any():
+            cat = self.catalog
+            vidx = top[valid].tolist()
+            f, rs = self.adjustments.factors([cat.ids[i] for i in vidx], [cat.categories[i] for i in vidx])
+            sub_f = np.ones(top.shape, np.float32)
+            sub_f[valid] = np.asarray(f, np.float32)
+            sub_t = np.full(top.shape, None, object)
+            sub_t[valid] = np.asarray(list(rs), object)
+            fac[:, :n_top], trend[:, :n_top] = sub_f, sub_t
+        return fac, trend
+
+    def _mmr_batch(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
+        """Maximal marginal relevance for every row at once; (m, k) column positions, -1 = none.
+
+        The pool is each row's best ``max(4k, k + 50)`` candidates by relevance (as many as the
+        similarity candidates; bought items beyond them rank too low to be picked in practice:
+        ``tests/inference/test_scoring_batched.py`` checks against the unpruned reference).
+        """
+        lam = self.cfg.mmr_lambda
+        m, C = idx.shape
+        rel = np.where(idx >= 0, rel, -np.inf)
+        pool = min(C, max(4 * k, k + 50))
+        cols = np.argsort(-rel, axis=1, kind="stable")[:, :pool]
+        prel = np.take_along_axis(rel, cols, 1)
+        kk = min(k, pool)
+        if lam >= 1.0 or pool <= 1:
+            return np.where(np.isfinite(prel[:, :kk]), cols[:, :kk], -1)
+        H = self.catalog.matrix[np.maximum(np.take_along_axis(idx, cols, 1), 0)]
+        sims = H @ H.transpose(0, 2, 1)  # (m, pool, pool)
+        ar = np.arange(m)
+        max_sim = np.full((m, pool), -np.inf, np.float32)
+        remaining = np.isfinite(prel)
+        picked = np.full((m, kk), -1, np.int64)
+        for step in range(kk):
+            div = np.where(np.isfinite(max_sim), max_sim, 0.0)
+            score = np.where(remaining, lam * prel - (1.0 - lam) * div, -np.inf)
+            best = np.argmax(score, 1)
+            ok = remaining[ar, best]
+            picked[ok, step] = cols[ar[ok], best[ok]]
+            remaining[ar[ok], best[ok]] = False
+            max_sim[ok] = np.maximum(max_sim[ok], sims[ar[ok], best[ok]])
+        return picked
+
+    def _reason_codes(
+        self,
+        sub: Sequence[Request],
+        Pw: np.ndarray,
+        sel: np.ndarray,
+        fac: np.ndarray,
+        trend: np.ndarray,
+        bonus: np.ndarray,
+        q_share: np.ndarray,
+    ) -> tuple[np.ndarray, list[list[str]]]:
+        """Reason per selected item, as codes (see ``_REASONS``), plus each row's recent ids for
+        ``similar_to``: trending (boosted) > buy_again > matches_query > similar_to > popular."""
+        cat = self.catalog
+        m, k = sel.shape
+        H = cat.matrix[np.maximum(sel, 0)]  # (m, k, dim)
+        Q, has_q = self._query_vectors(sub, q_share)
+        q_sim = np.einsum("mkd,md->mk", H, Q)
+        recent = [list(getattr(r.profile, "recent_items", None) or [])[:20] for r in sub]
+        r_rows, r_items, r_flat = self._flat_index(recent)
+        flat_ids = [i for x in recent for i in x]
+        known_ids = [[flat_ids[f] for f in fs.tolist()] for fs in _split_rows(r_rows, r_flat, m)]
+        counts = np.bincount(r_rows, minlength=m)
+        width = max(1, int(counts.max()) if counts.size else 0)
+        col = np.arange(r_rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        R_idx = np.full((m, width), -1, np.int64)
+        R_idx[r_rows, col] = r_items
+        R = cat.matrix[np.maximum(R_idx, 0)]  # (m, width, dim)
+        r_sim = np.where((R_idx >= 0)[:, None, :], H @ R.transpose(0, 2, 1), -np.inf)  # (m, k, width)
+        has_r = (counts > 0)[:, None]
+        r_best = np.argmax(r_sim, 2)
+        r_max = np.max(r_sim, 2)
+        query_wins = has_q[:, None] & (~has_r | (q_share[:, None] >= 0.5) | (q_sim >= r_max))
+        codes = np.full((m, k), 4, np.int8)  # popular
+        codes[has_r.repeat(k, 1)] = 3  # similar_to
+        codes[query_wins] = 2
+        codes[bonus > 0] = 1
+        codes[(fac > 1.0) & (trend != None)] = 0  # noqa: E711 (object array comparison)
+        similar = [[known_ids[j][b] if known_ids[j] else "" for b in r_best[j].tolist()] for j in range(m)]
+        return codes, similar
+
+    def _query_vectors(self, sub: Sequence[Request], q_share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(m, dim) unit query vectors and which rows have one (explicit, or the fresh stored one)."""
+        Q = np.zeros((len(sub), self.catalog.dim), np.float32)
+        has = np.zeros(len(sub), bool)
+        for j, req in enumerate(sub):
+            p = req.profile
+            if req.query_vector is not None:
+                Q[j], has[j] = req.query_vector, True
+            elif p is not None and getattr(p, "query", None) is not None and q_share[j] > 0:
+                Q[j], has[j] = p.query, True
+        return _unit(Q), has
+
+    def _items_of_row(
+        self,
+        k: int,
+        sel: np.ndarray,
+        probs: np.ndarray,
+        codes: np.ndarray,
+        similar: list[str],
+        trend: np.ndarray,
+    ) -> list[ScoredItem]:
+        ids = self.catalog.ids
+        out = []
+        for i, pr, code, sim_to, tr in zip(
+            sel[:k].tolist(),
+            probs[:k].tolist(),
+            codes[:k].tolist(),
+            similar[:k],
+            trend[:k].tolist(),
+            strict=True,
+        ):
+            if i < 0:
+                break
+            reason = tr if code == 0 else f"similar_to:{sim_to}" if code == 3 else _REASONS[code]
+            out.append(ScoredItem(ids[i], pr, reason))
+        return out
+
+    def _top_popular(
+        self, k: int, category: str | None, memo: dict[tuple[str | None, int], list[tuple[str, float]]]
+    ) -> list[tuple[str, float]]:
+        """Popular items (memoised per batch: one Redis lookup per category, not per user)."""
+        assert self.popularity is not None
+        k = max(k, self.cfg.top_k * 2)
+        for (cat, n), picks in memo.items():
+            if cat == category and n >= k:
+                return picks[:k]
+        memo[(category, k)] = picks = self.popularity.top(k, category=category)
+        return picks
+
+    def _fallback(
+        self, req: Request, memo: dict[tuple[str | None, int], list[tuple[str, float]]] | None = None
+    ) -> list[ScoredItem]:
         """Cold start: trending/popular items (in the event's category when it has one)."""
+        memo = {} if memo is None else memo
         excl = set(req.exclude_ids)
         p = req.profile
         if p is not None and self.cfg.exclude_purchased:
@@ -299,10 +442,11 @@ class Scorer:
         picks: list[tuple[str, float]] = []
         if self.popularity is not None:
             if req.category_hint:
-                picks = self.popularity.top(req.k + len(excl), category=req.category_hint)
+                picks = list(self._top_popular(req.k + len(excl), req.category_hint, memo))
             if len(picks) < req.k:
                 seen = {i for i, _ in picks}
-                picks += [x for x in self.popularity.top(req.k + len(excl) + len(picks)) if x[0] not in seen]
+                more = self._top_popular(req.k + len(excl) + len(picks), None, memo)
+                picks += [x for x in more if x[0] not in seen]
         if not picks:  # no popularity yet: the first available items, score 0
             avail = np.flatnonzero(np.asarray(self.catalog.available, bool))[: req.k + len(excl)]
             picks = [(self.catalog.ids[i], 0.0) for i in avail]
@@ -317,12 +461,32 @@ class Scorer:
         return [ScoredItem(i, s / total, "popular") for i, s in chosen]
 
 
+_REASONS = ("trending", "buy_again", "matches_query", "similar_to", "popular")
+
+
+@dataclass
+class _Candidates:
+    """Per user (rows) and candidate (columns): catalog row (-1 = empty), h·p, buy-again bonus."""
+
+    idx: np.ndarray
+    sim: np.ndarray
+    bonus: np.ndarray
+
+
+def _split_rows(rows: np.ndarray, items: np.ndarray, m: int) -> list[np.ndarray]:
+    """(row, item) pairs sorted by row → one item array per row."""
+    order = np.argsort(rows, kind="stable")
+    counts = np.bincount(rows, minlength=m)
+    return np.split(items[order], np.cumsum(counts)[:-1])
+
+
+def _softmax_rows(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax; -inf entries get 0."""
+    top = np.max(z, axis=1, keepdims=True)
+    e = np.exp(z - np.where(np.isfinite(top), top, 0.0))
+    return e / np.maximum(e.sum(1, keepdims=True), 1e-30)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.where(n > 1e-12, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max()
-    e = np.exp(z)
-    return e / e.sum()

@@ -7,7 +7,7 @@ A user's profile holds
   ``w_i`` of the event type (view 1, click 2, add_to_cart 4, purchase 6 by default) and the
   half-life ``H = profile.long_term_half_life_s`` in event time;
 * a **session vector**: the same with the short ``profile.session_half_life_s``, over the
-  events of the current session only. A session ends after ``profile.session_timeout_s`` of
+  events of the current session only. A session ends after ``profile.session_inactivity_s`` of
   inactivity or when the event's ``session_id`` differs from the previous event's (both set);
 * a **query-intent vector**: the encoded query of the user's latest search (by event time);
 * counts by event type, the last event time and id, and bounded lists of recent items
@@ -298,7 +298,7 @@ def _long_term(b: _Sorted, s: _Stored, cfg: ProfileSettings) -> tuple[np.ndarray
 def _session_resets(b: _Sorted, s: _Stored, nonlate: np.ndarray, cfg: ProfileSettings) -> np.ndarray:
     """Non-late events that start a new session (inactivity, changed session id or first event)."""
     u, ts = b.u, b.ts
-    timeout_ms = cfg.session_timeout_s * 1000.0
+    timeout_ms = cfg.session_inactivity_s * 1000.0
     first_of_user = np.zeros(len(u), bool)
     first_of_user[b.starts] = True
     # Late events sort before the non-late ones of their user, so the previous non-late event
@@ -379,9 +379,9 @@ def _set_present(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update, cfg: 
     q.session_id = b.sids[j]
     q.last_event_id = b.ev.event_ids[b.order[j]]
     recent_new = [
-        b.item_id(i)
+        item
         for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
-        if se.nonlate[i] and not upd.is_search[i] and b.item_id(i)
+        if se.nonlate[i] and not upd.is_search[i] and (item := b.item_id(i))
     ]
     if recent_new:
         q.recent_items = _front_unique(recent_new, p.recent_items, cfg.recent_items)
@@ -394,7 +394,7 @@ def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSetti
     events whatever the batching: an item pushed out of the capped list loses its count, and
     one that comes back starts again at 1.
     """
-    bought = [b.item_id(i) for i in range(b.starts[k], b.ends[k]) if b.typ[i] == PURCHASE and b.item_id(i)]
+    bought = [item for i in range(b.starts[k], b.ends[k]) if b.typ[i] == PURCHASE and (item := b.item_id(i))]
     if not bought:
         return
     items = list(p.purchased_items)

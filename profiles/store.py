@@ -409,7 +409,12 @@ class ProfileStore:
                 ids_args: list[str | int] = []
                 for i in s.kept:
                     ids_args += [events[i].ts, events[i].event_id]
-                args = [s.profile.version, len(fields), len(s.kept), self.cfg.dedupe_event_ids]
+                args: list[bytes | str | int | float] = [
+                    s.profile.version,
+                    len(fields),
+                    len(s.kept),
+                    self.cfg.dedupe_event_ids,
+                ]
                 args += [*fields, *ids_args]
                 order.append((k, len(pipe)))
                 self._write(keys=[self.profile_key(u), self.ids_key(u)], args=args, client=pipe)

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from streamrec.settings import get_settings
+from streamrec.settings import SettingsError, get_settings
 
 
 class LazyGroup(click.Group):
@@ -61,7 +61,26 @@ BENCH_COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS)
+class SettingsClickError(click.ClickException):
+    """Invalid settings: the message names each bad environment variable; exit status 2."""
+
+    exit_code = 2
+
+    def format_message(self) -> str:
+        return self.message
+
+
+class MainGroup(LazyGroup):
+    """The top-level group: invalid settings end any subcommand with their message, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:
+            raise SettingsClickError(str(exc)) from None
+
+
+@click.group(cls=MainGroup, lazy=COMMANDS)
 @click.version_option(package_name="streamrec")
 def main() -> None:
     """streamrec: a streaming recommender for e-commerce."""
@@ -79,21 +98,50 @@ def bench() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def config(as_json: bool) -> None:
-    """Print the effective settings, secrets masked."""
+@click.option(
+    "--describe/--no-describe",
+    default=True,
+    show_default=True,
+    help="Print each variable's description (dimmed, under its value).",
+)
+@click.option(
+    "--markdown",
+    is_flag=True,
+    help="Print the reference table of every variable (default, bounds, description) as Markdown, "
+    "as in README.md (`python -m streamrec.settings --write-readme` rewrites it there).",
+)
+def config(as_json: bool, describe: bool, markdown: bool) -> None:
+    """Print the effective settings, secrets masked: variable, value and description."""
+    import shutil
+    import textwrap
+
+    from streamrec.settings import GROUPS, settings_fields, settings_table_markdown
+
+    if markdown:
+        click.echo(settings_table_markdown(), nl=False)
+        return
     data = get_settings().masked()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-
-    def flat(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat(f"{prefix}_{k}" if prefix else k, v)
-        else:
-            click.echo(f"STREAMREC_{prefix.upper():<40} {value}")
-
-    flat("", data)
+    fields = list(settings_fields())
+    width = max(len(f.env) for f in fields) + 2
+    cols = min(shutil.get_terminal_size((110, 24)).columns, 110)
+    group = None
+    for f in fields:
+        if describe and f.group != group:
+            group = f.group
+            title = f"[{group}]" if group else "[top level]"
+            about = GROUPS[group].__doc__ if group else "Paths, ports and logging."
+            click.echo(click.style(title, bold=True) + " " + click.style(about or "", dim=True))
+        value = f.value(data)
+        shown = (
+            json.dumps(value) if isinstance(value, list | dict) else ("(not set)" if value is None else value)
+        )
+        click.echo(f"{f.env:<{width}}{shown}")
+        if describe and f.description:
+            for line in textwrap.wrap(f.description, width=cols - 4):
+                click.echo(click.style(f"    {line}", dim=True))
 
 
 def _print_status(rows) -> None:

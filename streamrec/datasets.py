@@ -115,14 +115,14 @@ class Dataset:
 
 
 def _read_table(path_without_ext: Path) -> pd.DataFrame:
-    for ext, reader in ((".parquet", pd.read_parquet), (".csv", pd.read_csv), (".jsonl", None)):
+    for ext in (".parquet", ".csv", ".jsonl"):
         p = path_without_ext.with_suffix(ext)
         if p.exists():
             if ext == ".jsonl":
                 return pd.read_json(p, lines=True, dtype=False)
             if ext == ".csv":
                 return pd.read_csv(p, dtype=str, keep_default_na=False)
-            return reader(p)
+            return pd.read_parquet(p)
     raise FileNotFoundError(
         f"{path_without_ext.name}.parquet/.csv/.jsonl not found in {path_without_ext.parent}: "
         "a generic dataset folder needs items and interactions files (see streamrec/datasets.py)"

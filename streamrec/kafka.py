@@ -84,16 +84,26 @@ class KafkaProducer:
                 errs.append(str(err))
 
     def produce(
-        self, topic: str, value: bytes | None, key: bytes | str | None = None, headers: Headers | None = None
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
     ) -> None:
-        """Queue one record; waits (bounded) only while the local queue is full."""
+        """Queue one record (to ``partition``, or by key); waits (bounded) only while the queue is full."""
         deadline: float | None = None
+        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=list(headers) if headers else None,
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers) if headers else None,
                     on_delivery=self._on_delivery,
-                )  # fmt: skip
+                    **extra,
+                )
                 return
             except BufferError as exc:
                 now = time.monotonic()
@@ -139,7 +149,9 @@ class KafkaProducer:
         return len(self._producer)
 
 
-def ensure_topics(settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, extra: dict[str, int] | None = None, timeout: float = 15.0
+) -> list[str]:
     """Create the application's topics with the configured partitions (admin client).
 
     Returns the names that were created; existing topics are left as they are.

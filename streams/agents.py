@@ -1,8 +1,9 @@
 """The faust agent: batches of the events topic → :class:`~streams.pipeline.EventPipeline`.
 
-The agent takes up to ``stream.batch_max`` events or what arrived within
-``stream.batch_within_s`` (``stream.noack_take``, which keeps each record's partition and
-offset), runs the pipeline on them and only then acknowledges them, so faust commits an
+The agent takes what the consumer has buffered, up to ``stream.batch_max`` events, without a
+fixed wait (``streams/batching.py``: a batch closes once the buffer stops growing, at most
+``stream.batch_within_s`` after its first event), runs the pipeline on them and only then
+acknowledges them, so faust commits an
 offset only after its event's profile write (or dead letter) is durable. A worker killed or
 stopped mid-batch therefore leaves the batch uncommitted; the next owner of the partition
 reads it again and the profile store skips what was already applied (exactly-once effect).
@@ -21,6 +22,7 @@ import time
 import faust
 
 from streamrec.settings import Settings
+from streams.batching import eager_batches
 from streams.context import WorkerState
 from streams.validation import RawRecord
 
@@ -43,7 +45,7 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
     async def process_events(stream: faust.StreamT) -> None:
         await state.loaded.wait()
         pipeline = state.pipeline
-        async for batch in stream.noack_take(cfg.batch_max, within=cfg.batch_within_s):
+        async for batch in eager_batches(stream, cfg.batch_max, cfg.batch_within_s):
             records = [to_record(ev) for ev in batch]
             deadline = time.monotonic() + cfg.failure_retry_s
             delay = 0.2

@@ -44,8 +44,8 @@ def _faust_app(s: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=s.stream.commit_interval_s,
         broker_max_poll_records=s.stream.max_poll_records,
-        broker_session_timeout=s.stream.session_timeout_s,
-        broker_heartbeat_interval=min(3.0, s.stream.session_timeout_s / 3),
+        broker_session_timeout=s.stream.consumer_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, s.stream.consumer_session_timeout_s / 3),
         stream_wait_empty=False,
         web_enabled=True,
         web_port=s.web_port,
@@ -108,16 +108,18 @@ def _register_lifecycle(
             len(ctx.pipeline.hooks),
         )
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
     async def on_assigned(sender: Any = None, assigned: Any = None, **kwargs: Any) -> None:
         metrics.rebalances.inc()
+        if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
+            state.ctx.dead_letters.forget()
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
 
     @app.timer(s.stream.lag_interval_s)
     async def update_lag() -> None:
         update_consumer_lag(app, state)
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
     async def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
         metrics.worker_up.set(0)
         if state.ctx is not None:

@@ -30,9 +30,16 @@ from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams.pipeline import EventPipeline
 from streams.recommend import PushPath, build_push_path
-from streams.validation import KafkaDeadLetterSink, Validator
+from streams.validation import KafkaDeadLetterSink, Validator, dead_letter_tail_reader
 
-__all__ = ["DEFAULT_ENCODER", "DEFAULT_ITEMS", "WorkerContext", "WorkerState", "build_context", "load_factory"]
+__all__ = [
+    "DEFAULT_ENCODER",
+    "DEFAULT_ITEMS",
+    "WorkerContext",
+    "WorkerState",
+    "build_context",
+    "load_factory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +113,7 @@ def build_context(
     redis.ping()
     producer = KafkaProducer(s)
     store = ProfileStore(redis, s, items=items)
-    dead_letters = KafkaDeadLetterSink(producer, s.topics.dead_letter)
+    dead_letters = KafkaDeadLetterSink(producer, s.topics.dead_letter, tail_reader=dead_letter_tail_reader(s))
     pipeline = EventPipeline(store, Validator(items), dead_letters, encoder=encoder)
 
     demand = demand_hook(s, redis, item_categories(items), AlertPublisher(producer, s.topics.alerts))

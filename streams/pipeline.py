@@ -36,6 +36,7 @@ from streams.validation import DeadLetterSink, RawRecord, ValidatedBatch, Valida
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class BatchResult:
     """What one :meth:`EventPipeline.process` did."""
@@ -123,7 +124,7 @@ class EventPipeline:
         idx = [i for i, e in enumerate(events) if e.type is EventType.SEARCH and e.query]
         if not idx:
             return {}
-        texts = list(dict.fromkeys(events[i].query for i in idx))
+        texts: list[str] = list(dict.fromkeys(events[i].query or "" for i in idx))
         try:
             vecs = await asyncio.get_running_loop().run_in_executor(None, self.encoder.encode, texts)
         except Exception:
@@ -132,7 +133,7 @@ class EventPipeline:
             )
             return {}
         by_text = {t: np.asarray(v, np.float32) for t, v in zip(texts, vecs, strict=True)}
-        return {i: by_text[events[i].query] for i in idx}
+        return {i: by_text[events[i].query or ""] for i in idx}
 
     @staticmethod
     def _observe(res: BatchResult, batch: ValidatedBatch) -> None:

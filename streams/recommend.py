@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,33 +128,48 @@ class RecommendationService:
 
 @dataclass
 class _Pending:
-    first_seen: float  # monotonic seconds of the burst's first event
-    event_id: str
+    since: float  # monotonic seconds when the user's profile first changed after their last push
+    event_id: str  # the newest applied event (the result's source_event_id)
     event_ts: int
     category: str | None
 
 
 class RecommendationPusher:
-    """Pipeline hook: coalesce per-user bursts, score due users in batches, publish."""
+    """Pipeline hook: push fresh top-K lists, leading edge first, trailing coalesced.
+
+    A user's first change after a quiet spell is scored at once (leading edge). Changes within
+    ``scoring.coalesce_ms`` of their last push wait and give one trailing recomputation at the
+    end of that window, from the newest profile. A round scores every due user together (one
+    profile read, one matrix product per ``scoring.batch_users``) in a worker thread while the
+    event loop goes on consuming; changes that arrive during a round join the next one. So
+    under load coalescing widens by itself to at least the round time: each user gets fewer,
+    fresher pushes, the pending set holds each user once, and lag stays bounded.
+
+    No timer ticks: the loop sleeps until a change arrives or the earliest trailing push is due.
+    """
 
     def __init__(
         self,
         settings: Settings,
         service: RecommendationService,
         publish: Callable[[str, bytes], None],
-        flush: Callable[[], None] | None = None,
+        flush: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
-        self.publish = publish  # (key, value) -> None; e.g. a confluent-kafka produce
+        self.publish = publish  # (key, value) -> None; e.g. KafkaProducer.produce on the results topic
         self._flush_producer = flush
         self.pending: dict[str, _Pending] = {}
         self.window_s = settings.scoring.coalesce_ms / 1000.0
+        self._last_push: dict[str, float] = {}  # user -> monotonic time of the last push (recent only)
+        self._push_log: deque[tuple[float, str]] = deque()  # (time, user) in push order, to prune
+        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.rounds = 0
 
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
-        """Hook entry: remember which users need fresh recommendations."""
+        """Hook entry: remember which users need fresh recommendations, wake the loop."""
         now = time.monotonic()
         latest: dict[str, Event] = {}
         for ev in events:
@@ -165,8 +181,10 @@ class RecommendationPusher:
             p = self.pending.get(u)
             if p is None:
                 self.pending[u] = _Pending(now, ev.event_id, ev.ts, ev.category)
-            else:  # same burst: keep its start, point at the newest event
+            else:  # not pushed yet: point at the newest event
                 p.event_id, p.event_ts, p.category = ev.event_id, ev.ts, ev.category or p.category
+        if latest:
+            self._wake.set()
         if self._task is None:
             self.start()
 
@@ -177,57 +195,92 @@ class RecommendationPusher:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._wake.set()
         if self._task is not None:
             await self._task
             self._task = None
         await self.flush_due(force=True)
 
     async def _run(self) -> None:
-        tick = max(self.window_s / 4, 0.005)
         while not self._stopping:
             try:
                 await self.flush_due()
-            except Exception:  # never let one bad batch stop the pusher
-                log.exception("recommendation push failed; will retry on the next tick")
-            await asyncio.sleep(tick)
+            except Exception:  # never let one bad round stop the pusher
+                log.exception("recommendation push failed; retrying")
+                await asyncio.sleep(0.5)
+            wait = self._next_due_in()
+            if wait is None or wait > 0:
+                self._wake.clear()
+                if self._next_due_in() != 0.0:  # nothing became due while clearing
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                    except TimeoutError:
+                        pass
+
+    def _prune(self, now: float) -> None:
+        while self._push_log and now - self._push_log[0][0] >= self.window_s:
+            at, u = self._push_log.popleft()
+            if self._last_push.get(u) == at:
+                del self._last_push[u]
+
+    def _due_at(self, u: str) -> float:
+        last = self._last_push.get(u)
+        return 0.0 if last is None else last + self.window_s
+
+    def _next_due_in(self) -> float | None:
+        """Seconds until the next pending user is due (0 = now), None when nothing is pending."""
+        if not self.pending:
+            return None
+        now = time.monotonic()
+        self._prune(now)
+        return max(0.0, min(self._due_at(u) for u in self.pending) - now)
+
+    def _take_due(self, force: bool) -> tuple[list[str], list[_Pending]]:
+        now = time.monotonic()
+        self._prune(now)
+        users = [u for u in self.pending if force or self._due_at(u) <= now]
+        return users, [self.pending.pop(u) for u in users]
 
     async def flush_due(self, force: bool = False) -> int:
-        """Score and publish every user whose burst window has closed. Returns users published."""
-        now = time.monotonic()
-        due = [u for u, p in self.pending.items() if force or now - p.first_seen >= self.window_s]
+        """Score and publish every due user (all pending with ``force``). Returns users published."""
+        due, pend = self._take_due(force)
         if not due:
             return 0
         batch = self.settings.scoring.batch_users
         loop = asyncio.get_running_loop()
-        sent = 0
+        self.rounds += 1
         for start in range(0, len(due), batch):
-            users = due[start : start + batch]
-            pend = [self.pending.pop(u) for u in users]
-            hints = [p.category for p in pend]
-            refs = [p.event_ts for p in pend]
+            users, ps = due[start : start + batch], pend[start : start + batch]
             lists = await loop.run_in_executor(
                 None,
                 functools.partial(
                     self.service.recommend_many,
                     users,
                     self.settings.scoring.top_k,
-                    category_hints=hints,
-                    ref_ms=refs,
+                    category_hints=[p.category for p in ps],
+                    ref_ms=[p.event_ts for p in ps],
                 ),
             )
-            version = self.service.model_version
-            now_ms = int(time.time() * 1000)
-            for u, p, items in zip(users, pend, lists, strict=True):
-                msg = result_message(u, items, version, p.event_id, p.event_ts, now_ms)
-                self.publish(u, orjson.dumps(msg))
-                lag_s = (now_ms - p.event_ts) / 1000.0
-                if 0 <= lag_s < 3600:  # replays of historic data would swamp the histogram
-                    metrics.event_to_result_seconds.observe(lag_s)
-            metrics.results_published.inc(len(users))
-            sent += len(users)
+            self._publish(users, ps, lists)
         if self._flush_producer is not None:
             self._flush_producer()
-        return sent
+        return len(due)
+
+    def _publish(
+        self, users: Sequence[str], ps: Sequence[_Pending], lists: Sequence[list[ScoredItem]]
+    ) -> None:
+        version = self.service.model_version
+        now_ms = int(time.time() * 1000)
+        now = time.monotonic()
+        for u, p, items in zip(users, ps, lists, strict=True):
+            msg = result_message(u, items, version, p.event_id, p.event_ts, now_ms)
+            self.publish(u, orjson.dumps(msg))
+            self._last_push[u] = now
+            self._push_log.append((now, u))
+            lag_s = (now_ms - p.event_ts) / 1000.0
+            if 0 <= lag_s < 3600:  # replays of historic data would swamp the histogram
+                metrics.event_to_result_seconds.observe(lag_s)
+        metrics.results_published.inc(len(users))
 
 
 class PopularityRecorder:

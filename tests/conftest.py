@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.settings import Settings
 from devstack.stack import kafka_healthy, redis_healthy
+from streamrec.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Shared helpers and fixtures (tests/support/), importable as `support.*` (pytest `pythonpath`).
+pytest_plugins = ["support.worker", "support.demand"]
 
 
 @pytest.fixture(scope="session")
@@ -43,18 +46,23 @@ def uid() -> str:
 
 @pytest.fixture
 def settings(stack: Settings, uid: str, tmp_path: Path) -> Settings:
-    """Settings with per-test topics, Redis prefix, state dir and consumer group."""
-    s = stack.model_copy(deep=True)
-    s.topics.events = f"t-{uid}.events"
-    s.topics.results = f"t-{uid}.results"
-    s.topics.dead_letter = f"t-{uid}.dlq"
-    s.topics.alerts = f"t-{uid}.alerts"
-    s.redis.prefix = f"t{uid}"
-    s.kafka.consumer_group = f"g-{uid}"
-    s.state_dir = tmp_path / "state"
-    s.web_port = _free_port()
-    s.metrics_port = _free_port()
-    return s
+    """Settings with per-test topics, Redis prefix, state dir and consumer group.
+
+    Settings are frozen: a test that needs other values derives them with
+    ``settings.override(group={...}, field=value)`` (see ``Settings.override``)."""
+    return stack.override(
+        topics={
+            "events": f"t-{uid}.events",
+            "results": f"t-{uid}.results",
+            "dead_letter": f"t-{uid}.dlq",
+            "alerts": f"t-{uid}.alerts",
+        },
+        redis={"prefix": f"t{uid}"},
+        kafka={"consumer_group": f"g-{uid}"},
+        state_dir=tmp_path / "state",
+        web_port=_free_port(),
+        metrics_port=_free_port(),
+    )
 
 
 @pytest.fixture
@@ -90,9 +98,9 @@ def retail_model_dir(data_dir: Path) -> Path:
     Retail catalog embedded with it. Built once and cached in the state dir (the manifest is
     verified at every load, so a stale or broken cache is rebuilt)."""
     from inference.catalog import CatalogIndex
-    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.training.export import export_pretrained
+    from inference.training.index import build_catalog
     from streamrec.datasets import load_dataset
 
     s = Settings()

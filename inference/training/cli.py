@@ -48,29 +48,60 @@ def _logging() -> None:
 @click.option(
     "--max-len", type=int, default=None, help="Token limit of contexts and items (default: settings)."
 )
-@click.option("--epochs", type=int, default=None)
-@click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0 = epochs decide).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--warmup-ratio", type=float, default=None)
-@click.option("--alpha", type=float, default=None, help="Initial softmax temperature α.")
-@click.option("--fixed-alpha/--learn-alpha", default=None, help="Keep α fixed or learn it.")
-@click.option("--context-items", type=int, default=None, help="Items in a context (most recent first).")
-@click.option("--context-item-words", type=int, default=None, help="Words kept of each context item.")
-@click.option("--queries/--no-queries", default=None, help="Also train on (query -> clicked item) pairs.")
 @click.option(
-    "--logq/--no-logq", default=None, help="logQ correction of the in-batch softmax (default: settings)."
+    "--epochs", type=int, default=None, help="Passes over the pairs (default: STREAMREC_TRAIN_EPOCHS)."
+)
+@click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0 = epochs decide).")
+@click.option(
+    "--batch-size", type=int, default=None, help="Pairs per step (default: STREAMREC_TRAIN_BATCH_SIZE)."
+)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: STREAMREC_TRAIN_LR).")
+@click.option(
+    "--warmup-ratio", type=float, default=None, help="Warm-up share (default: STREAMREC_TRAIN_WARMUP_RATIO)."
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Initial softmax temperature α (default: STREAMREC_TRAIN_ALPHA).",
+)
+@click.option(
+    "--fixed-alpha/--learn-alpha",
+    default=None,
+    help="Keep α fixed or learn it (default: STREAMREC_TRAIN_FIXED_ALPHA).",
+)
+@click.option(
+    "--context-items",
+    type=int,
+    default=None,
+    help="Items in a context, most recent first (default: STREAMREC_TRAIN_CONTEXT_ITEMS).",
+)
+@click.option(
+    "--context-item-words",
+    type=int,
+    default=None,
+    help="Words kept of each context item (default: STREAMREC_TRAIN_CONTEXT_ITEM_WORDS).",
+)
+@click.option(
+    "--queries/--no-queries",
+    default=None,
+    help="Also train on (query -> clicked item) pairs (default: STREAMREC_TRAIN_QUERIES).",
+)
+@click.option(
+    "--logq/--no-logq",
+    default=None,
+    help="logQ correction of the in-batch softmax (default: STREAMREC_TRAIN_LOGQ).",
 )
 @click.option(
     "--basket/--no-basket",
     default=None,
-    help="Contexts from earlier baskets (orders) only (default: settings).",
+    help="Contexts from earlier baskets (orders) only (default: STREAMREC_TRAIN_BASKET).",
 )
 @click.option(
     "--freeze-layers",
     type=int,
     default=None,
-    help="Freeze the embeddings and the lowest N layers (faster on CPU).",
+    help="Freeze the embeddings and the lowest N layers, faster on CPU (default: STREAMREC_TRAIN_FREEZE_LAYERS).",
 )
 @click.option("--max-users", type=int, default=0, help="Train on a seeded sample of users (0 = all).")
 @click.option("--max-pairs", type=int, default=0, help="At most this many training pairs (0 = all).")
@@ -83,7 +114,7 @@ def _logging() -> None:
 )
 @click.option("--no-test-eval", is_flag=True, help="Skip the final test evaluation of the best checkpoint.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="Seed (default: STREAMREC_TRAIN_SEED).")
 @click.option(
     "--threads", type=int, default=0, help="torch CPU threads (0 = default; 1 on a shared machine)."
 )
@@ -99,31 +130,28 @@ def train(dataset: str, out: Path | None, base_model: str | None, max_len: int |
 
     _logging()
     s = get_settings()
-    e = s.encoder
-
-    def pick(v, default):
-        return default if v is None else v
-
     key = Path(dataset).name if Path(dataset).is_dir() else dataset
-    cfg = TrainConfig(
+    # Flags left unset (None) keep settings.train's value (STREAMREC_TRAIN_*), see TrainConfig.from_settings.
+    cfg = TrainConfig.from_settings(
+        s,
         dataset=dataset,
         out=str(out or s.state_dir / "train" / key),
-        base_model=pick(base_model, e.base_model),
-        max_len=pick(max_len, e.max_len),
-        context_items=pick(context_items, e.context_items),
-        context_item_words=pick(context_item_words, e.context_item_words),
-        queries=pick(queries, e.train_queries),
-        batch_size=pick(batch_size, e.train_batch_size),
-        lr=pick(lr, e.train_lr),
-        epochs=pick(epochs, e.train_epochs),
+        base_model=base_model,
+        max_len=max_len,
+        context_items=context_items,
+        context_item_words=context_item_words,
+        queries=queries,
+        batch_size=batch_size,
+        lr=lr,
+        epochs=epochs,
         max_steps=max_steps,
-        warmup_ratio=pick(warmup_ratio, e.train_warmup_ratio),
-        alpha=pick(alpha, e.train_alpha),
-        fixed_alpha=pick(fixed_alpha, e.train_fixed_alpha),
-        seed=pick(seed, e.train_seed),
-        logq=pick(logq, e.train_logq),
-        basket=pick(basket, e.train_basket),
-        freeze_layers=pick(freeze_layers, e.train_freeze_layers),
+        warmup_ratio=warmup_ratio,
+        alpha=alpha,
+        fixed_alpha=fixed_alpha,
+        seed=seed,
+        logq=logq,
+        basket=basket,
+        freeze_layers=freeze_layers,
         max_users=max_users,
         max_pairs=max_pairs,
         eval_users=eval_users,
@@ -132,7 +160,6 @@ def train(dataset: str, out: Path | None, base_model: str | None, max_len: int |
         test_eval=not no_test_eval,
         device=device,
         threads=threads,
-        data_dir=str(s.data_dir),
     )
     try:
         summary = Trainer(cfg).run()
@@ -163,8 +190,8 @@ def export(
     checkpoint: Path | None, pretrained: bool, out: Path | None, variants: str, dataset: str | None
 ) -> None:
     """Export to ONNX (pooling + normalisation inside), int8/fp16 variants, parity checks, manifest."""
-    from inference.training.export import export_checkpoint, export_pretrained
     from inference.manifest import ModelFolderError, read_manifest
+    from inference.training.export import export_checkpoint, export_pretrained
 
     _logging()
     s = get_settings()
@@ -219,9 +246,9 @@ def _parity_texts(checkpoint: Path, dataset: str | None, n: int = 64) -> list[st
 @click.option("--batch-size", type=int, default=256, show_default=True)
 def index(dataset: str, model_dir: Path | None, variant: str | None, batch_size: int) -> None:
     """Embed every catalog item into <model-dir>/catalog (float32 matrix + id map)."""
-    from inference.training.index import build_catalog
     from inference.encoder import OnnxEncoder
     from inference.manifest import ModelFolderError
+    from inference.training.index import build_catalog
     from streamrec.datasets import load_dataset
 
     _logging()

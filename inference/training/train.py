@@ -21,59 +21,66 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluation.loo import VectorScorer, evaluate_methods
+from evaluation.loo import VectorRanker, evaluate_methods
 from inference.training.export import TRAIN_STATE, load_embedder, resolve_base_model, torch_encode
 from inference.training.pairs import Pairs, eval_cases, training_pairs
 from streamrec.datasets import Dataset, load_dataset
+from streamrec.settings import Settings, TrainSettings, get_settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (stored in each checkpoint)."""
+class TrainConfig(TrainSettings):
+    """Everything a training run depends on (stored in each checkpoint).
+
+    The hyperparameters are :class:`~streamrec.settings.TrainSettings` (``settings.train``,
+    ``STREAMREC_TRAIN_*``), inherited rather than repeated; the fields below are per run.
+    Build one from the settings with :meth:`from_settings`; a bare ``TrainConfig(...)`` uses the
+    fields' defaults (those of an empty environment).
+    """
 
     dataset: str = "online-retail"
     out: str = ".streamrec/train/online-retail"
     base_model: str = ""
-    max_len: int = 64
-    context_items: int = 10
-    context_item_words: int = 24
-    queries: bool = True
-    batch_size: int = 64
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    epochs: int = 2
-    max_steps: int = 0  # 0 = epochs decide
-    warmup_ratio: float = 0.1
-    alpha: float = 20.0
-    fixed_alpha: bool = False
-    grad_clip: float = 1.0
-    logq: bool = True  # subtract log(target frequency) from the training logits (see loss())
-    basket: bool = True  # contexts from earlier baskets only (inference.training.pairs)
-    freeze_layers: int = 0  # freeze the embeddings and the lowest N Transformer layers
-    seed: int = 0
-    max_users: int = 0  # train on a seeded sample of users (0 = all)
-    max_pairs: int = 0  # at most this many training pairs (seeded sample, 0 = all)
-    max_pairs_per_user: int = 0
-    eval_users: int = 1000  # valid users per evaluation (seeded sample, 0 = all)
-    eval_every: int = 0  # also evaluate every N steps (0 = at epoch ends only)
+    max_len: int = Field(64, ge=1, le=512)
+    weight_decay: float = Field(0.01, ge=0)
+    max_steps: int = Field(0, ge=0)  # 0 = epochs decide
+    grad_clip: float = Field(1.0, gt=0)
+    max_users: int = Field(0, ge=0)  # train on a seeded sample of users (0 = all)
+    max_pairs: int = Field(0, ge=0)  # at most this many training pairs (seeded sample, 0 = all)
+    max_pairs_per_user: int = Field(0, ge=0)
+    eval_users: int = Field(1000, ge=0)  # valid users per evaluation (seeded sample, 0 = all)
+    eval_every: int = Field(0, ge=0)  # also evaluate every N steps (0 = at epoch ends only)
     eval_start: bool = True  # evaluate the pretrained encoder first (step 0)
     test_eval: bool = True  # evaluate the best checkpoint on the test split at the end (report only)
-    patience: int = 2
+    patience: int = Field(2, ge=1)
     device: str = "cpu"
-    threads: int = 0  # torch CPU threads (0 = torch's default); 1 when sharing a small machine
+    threads: int = Field(0, ge=0)  # torch CPU threads (0 = torch's default); 1 when sharing a small machine
     data_dir: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> TrainConfig:
+        """``settings.train`` (plus ``encoder.base_model``, ``encoder.max_len`` and ``data_dir``),
+        then ``overrides``; an override of None keeps the settings' value (an unset CLI flag)."""
+        s = settings or get_settings()
+        values: dict[str, Any] = {
+            **dict(s.train),
+            "base_model": s.encoder.base_model,
+            "max_len": s.encoder.max_len,
+            "data_dir": str(s.data_dir),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 class Trainer:
@@ -170,14 +177,14 @@ class Trainer:
             ctx = self.encode(cases.contexts)
         finally:
             self.model.train(was_training)
-        res = evaluate_methods(self.full, cases, [VectorScorer("encoder", ctx, items)])["encoder"]
+        res = evaluate_methods(self.full, cases, [VectorRanker("encoder", ctx, items)])["encoder"]
         return res
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, name: str, metrics: dict[str, Any], step: int) -> Path:
         d = self.out / name
         d.mkdir(parents=True, exist_ok=True)
-        self.model.encoder.save_pretrained(str(d))
+        self.model.encoder.save_pretrained(str(d))  # type: ignore[operator]  # a transformers model, typed as Module
         self.tok.save_pretrained(str(d))
         state = {
             "base_model": self.cfg.base_model or "sentence-transformers/all-MiniLM-L6-v2",
@@ -187,7 +194,7 @@ class Trainer:
             "step": step,
             "dataset": self.ds.name,
             "metrics": metrics,
-            "config": {**asdict(self.cfg), "dataset_name": self.ds.name},
+            "config": {**self.cfg.model_dump(mode="json"), "dataset_name": self.ds.name},
         }
         (d / TRAIN_STATE).write_text(json.dumps(state, indent=2))
         return d
@@ -209,7 +216,8 @@ class Trainer:
         log.info("training on %d pairs (%s), %d steps of %d", len(pairs), self.ds.name, total, c.batch_size)
         from transformers import get_linear_schedule_with_warmup
 
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for n, p in self.model.named_parameters():
             (no_decay if p.ndim < 2 or "LayerNorm" in n or n.endswith("bias") else decay).append(p)
         groups = [

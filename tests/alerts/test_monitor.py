@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from support.demand import INJECT_AT, active_windows_after, batches, to_events, with_surge
 
 from alerts.effects import RedisDemandAdjustments
 from alerts.models import AnomalyAlert
 from alerts.monitor import DemandMonitor
 from streamrec.events import Event, EventType
 from streamrec.settings import Settings
-
-from .conftest import INJECT_AT, active_windows_after, batches, to_events, with_surge
 
 SURGE_ITEM = "84378"  # ~0.45 buyers per active hour in January 2011
 
@@ -116,8 +115,7 @@ def test_restart_and_reprocessing_lose_and_double_count_nothing(
     first, second = df.iloc[:cut], df.iloc[cut:]
 
     # Reference: one monitor, each event once.
-    ref_settings = settings.model_copy(deep=True)
-    ref_settings.redis.prefix = settings.redis.prefix + "-ref"
+    ref_settings = settings.override(redis={"prefix": settings.redis.prefix + "-ref"})
     ref = DemandMonitor(ref_settings, redis_client)
     replay(ref, df, cats)
 

@@ -8,6 +8,7 @@ import time
 import msgspec
 import pytest
 from confluent_kafka import Consumer
+from support.demand import INJECT_AT, active_windows_after, batches, with_surge
 
 from alerts.hook import DemandHook, demand_hook
 from alerts.models import AnomalyAlert, decode_alert, encode_alert
@@ -15,8 +16,6 @@ from alerts.monitor import DemandMonitor
 from alerts.publish import AlertPublisher, publish_alerts
 from streamrec.kafka import KafkaProducer, ensure_topics
 from streamrec.settings import Settings
-
-from .conftest import INJECT_AT, active_windows_after, batches, with_surge
 
 
 def consume(settings: Settings, topic: str, n: int, timeout: float = 30.0) -> list[tuple[bytes, bytes]]:
@@ -81,9 +80,7 @@ def test_alerts_published_to_a_real_topic_are_consumed_back(settings: Settings) 
     assert sorted((k, decode_alert(v)) for k, v in got) == sorted((a.record_key.encode(), a) for a in alerts)
 
 
-def test_demand_hook_publishes_the_surge(
-    settings: Settings, redis_client, retail_slice
-) -> None:
+def test_demand_hook_publishes_the_surge(settings: Settings, redis_client, retail_slice) -> None:
     df, cats = retail_slice
     ensure_topics(settings)
     item = "84378"

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from test_k8s import IMAGE_REPO, field_default, project_version, settings_env_names
 
-from streamrec.settings import Settings
 from devstack.stack import kafka_version
+from streamrec.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -8,31 +8,17 @@ declared by the worker's own packages (streams, profiles) is a series in Prometh
 
 from __future__ import annotations
 
-import importlib.util
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
+from support.profile_reference import generate_events
 from test_metric_contract import deploy_metric_names, series_names
 
+import profiles.metrics
+import streams.metrics
+from devstack.produce import EventProducer
 from devstack.promstack import DEFAULT_RULES, LocalPrometheus
-
-TESTS = Path(__file__).resolve().parents[1]
-
-# The stream tests' worker subprocess and topic fixtures (tests/streams/conftest.py), loaded
-# under a private name so it does not shadow this folder's conftest resolution.
-_spec = importlib.util.spec_from_file_location("streams_test_support", TESTS / "streams" / "conftest.py")
-_support = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_support)  # type: ignore[union-attr]
-worker = _support.worker  # noqa: F811 - pytest fixtures re-exported for this module
-topics = _support.topics
-
-from profile_reference import generate_events  # noqa: E402 (path set up by the support module)
-
-import profiles.metrics  # noqa: E402
-import streams.metrics  # noqa: E402
-from devstack.produce import EventProducer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

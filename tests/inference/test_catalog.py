@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from inference.catalog import CatalogError, CatalogIndex, load_catalog
-from inference.training.index import build_catalog
 from inference.encoder import OnnxEncoder
+from inference.training.index import build_catalog
 from streamrec.interfaces import ItemVectors
 from streamrec.settings import Settings
 

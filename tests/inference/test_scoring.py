@@ -47,9 +47,7 @@ def _profile(catalog: CatalogIndex, items: list[str], purchased: list[str] = ())
 
 
 def _scorer(catalog, **overrides) -> Scorer:
-    s = Settings()
-    for k, v in overrides.items():
-        setattr(s.scoring, k, v)
+    s = Settings().override(scoring=overrides)
     return Scorer(catalog, s.scoring, s.profile)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import msgspec
 import numpy as np
 import pytest
-from profile_reference import (
+from support.profile_reference import (
     HashingEncoder,
     RandomItems,
     RefProfile,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from profile_reference import (
+from support.profile_reference import (
     DIM,
     HashingEncoder,
     RandomItems,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from conftest import read_topic
-from profile_reference import (
+from support.profile_reference import (
     HashingEncoder,
     RandomItems,
     assert_profile_matches,
     generate_events,
     reference_profiles,
 )
+from support.worker import read_topic
 
 from profiles.store import ProfileStore
 from streamrec.events import encode
@@ -38,7 +38,13 @@ def test_pipeline_applies_valid_events_dead_letters_the_rest_and_calls_hooks(set
     async def failing_hook(events, changed):
         raise RuntimeError("a broken hook must not lose the batch")
 
-    pipe = EventPipeline(store, Validator(items), KafkaDeadLetterSink(KafkaProducer(settings), settings.topics.dead_letter), enc, hooks=[failing_hook])
+    pipe = EventPipeline(
+        store,
+        Validator(items),
+        KafkaDeadLetterSink(KafkaProducer(settings), settings.topics.dead_letter),
+        enc,
+        hooks=[failing_hook],
+    )
     pipe.add_hook(hook)
     events = generate_events(12, 600, seed=21)
     recs = _records(events)

@@ -6,8 +6,8 @@ import asyncio
 
 import orjson
 import pytest
-from conftest import read_topic
-from profile_reference import RandomItems
+from support.profile_reference import RandomItems
+from support.worker import read_topic
 
 from streamrec.events import decode
 from streamrec.kafka import KafkaProducer
@@ -91,3 +91,37 @@ def test_valid_utf8_beyond_ascii_is_accepted():
     raw = orjson.dumps({**GOOD, "type": "search", "item_id": None, "query": "café lanterne ☕"})
     ev = decode(raw, now_ms=GOOD["ts"])
     assert ev.query == "café lanterne ☕"
+
+
+def test_dead_letters_of_a_redelivered_batch_are_written_once(settings, topics):
+    """A worker crashed after writing a batch's dead letters and before committing: the next
+    owner gets the batch again and must not write its letters a second time."""
+    from streams.validation import dead_letter_tail_reader
+
+    def letters(offsets, partition):
+        return [
+            DeadLetter(RawRecord(b"bad %d" % o, b"k", settings.topics.events, partition, o), "not_json", "x")
+            for o in offsets
+        ]
+
+    first = KafkaDeadLetterSink(
+        KafkaProducer(settings), settings.topics.dead_letter, tail_reader=dead_letter_tail_reader(settings)
+    )
+    asyncio.run(first.send(letters([3, 5, 8], 1) + letters([2], 0)))
+    # The "next owner": a fresh sink (no memory) gets the same batch plus newer records.
+    second = KafkaDeadLetterSink(
+        KafkaProducer(settings), settings.topics.dead_letter, tail_reader=dead_letter_tail_reader(settings)
+    )
+    asyncio.run(second.send(letters([3, 5, 8, 9, 12], 1) + letters([2, 4], 0)))
+    asyncio.run(second.send(letters([12, 13], 1)))  # a repeat within one owner, too
+    assert second.skipped == 5
+    got = read_topic(settings, settings.topics.dead_letter, 8)
+    by_source = sorted(
+        (
+            int(parse_dead_letter_headers(m.headers())["partition"]),
+            int(parse_dead_letter_headers(m.headers())["offset"]),
+        )
+        for m in got
+    )
+    assert by_source == [(0, 2), (0, 4), (1, 3), (1, 5), (1, 8), (1, 9), (1, 12), (1, 13)]
+    assert all(m.partition() == int(parse_dead_letter_headers(m.headers())["partition"]) for m in got)

@@ -9,14 +9,14 @@ import threading
 
 import orjson
 import pytest
-from conftest import committed_equals_end, read_topic, wait_until
-from profile_reference import (
+from support.profile_reference import (
     HashingEncoder,
     RandomItems,
     assert_profile_matches,
     generate_events,
     reference_profiles,
 )
+from support.worker import committed_equals_end, read_topic, wait_until
 
 from devstack.produce import EventProducer
 from profiles.store import ProfileStore

@@ -1,4 +1,4 @@
-"""Shared data for the alerts tests: a slice of the real Online Retail purchase stream."""
+"""Demand test helpers (a pytest plugin): a slice of the real Online Retail purchase stream."""
 
 from __future__ import annotations
 

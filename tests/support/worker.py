@@ -1,4 +1,5 @@
-"""Helpers for the stream tests: a real `streamrec worker` subprocess and Kafka utilities."""
+"""Stream test helpers (a pytest plugin): a real `streamrec worker` subprocess, topic fixtures,
+Kafka utilities. The worker subprocess loads the test plug-ins from ``support.profile_reference``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PROFILES_TESTS = Path(__file__).resolve().parents[1] / "profiles"
-sys.path.insert(0, str(PROFILES_TESTS))  # profile_reference (reference maths, test ItemVectors)
+from streamrec.settings import Settings
 
-from streamrec.settings import Settings  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1]  # holds the `support` package the worker's plug-ins live in
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
@@ -46,9 +46,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMREC_WEB_PORT": str(s.web_port),
         "STREAMREC_METRICS_PORT": str(s.metrics_port),
         "STREAMREC_STREAM_WEB_BIND": "127.0.0.1",
-        "STREAMREC_STREAM_SESSION_TIMEOUT_S": "8",
+        "STREAMREC_STREAM_CONSUMER_SESSION_TIMEOUT_S": "8",
         "STREAMREC_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": os.pathsep.join([str(PROFILES_TESTS), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     env.update(extra)
     return env
@@ -61,8 +61,8 @@ class WorkerProcess:
         self,
         settings: Settings,
         log_dir: Path,
-        items: str = "profile_reference:make_items",
-        encoder: str = "profile_reference:make_encoder",
+        items: str = "support.profile_reference:make_items",
+        encoder: str = "support.profile_reference:make_encoder",
         **env: str,
     ) -> None:
         self.settings = settings
@@ -91,7 +91,7 @@ class WorkerProcess:
             env=self.env,
             stdout=open(self.log, "wb"),
             stderr=subprocess.STDOUT,
-            cwd=str(PROFILES_TESTS.parents[1]),
+            cwd=str(TESTS.parent),
         )
         return self
 

@@ -11,20 +11,20 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from streamrec import stack as stack_mod
-from streamrec.settings import Settings
+from devstack import stack as stack_mod
 from devstack.stack import (
     LocalStack,
     StackError,
     _free_port_for_tests,
     _pid_alive,
-    ensure_topics,
     kafka_healthy,
 )
+from streamrec.kafka import ensure_topics
+from streamrec.settings import Settings
 
 
 def test_kafka_round_trip_on_admin_created_topic_with_4_partitions(settings: Settings):
-    settings.topics.partitions = 4
+    settings = settings.override(topics={"partitions": 4})
     created = ensure_topics(settings)
     assert settings.topics.events in created
     md = AdminClient(settings.kafka.librdkafka_config()).list_topics(settings.topics.events, timeout=10)
@@ -89,13 +89,15 @@ def test_redis_round_trip(settings: Settings, redis_client):
 
 
 def _isolated_settings(tmp_path) -> Settings:
-    s = Settings()
-    s.state_dir = tmp_path / "state"
-    s.kafka.bootstrap_servers = f"127.0.0.1:{_free_port_for_tests()}"
-    s.kafka.controller_port = _free_port_for_tests()
-    s.kafka.heap = "256m"
-    s.redis.url = f"redis://127.0.0.1:{_free_port_for_tests()}/0"
-    return s
+    return Settings().override(
+        state_dir=tmp_path / "state",
+        kafka={
+            "bootstrap_servers": f"127.0.0.1:{_free_port_for_tests()}",
+            "controller_port": _free_port_for_tests(),
+            "heap": "256m",
+        },
+        redis={"url": f"redis://127.0.0.1:{_free_port_for_tests()}/0"},
+    )
 
 
 @pytest.mark.timeout(240)
@@ -132,8 +134,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path):
 
 def test_up_reuses_servers_that_already_run(stack: Settings, tmp_path):
     """Pointing the settings at running servers starts nothing."""
-    s = stack.model_copy(deep=True)
-    s.state_dir = tmp_path / "state"
+    s = stack.override(state_dir=tmp_path / "state")
     rows = {r.name: r for r in LocalStack(s).up()}
     assert rows["kafka"].healthy and not rows["kafka"].managed and rows["kafka"].pid is None
     assert rows["redis"].healthy and not rows["redis"].managed and rows["redis"].pid is None
@@ -142,8 +143,7 @@ def test_up_reuses_servers_that_already_run(stack: Settings, tmp_path):
 
 @pytest.mark.timeout(30)
 def test_wrong_bootstrap_address_gives_a_clear_error_in_bounded_time(tmp_path):
-    s = Settings()
-    s.kafka.bootstrap_servers = f"127.0.0.1:{_free_port_for_tests()}"
+    s = Settings().override(kafka={"bootstrap_servers": f"127.0.0.1:{_free_port_for_tests()}"})
     ok, detail = kafka_healthy(s, timeout=2.0)
     assert not ok
     assert "transport" in detail.lower() or "timed out" in detail.lower()

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import read_topic, worker_env
+from support.worker import read_topic, worker_env
 
 from devstack.produce import _session_numbers, dataset_events
 from streamrec.datasets import load_dataset

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from evaluation.loo import (
-    ItemKNNScorer,
-    VectorScorer,
+    ItemKNNRanker,
+    VectorRanker,
     baseline_scorers,
     evaluate_methods,
     full_ranking_ranks,
@@ -103,7 +103,7 @@ def test_item_knn_follows_co_occurrence() -> None:
 
     # users bought {0,1}, {0,1}, {2,3}: a user with history [0] should get 1 first
     ui = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], np.float32))
-    knn = ItemKNNScorer(ui, [np.array([0])])
+    knn = ItemKNNRanker(ui, [np.array([0])])
     s = knn.scores(np.array([0]))[0]
     assert np.argmax(s) == 1 and s[2] == 0 and s[0] == 0
 
@@ -115,7 +115,7 @@ def test_methods_on_real_scientific_valid(data_dir: Path) -> None:
     # an oracle "encoder" whose context vector is the target's item vector ranks every target first
     rng = np.random.default_rng(0)
     items = rng.normal(size=(len(pos), 64)).astype(np.float32)
-    oracle = VectorScorer("oracle", items[[pos[t] for t in cases.targets]], items)
+    oracle = VectorRanker("oracle", items[[pos[t] for t in cases.targets]], items)
     res = evaluate_methods(ds, cases, [*baseline_scorers(ds, cases, "valid"), oracle])
     assert res["oracle"]["recall@10"] == 1.0 and res["oracle"]["mrr"] > 0.99
     assert 0.0 < res["most_popular"]["recall@50"] < 0.2

@@ -4,7 +4,7 @@ of the ItemVectors / TextEncoder protocols (random unit item vectors, hashed-wor
 The reference is written independently of ``profiles.model``: it walks each user's events one
 by one in float64, exactly as the rules in ``profiles/model.py`` describe them. The stream
 worker started by the tests imports ``make_items`` / ``make_encoder`` from here
-(``streamrec worker --items profile_reference:make_items``).
+(``streamrec worker --items support.profile_reference:make_items``).
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ class HashingEncoder:
 
 
 def make_items(settings: Settings) -> RandomItems:
-    """Worker plug-in (``--items profile_reference:make_items``)."""
+    """Worker plug-in (``--items support.profile_reference:make_items``)."""
     return RandomItems(int(os.environ.get("TEST_N_ITEMS", N_ITEMS)))
 
 
 def make_encoder(settings: Settings) -> HashingEncoder:
-    """Worker plug-in (``--encoder profile_reference:make_encoder``)."""
+    """Worker plug-in (``--encoder support.profile_reference:make_encoder``)."""
     return HashingEncoder()
 
 

@@ -31,9 +31,9 @@ def test_logq_subtracts_log_frequency_from_the_logits(trainer: Trainer) -> None:
     trainer.log_q = {"i0": -1.0, "i1": -2.0, "i2": -5.0}
     with torch.no_grad():
         corrected = trainer.loss(ctx, tgt)
-        trainer.cfg.logq = False
+        trainer.cfg = trainer.cfg.model_copy(update={"logq": False})  # TrainConfig is frozen
         plain = trainer.loss(ctx, tgt)
-        trainer.cfg.logq = True
+        trainer.cfg = trainer.cfg.model_copy(update={"logq": True})
     assert corrected.item() == pytest.approx(_manual(trainer, ctx, tgt, [-1.0, -2.0, -5.0]).item(), rel=1e-5)
     assert plain.item() == pytest.approx(_manual(trainer, ctx, tgt, None).item(), rel=1e-5)
     assert corrected.item() != pytest.approx(plain.item(), rel=1e-3)

@@ -1,0 +1,279 @@
+"""The per-user scorer that the batched one in ``inference/scoring.py`` replaced, kept as its
+oracle: the same maths written plainly, one user and one candidate at a time.
+
+Not used by the product; ``tests/inference/test_scoring_batched.py`` checks that the batched
+scorer returns the same lists, scores and reasons.
+"""
+
+from __future__ import annotations
+
+import time  # noqa: F401
+from collections.abc import Sequence
+
+import numpy as np
+
+from inference.scoring import Request, ScoredItem
+from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
+from streamrec.settings import ProfileSettings, ScoringSettings
+
+
+class ReferenceScorer:
+    """Scores batches of users against the catalog. Thread-compatible, no I/O of its own
+    except through the adjustments and popularity sources it is given."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        scoring: ScoringSettings,
+        profile: ProfileSettings,
+        adjustments: DemandAdjustments | None = None,
+        popularity: PopularitySource | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.cfg = scoring
+        self.profile_cfg = profile
+        self.adjustments = adjustments
+        self.popularity = popularity
+
+    # -- context vectors -----------------------------------------------------------------
+    def context_vectors(
+        self, reqs: Sequence[Request], now_ms: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P (m, dim) unit rows, has_context (m,), query_weight_share (m,)).
+
+        ``query_weight_share`` is the part of p that comes from a query vector (0 without one).
+        """
+        dim = self.catalog.dim
+        m = len(reqs)
+        lt = np.zeros((m, dim), np.float32)
+        se = np.zeros((m, dim), np.float32)
+        qu = np.zeros((m, dim), np.float32)
+        w = np.zeros((m, 3), np.float32)
+        ttl_ms = self.profile_cfg.query_ttl_s * 1000.0
+        session_ms = self.profile_cfg.session_inactivity_s * 1000.0
+        for r, req in enumerate(reqs):
+            p = req.profile
+            ref = now_ms if req.ref_ms is None else req.ref_ms
+            if p is not None:
+                if getattr(p, "long_term", None) is not None:
+                    lt[r] = p.long_term
+                    w[r, 0] = self.cfg.weight_long_term
+                last = getattr(p, "last_ts", None) or 0
+                if getattr(p, "session", None) is not None and ref - last <= session_ms:
+                    se[r] = p.session
+                    w[r, 1] = self.cfg.weight_session
+                q_ts = getattr(p, "query_ts", None) or 0
+                if getattr(p, "query", None) is not None and ref - q_ts <= ttl_ms:
+                    qu[r] = p.query
+                    w[r, 2] = self.cfg.weight_query
+            if req.query_vector is not None:  # an explicit query overrides the stored one
+                qu[r] = req.query_vector
+                w[r, 2] = self.cfg.weight_query
+        lt = _unit(lt)
+        se = _unit(se)
+        qu = _unit(qu)
+        raw = w[:, :1] * lt + w[:, 1:2] * se + w[:, 2:3] * qu
+        norms = np.linalg.norm(raw, axis=1)
+        has = norms > 1e-8
+        P = np.zeros_like(raw)
+        P[has] = raw[has] / norms[has, None]
+        share = np.where(w.sum(1) > 0, w[:, 2] / np.maximum(w.sum(1), 1e-9), 0.0)
+        return P, has, share
+
+    # -- main entry ----------------------------------------------------------------------
+    def recommend(self, reqs: Sequence[Request], now_ms: int | None = None) -> list[list[ScoredItem]]:
+        """Top-K per request, one matrix product for the whole batch."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        out: list[list[ScoredItem]] = [[] for _ in reqs]
+        if not reqs:
+            return out
+        P, has, q_share = self.context_vectors(reqs, now_ms)
+        warm = np.flatnonzero(has)
+        if warm.size:
+            self._score_warm(reqs, warm, P, q_share, out)
+        for r in np.flatnonzero(~has).tolist():
+            out[r] = self._fallback(reqs[r])
+        return out
+
+    def _exclusions(self, req: Request) -> np.ndarray:
+        ids: list[str] = list(req.exclude_ids)
+        p = req.profile
+        if p is not None and self.cfg.exclude_purchased:
+            ids.extend(getattr(p, "purchased_items", None) or [])
+        if not ids:
+            return np.empty(0, np.int64)
+        idx = self.catalog.index_of(ids)
+        return idx[idx >= 0]
+
+    def _score_warm(
+        self, reqs: Sequence[Request], rows: np.ndarray, P: np.ndarray, q_share: np.ndarray, out: list
+    ) -> None:
+        cat = self.catalog
+        unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
+        excl = [np.union1d(self._exclusions(reqs[r]), unavailable) for r in rows]
+        k_max = max(reqs[r].k for r in rows)
+        n_cand = int(min(len(cat.ids), max(4 * k_max, k_max + 50)))
+        cand_idx, cand_sim = cat.topk(P[rows], n_cand, exclude=excl)
+        alpha = self.cfg.alpha
+        # Demand factors for every candidate of the batch in one call.
+        flat = cand_idx.reshape(-1)
+        valid = flat >= 0
+        factors: np.ndarray = np.ones(flat.shape, np.float32)
+        reasons: list[str | None] = [None] * flat.size
+        if self.adjustments is not None and valid.any():
+            vidx = flat[valid]
+            f, rs = self.adjustments.factors([cat.ids[i] for i in vidx], [cat.categories[i] for i in vidx])
+            factors[valid] = np.asarray(f, np.float32)
+            pos = np.flatnonzero(valid)
+            for t, reason in zip(pos.tolist(), rs, strict=True):
+                reasons[t] = reason
+        factors = factors.reshape(cand_idx.shape)
+        for j, r in enumerate(rows):
+            req = reqs[r]
+            ok = cand_idx[j] >= 0
+            idx = cand_idx[j][ok]
+            sim = cand_sim[j][ok].astype(np.float32)
+            fac = factors[j][ok]
+            rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
+            bought, b_bonus = self._repeat_bonus(req, excl[j])
+            # Bought items join the candidates even when their similarity is low; their demand
+            # factor is 1 (they were not in the batch's factor lookup).
+            extra = bought[~np.isin(bought, idx)]
+            idx = np.concatenate([idx, extra])
+            sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
+            fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
+            rsn += [None] * extra.size
+            bonus = np.zeros(idx.size, np.float32)
+            if bought.size:
+                where = {int(i): t for t, i in enumerate(idx)}
+                bonus[[where[int(i)] for i in bought]] = b_bonus
+            logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))
+            probs = _softmax(logits)
+            order = self._mmr(idx, logits / alpha, req.k)
+            out[r] = self._explain(
+                req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
+            )
+
+    def _repeat_bonus(self, req: Request, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Catalog rows of the user's purchases and their buy-again bonus (cosine units):
+        ``repeat_weight · repeat_decay^r · (1 + ln n)`` for the r-th most recent purchase, bought
+        n times. Empty when purchases are filtered (``exclude_purchased``) or the weight is 0."""
+        cfg = self.cfg
+        p = req.profile
+        none = np.empty(0, np.int64), np.empty(0, np.float32)
+        if cfg.exclude_purchased or cfg.repeat_weight <= 0 or p is None:
+            return none
+        bought = list(getattr(p, "purchased_items", None) or [])[: cfg.repeat_items]
+        if not bought:
+            return none
+        idx = self.catalog.index_of(bought)
+        counts = getattr(p, "purchase_counts", None) or {}
+        n = np.array([max(1, counts.get(i, 1)) for i in bought], np.float32)
+        bonus = (
+            cfg.repeat_weight * cfg.repeat_decay ** np.arange(len(bought), dtype=np.float32) * (1 + np.log(n))
+        )
+        keep = (idx >= 0) & ~np.isin(idx, excluded)
+        idx, bonus = idx[keep], bonus[keep].astype(np.float32)
+        _, first = np.unique(idx, return_index=True)  # a repeated id keeps its most recent rank
+        first.sort()
+        return idx[first], bonus[first]
+
+    def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
+        """Maximal marginal relevance over the candidates; returns positions into ``idx``."""
+        lam = self.cfg.mmr_lambda
+        n = idx.size
+        k = min(k, n)
+        if lam >= 1.0 or n <= 1:
+            return np.argsort(-rel, kind="stable")[:k]
+        H = self.catalog.matrix[idx]
+        sims = H @ H.T
+        selected: list[int] = []
+        max_sim = np.full(n, -np.inf, np.float32)
+        remaining = np.ones(n, bool)
+        for _ in range(k):
+            div = np.where(np.isfinite(max_sim), max_sim, 0.0)
+            mmr = lam * rel - (1.0 - lam) * div
+            mmr[~remaining] = -np.inf
+            best = int(np.argmax(mmr))
+            selected.append(best)
+            remaining[best] = False
+            max_sim = np.maximum(max_sim, sims[best])
+        return np.asarray(selected, np.int64)
+
+    def _explain(
+        self,
+        req: Request,
+        idx: np.ndarray,
+        probs: np.ndarray,
+        trend_reasons: list[str | None],
+        factors: np.ndarray,
+        q_share: float,
+        repeat_bonus: np.ndarray | None = None,
+    ) -> list[ScoredItem]:
+        cat = self.catalog
+        H = cat.matrix[idx]
+        p = req.profile
+        recent = list(getattr(p, "recent_items", None) or [])[:20] if p is not None else []
+        ridx = cat.index_of(recent) if recent else np.empty(0, np.int64)
+        known = ridx >= 0
+        recent_ids = [recent[i] for i in np.flatnonzero(known)]
+        R = cat.matrix[ridx[known]] if known.any() else None
+        qv = None
+        if req.query_vector is not None:
+            qv = req.query_vector
+        elif p is not None and getattr(p, "query", None) is not None and q_share > 0:
+            qv = p.query
+        q_sim = H @ _unit(np.asarray(qv, np.float32)[None])[0] if qv is not None else None
+        r_sim = H @ R.T if R is not None else None
+        items = []
+        for t, i in enumerate(idx):
+            trend = trend_reasons[t]
+            if trend and factors[t] > 1.0:
+                reason = trend
+            elif repeat_bonus is not None and repeat_bonus[t] > 0:
+                reason = "buy_again"
+            elif q_sim is not None and (r_sim is None or q_share >= 0.5 or q_sim[t] >= r_sim[t].max()):
+                reason = "matches_query"
+            elif r_sim is not None:
+                reason = f"similar_to:{recent_ids[int(np.argmax(r_sim[t]))]}"
+            else:
+                reason = "popular"
+            items.append(ScoredItem(cat.ids[i], float(probs[t]), reason))
+        return items
+
+    def _fallback(self, req: Request) -> list[ScoredItem]:
+        """Cold start: trending/popular items (in the event's category when it has one)."""
+        excl = set(req.exclude_ids)
+        p = req.profile
+        if p is not None and self.cfg.exclude_purchased:
+            excl.update(getattr(p, "purchased_items", None) or [])
+        picks: list[tuple[str, float]] = []
+        if self.popularity is not None:
+            if req.category_hint:
+                picks = self.popularity.top(req.k + len(excl), category=req.category_hint)
+            if len(picks) < req.k:
+                seen = {i for i, _ in picks}
+                picks += [x for x in self.popularity.top(req.k + len(excl) + len(picks)) if x[0] not in seen]
+        if not picks:  # no popularity yet: the first available items, score 0
+            avail = np.flatnonzero(np.asarray(self.catalog.available, bool))[: req.k + len(excl)]
+            picks = [(self.catalog.ids[i], 0.0) for i in avail]
+        avail_idx = self.catalog.index_of([i for i, _ in picks])
+        ok_avail = np.asarray(self.catalog.available, bool)
+        chosen = [
+            (i, s)
+            for (i, s), j in zip(picks, avail_idx, strict=True)
+            if i not in excl and (j < 0 or ok_avail[j])
+        ][: req.k]
+        total = sum(s for _, s in chosen) or 1.0
+        return [ScoredItem(i, s / total, "popular") for i, s in chosen]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.where(n > 1e-12, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
