@@ -167,6 +167,8 @@ class RecommendationPusher:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.rounds = 0
+        # Called with every pushed message (user id, message dict), e.g. the explorer's live feed.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         """Hook entry: remember which users need fresh recommendations, wake the loop."""
@@ -275,6 +277,8 @@ class RecommendationPusher:
         for u, p, items in zip(users, ps, lists, strict=True):
             msg = result_message(u, items, version, p.event_id, p.event_ts, now_ms)
             self.publish(u, orjson.dumps(msg))
+            for listener in self.listeners:
+                listener(u, msg)
             self._last_push[u] = now
             self._push_log.append((now, u))
             lag_s = (now_ms - p.event_ts) / 1000.0
