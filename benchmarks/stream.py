@@ -318,8 +318,10 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 # ---------------------------------------------------------------------------------------------
 
 
-E2E_RATES = (100, 500, 1000, 2000)
+E2E_RATES = (100, 1000, 5000, 10000)
 E2E_SECONDS = 15.0
+# A load level counts as sustained when results stop within this long after the last event.
+DRAIN_BOUND_S = 5.0
 
 
 def _synthetic_catalog_dir(root: Path, n_items: int, dim: int = 384, seed: int = 0) -> Path:
@@ -380,6 +382,107 @@ class _ResultsReader:
         self.consumer.close()
 
 
+def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float], float]]:
+    """``streamrec_stage_seconds`` of a worker's /metrics: stage → (upper bounds, cumulative counts, sum)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, tuple[list[float], list[float], float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "streamrec_stage_seconds":
+            continue
+        for smp in fam.samples:
+            stage = smp.labels.get("stage", "")
+            bounds, counts, total = out.setdefault(stage, ([], [], 0.0))
+            if smp.name.endswith("_bucket"):
+                bounds.append(float(smp.labels["le"]))
+                counts.append(float(smp.value))
+            elif smp.name.endswith("_sum"):
+                out[stage] = (bounds, counts, float(smp.value))
+    return out
+
+
+def _stage_breakdown(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per stage between two scrapes: observations, mean, p50 and p99 (ms, bucket-interpolated)."""
+    res: dict[str, dict[str, float]] = {}
+    for stage, (bounds, counts, total) in after.items():
+        b0 = before.get(stage, (bounds, [0.0] * len(counts), 0.0))
+        d = np.asarray(counts) - np.asarray(b0[1] if len(b0[1]) == len(counts) else [0.0] * len(counts))
+        n = float(d[-1]) if d.size else 0.0
+        if n <= 0:
+            continue
+        finite = np.asarray([x if np.isfinite(x) else bounds[-2] * 2 for x in bounds])
+
+        def q(p: float, d=d, n=n, finite=finite) -> float:
+            i = int(np.searchsorted(d, p * n))
+            lo, hi = (finite[i - 1] if i else 0.0), finite[min(i, len(finite) - 1)]
+            c_lo = d[i - 1] if i else 0.0
+            frac = (p * n - c_lo) / max(d[min(i, len(d) - 1)] - c_lo, 1e-9)
+            return 1000.0 * (lo + (hi - lo) * min(max(frac, 0.0), 1.0))
+
+        res[stage] = {
+            "n": n,
+            "mean_ms": round(1000.0 * (total - b0[2]) / n, 2),
+            "p50_ms": round(q(0.5), 2),
+            "p99_ms": round(q(0.99), 2),
+        }
+    return res
+
+
+def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
+    """The bare round trip on the same broker: produce (same client settings) → a consumer."""
+    import threading
+
+    from confluent_kafka import Consumer
+
+    from streamrec.kafka import KafkaProducer, consumer_config, ensure_topics
+
+    topic = f"{s.topics.events}.floor"
+    ensure_topics(s, extra={topic: 1})
+    consumer = Consumer(consumer_config(s, f"{s.kafka.consumer_group}-floor", **{"fetch.wait.max.ms": 5}))
+    consumer.subscribe([topic])
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for m in consumer.consume(500, timeout=0.1):
+                value = m.value() if m.error() is None else None
+                if value:
+                    lat.append(time.time() * 1000.0 - float(value))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(3.0)  # let the consumer join and get its partition
+    producer = KafkaProducer(s)
+    n = int(rate * seconds)
+    t0 = time.monotonic()
+    for k in range(n):
+        delay = t0 + k / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        producer.produce(topic, str(time.time() * 1000.0).encode(), b"k")
+        producer.poll(0)
+    producer.flush(30)
+    deadline = time.monotonic() + 10
+    while len(lat) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    reader.join(5)
+    consumer.close()
+    if not lat:
+        return {"rate_events_per_s": rate, "records": 0}
+    p50, p99 = np.percentile(lat, [50, 99])
+    return {
+        "rate_events_per_s": rate,
+        "records": len(lat),
+        "p50_ms": round(float(p50), 2),
+        "p99_ms": round(float(p99), 2),
+    }
+
+
 def _e2e_level(
     producer,
     reader: _ResultsReader,
@@ -389,10 +492,12 @@ def _e2e_level(
     n_users: int,
     rng: np.random.Generator,
     sent_ts: dict[str, float],
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     from streamrec.events import make_event
 
     start_rows = len(reader.rows)
+    before = _scrape_stages(metrics_port) if metrics_port else {}
     n = int(rate * seconds)
     users = rng.zipf(1.3, n) % n_users
     pop = rng.zipf(1.2, n) % len(items)
@@ -408,12 +513,14 @@ def _e2e_level(
         sent_ts[ev.event_id] = ts
         producer.send(ev)
     producer.flush(60)
-    # Drain: wait until results stop arriving for 2 s (or 30 s at most).
-    last, quiet_since, deadline = len(reader.rows), time.monotonic(), time.monotonic() + 30
+    sent_at = time.monotonic()
+    # Drain: wait until results stop arriving for 2 s (or 60 s at most).
+    last, quiet_since, deadline = len(reader.rows), time.monotonic(), time.monotonic() + 60
     while time.monotonic() < deadline and time.monotonic() - quiet_since < 2.0:
-        time.sleep(0.2)
+        time.sleep(0.1)
         if len(reader.rows) != last:
             last, quiet_since = len(reader.rows), time.monotonic()
+    drain_s = max(0.0, quiet_since - sent_at)
     elapsed = time.monotonic() - t0
     rows = reader.rows[start_rows:]
     lat = np.array([arr - sent_ts[eid] for arr, eid in rows if eid in sent_ts], np.float64)
@@ -422,7 +529,12 @@ def _e2e_level(
         "events": n,
         "results": len(rows),
         "results_per_s": round(len(rows) / max(elapsed - 2.0, 1e-3), 1),
+        "achieved_events_per_s": round(n / max(sent_at - t0, 1e-3), 1),
+        "drain_s": round(drain_s, 2),
+        "sustained": drain_s <= DRAIN_BOUND_S,
     }
+    if metrics_port:
+        out["stages"] = _stage_breakdown(before, _scrape_stages(metrics_port))
     if lat.size:
         p50, p95, p99 = np.percentile(lat, [50, 95, 99])
         out.update(p50_ms=round(float(p50), 1), p95_ms=round(float(p95), 1), p99_ms=round(float(p99), 1))
@@ -481,8 +593,16 @@ def _run_e2e_catalog(
         sent: dict[str, float] = {}
         levels = []
         for rate in rates:
-            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent)
-            click.echo(f"[{tag}] {rate:>6.0f} events/s: {lv}")
+            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent, s.metrics_port)
+            stages = lv.get("stages", {})
+            click.echo(
+                f"[{tag}] {rate:>6.0f} events/s: p50 {lv.get('p50_ms')} ms, p99 {lv.get('p99_ms')} ms, "
+                f"{lv['results_per_s']} results/s, drain {lv['drain_s']} s"
+            )
+            for st, v in stages.items():
+                click.echo(
+                    f"      {st:<16} mean {v['mean_ms']:>8} ms  p50 {v['p50_ms']:>8}  p99 {v['p99_ms']:>8}"
+                )
             levels.append(lv)
         return {"items": len(items), "levels": levels}
     finally:
@@ -565,6 +685,17 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
         s, "online_retail", model_dir, rates, seconds, work, "none"
     )
     result["catalogs"]["synthetic"] = _run_e2e_catalog(s, "synthetic", syn_dir, rates, seconds, work, "none")
+    result["catalogs"]["synthetic"]["ann_recall_at_20"] = _ann_recall(syn_dir)
+    bs = _bench_settings(s, "floor")
+    result["kafka_floor"] = [_kafka_floor(bs, r, min(seconds, 5.0)) for r in rates]
+    _delete_topics(bs)
+    for w in result["catalogs"].values():
+        for lv, fl in zip(w["levels"], result["kafka_floor"], strict=True):
+            if "p99_ms" in lv and fl.get("p99_ms"):
+                lv["ratio_p50_vs_floor"] = round(lv["p50_ms"] / max(fl["p50_ms"], 1e-3), 2)
+                lv["ratio_p99_vs_floor"] = round(lv["p99_ms"] / max(fl["p99_ms"], 1e-3), 2)
+        sustained = [lv["rate_events_per_s"] for lv in w["levels"] if lv.get("sustained")]
+        w["saturation_events_per_s_at_least"] = max(sustained) if sustained else 0
     plot = output.with_suffix(".png") if output else work / "e2e.png"
     _plot_e2e(result, plot)
     result["plot"] = str(plot)
@@ -573,6 +704,17 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     click.echo(text)
+
+
+def _ann_recall(model_dir: Path, n: int = 200, k: int = 20) -> float:
+    """Recall@k of the catalog's ANN index against the exact product, on random item-like queries."""
+    from inference.catalog import CatalogIndex
+
+    cat = CatalogIndex.load(model_dir / "catalog")
+    rng = np.random.default_rng(1)
+    rows = rng.choice(len(cat.ids), n, replace=False)
+    q = cat.matrix[rows] + 0.05 * rng.normal(size=(n, cat.dim)).astype(np.float32)
+    return round(float(cat.ann_recall(q / np.linalg.norm(q, axis=1, keepdims=True), k=k)), 4)
 
 
 def _gpu_name() -> str | None:

@@ -428,7 +428,12 @@ class ScoringSettings(SettingsGroup):
         "again whenever still best.",
     )
     coalesce_ms: int = Field(
-        200, ge=0, description="Bursts of one user's events within this window give one recomputation (ms)."
+        500,
+        ge=0,
+        le=60_000,
+        description="Upper bound of the per-user coalescing window (ms): a user's first change is pushed "
+        "at once, later ones within the window give one trailing push. The window itself is twice the "
+        "recent scoring round time, so it is milliseconds at low load and widens under load up to this.",
     )
     batch_users: int = Field(256, ge=1, description="Users scored together in one matrix product.")
     ann_threshold: int = Field(
@@ -591,6 +596,61 @@ class AlertSettings(SettingsGroup):
     )
     max_drop_ratio: float = Field(
         0.35, ge=0, le=1, description="Drop guard: observed events at most this fraction of expected."
+    )
+    slot_s: int = Field(
+        300,
+        ge=1,
+        description="Sequential detection: windows are counted in event-time slots of this length (a divisor of "
+        "window_s); every closed slot is a look at the short horizons and at the time since each key's last event, "
+        "so a surge is not held back until its hour closes.",
+    )
+    fast_horizons_s: list[WindowCount] = Field(
+        default_factory=lambda: [300, 900, 3600],
+        min_length=1,
+        description="Short sliding surge horizons (seconds, multiples of slot_s) tested at every look; a horizon "
+        "is only tested once the shop's own volume gives it fast_min_shop_events (5 min is skipped on a quiet stream).",
+    )
+    fast_min_shop_events: float = Field(
+        15.0,
+        ge=0,
+        description="A short horizon is tested only when the shop's mean events per active slot times its length "
+        "reaches this (the leave-one-out expectation needs some traffic to be meaningful).",
+    )
+    fast_p_raise: float = Field(
+        1e-7,
+        gt=0,
+        lt=1,
+        description="Tail probability per look (Bonferroni over the short horizons) that raises a surge: p_raise "
+        "spent over the ~window_s / slot_s looks of a window, so repeated looks keep the false-alarm rate.",
+    )
+    fast_min_surge_count: float = Field(
+        3.0,
+        ge=0,
+        description="Surge guard of the short horizons: at least this many events over the horizon.",
+    )
+    wait_p_raise: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="Waiting-time drop test: raise a drop when P(no event since the key's last one) <= this, with "
+        "the expected events since then = share x the shop's other demand (NB, size nb_size per active window).",
+    )
+    wait_max_windows: int = Field(
+        24,
+        ge=1,
+        description="The waiting-time test only looks at gaps of at most this many active windows: a popular key's "
+        "stock-out is flagged within hours; rare keys are left to drop_horizons.",
+    )
+    peek_s: int = Field(
+        10,
+        ge=0,
+        description="Between slot closes, look at the open slot's partial counts at most every this many seconds "
+        "of event time (0: only at slot close); live alerts then appear within seconds of the evidence.",
+    )
+    synthetic_user_prefix: str = Field(
+        "synthetic-",
+        description="Events of users with this id prefix are synthetic (the demo's injected surge): alerts on keys "
+        "they fed are flagged synthetic=true.",
     )
     boost: float = Field(1.5, ge=1, description="Demand factor applied to the items of a surging key.")
     damping: float = Field(

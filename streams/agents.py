@@ -22,6 +22,7 @@ import time
 import faust
 
 from streamrec.settings import Settings
+from streams import metrics
 from streams.batching import eager_batches
 from streams.context import WorkerState
 from streams.validation import RawRecord
@@ -47,6 +48,9 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
         pipeline = state.pipeline
         async for batch in eager_batches(stream, cfg.batch_max, cfg.batch_within_s):
             records = [to_record(ev) for ev in batch]
+            created = getattr(batch[0].message, "timestamp", None)  # the batch's oldest record
+            if created:
+                metrics.stage_seconds.labels("kafka_to_batch").observe(max(0.0, time.time() - float(created)))
             deadline = time.monotonic() + cfg.failure_retry_s
             delay = 0.2
             while True:

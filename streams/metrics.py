@@ -46,3 +46,17 @@ event_to_result_seconds = Histogram(
 recommendation_requests = Counter(
     "streamrec_recommendation_requests", "Pull requests for recommendations, by status.", ["status"]
 )
+
+# Where each millisecond goes, event → pushed list. Stages, in path order:
+#   kafka_to_batch  record create time (producer clock) → its batch starts processing
+#   validate        decode + catalog check;  dead_letters  produce + wait for delivery
+#   encode_queries  search queries through the encoder;  profiles  Redis read, apply, write
+#   hooks           demand monitor, popularity, push bookkeeping (run concurrently)
+#   push_wait       profile changed → its scoring round starts (leading edge ≈ 0; coalescing)
+#   score           profiles read + scorer, per round;  publish  serialise + queue to Kafka
+stage_seconds = Histogram(
+    "streamrec_stage_seconds",
+    "Seconds spent per stage of the event → pushed recommendation path (see streams/metrics.py).",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+)

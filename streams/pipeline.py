@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -78,10 +79,15 @@ class EventPipeline:
         res = BatchResult(records=len(records))
         if not records:
             return res
+        stage = metrics.stage_seconds
+        t = time.perf_counter()
         batch: ValidatedBatch = self.validator.validate(records)
+        t = _lap(stage.labels("validate"), t)
         # Dead letters first: they must be safe before the batch's offsets can be committed.
         await self.dead_letters.send(batch.dead)
+        t = _lap(stage.labels("dead_letters"), t)
         query_vectors = await self._encode_queries(batch.events)
+        t = _lap(stage.labels("encode_queries"), t)
         positions = [
             Position(r.topic, r.partition, r.offset) if r.partition >= 0 else None for r in batch.records
         ]
@@ -95,6 +101,7 @@ class EventPipeline:
                 query_vectors=query_vectors,
             ),
         )
+        t = _lap(stage.labels("profiles"), t)
         res.valid = len(batch.events)
         res.dead_lettered = len(batch.dead)
         res.dead_reasons = dict(Counter(d.reason for d in batch.dead))
@@ -103,15 +110,20 @@ class EventPipeline:
             if r.offset > self.positions.get(key, -1):
                 self.positions[key] = r.offset
         if res.apply.applied_index:
-            applied = [batch.events[i] for i in res.apply.applied_index]
-            for hook in self.hooks:
-                try:
-                    await hook(applied, res.apply.changed_users)
-                except Exception:  # a hook must not lose the batch: profiles are already applied
-                    log.exception("pipeline hook %r failed on a batch of %d events", hook, len(applied))
+            await self._run_hooks([batch.events[i] for i in res.apply.applied_index], res.apply.changed_users)
+        _lap(stage.labels("hooks"), t)
         res.seconds = time.perf_counter() - t0
         self._observe(res, batch)
         return res
+
+    async def _run_hooks(self, applied: list[Event], changed: set[str]) -> None:
+        """All hooks at once (each does its own I/O in a thread); one failing loses nothing."""
+        results = await asyncio.gather(
+            *(hook(applied, changed) for hook in self.hooks), return_exceptions=True
+        )
+        for hook, r in zip(self.hooks, results, strict=True):
+            if isinstance(r, BaseException):  # profiles are already applied: log and go on
+                log.error("pipeline hook %r failed on a batch of %d events", hook, len(applied), exc_info=r)
 
     async def _encode_queries(self, events: Sequence[Event]) -> dict[int, np.ndarray]:
         """Encode the batch's search queries (distinct texts, one encoder call).
@@ -148,3 +160,9 @@ class EventPipeline:
             metrics.events_dead_lettered.labels(reason).inc(n)
         metrics.batch_size.observe(res.records)
         metrics.batch_processing_seconds.observe(res.seconds)
+
+
+def _lap(hist: Any, t: float) -> float:
+    now = time.perf_counter()
+    hist.observe(now - t)
+    return now

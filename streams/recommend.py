@@ -52,16 +52,22 @@ def result_message(
     event_ts_ms: int | None,
     now_ms: int | None = None,
 ) -> dict[str, Any]:
-    """The results-topic message (also the pull endpoint's JSON body)."""
+    """The results-topic message (also the pull endpoint's JSON body): a
+    :class:`streamrec.messages.ResultMessage` as builtins (its JSON Schema is published)."""
+    import msgspec
+
+    from streamrec.messages import RecommendedItem, ResultMessage
+
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return {
-        "user_id": user_id,
-        "items": [it.to_dict() for it in items],
-        "model_version": model_version,
-        "generated_at": now_ms,
-        "source_event_id": source_event_id,
-        "event_to_result_ms": (now_ms - event_ts_ms) if event_ts_ms is not None else None,
-    }
+    msg = ResultMessage(
+        user_id=str(user_id),
+        items=[RecommendedItem(str(it.item_id), round(float(it.score), 6), str(it.reason)) for it in items],
+        model_version=str(model_version),
+        generated_at=int(now_ms),
+        source_event_id=source_event_id,
+        event_to_result_ms=int(now_ms - event_ts_ms) if event_ts_ms is not None else None,
+    )
+    return msgspec.to_builtins(msg)
 
 
 class RecommendationService:
@@ -138,8 +144,9 @@ class RecommendationPusher:
     """Pipeline hook: push fresh top-K lists, leading edge first, trailing coalesced.
 
     A user's first change after a quiet spell is scored at once (leading edge). Changes within
-    ``scoring.coalesce_ms`` of their last push wait and give one trailing recomputation at the
-    end of that window, from the newest profile. A round scores every due user together (one
+    the coalescing window of their last push wait and give one trailing recomputation at the
+    end of that window, from the newest profile. The window is twice the recent scoring round
+    time, at most ``scoring.coalesce_ms``: a few milliseconds at low load, wider under load. A round scores every due user together (one
     profile read, one matrix product per ``scoring.batch_users``) in a worker thread while the
     event loop goes on consuming; changes that arrive during a round join the next one. So
     under load coalescing widens by itself to at least the round time: each user gets fewer,
@@ -160,7 +167,8 @@ class RecommendationPusher:
         self.publish = publish  # (key, value) -> None; e.g. KafkaProducer.produce on the results topic
         self._flush_producer = flush
         self.pending: dict[str, _Pending] = {}
-        self.window_s = settings.scoring.coalesce_ms / 1000.0
+        self.max_window_s = settings.scoring.coalesce_ms / 1000.0
+        self._round_s = 0.0  # moving average of a scoring round's duration
         self._last_push: dict[str, float] = {}  # user -> monotonic time of the last push (recent only)
         self._push_log: deque[tuple[float, str]] = deque()  # (time, user) in push order, to prune
         self._wake = asyncio.Event()
@@ -219,8 +227,13 @@ class RecommendationPusher:
                     except TimeoutError:
                         pass
 
+    @property
+    def window_s(self) -> float:
+        """The coalescing window now: 2 × the moving average round time, capped by ``coalesce_ms``."""
+        return min(self.max_window_s, 2.0 * self._round_s)
+
     def _prune(self, now: float) -> None:
-        while self._push_log and now - self._push_log[0][0] >= self.window_s:
+        while self._push_log and now - self._push_log[0][0] >= self.max_window_s:
             at, u = self._push_log.popleft()
             if self._last_push.get(u) == at:
                 del self._last_push[u]
@@ -251,8 +264,13 @@ class RecommendationPusher:
         batch = self.settings.scoring.batch_users
         loop = asyncio.get_running_loop()
         self.rounds += 1
+        stage = metrics.stage_seconds
+        started = time.monotonic()
+        for p in pend:
+            stage.labels("push_wait").observe(started - p.since)
         for start in range(0, len(due), batch):
             users, ps = due[start : start + batch], pend[start : start + batch]
+            t0 = time.perf_counter()
             lists = await loop.run_in_executor(
                 None,
                 functools.partial(
@@ -263,9 +281,13 @@ class RecommendationPusher:
                     ref_ms=[p.event_ts for p in ps],
                 ),
             )
+            t1 = time.perf_counter()
+            stage.labels("score").observe(t1 - t0)
             self._publish(users, ps, lists)
+            stage.labels("publish").observe(time.perf_counter() - t1)
         if self._flush_producer is not None:
             self._flush_producer()
+        self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)
         return len(due)
 
     def _publish(

@@ -45,6 +45,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "streamrec_rebalances": ("counter", ()),
     "streamrec_results_published": ("counter", ()),
     "streamrec_event_to_result_seconds": ("histogram", ()),
+    "streamrec_stage_seconds": ("histogram", ("stage",)),
     "streamrec_recommendation_requests": ("counter", ("status",)),
     # profiles/metrics.py
     "streamrec_profile_writes": ("counter", ()),

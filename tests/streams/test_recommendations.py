@@ -14,6 +14,7 @@ from collections import Counter
 import orjson
 import pytest
 from confluent_kafka import Consumer
+from support.schemas import assert_valid
 from support.worker import WorkerProcess, wait_until
 
 from devstack.produce import EventProducer
@@ -89,6 +90,7 @@ class Results:
         for m in self.consumer.consume(num_messages=500, timeout=0.5):
             if m.error() is None:
                 msg = orjson.loads(m.value())
+                assert_valid("results", msg)
                 assert m.key().decode() == msg["user_id"]
                 self.by_user.setdefault(msg["user_id"], []).append(msg)
 
@@ -139,6 +141,7 @@ def test_clicks_in_one_category_dominate_and_schema_is_complete(env, retail):
         "generated_at",
         "source_event_id",
         "event_to_result_ms",
+        "v",
     }
     assert len(msg["items"]) == s.scoring.top_k
     assert msg["event_to_result_ms"] >= 0 and msg["source_event_id"]
@@ -183,7 +186,7 @@ def test_a_search_moves_results_toward_matching_items(env, retail):
     assert Counter(x["reason"] for x in after["items"][:10])["matches_query"] >= 5
 
 
-def test_a_burst_gives_a_leading_push_and_at_most_one_trailing_push(env, retail):
+def test_a_burst_gives_a_few_pushes_not_one_per_event(env, retail):
     _, _, results, producer = env
     user = f"burst-{uuid.uuid4().hex[:6]}"
     items = _items_of(retail, "mug", 10)
@@ -191,10 +194,10 @@ def test_a_burst_gives_a_leading_push_and_at_most_one_trailing_push(env, retail)
     evs = [make_event("view", user, item_id=i, ts=now + n) for n, i in enumerate(items)]
     _send(producer, evs)
     results.latest(user, evs[-1].event_id)  # the newest event is always pushed
-    time.sleep(2.0)  # anything else would have arrived by now (coalescing window 0.4 s)
+    time.sleep(2.0)  # anything else would have arrived by now
     results.poll()
     msgs = results.by_user[user]
-    assert 1 <= len(msgs) <= 2, [m["source_event_id"] for m in msgs]
+    assert 1 <= len(msgs) <= 3, [m["source_event_id"] for m in msgs]  # one per batch at most, not per event
     assert msgs[-1]["source_event_id"] == evs[-1].event_id
 
 
