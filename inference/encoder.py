@@ -19,15 +19,30 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from inference import metrics
 from inference.manifest import Manifest, ModelFolderError, verify_model_dir
 from streamrec.settings import EncoderSettings, Settings
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+def _ort() -> Any:
+    """onnxruntime, imported on first use: a worker without a query encoder does not need it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(
+            "onnxruntime is not installed: install streamrec with the `cpu` extra (onnxruntime) or the "
+            "`gpu` extra (onnxruntime-gpu), or run the worker with `--encoder none`"
+        ) from exc
+    return onnxruntime
+
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +52,7 @@ VARIANTS = ("auto", "fp32", "int8", "fp16")
 
 def choose_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
     """The requested providers this onnxruntime build offers, in the requested order; CPU last always."""
-    available = list(ort.get_available_providers() if available is None else available)
+    available = list(_ort().get_available_providers() if available is None else available)
     chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
     return [*chosen, "CPUExecutionProvider"]
 
@@ -117,9 +132,9 @@ class OnnxEncoder:
 
     # -- setup ---------------------------------------------------------------------------
     def _session(self, providers: list[str]) -> ort.InferenceSession:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so = _ort().SessionOptions()
+        so.graph_optimization_level = _ort().GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = _ort().ExecutionMode.ORT_SEQUENTIAL
         if self.settings.intra_op_threads > 0:
             so.intra_op_num_threads = self.settings.intra_op_threads
         so.inter_op_num_threads = 1
@@ -139,7 +154,7 @@ class OnnxEncoder:
                 opts.append((p, {}))
         path = self.folder / self.manifest.variant_file(self.variant)
         try:
-            return ort.InferenceSession(str(path), sess_options=so, providers=opts)
+            return _ort().InferenceSession(str(path), sess_options=so, providers=opts)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFolderError(f"ONNX Runtime could not load {path}: {exc}") from exc
 
@@ -197,7 +212,7 @@ class OnnxEncoder:
         """GPU path: inputs copied once to the device, output allocated there, one copy back."""
         binding = self.session.io_binding()
         for name, arr in (("input_ids", input_ids), ("attention_mask", mask)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+            binding.bind_ortvalue_input(name, _ort().OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
         binding.bind_output(self.output_name, "cuda", 0)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

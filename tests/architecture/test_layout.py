@@ -18,7 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("streamrec", "streams", "profiles", "alerts", "inference", "evaluation", "benchmarks", "devstack")
 # What runs in the worker; everything else is offline tooling.
 WORKER_PACKAGES = ("streams", "profiles", "alerts", "inference")
-OFFLINE = ("inference.training", "evaluation", "benchmarks", "devstack", "streamrec.cli")
+# Tools on top of everything: the CLI, the schema generator, the `validate` command.
+OFFLINE = (
+    "inference.training",
+    "evaluation",
+    "benchmarks",
+    "devstack",
+    "streamrec.cli",
+    "streamrec.schemas",
+    "streamrec.validate",
+)
 MAX_HOT_FUNCTION_LINES = 80
 
 
@@ -147,3 +156,40 @@ def test_the_worker_imports_no_torch_matplotlib_or_tqdm() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"the worker's modules import {out.stdout.strip()}"
     assert "streams.app" in worker_modules and "inference.encoder" in worker_modules
+
+
+_BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not installed (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_a_worker_without_any_extra_imports_and_starts_its_app(tmp_path) -> None:
+    """``pip install .`` without extras: no torch, transformers, matplotlib, tqdm, yaml, onnxruntime.
+
+    The offline and optional libraries are made unimportable; every worker module must still
+    import, and the faust app (plug-ins loaded lazily at start) must build.
+    """
+    blocked = ("torch", "transformers", "matplotlib", "tqdm", "yaml", "onnxruntime")
+    worker_modules = sorted(
+        m for m in MODULES if _package(m) in (*WORKER_PACKAGES, "streamrec") and not _is_offline(m)
+    )
+    code = _BLOCKER.format(blocked=blocked) + (
+        "import importlib\n"
+        f"for m in {worker_modules!r}: importlib.import_module(m)\n"
+        "from streamrec.settings import Settings\n"
+        "from streams.app import create_app\n"
+        f"app = create_app(Settings(state_dir={str(tmp_path)!r}), encoder_factory=None)\n"
+        "print(type(app).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("App")
