@@ -78,6 +78,20 @@ return cur + 1
 """
 
 
+# ARGV: user, version, user, version, ...: remove a user owed a push only if not changed since.
+_CLEAR_PENDING_LUA = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) <= tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
 class ProfileStoreError(RuntimeError):
     """The profile store cannot do what was asked; the message says why and what to do."""
 
@@ -198,6 +212,7 @@ class ProfileStore:
         self.items = items
         self.prefix = settings.redis.prefix
         self._write = redis_client.register_script(_WRITE_LUA)
+        self._clear = redis_client.register_script(_CLEAR_PENDING_LUA)
 
     # -- keys ------------------------------------------------------------------------------
     def profile_key(self, user_id: str) -> str:
@@ -205,6 +220,24 @@ class ProfileStore:
 
     def ids_key(self, user_id: str) -> str:
         return f"{{{self.prefix}:u:{user_id}}}:ids"
+
+    @property
+    def pending_key(self) -> str:
+        """Sorted set: users whose profile changed and who have no delivered push since (score = version)."""
+        return f"{self.prefix}:push:pending"
+
+    # -- pushes owed ----------------------------------------------------------------------
+    def pending_pushes(self, limit: int = 100_000) -> list[tuple[str, int]]:
+        """(user, profile version) of the users still owed a push (after a crash: the lost ones)."""
+        rows = self.redis.zrange(self.pending_key, 0, limit - 1, withscores=True)
+        return [(u.decode() if isinstance(u, bytes) else str(u), int(v)) for u, v in rows]
+
+    def clear_pending(self, pushed: Sequence[tuple[str, int]]) -> int:
+        """Users pushed from these profile versions are no longer owed one (unless changed since)."""
+        if not pushed:
+            return 0
+        args: list[str | int] = [x for u, v in pushed for x in (u, v)]
+        return int(self._clear(keys=[self.pending_key], args=args))
 
     # -- reads -----------------------------------------------------------------------------
     def get_profiles(self, user_ids: Sequence[str]) -> dict[str, Profile]:
@@ -399,6 +432,11 @@ class ProfileStore:
         """One pipeline: a compare-and-set write per updated user; return the conflicted users."""
         t0 = time.perf_counter()
         pipe = self.redis.pipeline(transaction=False)
+        # Users about to change owe a fresh push: marked before the write (at least once), cleared
+        # by the pusher once a list computed from this version or a later one is delivered.
+        owed = {users[k]: state[k].profile.version + 1 for k in updated}
+        if owed:
+            pipe.zadd(self.pending_key, owed, gt=True)
         order: list[tuple[int, int]] = []  # (user index, position of its CAS reply in the pipeline)
         for k, u in enumerate(users):
             s = state[k]

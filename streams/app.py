@@ -99,6 +99,8 @@ def _register_lifecycle(
         state.ctx = ctx
         state.loaded.set()
         metrics.worker_up.set(1)
+        if ctx.push is not None:  # users changed before a crash and never pushed get theirs now
+            await ctx.push.pusher.recover()
         log.info(
             "worker ready: items %s (dim %s, model %s), encoder %s, %d hooks",
             type(ctx.items).__name__,
@@ -113,6 +115,8 @@ def _register_lifecycle(
         metrics.rebalances.inc()
         if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
             state.ctx.dead_letters.forget()
+            if state.ctx.push is not None:  # and push what a previous owner left owed
+                await state.ctx.push.pusher.recover()
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
 
     @app.timer(s.stream.lag_interval_s)

@@ -97,8 +97,12 @@ class RecommendationService:
         query_vectors: Sequence[np.ndarray | None] | None = None,
         ref_ms: Sequence[int | None] | None = None,
         now_ms: int | None = None,
+        versions: dict[str, int] | None = None,
     ) -> list[list[ScoredItem]]:
+        """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
         profiles = self.store.get_profiles(list(user_ids))
+        if versions is not None:
+            versions.update({u: p.version for u, p in profiles.items()})
         reqs = [
             Request(
                 user_id=u,
@@ -161,9 +165,13 @@ class RecommendationPusher:
         service: RecommendationService,
         publish: Callable[[str, bytes], None],
         flush: Callable[[], object] | None = None,
+        confirm: Callable[[Sequence[tuple[str, int]]], object] | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
+        # (user, profile version) pushed → wait for delivery, then clear the users' owed pushes.
+        self._confirm = confirm
+        self._confirming: set[asyncio.Task] = set()
         self.publish = publish  # (key, value) -> None; e.g. KafkaProducer.produce on the results topic
         self._flush_producer = flush
         self.pending: dict[str, _Pending] = {}
@@ -210,6 +218,38 @@ class RecommendationPusher:
             await self._task
             self._task = None
         await self.flush_due(force=True)
+        if self._confirming:
+            await asyncio.gather(*self._confirming, return_exceptions=True)
+
+    async def _confirm_delivery(self, pushed: list[tuple[str, int]]) -> None:
+        assert self._confirm is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._confirm, pushed)
+        except Exception:  # they stay owed: pushed again after a restart
+            log.exception("delivery of %d pushed lists not confirmed; they stay owed", len(pushed))
+
+    async def recover(self) -> int:
+        """Owe a push to every user whose profile changed without a delivered push (after a crash).
+
+        The owed set is shared by the group: with several workers each recovers all of it, so a
+        user may get one extra push (at least once, never none).
+        """
+        store = self.service.store
+        loop = asyncio.get_running_loop()
+        owed = await loop.run_in_executor(None, store.pending_pushes)
+        users = [u for u, _ in owed if u not in self.pending]
+        profiles = await loop.run_in_executor(None, store.get_profiles, users) if users else {}
+        now = time.monotonic()
+        for u in users:
+            prof = profiles.get(u)
+            if prof is not None:
+                self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
+        if users:
+            log.info("owed pushes recovered: %d users", len(users))
+            self._wake.set()
+            if self._task is None:
+                self.start()
+        return len(users)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -268,6 +308,7 @@ class RecommendationPusher:
         started = time.monotonic()
         for p in pend:
             stage.labels("push_wait").observe(started - p.since)
+        versions: dict[str, int] = {}
         for start in range(0, len(due), batch):
             users, ps = due[start : start + batch], pend[start : start + batch]
             t0 = time.perf_counter()
@@ -279,6 +320,7 @@ class RecommendationPusher:
                     self.settings.scoring.top_k,
                     category_hints=[p.category for p in ps],
                     ref_ms=[p.event_ts for p in ps],
+                    versions=versions,
                 ),
             )
             t1 = time.perf_counter()
@@ -287,6 +329,10 @@ class RecommendationPusher:
             stage.labels("publish").observe(time.perf_counter() - t1)
         if self._flush_producer is not None:
             self._flush_producer()
+        if self._confirm is not None and versions:
+            task = loop.create_task(self._confirm_delivery(list(versions.items())))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
         self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)
         return len(due)
 
@@ -362,6 +408,10 @@ def build_push_path(
     def publish(key: str, value: bytes) -> None:
         producer.produce(topic, value, key.encode())
 
-    pusher = RecommendationPusher(s, service, publish, flush=producer.poll)
+    def confirm(pushed: Sequence[tuple[str, int]]) -> None:
+        producer.flush(30.0, topic=topic)  # raises when some were not delivered
+        store.clear_pending(pushed)
+
+    pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm)
     categories = dict(zip(catalog.ids, catalog.categories, strict=True))
     return PushPath(service, pusher, PopularityRecorder(popularity, categories), batcher)

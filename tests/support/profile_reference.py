@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,17 @@ class HashingEncoder:
 def make_items(settings: Settings) -> RandomItems:
     """Worker plug-in (``--items support.profile_reference:make_items``)."""
     return RandomItems(int(os.environ.get("TEST_N_ITEMS", N_ITEMS)))
+
+
+def make_catalog(settings: Settings) -> Any:
+    """Worker plug-in (``--items support.profile_reference:make_catalog``): the same random item
+    vectors as :func:`make_items`, as a catalog index, so the worker also pushes recommendations."""
+    from inference.catalog import CatalogIndex
+
+    items = make_items(settings)
+    return CatalogIndex.from_arrays(
+        items.ids, items.matrix, items.model_version, categories=["c"] * len(items.ids)
+    )
 
 
 def make_encoder(settings: Settings) -> HashingEncoder:

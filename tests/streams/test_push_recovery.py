@@ -1,0 +1,136 @@
+"""Derived state is state: every user whose profile changed gets a fresh push, even across a crash.
+
+The store marks a user as owed a push in the same pipeline as their profile write; the pusher
+clears the mark only once a list computed from that profile version (or a later one) is
+delivered. A worker that died in between leaves the marks, and the next one pushes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+
+from inference.catalog import CatalogIndex
+from inference.scoring import Scorer
+from profiles.store import Position, ProfileStore
+from streamrec.events import make_event
+from streams.recommend import RecommendationPusher, RecommendationService
+
+T0 = 1_700_000_000_000
+
+
+def _catalog() -> CatalogIndex:
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(60, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return CatalogIndex.from_arrays([f"i{k}" for k in range(60)], v, "t", categories=["c"] * 60)
+
+
+def _pusher(settings, store, catalog, published, confirm=True) -> RecommendationPusher:
+    service = RecommendationService(settings, store, Scorer(catalog, settings.scoring, settings.profile))
+
+    def publish(user: str, value: bytes) -> None:
+        published.append(user)
+
+    return RecommendationPusher(
+        settings, service, publish, confirm=(lambda pushed: store.clear_pending(pushed)) if confirm else None
+    )
+
+
+def _apply(store: ProfileStore, events, offset0: int) -> None:
+    store.apply_batch(events, positions=[Position("ev", 0, offset0 + k) for k in range(len(events))])
+
+
+def test_users_changed_before_a_crash_are_pushed_by_the_next_worker(settings, redis_client):
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    users = [f"u{k}" for k in range(6)]
+    events = [
+        make_event("click", u, item_id=f"i{k * 3 + j}", ts=T0 + j)
+        for k, u in enumerate(users)
+        for j in range(3)
+    ]
+    _apply(store, events, 0)
+    # The worker died here: profiles written, nothing pushed.
+    assert sorted(u for u, _ in store.pending_pushes()) == users
+
+    async def next_worker() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        assert await pusher.recover() == len(users)
+        await pusher.flush_due(force=True)
+        await pusher.stop()  # waits for the delivery confirmations
+        return published
+
+    assert sorted(asyncio.run(next_worker())) == users
+    assert store.pending_pushes() == []
+
+
+def test_a_user_changed_again_after_the_read_stays_owed(settings, redis_client):
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(store, [make_event("view", "a", item_id="i1", ts=T0)], 0)
+    [(user, version)] = store.pending_pushes()
+    _apply(store, [make_event("view", "a", item_id="i2", ts=T0 + 1)], 1)  # changes after our read
+    assert store.clear_pending([(user, version)]) == 0
+    assert store.pending_pushes() == [("a", version + 1)]
+    assert store.clear_pending([("a", version + 1)]) == 1 and store.pending_pushes() == []
+
+
+def test_a_push_that_was_not_delivered_stays_owed(settings, redis_client):
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(store, [make_event("view", "b", item_id="i3", ts=T0)], 0)
+
+    def undelivered(pushed):
+        raise RuntimeError("broker down")
+
+    async def run() -> None:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published, confirm=False)
+        pusher._confirm = undelivered
+        await pusher.recover()
+        await pusher.flush_due(force=True)
+        await pusher.stop()
+        assert published == ["b"]
+
+    asyncio.run(run())
+    assert [u for u, _ in store.pending_pushes()] == ["b"]
+
+
+def test_a_restarted_worker_pushes_what_a_killed_one_owed(settings, topics, worker, redis_client):
+    """Worker 1 writes profiles but has no push path (as if it died before pushing); it is killed
+    with SIGKILL. Worker 2 (same group, pushing) must publish a fresh list for every such user,
+    computed from their newest event, and then owe nothing."""
+    from support.profile_reference import generate_events
+    from support.worker import read_topic, wait_until
+
+    from devstack.produce import EventProducer
+
+    events = generate_events(12, 240, seed=4)
+    events = [e for e in events if e.type.value != "search"]
+    prod = EventProducer(settings)
+    for e in events:
+        prod.send(e)
+    prod.flush()
+    store = ProfileStore(redis_client, settings)
+    users = {e.user_id for e in events}
+    first = worker().start()  # support.profile_reference:make_items: item vectors, no top-k → no push
+    first.wait_ready()
+    wait_until(lambda: {u for u, _ in store.pending_pushes()} == users, 90, "every user owed a push")
+    first.kill()
+    assert read_topic(settings, settings.topics.results, expect=0, timeout=2) == []
+
+    second = worker(items="support.profile_reference:make_catalog").start()
+    second.wait_ready()
+    last = {}
+    for e in events:
+        if e.user_id not in last or e.ts >= last[e.user_id].ts:
+            last[e.user_id] = e
+    msgs = read_topic(settings, settings.topics.results, expect=len(users), timeout=60)
+    got = {orjson.loads(m.value())["user_id"]: orjson.loads(m.value()) for m in msgs}
+    assert set(got) == users
+    assert all(got[u]["source_event_id"] == last[u].event_id and got[u]["items"] for u in users)
+    wait_until(lambda: store.pending_pushes() == [], 30, "the owed pushes cleared after delivery")
