@@ -10,31 +10,16 @@ import threading
 import orjson
 import pytest
 from support.profile_reference import (
-    HashingEncoder,
-    RandomItems,
-    assert_profile_matches,
     generate_events,
-    reference_profiles,
 )
-from support.worker import committed_equals_end, read_topic, wait_until
+from support.schemas import assert_valid
+from support.worker import check_reference, committed_equals_end, read_topic, total_applied, wait_until
 
 from devstack.produce import EventProducer
 from profiles.store import ProfileStore
 from streams.validation import parse_dead_letter_headers
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _total_applied(store: ProfileStore, users) -> int:
-    return sum(p.total_events for p in store.get_profiles(sorted(users)).values())
-
-
-def _check_reference(store: ProfileStore, events, settings) -> None:
-    ref = reference_profiles(events, RandomItems(), HashingEncoder(), settings.profile)
-    got = store.get_profiles(sorted(ref))
-    assert set(got) == set(ref)
-    for u, r in ref.items():
-        assert_profile_matches(got[u], r)
 
 
 def _malformed() -> list[tuple[bytes | None, str]]:
@@ -55,6 +40,8 @@ def _malformed() -> list[tuple[bytes | None, str]]:
 
 def test_replay_equals_reference_with_duplicates_and_dead_letters(settings, topics, redis_client, worker):
     events = generate_events(30, 1500, seed=11)
+    for e in events:  # the produced events follow the published schema
+        assert_valid("events", e)
     bad = _malformed()
     prod = EventProducer(settings)
     for e in events[:1000]:
@@ -72,8 +59,8 @@ def test_replay_equals_reference_with_duplicates_and_dead_letters(settings, topi
     store = ProfileStore(redis_client, settings)
     users = {e.user_id for e in events}
     wait_until(lambda: committed_equals_end(settings), 120, "every record processed and committed")
-    assert _total_applied(store, users) == len(events)
-    _check_reference(store, events, settings)
+    assert total_applied(store, users) == len(events)
+    check_reference(store, events, settings)
     assert store.get_profile("mx") is None  # none of the malformed records was applied
 
     letters = read_topic(settings, settings.topics.dead_letter, expect=len(bad))
@@ -81,6 +68,7 @@ def test_replay_equals_reference_with_duplicates_and_dead_letters(settings, topi
     by_value = {m.value(): parse_dead_letter_headers(m.headers()) for m in letters}
     for value, reason in bad:
         h = by_value[value]  # original bytes kept as the value
+        assert_valid("dead-letter-headers", h)
         assert h["reason"] == reason, (value, h)
         assert h["topic"] == settings.topics.events and int(h["offset"]) >= 0 and 0 <= int(h["partition"]) < 4
         assert h["detail"]
@@ -106,7 +94,7 @@ def test_crash_before_commit_and_graceful_stop_lose_nothing_and_apply_nothing_tw
     make = lambda: worker(STREAMREC_STREAM_COMMIT_INTERVAL_S="600", STREAMREC_STREAM_BATCH_MAX="50")  # noqa: E731
     w1 = make().start()
     w1.wait_ready()
-    wait_until(lambda: _total_applied(store, users) == len(first), 120, "the first part applied")
+    wait_until(lambda: total_applied(store, users) == len(first), 120, "the first part applied")
     w1.kill()
     assert not committed_equals_end(settings)
 
@@ -116,20 +104,20 @@ def test_crash_before_commit_and_graceful_stop_lose_nothing_and_apply_nothing_tw
     w2 = make().start()
     w2.wait_ready()
     wait_until(
-        lambda: _total_applied(store, users) == len(first) + len(second), 120, "the second part applied"
+        lambda: total_applied(store, users) == len(first) + len(second), 120, "the second part applied"
     )
     assert w2.metric("streamrec_profile_events_skipped_total", 'reason="duplicate"') >= len(first)
 
     # Graceful stop in the middle of a stream that is still being produced.
     feeder = threading.Thread(target=lambda: _produce_slowly(settings, third))
     feeder.start()
-    wait_until(lambda: _total_applied(store, users) > len(first) + len(second), 60, "the third part started")
+    wait_until(lambda: total_applied(store, users) > len(first) + len(second), 60, "the third part started")
     assert w2.stop() == 0
     feeder.join()
     w3 = make().start()
     w3.wait_ready()
-    wait_until(lambda: _total_applied(store, users) == len(events), 120, "every event applied")
-    _check_reference(store, events, settings)
+    wait_until(lambda: total_applied(store, users) == len(events), 120, "every event applied")
+    check_reference(store, events, settings)
     assert w3.stop() == 0
 
 

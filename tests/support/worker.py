@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from profiles.store import ProfileStore
 from streamrec.settings import Settings
+from support.profile_reference import HashingEncoder, RandomItems, assert_profile_matches, reference_profiles
 
 TESTS = Path(__file__).resolve().parents[1]  # holds the `support` package the worker's plug-ins live in
 
@@ -158,7 +160,15 @@ def worker(settings: Settings, tmp_path: Path):
     started: list[WorkerProcess] = []
 
     def make(**env: str) -> WorkerProcess:
-        w = WorkerProcess(settings, tmp_path, **env)  # items=/encoder= pick the plug-ins
+        """The first worker uses the test's settings; each further one (several workers in one
+        group) gets its own web and metrics ports, state dir and log folder."""
+        s, logs = settings, tmp_path
+        if started:
+            n = len(started) + 1
+            logs = tmp_path / f"w{n}"
+            logs.mkdir(exist_ok=True)
+            s = settings.override(web_port=_free_port(), metrics_port=_free_port(), state_dir=logs / "state")
+        w = WorkerProcess(s, logs, **env)  # items=/encoder= pick the plug-ins
         started.append(w)
         return w
 
@@ -228,3 +238,25 @@ def read_topic(settings: Settings, topic: str, expect: int, timeout: float = 30.
     finally:
         c.close()
     return out
+
+
+def total_applied(store: ProfileStore, users) -> int:
+    """Events applied over these users' profiles (each event counts once)."""
+    return sum(p.total_events for p in store.get_profiles(sorted(users)).values())
+
+
+def check_reference(store: ProfileStore, events, settings) -> None:
+    """The stored profiles equal the plain-numpy reference of ``events`` (test plug-ins' vectors)."""
+    ref = reference_profiles(events, RandomItems(), HashingEncoder(), settings.profile)
+    got = store.get_profiles(sorted(ref))
+    assert set(got) == set(ref)
+    for u, r in ref.items():
+        assert_profile_matches(got[u], r)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
