@@ -45,6 +45,7 @@ COMMANDS = {
     # local tooling: the dataset replayer and the live demo (devstack/)
     "produce": "devstack.produce:produce",
     "demo": "devstack.demo:demo",
+    "validate": "streamrec.validate:validate",
 }
 
 EVAL_COMMANDS = {

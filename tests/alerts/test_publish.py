@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer
 from support.demand import INJECT_AT, active_windows_after, batches, with_surge
+from support.schemas import assert_valid
 
 from alerts.hook import DemandHook, demand_hook
 from alerts.models import AnomalyAlert, decode_alert, encode_alert
@@ -37,6 +38,7 @@ def consume(settings: Settings, topic: str, n: int, timeout: float = 30.0) -> li
             if msg is None:
                 continue
             assert msg.error() is None, msg.error()
+            assert_valid("alerts", msg.value())
             out.append((msg.key(), msg.value()))
     finally:
         consumer.close()

@@ -7,6 +7,7 @@ import asyncio
 import orjson
 import pytest
 from support.profile_reference import RandomItems
+from support.schemas import assert_valid
 from support.worker import read_topic
 
 from streamrec.events import decode
@@ -59,6 +60,7 @@ def test_malformed_records_become_dead_letters_with_reason(value, reason):
     assert len(batch.dead) == 1
     d = batch.dead[0]
     assert d.reason == reason, d.detail
+    assert_valid("dead-letter-headers", parse_dead_letter_headers(d.headers()))
     assert d.record.value == value and d.record.offset == 1 and d.detail
 
 
@@ -82,6 +84,7 @@ def test_dead_letter_sink_keeps_original_bytes_reason_and_source(settings, topic
     (m,) = read_topic(settings, settings.topics.dead_letter, expect=1)
     assert m.value() == raw and m.key() == b"k1"
     h = parse_dead_letter_headers(m.headers())
+    assert_valid("dead-letter-headers", h)
     assert h["reason"] == "not_json" and h["detail"] == "unexpected end"
     assert (h["topic"], h["partition"], h["offset"]) == (settings.topics.events, "3", "1234")
     assert int(h["ts"]) > 0
