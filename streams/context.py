@@ -28,6 +28,7 @@ from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog, ItemVectors, TextEncoder
 from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
+from streams.explorer import Explorer, build_explorer
 from streams.pipeline import EventPipeline
 from streams.recommend import PushPath, build_push_path
 from streams.validation import KafkaDeadLetterSink, Validator, dead_letter_tail_reader
@@ -61,6 +62,7 @@ class WorkerContext:
     pipeline: EventPipeline
     demand: DemandHook
     push: PushPath | None  # None when the catalog plug-in has no top-k index (test plug-ins)
+    explorer: Explorer | None = None  # the live explorer's recorder and push feed (streams/explorer.py)
 
     async def close(self) -> None:
         """Publish pending recommendations and flush the producer (worker shutdown)."""
@@ -118,14 +120,19 @@ def build_context(
 
     demand = demand_hook(s, redis, item_categories(items), AlertPublisher(producer, s.topics.alerts))
     pipeline.add_hook(demand)
+    explorer = build_explorer(s, items)
+    pipeline.add_hook(explorer.recorder)
     push = None
     if isinstance(items, Catalog):
         push = build_push_path(s, items, store, redis, encoder, producer)
         for hook in push.hooks:
             pipeline.add_hook(hook)
+        push.pusher.listeners.append(explorer.feed)
     else:
         log.warning("item vectors %s have no top-k index: recommendations disabled", type(items).__name__)
-    return WorkerContext(s, items, encoder, redis, producer, store, dead_letters, pipeline, demand, push)
+    return WorkerContext(
+        s, items, encoder, redis, producer, store, dead_letters, pipeline, demand, push, explorer
+    )
 
 
 class WorkerState:
