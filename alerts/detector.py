@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -64,13 +65,19 @@ __all__ = [
     "SURGE",
     "DetectorState",
     "Transition",
+    "close_window",
     "detect",
+    "fast_slots",
     "horizon_max",
     "key_level",
     "nb_lower_tail",
     "nb_upper_tail",
     "new_state",
+    "peek",
+    "look",
+    "slots_per_window",
     "validate_horizons",
+    "wait_tail",
 ]
 
 NONE, SURGE, DROP = 0, 1, -1
@@ -130,7 +137,12 @@ class Transition:
     expected: float
     score: float  # -log10 of the tail probability (Bonferroni-corrected)
     first_window: int  # window index where the deciding horizon starts
-    window: int  # window index that was closed
+    window: int  # window index that was closed (or that holds the look)
+    start_ms: int | None = None  # sequential looks: event-time span of the deciding evidence
+    end_ms: int | None = None
+    source: Literal["window", "fast", "wait"] = (
+        "window"  # window (hour close) | fast (short horizon look) | wait (waiting time)
+    )
 
 
 class _StateWire(msgspec.Struct, array_like=True):
@@ -149,6 +161,20 @@ class _StateWire(msgspec.Struct, array_like=True):
     active_windows: int
     last_window: int
     horizon_max: int
+    slot_o: bytes = b""
+    slot_t: bytes = b""
+    slot_idx: bytes = b""
+    acc_o: bytes = b""
+    acc_w: float = 0.0
+    acc_w2: float = 0.0
+    acc_window: int = -1
+    last_slot: int = -1
+    since_e: bytes = b""
+    since_n: bytes = b""
+    fast_p: bytes = b""
+    slot_num: float = 0.0
+    slot_den: float = 0.0
+    n_slots: int = 0
 
 
 @dataclass
@@ -170,6 +196,21 @@ class DetectorState:
     disp_den: float = 0.0
     active_windows: int = 0
     last_window: int = -1
+    # -- sequential looks (slots of one window) ----------------------------------------------
+    n_slots: int = 0  # rows of the slot ring (longest short horizon, in slots)
+    slot_o: np.ndarray | None = None  # (n_slots, K) events per closed slot
+    slot_t: np.ndarray | None = None  # (n_slots,) the shop's events per slot
+    slot_idx: np.ndarray | None = None  # (n_slots,) slot index of each row (-1: empty)
+    acc_o: np.ndarray | None = None  # (K,) weighted demand of the window being filled by slots
+    acc_w: float = 0.0
+    acc_w2: float = 0.0
+    acc_window: int = -1  # window index of acc_* (-1: none)
+    last_slot: int = -1
+    since_e: np.ndarray | None = None  # (K,) expected events since the key's last event
+    since_n: np.ndarray | None = None  # (K,) active windows since the key's last event
+    fast_p: np.ndarray | None = None  # (K,) corrected surge p of the last look (1: none)
+    slot_num: float = 0.0  # decayed shop events per active slot: num / den
+    slot_den: float = 0.0
     index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +219,19 @@ class DetectorState:
             self.ring_o = np.zeros((self.horizon_max, k), np.float32)
             self.ring_e = np.zeros((self.horizon_max, k), np.float32)
             self.ring_w = np.full(self.horizon_max, -1, np.int64)
+        if self.slot_o is None or self.slot_o.shape != (self.n_slots, k):
+            self.slot_o = np.zeros((self.n_slots, k), np.float32)
+            self.slot_t = np.zeros(self.n_slots, np.float64)
+            self.slot_idx = np.full(self.n_slots, -1, np.int64)
+        for name, dtype, fill in (
+            ("acc_o", np.float64, 0.0),
+            ("since_e", np.float64, 0.0),
+            ("since_n", np.float32, 0.0),
+            ("fast_p", np.float32, 1.0),
+        ):
+            v = getattr(self, name)
+            if v is None or v.shape != (k,):
+                setattr(self, name, np.full(k, fill, dtype))
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.levels = np.array([key_level(key) for key in self.keys], np.int8)
 
@@ -200,6 +254,13 @@ class DetectorState:
         pad = np.zeros((self.horizon_max, n), np.float32)
         self.ring_o = np.concatenate([self.ring_o, pad], axis=1)
         self.ring_e = np.concatenate([self.ring_e, pad], axis=1)
+        assert self.slot_o is not None and self.acc_o is not None and self.since_e is not None
+        assert self.since_n is not None and self.fast_p is not None
+        self.slot_o = np.concatenate([self.slot_o, np.zeros((self.n_slots, n), np.float32)], axis=1)
+        self.acc_o = np.concatenate([self.acc_o, np.zeros(n)])
+        self.since_e = np.concatenate([self.since_e, np.zeros(n)])
+        self.since_n = np.concatenate([self.since_n, np.zeros(n, np.float32)])
+        self.fast_p = np.concatenate([self.fast_p, np.ones(n, np.float32)])
         self.levels = np.concatenate([self.levels, np.array([key_level(k) for k in new], np.int8)])
 
     def active(self) -> dict[tuple[int, int], int]:
@@ -232,12 +293,27 @@ class DetectorState:
             active_windows=self.active_windows,
             last_window=self.last_window,
             horizon_max=self.horizon_max,
+            slot_o=_b(self.slot_o, np.float32),
+            slot_t=_b(self.slot_t, np.float64),
+            slot_idx=_b(self.slot_idx, np.int64),
+            acc_o=_b(self.acc_o, np.float64),
+            acc_w=self.acc_w,
+            acc_w2=self.acc_w2,
+            acc_window=self.acc_window,
+            last_slot=self.last_slot,
+            since_e=_b(self.since_e, np.float64),
+            since_n=_b(self.since_n, np.float32),
+            fast_p=_b(self.fast_p, np.float32),
+            slot_num=self.slot_num,
+            slot_den=self.slot_den,
+            n_slots=self.n_slots,
         )
         return msgspec.msgpack.encode(wire)
 
     @classmethod
-    def from_bytes(cls, raw: bytes, horizon_max: int) -> DetectorState:
-        """Decode a stored state; a state stored with another ``horizon_max`` restarts its sums."""
+    def from_bytes(cls, raw: bytes, horizon_max: int, n_slots: int = 0) -> DetectorState:
+        """Decode a stored state; a state stored with another ``horizon_max`` (or ``n_slots``)
+        restarts those sums (the baselines are kept)."""
         w = msgspec.msgpack.decode(raw, type=_StateWire)
         k = len(w.keys)
         ring_o = np.frombuffer(w.ring_o, np.float32).reshape(w.horizon_max, k).copy()
@@ -265,7 +341,31 @@ class DetectorState:
             disp_den=w.disp_den,
             active_windows=w.active_windows,
             last_window=w.last_window,
+            n_slots=n_slots,
+            slot_o=(
+                np.frombuffer(w.slot_o, np.float32).reshape(n_slots, k).copy()
+                if w.n_slots == n_slots and w.slot_o
+                else None
+            ),
+            slot_t=np.frombuffer(w.slot_t, np.float64).copy() if w.n_slots == n_slots and w.slot_t else None,
+            slot_idx=np.frombuffer(w.slot_idx, np.int64).copy()
+            if w.n_slots == n_slots and w.slot_idx
+            else None,
+            acc_o=np.frombuffer(w.acc_o, np.float64).copy() if w.acc_o else None,
+            acc_w=w.acc_w,
+            acc_w2=w.acc_w2,
+            acc_window=w.acc_window,
+            last_slot=w.last_slot,
+            since_e=np.frombuffer(w.since_e, np.float64).copy() if w.since_e else None,
+            since_n=np.frombuffer(w.since_n, np.float32).copy() if w.since_n else None,
+            fast_p=np.frombuffer(w.fast_p, np.float32).copy() if w.fast_p else None,
+            slot_num=w.slot_num,
+            slot_den=w.slot_den,
         )
+
+
+def _b(a: np.ndarray | None, dtype: type) -> bytes:
+    return b"" if a is None else np.ascontiguousarray(a, dtype).tobytes()
 
 
 def validate_horizons(cfg: AlertSettings) -> None:
@@ -279,6 +379,25 @@ def validate_horizons(cfg: AlertSettings) -> None:
             )
 
 
+def slots_per_window(cfg: AlertSettings) -> int:
+    """Slots (sequential looks) per window; raises ValueError unless slot_s divides window_s."""
+    if cfg.slot_s > cfg.window_s or cfg.window_s % cfg.slot_s:
+        raise ValueError(
+            f"alerts.slot_s ({cfg.slot_s}) must divide alerts.window_s ({cfg.window_s}), e.g. 300 for 3600"
+        )
+    bad = [h for h in cfg.fast_horizons_s if h % cfg.slot_s]
+    if bad:
+        raise ValueError(
+            f"alerts.fast_horizons_s must be multiples of alerts.slot_s ({cfg.slot_s}), got {bad}"
+        )
+    return cfg.window_s // cfg.slot_s
+
+
+def fast_slots(cfg: AlertSettings) -> list[int]:
+    """The short surge horizons in slots, ascending."""
+    return sorted({max(1, h // cfg.slot_s) for h in cfg.fast_horizons_s})
+
+
 def horizon_max(cfg: AlertSettings) -> int:
     """Rows of the ring of active windows: the longest horizon of either kind."""
     return max(*cfg.surge_horizons, *cfg.drop_horizons)
@@ -286,7 +405,7 @@ def horizon_max(cfg: AlertSettings) -> int:
 
 def new_state(cfg: AlertSettings) -> DetectorState:
     """An empty detector state for these settings."""
-    return DetectorState(horizon_max=horizon_max(cfg))
+    return DetectorState(horizon_max=horizon_max(cfg), n_slots=max(fast_slots(cfg)))
 
 
 def detect(
@@ -306,22 +425,267 @@ def detect(
     """
     if window <= state.last_window:
         raise ValueError(f"window {window} is not after the last closed window {state.last_window}")
+    state.add_keys(list(counts))
+    return _detect_vec(state, window, _vector(state, counts), total_w, total_w2, cfg)
+
+
+def _vector(state: DetectorState, counts: dict[str, float]) -> np.ndarray:
+    o = np.zeros(state.size, np.float64)
+    if counts:
+        idx = np.fromiter((state.index[k] for k in counts), np.int64, len(counts))
+        o[idx] = np.fromiter(counts.values(), np.float64, len(counts))
+    return o
+
+
+def _detect_vec(
+    state: DetectorState, window: int, o_w: np.ndarray, total_w: float, total_w2: float, cfg: AlertSettings
+) -> list[Transition]:
     state.last_window = window
     if total_w <= 0:
         return []
-    state.add_keys(list(counts))
     decay = 0.5 ** (1.0 / cfg.baseline_half_life_windows)
-    o, total = _event_units(state, counts, total_w, total_w2, decay)
+    o, total = _event_units(state, o_w, total_w, total_w2, decay)
     e = _expected_events(state, o, total)
     _push_window(state, window, o, e)
     # Baseline update after computing e: the window is tested against the past only.
     _update_baseline(state, o, total, decay)
+    assert state.since_n is not None
+    state.since_n = np.where(o > 0, 0.0, state.since_n + 1.0).astype(np.float32)
     tests = _test_horizons(state, cfg)
     return _transitions(state, window, tests, cfg)
 
 
+def close_window(state: DetectorState, cfg: AlertSettings) -> list[Transition]:
+    """Close the window the slots were filling (its last slot has passed): the hour tests."""
+    if state.acc_window < 0:
+        return []
+    assert state.acc_o is not None
+    window, o_w, w, w2 = state.acc_window, state.acc_o, state.acc_w, state.acc_w2
+    state.acc_o = np.zeros(state.size, np.float64)
+    state.acc_w = state.acc_w2 = 0.0
+    state.acc_window = -1
+    if window <= state.last_window:  # already closed (a replayed slot after a crash)
+        return []
+    return _detect_vec(state, window, o_w, w, w2, cfg)
+
+
+def look(
+    state: DetectorState,
+    slot: int,
+    counts: dict[str, float],
+    total_w: float,
+    total_w2: float,
+    cfg: AlertSettings,
+) -> list[Transition]:
+    """Close one slot (``slot_s`` of event time): a sequential look at every key.
+
+    The slot's demand is added to the window it belongs to (closed by :func:`close_window`
+    when a slot of a later window arrives, or by the caller once the watermark passed it) and
+    to the ring of recent slots; then the short surge horizons and the waiting-time drop test
+    run on every key. Slots must come in increasing order; empty slots may be skipped.
+    """
+    if slot <= state.last_slot:
+        raise ValueError(f"slot {slot} is not after the last closed slot {state.last_slot}")
+    spw = slots_per_window(cfg)
+    window = slot // spw
+    out: list[Transition] = []
+    if state.acc_window >= 0 and window > state.acc_window:
+        out += close_window(state, cfg)
+    state.last_slot = slot
+    if total_w <= 0 or window <= state.last_window:
+        return out
+    state.add_keys(list(counts))
+    assert state.acc_o is not None and state.since_e is not None and state.since_n is not None
+    assert state.slot_o is not None and state.slot_t is not None and state.slot_idx is not None
+    o_w = _vector(state, counts)
+    state.acc_o += o_w
+    state.acc_w += total_w
+    state.acc_w2 += total_w2
+    state.acc_window = window
+    phi = _phi(state, total_w, total_w2)
+    o, t = o_w / phi, total_w / phi
+    state.since_e = np.where(o > 0, 0.0, state.since_e + _share_odds(state) * np.maximum(t - o, 0.0))
+    state.since_n[o > 0] = 0.0
+    if state.n_slots:
+        row = slot % state.n_slots
+        state.slot_o[row] = o
+        state.slot_t[row] = t
+        state.slot_idx[row] = slot
+    decay = 0.5 ** (1.0 / (cfg.baseline_half_life_windows * spw))
+    state.slot_num = decay * state.slot_num + t
+    state.slot_den = decay * state.slot_den + 1.0
+    out += _look_tests(state, cfg, slot, (slot + 1) * cfg.slot_s * 1000, None, wait=True)
+    return out
+
+
+def peek(
+    state: DetectorState,
+    slot: int,
+    counts: dict[str, float],
+    total_w: float,
+    total_w2: float,
+    cfg: AlertSettings,
+    end_ms: int,
+) -> list[Transition]:
+    """Look at the open slot's partial demand (evidence so far, up to ``end_ms``) without
+    consuming it: surges only; changes nothing but the alert flags of keys it raises."""
+    if total_w <= 0 or slot <= state.last_slot:
+        return []
+    state.add_keys(list(counts))
+    phi = _phi(state, total_w, total_w2)
+    extra = (_vector(state, counts) / phi, total_w / phi)
+    return _look_tests(state, cfg, slot, end_ms, extra, wait=False)
+
+
+def _phi(state: DetectorState, total_w: float, total_w2: float) -> float:
+    if state.disp_den > 0:
+        return max(state.disp_num / state.disp_den, _TINY)
+    return max(total_w2 / max(total_w, _TINY), _TINY)
+
+
+def _share_odds(state: DetectorState) -> np.ndarray:
+    share = np.minimum(state.share_num / max(state.share_den, _TINY), _MAX_SHARE)
+    return share / (1.0 - share)
+
+
+def wait_tail(state: DetectorState, cfg: AlertSettings) -> np.ndarray:
+    """P(no event since each key's last one): NB zero term with the expected events since then
+    and size ``nb_size`` per active window spanned (1 where nothing was expected)."""
+    assert state.since_e is not None and state.since_n is not None
+    n = cfg.nb_size * np.maximum(state.since_n.astype(np.float64), 1.0)
+    return np.exp(-n * np.log1p(state.since_e / n))
+
+
+def _look_tests(
+    state: DetectorState,
+    cfg: AlertSettings,
+    slot: int,
+    end_ms: int,
+    extra: tuple[np.ndarray, float] | None,
+    wait: bool,
+) -> list[Transition]:
+    """Short-horizon surge tests (and the waiting-time drop test) of one look; raises only."""
+    assert state.slot_o is not None and state.slot_t is not None and state.slot_idx is not None
+    assert state.since_e is not None and state.since_n is not None
+    K = state.size
+    spw = slots_per_window(cfg)
+    rate = state.slot_num / max(state.slot_den, _TINY)  # the shop's events per active slot
+    enabled = [h for h in fast_slots(cfg) if h <= state.n_slots and rate * h >= cfg.fast_min_shop_events]
+    eligible = state.seen > cfg.warmup_windows
+    idle = state.alert == NONE
+    odds = _share_odds(state)
+    best_p = np.ones(K)
+    best_g = np.ones(K)
+    best_o = np.zeros(K)
+    best_e = np.zeros(K)
+    best_h = np.ones(K, np.int64)
+    for h in enabled:
+        rows = np.flatnonzero((state.slot_idx >= 0) & (state.slot_idx > slot - h))
+        O = state.slot_o[rows].sum(axis=0, dtype=np.float64)  # noqa: E741
+        T = float(state.slot_t[rows].sum())
+        if extra is not None:
+            O = O + extra[0]  # noqa: E741
+            T += extra[1]
+        E = odds * np.maximum(T - O, 0.0)
+        guard = (O >= cfg.fast_min_surge_count) & (O >= cfg.min_surge_ratio * E)
+        idx = np.flatnonzero((O > E) & ((guard & eligible) | (state.alert == SURGE)))
+        if not idx.size:
+            continue
+        p = nb_upper_tail(O[idx], E[idx], cfg.nb_size)
+        better = p < best_p[idx]
+        best_p[idx] = np.where(better, p, best_p[idx])
+        g = np.where(guard[idx], p, 1.0)
+        gbetter = g < best_g[idx]
+        sel = idx[gbetter]
+        best_g[sel] = g[gbetter]
+        best_o[sel], best_e[sel], best_h[sel] = O[sel], E[sel], h
+    n_fast = max(1, len(enabled))
+    p_corr = np.minimum(best_p * n_fast, 1.0)
+    g_corr = np.minimum(best_g * n_fast, 1.0)
+    state.fast_p = p_corr.astype(np.float32)
+    raise_up = np.flatnonzero(idle & eligible & (g_corr <= cfg.fast_p_raise))
+    window = slot // spw
+    out = [
+        _fast_transition(state, cfg, i, int(best_h[i]), slot, end_ms, best_o, best_e, g_corr)
+        for i in raise_up.tolist()
+    ]
+    state.alert[raise_up] = SURGE
+    if wait:
+        out += _wait_tests(state, cfg, window, end_ms, eligible)
+    return out
+
+
+def _fast_transition(
+    state: DetectorState,
+    cfg: AlertSettings,
+    i: int,
+    h: int,
+    slot: int,
+    end_ms: int,
+    best_o: np.ndarray,
+    best_e: np.ndarray,
+    g_corr: np.ndarray,
+) -> Transition:
+    """The surge raised for key ``i`` by its best short horizon of ``h`` slots."""
+    spw = slots_per_window(cfg)
+    return Transition(
+        key=state.keys[i],
+        level=int(state.levels[i]),
+        kind=SURGE,
+        raised=True,
+        observed=float(best_o[i]),
+        expected=float(best_e[i]),
+        score=float(-np.log10(max(float(g_corr[i]), 1e-300))),
+        first_window=(slot - h + 1) // spw,
+        window=slot // spw,
+        start_ms=(slot - h + 1) * cfg.slot_s * 1000,
+        end_ms=end_ms,
+        source="fast",
+    )
+
+
+def _wait_tests(
+    state: DetectorState, cfg: AlertSettings, window: int, end_ms: int, eligible: np.ndarray
+) -> list[Transition]:
+    """Waiting-time drop test: no event for longer than the key's recent demand makes likely."""
+    assert state.since_e is not None and state.since_n is not None
+    out: list[Transition] = []
+    cand = np.flatnonzero(
+        (state.alert == NONE)
+        & eligible
+        & (state.since_e >= cfg.min_drop_expected)
+        & (state.since_n <= cfg.wait_max_windows)
+    )
+    if cand.size:  # ...that were actually selling lately (not a stale share after a past drop)
+        assert state.ring_o is not None
+        cand = cand[state.ring_o[:, cand].sum(axis=0, dtype=np.float64) >= cfg.min_drop_expected]
+    if cand.size:
+        pw = wait_tail(state, cfg)[cand]
+        hit = cand[pw <= cfg.wait_p_raise]
+        for i, p in zip(hit.tolist(), pw[pw <= cfg.wait_p_raise].tolist(), strict=True):
+            n_w = int(state.since_n[i])
+            out.append(
+                Transition(
+                    key=state.keys[i],
+                    level=int(state.levels[i]),
+                    kind=DROP,
+                    raised=True,
+                    observed=0.0,
+                    expected=float(state.since_e[i]),
+                    score=float(-np.log10(max(p, 1e-300))),
+                    first_window=window - n_w,
+                    window=window,
+                    start_ms=(window - n_w) * cfg.window_s * 1000,
+                    end_ms=end_ms,
+                    source="wait",
+                )
+            )
+        state.alert[hit] = DROP
+    return out
+
+
 def _event_units(
-    state: DetectorState, counts: dict[str, float], total_w: float, total_w2: float, decay: float
+    state: DetectorState, o_w: np.ndarray, total_w: float, total_w2: float, decay: float
 ) -> tuple[np.ndarray, float]:
     """Update the dispersion factor; the window's observed events per key and in total.
 
@@ -332,12 +696,7 @@ def _event_units(
     state.disp_den = decay * state.disp_den + total_w
     phi = max(state.disp_num / max(state.disp_den, _TINY), _TINY)
 
-    o = np.zeros(state.size, np.float64)
-    if counts:
-        idx = np.fromiter((state.index[k] for k in counts), np.int64, len(counts))
-        o[idx] = np.fromiter(counts.values(), np.float64, len(counts))
-    o /= phi
-    return o, total_w / phi
+    return o_w / phi, total_w / phi
 
 
 def _expected_events(state: DetectorState, o: np.ndarray, total: float) -> np.ndarray:
@@ -431,8 +790,12 @@ def _transitions(
     idle = state.alert == NONE
     raise_up = np.flatnonzero(idle & eligible & (best_up <= cfg.p_raise) & (best_up <= best_dn))
     raise_dn = np.flatnonzero(idle & eligible & (best_dn <= cfg.p_raise) & (best_dn < best_up))
-    clear_up = np.flatnonzero((state.alert == SURGE) & (tests.p_up.min(axis=0) > cfg.p_clear))
-    clear_dn = np.flatnonzero((state.alert == DROP) & (tests.p_dn.min(axis=0) > cfg.p_clear))
+    # A key raised by a look clears only once its short horizons and its waiting time are quiet too.
+    assert state.fast_p is not None
+    fast_quiet = state.fast_p > cfg.p_clear
+    wait_quiet = wait_tail(state, cfg) > cfg.p_clear
+    clear_up = np.flatnonzero((state.alert == SURGE) & (tests.p_up.min(axis=0) > cfg.p_clear) & fast_quiet)
+    clear_dn = np.flatnonzero((state.alert == DROP) & (tests.p_dn.min(axis=0) > cfg.p_clear) & wait_quiet)
     out: list[Transition] = []
     for keys, kind, raised, p_mat in (
         (raise_up, SURGE, True, tests.g_up),

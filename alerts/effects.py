@@ -20,7 +20,7 @@ import numpy as np
 from alerts.detector import CATEGORY_PREFIX, ITEM_PREFIX, SURGE
 from streamrec.settings import Settings
 
-__all__ = ["DemandEffectWriter", "RedisDemandAdjustments", "effect_key"]
+__all__ = ["DemandEffectWriter", "RedisDemandAdjustments", "StaticDemandAdjustments", "effect_key"]
 
 
 def effect_key(prefix: str, key: str) -> str:
@@ -77,14 +77,44 @@ class RedisDemandAdjustments:
         values = self.redis.mget(keys)
         item_f = {i: float(v) for i, v in zip(uniq_items, values[: len(uniq_items)], strict=True) if v}
         cat_f = {c: float(v) for c, v in zip(uniq_cats, values[len(uniq_items) :], strict=True) if v}
-        if not item_f and not cat_f:
-            return out, reasons
-        for j, (item, cat) in enumerate(zip(item_ids, categories, strict=True)):
-            fi = item_f.get(item, 1.0)
-            fc = cat_f.get(cat, 1.0) if cat else 1.0
-            out[j] = fi * fc
-            if fi > 1.0:
-                reasons[j] = "trending"
-            elif fc > 1.0:
-                reasons[j] = f"trending_in:{cat}"
+        return _combine(item_ids, categories, item_f, cat_f)
+
+
+class StaticDemandAdjustments:
+    """The in-memory equivalent of :class:`RedisDemandAdjustments` (evaluations, tests): the
+    factors of the active alerts, given as {item: factor} and {category: factor}."""
+
+    def __init__(
+        self, items: dict[str, float] | None = None, categories: dict[str, float] | None = None
+    ) -> None:
+        self.items = dict(items or {})
+        self.categories = dict(categories or {})
+
+    def factors(
+        self, item_ids: Sequence[str], categories: Sequence[str]
+    ) -> tuple[np.ndarray, list[str | None]]:
+        if len(categories) != len(item_ids):
+            raise ValueError(
+                f"factors: {len(item_ids)} item ids but {len(categories)} categories (one per item)"
+            )
+        return _combine(item_ids, categories, self.items, self.categories)
+
+
+def _combine(
+    item_ids: Sequence[str], categories: Sequence[str], item_f: dict[str, float], cat_f: dict[str, float]
+) -> tuple[np.ndarray, list[str | None]]:
+    """Item factor x category factor and the trend reason of each item."""
+    n = len(item_ids)
+    out = np.ones(n, np.float64)
+    reasons: list[str | None] = [None] * n
+    if not item_f and not cat_f:
         return out, reasons
+    for j, (item, cat) in enumerate(zip(item_ids, categories, strict=True)):
+        fi = item_f.get(item, 1.0)
+        fc = cat_f.get(cat, 1.0) if cat else 1.0
+        out[j] = fi * fc
+        if fi > 1.0:
+            reasons[j] = "trending"
+        elif fc > 1.0:
+            reasons[j] = f"trending_in:{cat}"
+    return out, reasons

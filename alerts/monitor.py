@@ -57,9 +57,13 @@ from alerts.detector import (
     SURGE,
     DetectorState,
     Transition,
-    detect,
+    close_window,
+    fast_slots,
     horizon_max,
+    look,
     new_state,
+    peek,
+    slots_per_window,
     validate_horizons,
 )
 from alerts.effects import DemandEffectWriter
@@ -73,9 +77,9 @@ log = logging.getLogger(__name__)
 
 _TOTAL_W, _TOTAL_W2, _TOTAL_N = "__w", "__w2", "__n"
 
-# KEYS: base ("{p:dm}"). ARGV[1]: JSON {"w": [window...], "u": [user...], "i": [item...],
-# "c": [category...], "x": [weight...], "ts": max event ts}, ARGV[2]: window TTL s.
-# Per (window, key, user) the demand is the largest weight seen (a shopper who views, then buys,
+# KEYS: base ("{p:dm}"). ARGV[1]: JSON {"w": [slot...], "u": [user...], "i": [item...],
+# "c": [category...], "x": [weight...], "ts": max event ts}, ARGV[2]: window TTL s, ARGV[3]: slots
+# per window. Demand is added to the event's slot; per (window, key, user) it is the largest weight seen (a shopper who views, then buys,
 # counts as a purchase; one who buys 25 lines of one category counts once for the category).
 # A max is idempotent: re-processing an event never adds anything.
 # Returns {counted, late, watermark, closed}; counted = events that raised some demand.
@@ -83,22 +87,24 @@ _COUNT_LUA = """
 local base = KEYS[1]
 local p = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local closed = tonumber(redis.call('GET', base .. ':closed') or '-1')
+local spw = tonumber(ARGV[3])
+local closed = tonumber(redis.call('GET', base .. ':sclosed') or '-1')
 local agg = {}
 local seen = {}
 local counted, late = 0, 0
 local function bump(win, a, key, user, x, item_level)
   local f = key .. '|' .. user
-  local sk = win .. '|' .. f
+  local sk = math.floor(win / spw) .. '|' .. f
   local old = seen[sk]
+  local uh = base .. ':u:' .. math.floor(win / spw)
   if old == nil then
-    old = tonumber(redis.call('HGET', base .. ':u:' .. win, f) or '0')
+    old = tonumber(redis.call('HGET', uh, f) or '0')
   end
   if x <= old then
     return false
   end
   seen[sk] = x
-  redis.call('HSET', base .. ':u:' .. win, f, tostring(x))
+  redis.call('HSET', uh, f, tostring(x))
   a[key] = (a[key] or 0) + (x - old)
   if item_level then
     a['__w'] = (a['__w'] or 0) + (x - old)
@@ -129,13 +135,13 @@ for j = 1, #p.w do
   end
 end
 for win, a in pairs(agg) do
-  local h = base .. ':w:' .. win
+  local h = base .. ':s:' .. win
   for k, v in pairs(a) do
     redis.call('HINCRBYFLOAT', h, k, tostring(v))
   end
   redis.call('EXPIRE', h, ttl)
-  redis.call('EXPIRE', base .. ':u:' .. win, ttl)
-  redis.call('ZADD', base .. ':open', win, tostring(win))
+  redis.call('EXPIRE', base .. ':u:' .. math.floor(win / spw), ttl)
+  redis.call('ZADD', base .. ':sopen', win, tostring(win))
 end
 local wm = tonumber(redis.call('GET', base .. ':wm') or '0')
 if p.ts > wm then
@@ -145,21 +151,21 @@ end
 return {counted, late, tostring(wm), closed}
 """
 
-# KEYS: base. ARGV[1]: highest window index to close. Marks it closed (events of those windows
-# are late from now on) and returns the open windows up to it with their hashes:
+# KEYS: base. ARGV[1]: highest slot index to close. Marks it closed (events of those slots
+# are late from now on) and returns the open slots up to it with their hashes:
 # {win1, {k, v, k, v ...}, win2, {...}, ...} in window order.
 _CLOSE_LUA = """
 local base = KEYS[1]
 local upto = tonumber(ARGV[1])
-local closed = tonumber(redis.call('GET', base .. ':closed') or '-1')
+local closed = tonumber(redis.call('GET', base .. ':sclosed') or '-1')
 if upto > closed then
-  redis.call('SET', base .. ':closed', tostring(upto))
+  redis.call('SET', base .. ':sclosed', tostring(upto))
 end
-local wins = redis.call('ZRANGEBYSCORE', base .. ':open', '-inf', upto)
+local wins = redis.call('ZRANGEBYSCORE', base .. ':sopen', '-inf', upto)
 local out = {}
 for _, win in ipairs(wins) do
   out[#out + 1] = win
-  out[#out + 1] = redis.call('HGETALL', base .. ':w:' .. win)
+  out[#out + 1] = redis.call('HGETALL', base .. ':s:' .. win)
 end
 return out
 """
@@ -188,7 +194,9 @@ def event_weights(settings: Settings) -> dict[EventType, float]:
     }
 
 
-def transition_to_alert(t: Transition, window_ms: int, now_ms: int | None = None) -> AnomalyAlert:
+def transition_to_alert(
+    t: Transition, window_ms: int, now_ms: int | None = None, synthetic: bool = False
+) -> AnomalyAlert:
     """The alert record of a detector transition."""
     key = t.key[len(ITEM_PREFIX) :] if t.level == LEVEL_ITEM else t.key[len(CATEGORY_PREFIX) :]
     return AnomalyAlert(
@@ -199,9 +207,11 @@ def transition_to_alert(t: Transition, window_ms: int, now_ms: int | None = None
         observed=round(t.observed, 3),
         expected=round(t.expected, 3),
         score=round(t.score, 3),
-        window_start=t.first_window * window_ms,
-        window_end=(t.window + 1) * window_ms,
+        window_start=t.first_window * window_ms if t.start_ms is None else t.start_ms,
+        window_end=(t.window + 1) * window_ms if t.end_ms is None else t.end_ms,
         raised_at=int(time.time() * 1000) if now_ms is None else now_ms,
+        source=t.source,
+        synthetic=synthetic,
     )
 
 
@@ -218,9 +228,12 @@ class DemandMonitor:
         if self.cfg.window_s <= 0:
             raise ValueError(f"alerts.window_s must be > 0, got {self.cfg.window_s}")
         validate_horizons(self.cfg)
+        self.spw = slots_per_window(self.cfg)
+        self.n_slots = max(fast_slots(self.cfg))
         self.redis = redis_client
         self.base = f"{{{settings.redis.prefix}:dm}}"
         self.window_ms = int(self.cfg.window_s) * 1000
+        self.slot_ms = int(self.cfg.slot_s) * 1000
         self.weights = event_weights(settings)
         self.effects = DemandEffectWriter(settings)
         self.stats = MonitorStats()
@@ -228,61 +241,77 @@ class DemandMonitor:
         self._close = redis_client.register_script(_CLOSE_LUA)
         self._lock_token = uuid.uuid4().hex
         self._state: DetectorState | None = None
+        self._last_peek_ms = -(2**62)
 
     # -- public API ---------------------------------------------------------------------------
 
     def process(self, events: Sequence[Event], item_category: Mapping[str, str]) -> list[AnomalyAlert]:
-        """Count a batch of valid events, close the windows it completes, return the transitions.
+        """Count a batch of valid events, close the slots and windows it completes, look at the
+        open slot; return the transitions.
 
         ``item_category`` maps item ids to categories; an event's own ``category`` is used when
         its item is not in it (an item with neither counts at item level only).
-        Returns the alerts raised and cleared by the windows closed in this call (usually none).
+        Returns the alerts raised and cleared in this call (usually none).
         Raises ``redis`` errors on infrastructure failures; retrying the batch is safe.
         """
         payload = self._payload(events, item_category)
         if payload is None:
             return []
         counted, late, wm_raw, _closed = self._count(
-            keys=[self.base], args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s)]
+            keys=[self.base],
+            args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s), self.spw],
         )
+        syn = payload.pop("syn")
+        if syn:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(self.base + ":syn", *syn)
+            pipe.expire(self.base + ":syn", max(1, int(self.cfg.effect_ttl_s)))
+            pipe.execute()
         n = len(payload["w"])
         self.stats.counted += int(counted)
         self.stats.late += int(late)
         self.stats.repeats += n - int(counted) - int(late)
         metrics.demand_events.inc(int(counted))
-        return self.close_due(int(float(wm_raw)))
+        wm = int(float(wm_raw))
+        alerts = self.close_due(wm)
+        if int(counted) and self.cfg.peek_s > 0 and wm - self._last_peek_ms >= self.cfg.peek_s * 1000:
+            self._last_peek_ms = wm
+            alerts += self._peek(wm)
+        return alerts
 
     def close_due(self, watermark_ms: int | None = None) -> list[AnomalyAlert]:
-        """Close every open window that the watermark (default: the stored one) has passed."""
+        """Close every open slot (and window) that the watermark (default: the stored one) has passed."""
         if watermark_ms is None:
             raw = self.redis.get(self.base + ":wm")
             if raw is None:
                 return []
             watermark_ms = int(float(raw))
-        upto = (watermark_ms - int(self.cfg.allowed_lateness_s) * 1000) // self.window_ms - 1
-        last = self.redis.get(self.base + ":closed")
+        upto = (watermark_ms - int(self.cfg.allowed_lateness_s) * 1000) // self.slot_ms - 1
+        last = self.redis.get(self.base + ":sclosed")
         if last is not None and upto <= int(last):
             return []
         return self._close_upto(int(upto))
 
     def flush(self) -> list[AnomalyAlert]:
-        """Close every open window now (end of a replay; never in a live worker)."""
-        raw = self.redis.zrange(self.base + ":open", -1, -1)
-        if not raw:
-            return []
-        return self._close_upto(int(raw[0]))
+        """Close every open slot and window now (end of a replay; never in a live worker)."""
+        raw = self.redis.zrange(self.base + ":sopen", -1, -1)
+        last = self.redis.get(self.base + ":sclosed")
+        upto = int(raw[0]) if raw else (int(last) if last is not None else -1)
+        return self._close_upto(upto, final=True)
 
     def state(self) -> DetectorState:
         """The detector state as stored in Redis (a fresh one when none)."""
         raw = self.redis.get(self.base + ":state")
-        return DetectorState.from_bytes(raw, horizon_max(self.cfg)) if raw else new_state(self.cfg)
+        if not raw:
+            return new_state(self.cfg)
+        return DetectorState.from_bytes(raw, horizon_max(self.cfg), self.n_slots)
 
     def open_counts(self) -> dict[int, dict[str, float]]:
-        """Weighted demand per key of every open window (window index -> {key: count})."""
-        wins = [int(w) for w in self.redis.zrange(self.base + ":open", 0, -1)]
+        """Weighted demand per key of every open slot (slot index -> {key: count})."""
+        wins = [int(w) for w in self.redis.zrange(self.base + ":sopen", 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for w in wins:
-            pipe.hgetall(f"{self.base}:w:{w}")
+            pipe.hgetall(f"{self.base}:s:{w}")
         out: dict[int, dict[str, float]] = {}
         for w, h in zip(wins, pipe.execute(), strict=True):
             out[w] = {_s(k): float(v) for k, v in h.items()}
@@ -308,24 +337,31 @@ class DemandMonitor:
         items: list[str] = []
         cats: list[str] = []
         xs: list[float] = []
+        syn: set[str] = set()
+        prefix = self.cfg.synthetic_user_prefix
         max_ts = 0
         weights = self.weights
-        wms = self.window_ms
+        sms = self.slot_ms
         for ev in events:
             x = weights.get(ev.type, 0.0)
             if x <= 0 or not ev.item_id:
                 self.stats.ignored += 1
                 continue
-            wins.append(ev.ts // wms)
+            cat = item_category.get(ev.item_id) or ev.category or ""
+            wins.append(ev.ts // sms)
             users.append(ev.user_id)
             items.append(ev.item_id)
-            cats.append(item_category.get(ev.item_id) or ev.category or "")
+            cats.append(cat)
             xs.append(x)
+            if prefix and ev.user_id.startswith(prefix):
+                syn.add(ITEM_PREFIX + ev.item_id)
+                if cat:
+                    syn.add(CATEGORY_PREFIX + cat)
             if ev.ts > max_ts:
                 max_ts = ev.ts
         if not wins:
             return None
-        return {"w": wins, "u": users, "i": items, "c": cats, "x": xs, "ts": max_ts}
+        return {"w": wins, "u": users, "i": items, "c": cats, "x": xs, "ts": max_ts, "syn": sorted(syn)}
 
     def _acquire(self) -> bool:
         ttl_ms = 60_000
@@ -340,53 +376,112 @@ class DemandMonitor:
             self._lock_token,
         )
 
-    def _close_upto(self, upto: int) -> list[AnomalyAlert]:
+    def _close_upto(self, upto: int, final: bool = False) -> list[AnomalyAlert]:
         if not self._acquire():
-            log.debug("demand windows up to %d are being closed by another worker", upto)
+            log.debug("demand slots up to %d are being closed by another worker", upto)
             return []
         try:
             flat = self._close(keys=[self.base], args=[upto])
             state = self.state()
+            windows_before = state.active_windows
+            acc_before = state.acc_window
             transitions: list[Transition] = []
             closed: list[int] = []
             for j in range(0, len(flat), 2):
-                win = int(flat[j])
-                closed.append(win)
-                if win <= state.last_window:  # already in the state (crash before the cleanup)
+                slot = int(flat[j])
+                closed.append(slot)
+                if slot <= state.last_slot:  # already in the state (crash before the cleanup)
                     continue
-                fields = flat[j + 1]
-                counts: dict[str, float] = {}
-                total_w = total_w2 = 0.0
-                for k in range(0, len(fields), 2):
-                    name = _s(fields[k])
-                    val = float(fields[k + 1])
-                    if name == _TOTAL_W:
-                        total_w = val
-                    elif name == _TOTAL_W2:
-                        total_w2 = val
-                    elif name != _TOTAL_N:
-                        counts[name] = val
-                transitions += detect(state, win, counts, total_w, total_w2, self.cfg)
-            if not closed:
+                counts, total_w, total_w2 = _parse_counts(flat[j + 1])
+                transitions += look(state, slot, counts, total_w, total_w2, self.cfg)
+            # The window being filled closes once the watermark has passed its last slot.
+            if state.acc_window >= 0 and (final or (state.acc_window + 1) * self.spw - 1 <= upto):
+                transitions += close_window(state, self.cfg)
+            n_windows = state.active_windows - windows_before
+            if not closed and not n_windows and state.acc_window == acc_before:
                 return []
-            self.stats.windows_closed += len(closed)
+            self.stats.windows_closed += n_windows
+            done_hours = {w // self.spw for w in closed} | ({acc_before} if acc_before >= 0 else set())
+            done_hours = {h for h in done_hours if h <= state.last_window and h != state.acc_window}
             cleared = [t.key for t in transitions if not t.raised]
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(self.base + ":state", state.to_bytes())
-            for win in closed:
-                pipe.delete(f"{self.base}:w:{win}", f"{self.base}:u:{win}")
-            pipe.zrem(self.base + ":open", *[str(w) for w in closed])
+            for slot in closed:
+                pipe.delete(f"{self.base}:s:{slot}")
+            for h in done_hours:
+                pipe.delete(f"{self.base}:u:{h}")
+            if closed:
+                pipe.zrem(self.base + ":sopen", *[str(w) for w in closed])
             self.effects.queue(pipe, state.active_keys(), cleared)
             pipe.execute()
         finally:
             self._release()
+        return self._finish(state, transitions)
+
+    def _peek(self, watermark_ms: int) -> list[AnomalyAlert]:
+        """Look at the open slots' partial demand; raise (and write) only what they show."""
+        last = self.redis.get(self.base + ":sclosed")
+        lo = f"({int(last)}" if last is not None else "-inf"
+        slots = [int(w) for w in self.redis.zrangebyscore(self.base + ":sopen", lo, "+inf")]
+        if not slots:
+            return []
+
+        def run(state: DetectorState) -> list[Transition]:
+            pipe = self.redis.pipeline(transaction=False)
+            for w in slots:
+                pipe.hgetall(f"{self.base}:s:{w}")
+            counts: dict[str, float] = {}
+            tw = tw2 = 0.0
+            for h in pipe.execute():
+                c, w1, w2 = _parse_counts([x for kv in h.items() for x in kv])
+                tw, tw2 = tw + w1, tw2 + w2
+                for k, v in c.items():
+                    counts[k] = counts.get(k, 0.0) + v
+            return peek(state, max(slots), counts, tw, tw2, self.cfg, watermark_ms)
+
+        if not run(self.state()):
+            return []
+        if not self._acquire():
+            return []
+        try:
+            state = self.state()  # again under the lock: another worker may have moved on
+            transitions = run(state)
+            if transitions:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.set(self.base + ":state", state.to_bytes())
+                self.effects.queue(pipe, state.active_keys(), [])
+                pipe.execute()
+        finally:
+            self._release()
+        return self._finish(state, transitions)
+
+    def _finish(self, state: DetectorState, transitions: list[Transition]) -> list[AnomalyAlert]:
         self._state = state
-        alerts = [transition_to_alert(t, self.window_ms) for t in transitions]
+        syn: set[str] = set()
+        if transitions:
+            syn = {_s(k) for k in self.redis.smembers(self.base + ":syn")}
+        alerts = [transition_to_alert(t, self.window_ms, synthetic=t.key in syn) for t in transitions]
         for a in alerts:
             if a.state == "raised":
                 metrics.anomalies_raised.labels(a.kind, a.level).inc()
         _set_active_gauge(state)
         return alerts
+
+
+def _parse_counts(fields: Sequence[Any]) -> tuple[dict[str, float], float, float]:
+    """(weighted demand per key, sum of weights, sum of squared weights) of a slot hash (flat)."""
+    counts: dict[str, float] = {}
+    total_w = total_w2 = 0.0
+    for k in range(0, len(fields), 2):
+        name = _s(fields[k])
+        val = float(fields[k + 1])
+        if name == _TOTAL_W:
+            total_w = val
+        elif name == _TOTAL_W2:
+            total_w2 = val
+        elif name != _TOTAL_N:
+            counts[name] = val
+    return counts, total_w, total_w2
 
 
 def _set_active_gauge(state: DetectorState) -> None:

@@ -205,6 +205,7 @@ def demo(
     try:
         wait_until_ready(worker, web, log_path)
         click.secho(f"==> worker ready: {web}/readyz, metrics at {metrics_url}", fg="green")
+        click.secho(f"==> live explorer: {web}/explorer (API: {web}/openapi.json)", fg="green")
         view = LiveView(s).start()
 
         ds = load_dataset("online-retail", s.data_dir)
@@ -268,6 +269,7 @@ def demo(
             "alerts": len(view.alerts),
             "model_dir": str(model),
             "metrics_url": metrics_url,
+            "explorer_url": f"{web}/explorer",
             "seconds": round(time.time() - t_start, 1),
         }
         if view.recent:

@@ -62,12 +62,14 @@ class Injection:
 
 @dataclass
 class Raised:
-    """An alert raised in a replay (detector or baseline)."""
+    """An alert raised (or cleared) in a replay (detector or baseline)."""
 
     key: str
     level: str
     kind: str
     window_end: int
+    source: str = "window"
+    state: str = "raised"
 
 
 # -- the stream --------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def inject(df: pd.DataFrame, injections: list[Injection], window_ms: int, seed: 
 def replay_detector(
     settings: Settings, redis_client: Any, df: pd.DataFrame, batch: int, desc: str
 ) -> tuple[list[Raised], int]:
-    """Replay ``df`` through a fresh DemandMonitor; (raised alerts, windows closed)."""
+    """Replay ``df`` through a fresh DemandMonitor; (raised and cleared alerts, windows closed)."""
     from alerts.monitor import DemandMonitor
     from streamrec.events import Event, EventType
 
@@ -218,10 +220,8 @@ def replay_detector(
                 )
             ]
             alerts = monitor.process(evs, cats)
-            raised += [Raised(a.key, a.level, a.kind, a.window_end) for a in alerts if a.state == "raised"]
-        raised += [
-            Raised(a.key, a.level, a.kind, a.window_end) for a in monitor.flush() if a.state == "raised"
-        ]
+            raised += [Raised(a.key, a.level, a.kind, a.window_end, a.source, a.state) for a in alerts]
+        raised += [Raised(a.key, a.level, a.kind, a.window_end, a.source, a.state) for a in monitor.flush()]
         return raised, monitor.stats.windows_closed
     finally:
         monitor.reset()
@@ -305,10 +305,22 @@ def replay_baseline(df: pd.DataFrame, settings: Settings, fast_hl: float, ratio:
 
 
 def score(
-    raised: list[Raised], injections: list[Injection], kind: str, window_ms: int, grace_windows: int
+    raised: list[Raised],
+    injections: list[Injection],
+    kind: str,
+    window_ms: int,
+    grace_windows: int,
+    active: np.ndarray | None = None,
+    windows_per_day: float = 1.0,
 ) -> dict[str, Any]:
-    """Recall, precision and delays of one replay's alerts against its injections."""
-    mine = [a for a in raised if a.kind == kind]
+    """Recall, precision and delays of one replay's alerts against its injections.
+
+    Delays run from the injection start to the event time of the evidence that raised the
+    alert (a look's newest evidence, or a closed window's end): in seconds, in hours
+    (``median_delay_windows``, event time / window) and in trading days (active windows
+    elapsed / the stream's median active windows per trading day)."""
+    mine = [a for a in raised if a.kind == kind and a.state == "raised"]
+    days_l: list[float] = []
     matched: set[int] = set()
     delays_w: list[float] = []
     delays_s: list[float] = []
@@ -326,9 +338,15 @@ def score(
         if hits:
             detected += 1
             matched.update(j for j, _ in hits)
-            first = min(a.window_end for _, a in hits)
-            delays_w.append((first - inj.start_ms) / window_ms - 1)
+            first = int(min([int(a.window_end) for _, a in hits]))
+            delays_w.append((first - inj.start_ms) / window_ms)
             delays_s.append((first - inj.start_ms) / 1000)
+            if active is not None:
+                n_act = int(
+                    np.count_nonzero((active * window_ms >= inj.start_ms) & (active * window_ms < first))
+                )
+                frac = ((first - inj.start_ms) % window_ms) / window_ms if n_act == 0 else 0.0
+                days_l.append((int(n_act) + frac) / windows_per_day)
     return {
         "injections": len(injections),
         "detected": detected,
@@ -337,6 +355,7 @@ def score(
         "precision": len(matched) / len(mine) if mine else None,
         "median_delay_windows": float(np.median(delays_w)) if delays_w else None,
         "median_delay_s": float(np.median(delays_s)) if delays_s else None,
+        "median_delay_trading_days": round(float(np.median(days_l)), 3) if days_l else None,
     }
 
 
@@ -352,6 +371,154 @@ def _agg(rows: list[dict[str, Any]], fa_per_day: float) -> dict[str, Any]:
         "median_delay_windows": float(np.median(delays)) if delays else None,
         "false_alarms_per_day": round(fa_per_day, 4),
     }
+
+
+# -- natural alerts and the effect on recommendations ------------------------------------------
+
+
+def natural_alerts(
+    raised: list[Raised], df: pd.DataFrame, window_ms: int, limit: int = 40
+) -> list[dict[str, Any]]:
+    """The alerts raised on the untouched stream, with the key's demand (distinct buyers per active
+    window) in the 4 weeks before and the week after, so a reader can judge them."""
+    win = df["ts"].to_numpy() // window_ms
+    out: list[dict[str, Any]] = []
+    for a in [r for r in raised if r.state == "raised"][:limit]:
+        col = df["item_id"] if a.level == "item" else df["category"]
+        mask = (col == a.key).to_numpy()
+        t = a.window_end
+
+        def rate(lo: int, hi: int, mask: np.ndarray = mask) -> float:
+            sel = (df["ts"].to_numpy() >= lo) & (df["ts"].to_numpy() < hi)
+            n_act = max(1, len(np.unique(win[sel])))
+            sub = df[sel & mask]
+            return round(len(sub.drop_duplicates(["user_id", sub.columns[2]])) / n_act, 3)
+
+        out.append(
+            {
+                "key": a.key,
+                "level": a.level,
+                "kind": a.kind,
+                "source": a.source,
+                "at": pd.Timestamp(t, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                "before_per_window": rate(t - 4 * WEEK_MS, t),
+                "after_per_window": rate(t, t + WEEK_MS),
+            }
+        )
+    return out
+
+
+def _item_vectors(df: pd.DataFrame, dim: int = 32) -> tuple[list[str], np.ndarray]:
+    """Item vectors for the recommendation-effect probe: a truncated SVD of the log user x item
+    purchase matrix (deterministic, no trained model needed)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import svds
+
+    d = df.drop_duplicates(["user_id", "item_id"])
+    items, ii = np.unique(d["item_id"].astype(str).to_numpy(), return_inverse=True)
+    _, uu = np.unique(d["user_id"].astype(str).to_numpy(), return_inverse=True)
+    m = coo_matrix((np.ones(len(d)), (uu, ii))).tocsr().astype(np.float64)
+    k = min(dim, min(m.shape) - 1)
+    _, sv, vt = svds(m, k=k, random_state=0)
+    return [str(x) for x in items], (vt.T * np.sqrt(sv)).astype(np.float32)
+
+
+def active_factors(
+    raised: list[Raised], t_ms: int, boost: float, damping: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """{item: factor}, {category: factor} of the detector alerts active at ``t_ms``."""
+    state: dict[tuple[str, str], str | None] = {}
+    for a in raised:
+        if a.window_end > t_ms:
+            break
+        state[(a.level, a.key)] = a.kind if a.state == "raised" else None
+    items: dict[str, float] = {}
+    cats: dict[str, float] = {}
+    for (level, key), kind in state.items():
+        if kind is None:
+            continue
+        (items if level == "item" else cats)[key] = boost if kind == "surge" else damping
+    return items, cats
+
+
+def recommendation_effect(
+    settings: Settings,
+    df: pd.DataFrame,
+    injections: list[Injection],
+    raised: list[Raised],
+    k: int = 10,
+    max_users: int = 200,
+) -> dict[str, Any]:
+    """Share of category users' top-``k`` lists that contain the surged item, before the surge
+    and during it (its last hour), with the detector's adjustments on and off; the real
+    :class:`inference.scoring.Scorer` with :class:`alerts.effects.StaticDemandAdjustments` (the
+    in-memory twin of the Redis one). Profiles: a user's mean purchase vector over the 4 weeks
+    before the moment scored. Also counts how often a stock-out item (unavailable in the
+    catalog while it is out) is recommended with the adjustments on (must be 0)."""
+    from types import SimpleNamespace
+
+    from alerts.effects import StaticDemandAdjustments
+    from inference.catalog import CatalogIndex
+    from inference.scoring import Request, Scorer
+
+    ids, vecs = _item_vectors(df[df["user_id"].astype(str).str.startswith("inj-") == False])  # noqa: E712
+    cats_of = dict(zip(df["item_id"].astype(str), df["category"].astype(str), strict=False))
+    catalog = CatalogIndex.from_arrays(ids, vecs, "spikes-svd", [cats_of.get(i, "") for i in ids])
+    pos = {x: j for j, x in enumerate(ids)}
+    cfg = settings.alerts
+    ts = df["ts"].to_numpy()
+
+    def lists(t_ms: int, users: list[str], adj: Any) -> list[list[str]]:
+        sel = df[(ts >= t_ms - 4 * WEEK_MS) & (ts < t_ms)]
+        reqs = []
+        for u, g in sel[sel["user_id"].isin(users)].groupby("user_id"):
+            rows = [pos[i] for i in g["item_id"].astype(str) if i in pos]
+            if not rows:
+                continue
+            prof = SimpleNamespace(
+                long_term=catalog.matrix[rows].mean(0),
+                purchased_items=list(dict.fromkeys(g["item_id"].astype(str))),
+            )
+            reqs.append(Request(str(u), prof, k=k, ref_ms=t_ms))
+        scorer = Scorer(catalog, settings.scoring, settings.profile, adjustments=adj)
+        return [[x.item_id for x in lst] for lst in scorer.recommend(reqs, now_ms=t_ms)]
+
+    rows: list[dict[str, Any]] = []
+    for inj in [i for i in injections if i.kind == "surge" and i.item in pos and i.category]:
+        prior = df[
+            (ts >= inj.start_ms - 4 * WEEK_MS) & (ts < inj.start_ms) & (df["category"] == inj.category)
+        ]
+        users = sorted(set(prior["user_id"].astype(str)) - {""})[:max_users]
+        if not users:
+            continue
+        row: dict[str, Any] = {"size": inj.size, "item": inj.item, "users": len(users)}
+        for label, t in (("before", inj.start_ms), ("during", inj.end_ms - 1)):
+            f_items, f_cats = active_factors(raised, t, cfg.boost, cfg.damping)
+            for on, adj in (("on", StaticDemandAdjustments(f_items, f_cats)), ("off", None)):
+                got = lists(t, users, adj)
+                row[f"{label}_{on}"] = float(np.mean([inj.item in x for x in got])) if got else 0.0
+        rows.append(row)
+    drops = [i for i in injections if i.kind == "drop" and i.size >= 1.0 and i.item in pos]
+    unavailable_shown = 0
+    for inj in drops:
+        f_items, f_cats = active_factors(raised, inj.end_ms - 1, cfg.boost, cfg.damping)
+        f_items[inj.item] = max(f_items.get(inj.item, 1.0), 10 * cfg.boost)  # even boosted...
+        catalog.available[pos[inj.item]] = False  # ...an item that is out of stock never shows
+        users = sorted(set(df.loc[df["item_id"] == inj.item, "user_id"].astype(str)))[:max_users]
+        got = lists(inj.end_ms - 1, users, StaticDemandAdjustments(f_items, f_cats))
+        unavailable_shown += sum(inj.item in x for x in got)
+        catalog.available[pos[inj.item]] = True
+    per_size: list[dict[str, Any]] = []
+    for size in sorted({r["size"] for r in rows}):
+        rs = [r for r in rows if r["size"] == size]
+        per_size.append(
+            {"size": size, "surges": len(rs)}
+            | {
+                c: round(float(np.mean([r[c] for r in rs])), 4)
+                for c in ("before_off", "before_on", "during_off", "during_on")
+            }
+        )
+    return {"k": k, "per_size": per_size, "per_surge": rows, "stock_out_items_recommended": unavailable_shown}
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -383,18 +550,24 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
         f"{cfg['n_per_size']} injections per size; surges last {cfg['surge_windows']} active windows "
         f"(size = extra buyers per window), drops {cfg['drop_windows']} (size = fraction of purchases removed).",
         "",
-        "| method | kind | size | injections | recall | precision | median delay (windows) | median delay (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Sequential detection: slots of {cfg.get('slot_s', '–')} s, short horizons {cfg.get('fast_horizons_s', '–')} s; "
+        f"delays are event time from the injection start to the newest evidence of the raising look "
+        f"(hours = delay / window; trading days = active windows elapsed / "
+        f"{cfg.get('active_windows_per_trading_day', 0):.0f}, the median active windows per trading day).",
+        "",
+        "| method | kind | size | injections | recall | precision | median delay (h) | median delay (s) | median delay (trading days) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in ("detector", "baseline"):
         for row in result[method]["per_size"]:
             lines.append(
                 f"| {method} | {row['kind']} | {row['size']:g} | {row['injections']} | {_fmt(row['recall'])} | "
-                f"{_fmt(row['precision'])} | {_fmt(row['median_delay_windows'], 1)} | {_fmt(row['median_delay_s'], 0)} |"
+                f"{_fmt(row['precision'])} | {_fmt(row['median_delay_windows'], 2)} | {_fmt(row['median_delay_s'], 0)} | "
+                f"{_fmt(row.get('median_delay_trading_days'), 2)} |"
             )
     lines += [
         "",
-        "| method | precision | recall | median delay (windows) | false alarms / day (untouched stream) |",
+        "| method | precision | recall | median delay (h) | false alarms / day (untouched stream) |",
         "|---|---|---|---|---|",
     ]
     for method in ("detector", "baseline"):
@@ -403,7 +576,54 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
             f"| {method} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['median_delay_windows'], 1)} | "
             f"{_fmt(r['false_alarms_per_day'], 3)} |"
         )
-    lines += ["", f"![recall and delay per size]({png.name})", ""]
+    un = result["untouched"]
+    lines += [
+        "",
+        f"## Natural alerts on the untouched stream ({un['detector_alerts']} raised; by test: "
+        f"{un.get('detector_by_source', {})})",
+        "",
+        "Demand = distinct buyers per active window, 4 weeks before the alert vs the week after.",
+        "",
+        "| at | level | key | kind | test | before | after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in un["detector_examples"]:
+        lines.append(
+            f"| {a['at']} | {a['level']} | {a['key']} | {a['kind']} | {a['source']} | "
+            f"{a['before_per_window']:.3f} | {a['after_per_window']:.3f} |"
+        )
+    rec = result.get("recommendations")
+    if rec:
+        lines += [
+            "",
+            "## Effect on recommendations",
+            "",
+            f"Share of top-{rec['k']} lists of the surged item's category users (bought in the category in the "
+            "4 weeks before) that contain the surged item: before the surge and in its last hour, with the "
+            "detector's adjustments (boost/damping of the alerts active at that moment) on and off; the real "
+            "`inference.scoring.Scorer` with `alerts.effects.StaticDemandAdjustments`, item vectors from an SVD "
+            "of the purchase matrix.",
+            "",
+            "| surge size | surges | before, off | before, on | during, off | during, on |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rec["per_size"]:
+            lines.append(
+                f"| {r['size']:g} | {r['surges']} | {r['before_off']:.3f} | {r['before_on']:.3f} | "
+                f"{r['during_off']:.3f} | {r['during_on']:.3f} |"
+            )
+        lines += [
+            "",
+            f"Stock-out items (unavailable in the catalog, even with a forced boost) recommended: "
+            f"{rec['stock_out_items_recommended']}.",
+        ]
+    lines += [
+        "",
+        f"Run time: {result.get('seconds', 0):.0f} s.",
+        "",
+        f"![recall and delay per size]({png.name})",
+        "",
+    ]
     md.write_text("\n".join(lines))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -419,7 +639,7 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
         )
     axes[0].set_title("recall per injection size")
     axes[0].set_ylim(0, 1.05)
-    axes[1].set_title("median detection delay (windows)")
+    axes[1].set_title("median detection delay (h of event time)")
     for ax in axes:
         ax.legend()
         ax.tick_params(axis="x", rotation=30)
@@ -456,8 +676,12 @@ def run_eval(
     )
     redis_client = settings.redis.client()
     days = (int(df["ts"].iloc[-1]) - int(df["ts"].iloc[0])) / DAY_MS
+    active = np.unique(df["ts"].to_numpy() // window_ms)
+    per_day = pd.Series(active).groupby((active * window_ms) // DAY_MS).size()
+    windows_per_day = float(per_day.median())
     t0 = time.perf_counter()
-    clean_det, _ = replay_detector(settings, redis_client, df, batch, "untouched")
+    clean_all, _ = replay_detector(settings, redis_client, df, batch, "untouched")
+    clean_det = [a for a in clean_all if a.state == "raised"]
     clean_base = replay_baseline(df, settings, baseline_fast_hl, baseline_ratio)
     result: dict[str, Any] = {
         "config": {
@@ -473,21 +697,33 @@ def run_eval(
             "baseline_fast_half_life_windows": baseline_fast_hl,
             "baseline_ratio": baseline_ratio,
             "seed": seed,
+            "slot_s": cfg.slot_s,
+            "fast_horizons_s": list(cfg.fast_horizons_s),
+            "active_windows_per_trading_day": windows_per_day,
         },
         "untouched": {
             "detector_alerts": len(clean_det),
             "baseline_alerts": len(clean_base),
-            "detector_examples": [a.__dict__ for a in clean_det[:20]],
+            "detector_by_source": {
+                src: sum(a.source == src for a in clean_det) for src in ("window", "fast", "wait")
+            },
+            "detector_examples": natural_alerts(clean_det, df, window_ms),
         },
     }
+    effects: list[dict[str, Any]] = []
+    stock_out_shown = 0
     per: dict[str, list[dict[str, Any]]] = {"detector": [], "baseline": []}
     for kind, size in [("surge", s) for s in sizes_surge] + [("drop", s) for s in sizes_drop]:
         injs = [p for p in plan if p.kind == kind and p.size == size]
         stream = inject(df, injs, window_ms, seed + int(size * 100))
         det, _ = replay_detector(settings, redis_client, stream, batch, f"{kind} {size:g}")
         base = replay_baseline(stream, settings, baseline_fast_hl, baseline_ratio)
+        if injs and (kind == "surge" or size >= 1.0):
+            eff = recommendation_effect(settings, stream, injs, det)
+            effects += eff["per_size"]
+            stock_out_shown += eff["stock_out_items_recommended"]
         for method, raised in (("detector", det), ("baseline", base)):
-            row = score(raised, injs, kind, window_ms, grace_windows)
+            row = score(raised, injs, kind, window_ms, grace_windows, active, windows_per_day)
             row.update(
                 kind=kind,
                 size=size,
@@ -496,6 +732,7 @@ def run_eval(
             per[method].append(row)
     for method, clean in (("detector", clean_det), ("baseline", clean_base)):
         result[method] = {**_agg(per[method], len(clean) / max(days, 1e-9)), "per_size": per[method]}
+    result["recommendations"] = {"k": 10, "per_size": effects, "stock_out_items_recommended": stock_out_shown}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 

@@ -629,14 +629,14 @@ class AlertSettings(SettingsGroup):
         description="Surge guard of the short horizons: at least this many events over the horizon.",
     )
     wait_p_raise: float = Field(
-        1e-5,
+        1e-4,
         gt=0,
         lt=1,
         description="Waiting-time drop test: raise a drop when P(no event since the key's last one) <= this, with "
         "the expected events since then = share x the shop's other demand (NB, size nb_size per active window).",
     )
     wait_max_windows: int = Field(
-        24,
+        48,
         ge=1,
         description="The waiting-time test only looks at gaps of at most this many active windows: a popular key's "
         "stock-out is flagged within hours; rare keys are left to drop_horizons.",

@@ -1,0 +1,38 @@
+"""Demand adjustments through the real scorer: boosts never surface unavailable items."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from alerts.effects import StaticDemandAdjustments
+from inference.catalog import CatalogIndex
+from inference.scoring import Request, Scorer
+from streamrec.settings import Settings
+
+
+def test_boosts_never_surface_unavailable_items() -> None:
+    s = Settings()
+    rng = np.random.default_rng(0)
+    ids = [f"it{i}" for i in range(40)]
+    vecs = rng.normal(size=(40, 8)).astype(np.float32)
+    cats = ["lamps" if i < 10 else "bags" for i in range(40)]
+    available = np.ones(40, bool)
+    available[0] = False  # it0 is sold out (its stock-out raised a drop)
+    catalog = CatalogIndex.from_arrays(ids, vecs, "t", cats, available)
+    # it0 and it1 are both boosted hard (a surge alert on each and on their category).
+    adj = StaticDemandAdjustments({"it0": 50.0, "it1": 50.0}, {"lamps": 1.5})
+    users = [
+        Request(f"u{j}", SimpleNamespace(long_term=vecs[j % 10] + 0.1 * rng.normal(size=8)), k=10)
+        for j in range(20)
+    ]
+    for adjustments in (adj, None):
+        lists = Scorer(catalog, s.scoring, s.profile, adjustments=adjustments).recommend(users, now_ms=0)
+        assert all("it0" not in [x.item_id for x in lst] for lst in lists)
+    boosted = Scorer(catalog, s.scoring, s.profile, adjustments=adj).recommend(users, now_ms=0)
+    plain = Scorer(catalog, s.scoring, s.profile).recommend(users, now_ms=0)
+    n_boosted = sum("it1" in [x.item_id for x in lst] for lst in boosted)
+    assert n_boosted > sum("it1" in [x.item_id for x in lst] for lst in plain)
+    reasons = {x.reason for lst in boosted for x in lst if x.item_id == "it1"}
+    assert reasons and all("trending" in r for r in reasons)
