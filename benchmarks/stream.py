@@ -344,6 +344,16 @@ def _synthetic_catalog_dir(root: Path, n_items: int, dim: int = 384, seed: int =
     return folder
 
 
+def _arrived(consumer: Any, wait_s: float = 0.1) -> list[Any]:
+    """Records as soon as one is there: ``poll`` wakes on the first record, then what else is
+    already fetched is taken without waiting. (``consume(n, timeout)`` waits for n records or
+    the whole timeout, which would add up to the timeout to every measured latency.)"""
+    first = consumer.poll(wait_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(num_messages=1000, timeout=0)]
+
+
 class _ResultsReader:
     """Consumes the results topic in a thread; records (arrival ms, message)."""
 
@@ -369,7 +379,7 @@ class _ResultsReader:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            for m in self.consumer.consume(num_messages=1000, timeout=0.2):
+            for m in _arrived(self.consumer):
                 if m.error() is None:
                     now = time.time() * 1000.0
                     value = m.value()
@@ -439,19 +449,22 @@ def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
 
     from streamrec.kafka import KafkaProducer, consumer_config, ensure_topics
 
-    topic = f"{s.topics.events}.floor"
+    topic = f"{s.topics.events}.floor-{int(rate)}"  # a fresh topic per rate: nothing old is read
     ensure_topics(s, extra={topic: 1})
     consumer = Consumer(consumer_config(s, f"{s.kafka.consumer_group}-floor", **{"fetch.wait.max.ms": 5}))
     consumer.subscribe([topic])
     lat: list[float] = []
     stop = threading.Event()
+    warmup = max(10, int(rate * 0.5))
 
     def read() -> None:
         while not stop.is_set():
-            for m in consumer.consume(500, timeout=0.1):
+            for m in _arrived(consumer):
                 value = m.value() if m.error() is None else None
                 if value:
-                    lat.append(time.time() * 1000.0 - float(value))
+                    k, sent = value.split(b" ")
+                    if int(k) >= warmup:  # the first records also pay the producer's metadata fetch
+                        lat.append(time.time() * 1000.0 - float(sent))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -463,11 +476,11 @@ def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
         delay = t0 + k / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        producer.produce(topic, str(time.time() * 1000.0).encode(), b"k")
+        producer.produce(topic, f"{k} {time.time() * 1000.0}".encode(), b"k")
         producer.poll(0)
     producer.flush(30)
     deadline = time.monotonic() + 10
-    while len(lat) < n and time.monotonic() < deadline:
+    while len(lat) < n - warmup and time.monotonic() < deadline:
         time.sleep(0.1)
     stop.set()
     reader.join(5)
@@ -531,7 +544,7 @@ def _e2e_level(
         "results_per_s": round(len(rows) / max(elapsed - 2.0, 1e-3), 1),
         "achieved_events_per_s": round(n / max(sent_at - t0, 1e-3), 1),
         "drain_s": round(drain_s, 2),
-        "sustained": drain_s <= DRAIN_BOUND_S,
+        "sustained": drain_s <= DRAIN_BOUND_S and len(rows) > 0,
     }
     if metrics_port:
         out["stages"] = _stage_breakdown(before, _scrape_stages(metrics_port))
@@ -684,8 +697,23 @@ def _plot_e2e(result: dict[str, Any], path: Path) -> None:
     help="Model folder for the Online Retail catalog (default: the settings' model dir, else the "
     "pretrained encoder exported into <state_dir>/model-pretrained).",
 )
-@click.option("--synthetic-items", type=int, default=100_000, show_default=True)
-def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_items: int) -> None:
+@click.option(
+    "--synthetic-items", type=int, default=100_000, show_default=True, help="0: no synthetic catalog."
+)
+@click.option(
+    "--rates", default=None, help="Comma-separated load levels (events/s); default 100,1000,5000,10000."
+)
+@click.option(
+    "--overload-s", type=float, default=60.0, show_default=True, help="Overload run length; 0: none."
+)
+def e2e(
+    quick: bool,
+    output: Path | None,
+    model_dir: Path | None,
+    synthetic_items: int,
+    rates: str | None,
+    overload_s: float,
+) -> None:
     """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
     import tempfile
 
@@ -693,7 +721,7 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
     from streamrec.datasets import load_dataset
 
     s = get_settings()
-    rates = (50,) if quick else E2E_RATES
+    levels = tuple(float(r) for r in rates.split(",")) if rates else ((50,) if quick else E2E_RATES)
     seconds = 4.0 if quick else E2E_SECONDS
     if model_dir is None:
         model_dir = s.resolved_model_dir
@@ -702,7 +730,7 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
             if not (model_dir / "catalog").exists():
                 ensure_pretrained(model_dir, load_dataset("online-retail", s.data_dir), s)
     work = Path(tempfile.mkdtemp(prefix="streamrec-e2e-"))
-    syn_dir = _synthetic_catalog_dir(work, 5_000 if quick else synthetic_items)
+    syn_dir = _synthetic_catalog_dir(work, 5_000 if quick else synthetic_items) if synthetic_items else None
     result: dict[str, Any] = {
         "bench": "e2e",
         "quick": quick,
@@ -713,12 +741,15 @@ def e2e(quick: bool, output: Path | None, model_dir: Path | None, synthetic_item
         "catalogs": {},
     }
     result["catalogs"]["online_retail"] = _run_e2e_catalog(
-        s, "online_retail", model_dir, rates, seconds, work, "none", overload_s=0.0 if quick else 60.0
+        s, "online_retail", model_dir, levels, seconds, work, "none", overload_s=0.0 if quick else overload_s
     )
-    result["catalogs"]["synthetic"] = _run_e2e_catalog(s, "synthetic", syn_dir, rates, seconds, work, "none")
-    result["catalogs"]["synthetic"]["ann_recall_at_20"] = _ann_recall(syn_dir)
+    if syn_dir is not None:
+        result["catalogs"]["synthetic"] = _run_e2e_catalog(
+            s, "synthetic", syn_dir, levels, seconds, work, "none"
+        )
+        result["catalogs"]["synthetic"]["ann_recall_at_20"] = _ann_recall(syn_dir)
     bs = _bench_settings(s, "floor")
-    result["kafka_floor"] = [_kafka_floor(bs, r, min(seconds, 5.0)) for r in rates]
+    result["kafka_floor"] = [_kafka_floor(bs, r, min(seconds, 5.0)) for r in levels]
     _delete_topics(bs)
     for w in result["catalogs"].values():
         for lv, fl in zip(w["levels"], result["kafka_floor"], strict=True):
