@@ -198,20 +198,21 @@ class Scorer:
             if p is not None and self.cfg.exclude_purchased:
                 ids.extend(getattr(p, "purchased_items", None) or [])
             lists.append(ids)
-        rows, idx, _ = self._flat_index(lists)
+        rows, idx, _, _ = self._flat_index(lists)
         return rows, idx
 
-    def _flat_index(self, lists: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ragged id lists → (row, catalog row, flat position) of the known ids, in one lookup.
-
-        Rows come out in ascending order; ``flat position`` indexes the concatenated lists.
-        """
+    def _flat_index(
+        self, lists: Sequence[Sequence[str]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Ragged id lists → (row, catalog row, flat position, position in its list) of the known
+        ids, in one lookup. Rows come out in ascending order; ``flat position`` indexes the
+        concatenated lists."""
         lens = np.fromiter((len(x) for x in lists), np.int64, len(lists))
         flat = [i for x in lists for i in x]
         idx = self.catalog.index_of(flat) if flat else np.empty(0, np.int64)
         row = np.repeat(np.arange(len(lists)), lens)
         ok = np.flatnonzero(idx >= 0)
-        return row[ok], idx[ok], ok
+        return row[ok], idx[ok], ok, ok - (np.cumsum(lens) - lens)[row[ok]]
 
     def _candidates(
         self,
@@ -278,11 +279,9 @@ class Scorer:
         n_flat = np.fromiter(
             (max(1, counts[j].get(i, 1)) for j, x in enumerate(lists) for i in x), np.float32
         )
-        rows, items, flat = self._flat_index(lists)
+        rows, items, flat, rank = self._flat_index(lists)  # rank: recency rank within the purchases
         if not rows.size:
             return none
-        lens = np.fromiter((len(x) for x in lists), np.int64, len(lists))
-        rank = flat - (np.cumsum(lens) - lens)[rows]  # recency rank within the user's purchases
         n_all = self.catalog.matrix.shape[0]
         bonus = cfg.repeat_weight * cfg.repeat_decay ** rank.astype(np.float32) * (1 + np.log(n_flat[flat]))
         _, first = np.unique(rows * n_all + items, return_index=True)  # a repeat keeps its best rank
@@ -361,9 +360,10 @@ class Scorer:
         Q, has_q = self._query_vectors(sub, q_share)
         q_sim = np.einsum("mkd,md->mk", H, Q)
         recent = [list(getattr(r.profile, "recent_items", None) or [])[:20] for r in sub]
-        r_rows, r_items, r_flat = self._flat_index(recent)
-        flat_ids = [i for x in recent for i in x]
-        known_ids = [[flat_ids[f] for f in fs.tolist()] for fs in _split_rows(r_rows, r_flat, m)]
+        r_rows, r_items, _, r_pos = self._flat_index(recent)
+        known_ids = [
+            [recent[j][q] for q in ps.tolist()] for j, ps in enumerate(_split_rows(r_rows, r_pos, m))
+        ]
         counts = np.bincount(r_rows, minlength=m)
         width = max(1, int(counts.max()) if counts.size else 0)
         col = np.arange(r_rows.size) - np.repeat(np.cumsum(counts) - counts, counts)

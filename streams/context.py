@@ -118,13 +118,14 @@ def build_context(
     dead_letters = KafkaDeadLetterSink(producer, s.topics.dead_letter, tail_reader=dead_letter_tail_reader(s))
     pipeline = EventPipeline(store, Validator(items), dead_letters, encoder=encoder)
 
-    demand = demand_hook(s, redis, item_categories(items), AlertPublisher(producer, s.topics.alerts))
+    item_category = item_categories(items)  # one map for the demand hook and the popularity recorder
+    demand = demand_hook(s, redis, item_category, AlertPublisher(producer, s.topics.alerts))
     pipeline.add_hook(demand)
     explorer = build_explorer(s, items)
     pipeline.add_hook(explorer.recorder)
     push = None
     if isinstance(items, Catalog):
-        push = build_push_path(s, items, store, redis, encoder, producer)
+        push = build_push_path(s, items, store, redis, encoder, producer, item_category)
         for hook in push.hooks:
             pipeline.add_hook(hook)
         push.pusher.listeners.append(explorer.feed)

@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,7 +358,7 @@ class RecommendationPusher:
 class PopularityRecorder:
     """Pipeline hook: count applied events into the decayed popularity (cold-start fallback)."""
 
-    def __init__(self, popularity: RedisPopularity, item_category: dict[str, str]) -> None:
+    def __init__(self, popularity: RedisPopularity, item_category: Mapping[str, str]) -> None:
         self.popularity = popularity
         self.item_category = item_category
 
@@ -393,8 +393,12 @@ def build_push_path(
     redis_client: Any,
     encoder: TextEncoder | None,
     producer: KafkaProducer,
+    item_category: Mapping[str, str],
 ) -> PushPath:
-    """Scorer (demand adjustments, popularity fallback), query micro-batcher, pull service, pusher."""
+    """Scorer (demand adjustments, popularity fallback), query micro-batcher, pull service, pusher.
+
+    ``item_category`` is the catalog's item → category map (the same one the demand hook uses).
+    """
     s = settings
     adjustments = RedisDemandAdjustments(s, redis_client)
     popularity = RedisPopularity(s, redis_client)
@@ -413,5 +417,4 @@ def build_push_path(
         store.clear_pending(pushed)
 
     pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm)
-    categories = dict(zip(catalog.ids, catalog.categories, strict=True))
-    return PushPath(service, pusher, PopularityRecorder(popularity, categories), batcher)
+    return PushPath(service, pusher, PopularityRecorder(popularity, item_category), batcher)
