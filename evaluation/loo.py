@@ -190,10 +190,80 @@ def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Ranker]:
     return [PopularityRanker(counts), ItemKNNRanker(ui, hist_idx)]
 
 
+LIST_K = max(KS)  # the served path pushes lists; ranks beyond them count as misses for every method
+
+
+class ServedRanker:
+    """The worker's own path: profiles built by ``profiles/`` from the users' history events (the
+    ProfileStore on a real Redis, as the worker writes them), ranked by ``inference.scoring.Scorer``
+    with the model folder's catalog and user model, history excluded through ``exclude_ids``.
+    ``ranked(rows)`` gives each case's list of catalog rows (``LIST_K`` long)."""
+
+    def __init__(
+        self,
+        name: str,
+        ds: Dataset,
+        cases: EvalCases,
+        split: str,
+        settings: Settings,
+        model_dir: Path,
+        redis_client: Any,
+        use_user_model: bool = True,
+    ) -> None:
+        import uuid
+        from dataclasses import replace
+
+        from devstack.produce import dataset_events
+        from inference.catalog import CatalogIndex
+        from inference.scoring import Request, Scorer
+        from inference.user_model import load_user_model
+        from profiles.store import ProfileStore
+
+        self.name = name
+        s = settings.override(redis={"prefix": f"{settings.redis.prefix}:loo:{uuid.uuid4().hex[:8]}"})
+        self.catalog = CatalogIndex.load(Path(model_dir) / "catalog")
+        um = load_user_model(Path(model_dir), self.catalog) if use_user_model else None
+        self.user_model_version = um.version if um is not None else None
+        self.scorer = Scorer(self.catalog, s.scoring, s.profile, user_model=um)
+        before = list(SPLITS[: SPLITS.index(split)])
+        inter = ds.interactions
+        hist = inter[inter["split"].isin(before) & inter["user_id"].astype(str).isin(set(cases.users))]
+        events = list(dataset_events(replace(ds, interactions=hist), "all", settings=s))
+        store = ProfileStore(redis_client, s, items=self.catalog)
+        try:
+            for i in tqdm(range(0, len(events), 5000), desc=f"{name}: profiles", unit="batch", leave=False):
+                store.apply_batch(events[i : i + 5000])
+            profiles = store.get_profiles(cases.users)
+        finally:
+            keys = list(redis_client.scan_iter(match=f"*{s.redis.prefix}*", count=5000))
+            for i in range(0, len(keys), 5000):
+                redis_client.delete(*keys[i : i + 5000])
+        last = hist.groupby(hist["user_id"].astype(str))["ts"].max().to_dict()
+        self.requests = [
+            Request(u, profiles.get(u), k=LIST_K, exclude_ids=h, ref_ms=int(last.get(u, 0)))
+            for u, h in zip(cases.users, cases.histories, strict=True)
+        ]
+        self.now_ms = int(hist["ts"].max()) if len(hist) else 0
+
+    def ranked(self, rows: np.ndarray) -> list[np.ndarray]:
+        lists = self.scorer.recommend([self.requests[r] for r in rows], now_ms=self.now_ms)
+        return [self.catalog.index_of([it.item_id for it in lst]) for lst in lists]
+
+
+def _list_ranks(lists: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """1-based position of each target in its list, 0 when absent."""
+    out = np.zeros(len(targets), np.float64)
+    for j, (lst, t) in enumerate(zip(lists, targets, strict=True)):
+        hit = np.flatnonzero(np.asarray(lst) == t)
+        out[j] = hit[0] + 1 if hit.size else 0
+    return out
+
+
 def evaluate_methods(
-    ds: Dataset, cases: EvalCases, scorers: Sequence[Ranker], chunk: int = 512
+    ds: Dataset, cases: EvalCases, scorers: Sequence[Ranker | ServedRanker], chunk: int = 512
 ) -> dict[str, dict[str, float]]:
-    """Metrics of every scorer over ``cases`` (full ranking, history excluded)."""
+    """Metrics of every method over ``cases`` (full ranking, history excluded; ranks beyond
+    ``LIST_K`` count as misses, so MRR is MRR@LIST_K for every method alike)."""
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     targets = np.fromiter((pos[t] for t in cases.targets), np.int64, len(cases))
     excl = [np.fromiter((pos[i] for i in h if i in pos), np.int64) for h in cases.histories]
@@ -202,9 +272,18 @@ def evaluate_methods(
         ranks = np.zeros(len(cases), np.float64)
         for s in range(0, len(cases), chunk):
             rows = np.arange(s, min(s + chunk, len(cases)))
-            ranks[rows] = full_ranking_ranks(sc.scores(rows), targets[rows], [excl[r] for r in rows])
-        results[sc.name] = ranking_metrics(ranks)
+            if isinstance(sc, ServedRanker):
+                lists = [_reindex(sc.catalog.ids, lst, pos) for lst in sc.ranked(rows)]
+                ranks[rows] = _list_ranks(lists, targets[rows])
+            else:
+                ranks[rows] = full_ranking_ranks(sc.scores(rows), targets[rows], [excl[r] for r in rows])
+        results[sc.name] = ranking_metrics(np.where(ranks <= LIST_K, ranks, 0))
     return results
+
+
+def _reindex(ids: Sequence[str], rows: np.ndarray, pos: Mapping[str, int]) -> np.ndarray:
+    """Catalog rows → dataset item positions (the catalog may hold items in another order)."""
+    return np.fromiter((pos.get(ids[r], -1) for r in rows.tolist()), np.int64, len(rows))
 
 
 # -- report -------------------------------------------------------------------------------
@@ -244,23 +323,50 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: Path, title: st
 
 
 # -- the command --------------------------------------------------------------------------
+def sasrec_ranker(ds: Dataset, cases: EvalCases, split: str, catalog: Any, threads: int = 0) -> VectorRanker:
+    """The ID-only sequential baseline (SASRec-style): the user model's architecture over learned
+    ID embeddings, no text, trained here on the train split (valid for early stopping)."""
+    from inference.training.user_model import UserModelConfig, eval_examples, train_user_model
+
+    cfg = UserModelConfig(item_repr="id", threads=threads)
+    model = train_user_model(ds, catalog, cfg)
+    ex = eval_examples(ds, split, catalog.index_of, cfg.n_events, catalog.dim, cases=cases)
+    pos = {i: k for k, i in enumerate(ds.item_ids)}
+    items = np.zeros((len(pos), catalog.dim), np.float32)
+    rows = catalog.index_of(list(pos))
+    items[rows >= 0] = model.item_matrix()[rows[rows >= 0]]
+    return VectorRanker("sasrec (ID-only)", model.contexts(ex.arrays, ex.query, ex.qmask), items)
+
+
 def run_evaluation(
     ds: Dataset,
     split: str,
-    encoders: Mapping[str, Callable[[list[str]], np.ndarray]],
-    context_items: int,
-    item_words: int,
+    served: Mapping[str, tuple[Path, bool]],
+    settings: Settings,
     max_users: int = 0,
+    sasrec: bool = True,
     seed: int = 0,
-) -> tuple[dict[str, dict[str, float]], EvalCases]:
-    """Baselines + every encoder on the evaluation cases of ``split``."""
-    cases = eval_cases(ds, split, context_items, item_words).take(max_users, seed)
+) -> tuple[dict[str, dict[str, float]], EvalCases, dict[str, str]]:
+    """Baselines, the ID-only sequential model and every served configuration
+    (name → (model folder, use its user model)) on the evaluation cases of ``split``."""
+    cases = eval_cases(ds, split).take(max_users, seed)
     if not len(cases):
         raise click.ClickException(f"no evaluation cases in split {split!r} of {ds.name}")
-    scorers: list[Ranker] = baseline_scorers(ds, cases, split)
-    for name, enc in encoders.items():
-        scorers.append(encoder_scorer(name, enc, ds, cases))
-    return evaluate_methods(ds, cases, scorers), cases
+    scorers: list[Ranker | ServedRanker] = list(baseline_scorers(ds, cases, split))
+    redis_client = settings.redis.client()
+    versions: dict[str, str] = {}
+    for name, (folder, with_user) in served.items():
+        r = ServedRanker(name, ds, cases, split, settings, folder, redis_client, use_user_model=with_user)
+        versions[name] = f"{r.catalog.model_version}" + (
+            f" + {r.user_model_version}" if r.user_model_version else ""
+        )
+        scorers.append(r)
+    if sasrec:
+        first = next(iter(served.values()))[0]
+        from inference.catalog import CatalogIndex
+
+        scorers.insert(2, sasrec_ranker(ds, cases, split, CatalogIndex.load(first / "catalog")))
+    return evaluate_methods(ds, cases, scorers), cases, versions
 
 
 def pretrained_model_dir(s: Settings) -> Path:
@@ -299,9 +405,16 @@ def pretrained_model_dir(s: Settings) -> Path:
     "--model-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Fine-tuned model folder (default: the served model dir). Missing: only baselines + pretrained.",
+    help="The served model folder (catalog + user model; default: settings): the `streamrec` row.",
 )
-@click.option("--variant", default="fp32", show_default=True, help="ONNX variant to evaluate.")
+@click.option(
+    "--compare",
+    multiple=True,
+    help="More served rows, NAME=FOLDER (with its user model) or NAME=FOLDER:text (profile blend only).",
+)
+@click.option(
+    "--sasrec/--no-sasrec", default=True, show_default=True, help="Train the ID-only baseline here."
+)
 @click.option("--max-users", type=int, default=0, help="Evaluate a seeded sample of users (0 = all).")
 @click.option(
     "--results-dir", type=click.Path(path_type=Path), default=Path("results/loo"), show_default=True
@@ -312,40 +425,33 @@ def loo(
     dataset: str,
     split: str,
     model_dir: Path | None,
-    variant: str,
+    compare: tuple[str, ...],
+    sasrec: bool,
     max_users: int,
     results_dir: Path,
     output: Path | None,
     quick: bool,
 ) -> None:
-    """Leave-one-out full ranking (history excluded): most-popular, item-kNN, pretrained and
-    fine-tuned (`streamrec`) encoders, beside published figures on Scientific."""
-    from inference.encoder import OnnxEncoder
-
+    """Leave-one-out full ranking (history excluded) through the served path: `streamrec` is the
+    worker's profiles + scorer (+ user model) on the model folder; beside it most-popular,
+    item-kNN, the ID-only sequential model and the text-only profile blend."""
     s = get_settings()
     t0 = time.time()
     ds = load_dataset(dataset, s.data_dir)
     if quick and not max_users:
         max_users = 500
-    encoders: dict[str, Callable[[list[str]], np.ndarray]] = {}
-    pre = OnnxEncoder(pretrained_model_dir(s), s.encoder, variant="fp32")
-    encoders["pretrained"] = pre.encode
     model_dir = model_dir or s.resolved_model_dir
-    ft = None
-    if (model_dir / "manifest.json").exists():
-        ft = OnnxEncoder(model_dir, s.encoder, variant=variant)
-        encoders["streamrec"] = ft.encode
-    else:
-        click.echo(f"no fine-tuned model in {model_dir}: evaluating baselines and the pretrained encoder")
-    ctx_items = (
-        int(ft.manifest.training.get("context_items", s.train.context_items)) if ft else s.train.context_items
-    )
-    words = (
-        int(ft.manifest.training.get("context_item_words", s.train.context_item_words))
-        if ft
-        else s.train.context_item_words
-    )
-    results, cases = run_evaluation(ds, split, encoders, ctx_items, words, max_users)
+    if not (model_dir / "catalog" / "meta.json").exists():
+        raise click.ClickException(
+            f"no catalog in {model_dir}: build one with `streamrec index --dataset {dataset} --model-dir {model_dir}`"
+        )
+    served: dict[str, tuple[Path, bool]] = {"text only (profile blend)": (model_dir, False)}
+    for spec in compare:
+        name, _, folder = spec.partition("=")
+        path, _, mode = folder.partition(":")
+        served[name] = (Path(path), mode != "text")
+    served["streamrec"] = (model_dir, True)
+    results, cases, versions = run_evaluation(ds, split, served, s, max_users, sasrec=sasrec)
     published = PUBLISHED if ds.name == "scientific" else {}
     notes = [
         f"dataset {ds.name}: {len(ds.items)} items; split {split}; {len(cases)} users evaluated"
@@ -353,10 +459,12 @@ def loo(
         f"skipped: {cases.skipped_cold} users without history, {cases.skipped_repeat} whose split items "
         "were all in their history",
         "full ranking over the whole catalog; the user's history items are excluded from the ranking; "
-        "target = first item of the split not in the history; ties count half",
-        f"context: last {ctx_items} items, most recent first, {words} words each, max_len {s.encoder.max_len}",
-        f"pretrained: {pre.model_version}"
-        + (f"; fine-tuned: {ft.model_version} ({ft.variant})" if ft else ""),
+        "target = first item of the split not in the history; ties count half; ranks beyond "
+        f"{LIST_K} count as misses (MRR is MRR@{LIST_K})",
+        "served rows (`streamrec`, `text only`, comparisons) are the worker's path: the history replayed as "
+        "events into profiles on Redis (profiles/store.py), scored by inference/scoring.py with its settings "
+        "(MMR included), history passed as exclude_ids",
+        *[f"{k}: {v}" for k, v in versions.items()],
         f"run time {time.time() - t0:.0f}s",
     ]
     results_dir.mkdir(parents=True, exist_ok=True)

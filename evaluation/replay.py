@@ -100,6 +100,7 @@ class StreamrecMethod:
         from inference.catalog import CatalogIndex
         from inference.popularity import RedisPopularity
         from inference.scoring import Scorer
+        from inference.user_model import load_user_model
         from profiles.store import ProfileStore
 
         self.name = name
@@ -108,9 +109,11 @@ class StreamrecMethod:
         )
         self.settings = s
         self.catalog = CatalogIndex.load(model_dir / "catalog")
+        um = load_user_model(model_dir, self.catalog) if s.scoring.user_model else None
+        self.user_model_version = um.version if um is not None else None
         self.store = ProfileStore(redis_client, s, items=self.catalog)
         self.popularity = RedisPopularity(s, redis_client)
-        self.scorer = Scorer(self.catalog, s.scoring, s.profile, popularity=self.popularity)
+        self.scorer = Scorer(self.catalog, s.scoring, s.profile, popularity=self.popularity, user_model=um)
         self.redis = redis_client
 
     def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:

@@ -152,6 +152,18 @@ class CatalogIndex:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
         return folder
 
+    def replace_vectors(self, matrix: np.ndarray) -> None:
+        """New vectors for every item (same rows; normalised); the ANN index is rebuilt."""
+        matrix = np.asarray(matrix, np.float32)
+        if matrix.shape != self.matrix.shape:
+            raise CatalogError(
+                f"replacement vectors {matrix.shape} do not match the catalog {self.matrix.shape}"
+            )
+        with self._lock:
+            self.matrix = _unit_rows(matrix)
+            if self.uses_ann:
+                self._build_ann()
+
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.ids)
@@ -309,8 +321,9 @@ class CatalogIndex:
 
 
 def load_catalog(settings: Settings) -> CatalogIndex:
-    """The served catalog: ``<settings.resolved_model_dir>/catalog``. Refused when it was embedded
-    by another model than the one in the folder's manifest (stale catalog)."""
+    """The served catalog: ``<settings.resolved_model_dir>/catalog``, with the user model's item
+    residuals added when the folder has one (``inference.user_model``). Refused when it was
+    embedded by another model than the one in the folder's manifest (stale catalog)."""
     folder = settings.resolved_model_dir
     cat = CatalogIndex.load(folder / "catalog", ann_threshold=settings.scoring.ann_threshold)
     try:
@@ -322,4 +335,8 @@ def load_catalog(settings: Settings) -> CatalogIndex:
             f"catalog in {folder / 'catalog'} was embedded by {cat.model_version} but the model is {version}: "
             f"re-embed it with `streamrec index --model-dir {folder}`"
         )
+    from inference.user_model import USER_DIR, apply_residuals
+
+    if (folder / USER_DIR).is_dir():
+        log.info("catalog: user-model residuals for %d items", apply_residuals(cat, folder / USER_DIR))
     return cat

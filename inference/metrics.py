@@ -31,6 +31,11 @@ scoring_seconds = Histogram(
     "Wall time of one scoring batch (context blend, top-k, softmax, filters, MMR, reasons).",
     buckets=_LATENCY_BUCKETS,
 )
+user_model_seconds = Histogram(
+    "streamrec_user_model_seconds",
+    "Wall time of one user-model batch (features from the profiles' recent events, ONNX Runtime).",
+    buckets=_LATENCY_BUCKETS,
+)
 scoring_batch_users = Histogram(
     "streamrec_scoring_batch_users", "Users scored together in one scoring batch.", buckets=_BATCH_BUCKETS
 )

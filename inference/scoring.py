@@ -1,11 +1,14 @@
 """Scoring: a batch of user profiles → top-K recommendations with reasons.
 
-For each user, the context vector is a blend of the profile vectors,
+For each user, the context vector p comes from the **user model** when the model folder has one
+(``inference.user_model``: a small Transformer over the profile's recent events and the fresh
+query, one ONNX Runtime call per batch of users); without one, or for a profile that has no
+recent events yet, it is a blend of the profile vectors,
 
     p = normalise(w_lt · long_term + w_s · session + w_q · query)
 
 (the query term only while the search is fresh, so the query dominates right after a
-search), and every catalog item i gets
+search). Every catalog item i gets
 
     u_i = softmax_i(α · (h_iᵀp + b_i) + log f_i)
 
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from inference import metrics
+from inference.user_model import EventArrays, OnnxUserModel, event_arrays
 from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
 
@@ -75,12 +79,14 @@ class Scorer:
         profile: ProfileSettings,
         adjustments: DemandAdjustments | None = None,
         popularity: PopularitySource | None = None,
+        user_model: OnnxUserModel | None = None,
     ) -> None:
         self.catalog = catalog
         self.cfg = scoring
         self.profile_cfg = profile
         self.adjustments = adjustments
         self.popularity = popularity
+        self.user_model = user_model
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -125,7 +131,32 @@ class Scorer:
         P = np.zeros_like(raw)
         P[has] = raw[has] / norms[has, None]
         share = np.where(w.sum(1) > 0, w[:, 2] / np.maximum(w.sum(1), 1e-9), 0.0)
+        if self.user_model is not None:
+            self._model_contexts(reqs, now_ms, qu, w[:, 2] > 0, P, has)
         return P, has, share
+
+    def _model_contexts(
+        self,
+        reqs: Sequence[Request],
+        now_ms: int,
+        query: np.ndarray,
+        has_query: np.ndarray,
+        P: np.ndarray,
+        has: np.ndarray,
+    ) -> None:
+        """Replace P's rows by the user model's p for users with recent events or a fresh query."""
+        t0 = time.perf_counter()
+        um = self.user_model
+        assert um is not None
+        events = [getattr(r.profile, "recent_events", None) or [] for r in reqs]
+        refs = [now_ms if r.ref_ms is None else r.ref_ms for r in reqs]
+        arr = event_arrays(events, refs, self.catalog.index_of, um.n_events)
+        use = np.flatnonzero((arr.mask.sum(1) > 0) | has_query)
+        if use.size:
+            sub = EventArrays(arr.idx[use], arr.types[use], arr.age[use], arr.mask[use])
+            P[use] = um.contexts(self.catalog.matrix, sub, query[use], has_query[use])
+            has[use] = True
+        metrics.user_model_seconds.observe(time.perf_counter() - t0)
 
     # -- main entry ----------------------------------------------------------------------
     def recommend(self, reqs: Sequence[Request], now_ms: int | None = None) -> list[list[ScoredItem]]:
@@ -169,9 +200,13 @@ class Scorer:
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
         valid = c.idx >= 0
-        logits = np.where(valid, alpha * (c.sim + c.bonus) + np.log(np.maximum(fac, 1e-6)), -np.inf)
-        probs = _softmax_rows(logits)
-        order = self._mmr_batch(c.idx, logits / alpha, k_max)  # (m, k_max) columns, -1 = none
+        log_fac = np.log(np.maximum(fac, 1e-6))
+        logits = np.where(valid, alpha * (c.sim + c.bonus) + log_fac, -np.inf)
+        # The score shown is the model's u_i (with demand factors), not inflated by the buy-again
+        # bonus: the bonus and the slot quota decide the order, the probabilities stay comparable.
+        probs = _softmax_rows(np.where(valid, alpha * c.sim + log_fac, -np.inf))
+        quota = np.array([int(round(self.cfg.buy_again_share * r.k)) for r in sub], np.int64)
+        order = self._mmr_batch(c.idx, logits / alpha, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
         sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
         sel = np.where(order >= 0, sel, -1)
         take = np.maximum(order, 0)
@@ -308,12 +343,15 @@ class Scorer:
             fac[:, :n_top], trend[:, :n_top] = sub_f, sub_t
         return fac, trend
 
-    def _mmr_batch(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
+    def _mmr_batch(
+        self, idx: np.ndarray, rel: np.ndarray, k: int, rebuy: np.ndarray, quota: np.ndarray
+    ) -> np.ndarray:
         """Maximal marginal relevance for every row at once; (m, k) column positions, -1 = none.
 
-        The pool is each row's best ``max(4k, k + 50)`` candidates by relevance (as many as the
-        similarity candidates; bought items beyond them rank too low to be picked in practice:
-        ``tests/inference/test_scoring_batched.py`` checks against the unpruned reference).
+        At most ``quota[r]`` buy-again candidates (``rebuy``) are picked in row r; then only
+        discoveries. The pool is each row's best ``max(4k, k + 50)`` candidates by relevance (as
+        many as the similarity candidates; bought items beyond them rank too low to be picked in
+        practice: ``tests/inference/test_scoring_batched.py`` checks against the unpruned reference).
         """
         lam = self.cfg.mmr_lambda
         m, C = idx.shape
@@ -321,26 +359,32 @@ class Scorer:
         pool = min(C, max(4 * k, k + 50))
         cols = np.argsort(-rel, axis=1, kind="stable")[:, :pool]
         prel = np.take_along_axis(rel, cols, 1)
+        prebuy = np.take_along_axis(rebuy, cols, 1)
         kk = min(k, pool)
-        if lam >= 1.0 or pool <= 1:
+        quota_binds = bool((np.minimum(prebuy[:, :kk].sum(1), kk) > quota).any())
+        if (lam >= 1.0 and not quota_binds) or pool <= 1:
             return np.where(np.isfinite(prel[:, :kk]), cols[:, :kk], -1)
         H = self.catalog.matrix[np.maximum(np.take_along_axis(idx, cols, 1), 0)]  # (m, pool, dim)
         ar = np.arange(m)
         max_sim = np.full((m, pool), -np.inf, np.float32)
         remaining = np.isfinite(prel)
         picked = np.full((m, kk), -1, np.int64)
+        n_rebuy = np.zeros(m, np.int64)
         for step in range(kk):
-            div = np.where(np.isfinite(max_sim), max_sim, 0.0)
-            score = np.where(remaining, lam * prel - (1.0 - lam) * div, -np.inf)
+            div = np.where(np.isfinite(max_sim), max_sim, 0.0) if lam < 1.0 else 0.0
+            allowed = remaining & ~(prebuy & (n_rebuy >= quota)[:, None])
+            score = np.where(allowed, lam * prel - (1.0 - lam) * div, -np.inf)
             best = np.argmax(score, 1)
-            ok = remaining[ar, best]
+            ok = allowed[ar, best]
             picked[ok, step] = cols[ar[ok], best[ok]]
             remaining[ar[ok], best[ok]] = False
-            # Similarity of each row's new pick to its pool: a batched mat-vec per step (small
-            # per-row Gram matrices are far slower through BLAS than these k passes).
-            step_sim = np.einsum("mpd,md->mp", H, H[ar, best])
-            max_sim[ok] = np.maximum(max_sim[ok], step_sim[ok])
-        return picked
+            n_rebuy += ok & prebuy[ar, best]
+            if lam < 1.0:
+                # Similarity of each row's new pick to its pool: a batched mat-vec per step (small
+                # per-row Gram matrices are far slower through BLAS than these k passes).
+                step_sim = np.einsum("mpd,md->mp", H, H[ar, best])
+                max_sim[ok] = np.maximum(max_sim[ok], step_sim[ok])
+        return _compact(picked)
 
     def _reason_codes(
         self,
@@ -473,6 +517,13 @@ class _Candidates:
     idx: np.ndarray
     sim: np.ndarray
     bonus: np.ndarray
+
+
+def _compact(picked: np.ndarray) -> np.ndarray:
+    """Move each row's picks (>= 0) to the front, order kept (a step with no allowed pick leaves -1)."""
+    key = np.where(picked >= 0, 0, 1)
+    order = np.argsort(key, axis=1, kind="stable")
+    return np.take_along_axis(picked, order, 1)
 
 
 def _split_rows(rows: np.ndarray, items: np.ndarray, m: int) -> list[np.ndarray]:

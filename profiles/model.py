@@ -63,6 +63,8 @@ class Profile:
     last_ts: int | None = None  # epoch ms of the newest applied event
     n_events: dict[str, int] = field(default_factory=dict)
     recent_items: list[str] = field(default_factory=list)  # most recent first
+    # [item_id, type, ts] of the newest item events by event time (ties: later arrival first)
+    recent_events: list[list] = field(default_factory=list)
     purchased_items: list[str] = field(default_factory=list)  # most recent first
     purchase_counts: dict[str, int] = field(default_factory=dict)  # purchase events per purchased item
     last_event_id: str | None = None
@@ -363,6 +365,7 @@ def _new_profile(
     if upd.session.has_nonlate[k]:
         _set_present(q, p, k, b, upd, cfg)
     _add_purchases(q, p, k, b, cfg)
+    _add_recent_events(q, p, k, b, cfg)
     _set_query(q, p, k, b, upd)
     return q
 
@@ -410,6 +413,24 @@ def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSetti
         del items[cap:]
     q.purchased_items = items
     q.purchase_counts = {i: counts[i] for i in items if i in counts}
+
+
+def _add_recent_events(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSettings) -> None:
+    """The newest ``cfg.recent_events`` item events, late ones included, by event time.
+
+    A total order (event time, then arrival) whose top N does not depend on where batches were
+    cut: the batch's events (sorted by time, stable) come after every stored one in arrival.
+    """
+    if cfg.recent_events <= 0:
+        return
+    new = [
+        [item, EVENT_TYPES[b.typ[i]].value, int(b.ts[i])]
+        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
+        if b.typ[i] != SEARCH and (item := b.item_id(i))
+    ]
+    if new:
+        merged = sorted([*new, *p.recent_events], key=lambda e: -e[2])  # stable: new first on ties
+        q.recent_events = merged[: cfg.recent_events]
 
 
 def _set_query(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update) -> None:

@@ -170,6 +170,7 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("last_event_id", "leid", _TEXT),
     _Field("n_events", "n", _JSON_DICT),
     _Field("recent_items", "ri", _JSON_LIST),
+    _Field("recent_events", "re", _JSON_LIST),
     _Field("purchased_items", "pi", _JSON_LIST),
     _Field("purchase_counts", "pc", _JSON_DICT),
     _Field("model_version", "mv", _TEXT),

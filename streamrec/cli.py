@@ -40,6 +40,7 @@ COMMANDS = {
     "export": "inference.training.cli:export",
     "index": "inference.training.cli:index",
     "encode": "inference.training.cli:encode",
+    "train-user": "inference.training.cli:train_user",
     # streaming: the faust worker (streams/)
     "worker": "streams.cli:worker",
     # local tooling: the dataset replayer and the live demo (devstack/)

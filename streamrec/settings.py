@@ -331,6 +331,13 @@ class ProfileSettings(SettingsGroup):
     recent_items: int = Field(
         50, ge=1, description="Recent items kept per user (bounded list, for filtering and explanations)."
     )
+    recent_events: int = Field(
+        20,
+        ge=0,
+        le=200,
+        description="Recent item events (item id, type, time) kept per user, most recent first: what the user "
+        "model reads. Ordered by event time, so late events take their place; 0 = none.",
+    )
     purchased_items: int = Field(
         200, ge=1, description="Purchased items kept per user (bounded list, for filtering and buy-again)."
     )
@@ -390,6 +397,11 @@ class ScoringSettings(SettingsGroup):
     """How a user's top-K is computed."""
 
     top_k: int = Field(20, ge=1, description="Length K of the pushed recommendation lists.")
+    user_model: bool = Field(
+        True,
+        description="Take p from the model folder's user model (<model dir>/user) when it has one; off: the "
+        "profile-vector blend below.",
+    )
     weight_long_term: float = Field(
         0.4, ge=0, description="Weight of the long-term vector in the context vector p."
     )
@@ -414,6 +426,13 @@ class ScoringSettings(SettingsGroup):
         description="Buy-again bonus weight (only with exclude_purchased off; 0 = no bonus): the r-th most recent "
         "purchase, bought n times, gets weight * decay^r * (1 + ln n) added to its cosine. Chosen on Online "
         "Retail's valid month, never on its test period.",
+    )
+    buy_again_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Most of a pushed list that buy-again items may take (share of K, rounded); the rest are "
+        "discoveries when there are enough candidates. 1 = no limit.",
     )
     repeat_decay: float = Field(
         0.995, gt=0, le=1, description="Per-rank decay of the buy-again bonus (see repeat_weight)."

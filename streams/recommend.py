@@ -28,9 +28,11 @@ import numpy as np
 import orjson
 
 from alerts.effects import RedisDemandAdjustments
+from inference.catalog import CatalogIndex
 from inference.encoder import MicroBatcher
 from inference.popularity import RedisPopularity
 from inference.scoring import Request, ScoredItem, Scorer
+from inference.user_model import load_user_model
 from profiles.store import ProfileStore
 from streamrec.events import Event
 from streamrec.interfaces import Catalog, Hook, TextEncoder
@@ -402,7 +404,13 @@ def build_push_path(
     s = settings
     adjustments = RedisDemandAdjustments(s, redis_client)
     popularity = RedisPopularity(s, redis_client)
-    scorer = Scorer(catalog, s.scoring, s.profile, adjustments=adjustments, popularity=popularity)
+    user_model = None
+    if s.scoring.user_model and isinstance(catalog, CatalogIndex):
+        # the catalog plug-in (inference.catalog.load_catalog) already added the residuals
+        user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False)
+    scorer = Scorer(
+        catalog, s.scoring, s.profile, adjustments=adjustments, popularity=popularity, user_model=user_model
+    )
     batcher = None
     if encoder is not None:
         batcher = MicroBatcher(encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)

@@ -309,3 +309,61 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
         else:
             rec["vector"] = [round(float(x), 6) for x in vecs[r]]
         sys.stdout.write(json.dumps(rec) + "\n")
+
+
+@click.command("train-user")
+@click.option(
+    "--dataset",
+    default="online-retail",
+    show_default=True,
+    help="scientific, online-retail, or a generic dataset folder.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model folder with a catalog (default: settings).",
+)
+@click.option(
+    "--item-repr",
+    type=click.Choice(["text+id", "text"]),
+    default="text+id",
+    show_default=True,
+    help="Item vectors: text + a learned offset per warm item (collaborative), or text only.",
+)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option(
+    "--n-events",
+    type=int,
+    default=None,
+    help="Events the model reads (default: STREAMREC_PROFILE_RECENT_EVENTS).",
+)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option(
+    "--eval-users", type=int, default=2000, show_default=True, help="Valid cases per evaluation (0 = all)."
+)
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0 = default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int, n_events: int | None, layers: int,
+               eval_users: int, threads: int, seed: int) -> None:  # fmt: skip
+    """Train the user model over the catalog's item vectors and export it to <model-dir>/user."""
+    from inference.catalog import CatalogIndex
+    from inference.training.user_model import UserModelConfig, export_user_model, train_user_model
+    from streamrec.datasets import load_dataset
+
+    _logging()
+    s = get_settings()
+    folder = model_dir or s.resolved_model_dir
+    cat = CatalogIndex.load(folder / "catalog")
+    ds = load_dataset(dataset, s.data_dir)
+    cfg = UserModelConfig(
+        n_events=n_events or s.profile.recent_events, layers=layers, item_repr=item_repr,  # type: ignore[arg-type]
+        epochs=epochs, eval_users=eval_users, threads=threads, seed=seed,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    model = train_user_model(ds, cat, cfg)
+    out = export_user_model(model, cat, folder)
+    best = model.metrics["best"]
+    click.echo(f"user model ({item_repr}) on {ds.name}: {model.metrics['examples']} examples, best epoch "
+               f"{best['epoch']} valid NDCG@10 {best['ndcg@10']:.4f} Recall@10 {best['recall@10']:.4f}; "
+               f"{time.perf_counter() - t0:.0f}s -> {out}")  # fmt: skip

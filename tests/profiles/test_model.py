@@ -37,8 +37,8 @@ def encoder() -> HashingEncoder:
 
 @pytest.fixture(
     scope="module",
-    params=[ProfileSettings(), ProfileSettings(recent_items=4)],
-    ids=["defaults", "short-recent-list"],
+    params=[ProfileSettings(), ProfileSettings(recent_items=4, recent_events=3)],
+    ids=["defaults", "short-recent-lists"],
 )
 def cfg(request) -> ProfileSettings:
     return request.param
@@ -287,6 +287,7 @@ def test_hash_layout_is_unchanged():
         last_event_id="e1",
         n_events={"view": 2},
         recent_items=["i1", "i2"],
+        recent_events=[["i1", "view", T0 + 1]],
         purchase_counts={},
         model_version="m",
         offsets={"ev:0": 3},
@@ -306,6 +307,7 @@ def test_hash_layout_is_unchanged():
         ("leid", "e1"),
         ("n", b'{"view":2}'),
         ("ri", b'["i1","i2"]'),
+        ("re", f'[["i1","view",{T0 + 1}]]'.encode()),
         ("pi", b"[]"),
         ("pc", b"{}"),
         ("mv", "m"),

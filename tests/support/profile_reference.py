@@ -99,6 +99,7 @@ class RefProfile:
     recent: list[str] = field(default_factory=list)
     purchased: list[str] = field(default_factory=list)
     bought: dict[str, int] = field(default_factory=dict)
+    events: list[list] = field(default_factory=list)  # [item, type, ts], newest (ts, arrival) first
     query: np.ndarray | None = None
     query_text: str | None = None
     query_ts: int | None = None
@@ -171,6 +172,8 @@ def reference_profiles(
             if e.item_id:
                 p.recent = _front(p.recent, e.item_id, cfg.recent_items)
         p.counts[t] = p.counts.get(t, 0) + 1
+        if t != "search" and cfg.recent_events:  # taken in (ts, arrival) order: each is the newest
+            p.events = ([[e.item_id, t, e.ts]] + p.events)[: cfg.recent_events]
         if t == "purchase":
             p.purchased = _front(p.purchased, e.item_id, cfg.purchased_items)
             p.bought[e.item_id] = p.bought.get(e.item_id, 0) + 1
@@ -200,6 +203,7 @@ def assert_profile_matches(got, ref: RefProfile, rtol: float = 2e-4, atol: float
     assert got.session_id == ref.sid
     assert got.recent_items == ref.recent, f"user {uid}: recent items"
     assert got.purchased_items == ref.purchased, f"user {uid}: purchased items"
+    assert got.recent_events == ref.events, f"user {uid}: recent events"
     assert got.purchase_counts == ref.bought, f"user {uid}: purchase counts"
     assert got.long_term_weight == pytest_approx(ref.lt_w)
 

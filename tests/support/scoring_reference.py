@@ -148,8 +148,9 @@ class ReferenceScorer:
                 where = {int(i): t for t, i in enumerate(idx)}
                 bonus[[where[int(i)] for i in bought]] = b_bonus
             logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))
-            probs = _softmax(logits)
-            order = self._mmr(idx, logits / alpha, req.k)
+            probs = _softmax(alpha * sim + np.log(np.maximum(fac, 1e-6)))  # u_i, not inflated by the bonus
+            quota = int(round(self.cfg.buy_again_share * req.k))
+            order = self._mmr(idx, logits / alpha, req.k, bonus > 0, quota)
             out[r] = self._explain(
                 req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
             )
@@ -178,23 +179,26 @@ class ReferenceScorer:
         first.sort()
         return idx[first], bonus[first]
 
-    def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
-        """Maximal marginal relevance over the candidates; returns positions into ``idx``."""
+    def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int, rebuy: np.ndarray, quota: int) -> np.ndarray:
+        """Maximal marginal relevance over the candidates, at most ``quota`` buy-again picks;
+        returns positions into ``idx``."""
         lam = self.cfg.mmr_lambda
         n = idx.size
         k = min(k, n)
-        if lam >= 1.0 or n <= 1:
-            return np.argsort(-rel, kind="stable")[:k]
         H = self.catalog.matrix[idx]
         sims = H @ H.T
         selected: list[int] = []
         max_sim = np.full(n, -np.inf, np.float32)
         remaining = np.ones(n, bool)
         for _ in range(k):
-            div = np.where(np.isfinite(max_sim), max_sim, 0.0)
+            div = np.where(np.isfinite(max_sim), max_sim, 0.0) if lam < 1.0 else 0.0
             mmr = lam * rel - (1.0 - lam) * div
             mmr[~remaining] = -np.inf
+            if sum(bool(rebuy[i]) for i in selected) >= quota:
+                mmr[rebuy] = -np.inf
             best = int(np.argmax(mmr))
+            if not np.isfinite(mmr[best]):
+                break
             selected.append(best)
             remaining[best] = False
             max_sim = np.maximum(max_sim, sims[best])

@@ -62,6 +62,32 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
             _invoke(["encode", "amber quartz gadget", "--model-dir", str(model), "--top", "3"], env)
         )
         assert len(near["nearest"]) == 3
+
+        # stage two: the user model over the cached item vectors, exported beside the encoder
+        _invoke(["train-user", "--dataset", str(generic_dataset_dir), "--model-dir", str(model), "--epochs", "3",
+                 "--eval-users", "0", "--layers", "1"], env)  # fmt: skip
+        um = json.loads((model / "user" / "manifest.json").read_text())
+        assert um["text_model_version"] == m.version and set(um["variants"]) == {"fp32", "int8"}
+        assert um["metrics"]["parity"]["fp32_max_abs_diff"] <= 1e-4
+        assert um["metrics"]["parity"]["int8_min_cosine"] >= 0.95
+        assert set(um["files"]) == {"user_model.onnx", "user_model.int8.onnx", "residuals.npz"}
+
+        # and the served path evaluates it, beside the baselines and the ID-only sequential model
+        out_json = tmp_path / "loo.json"
+        _invoke(["eval", "loo", "--dataset", str(generic_dataset_dir), "--model-dir", str(model),
+                 "--results-dir", str(tmp_path / "res"), "--output", str(out_json)], env)  # fmt: skip
+        res = json.loads(out_json.read_text())
+        assert set(res) == {
+            "most_popular",
+            "item_knn",
+            "sasrec (ID-only)",
+            "text only (profile blend)",
+            "streamrec",
+        }
+        assert all(
+            0 <= r["recall@10"] <= r["recall@50"] <= 1 and r["n"] == res["item_knn"]["n"]
+            for r in res.values()
+        )
     finally:
         get_settings.cache_clear()
 
@@ -74,17 +100,18 @@ def test_eval_loo_writes_markdown_plot_and_json(retail_model_dir: Path, tmp_path
     out = tmp_path / "loo.json"
     try:
         text = _invoke(["eval", "loo", "--dataset", "online-retail", "--model-dir", str(retail_model_dir),
-                        "--max-users", "150", "--results-dir", str(tmp_path / "res"), "--output", str(out)], env)  # fmt: skip
+                        "--max-users", "150", "--no-sasrec", "--results-dir", str(tmp_path / "res"),
+                        "--output", str(out)], env)  # fmt: skip
     finally:
         get_settings.cache_clear()
     res = json.loads(out.read_text())
-    assert set(res) == {"most_popular", "item_knn", "pretrained", "streamrec"}
+    assert set(res) == {"most_popular", "item_knn", "text only (profile blend)", "streamrec"}
     assert (
         res["streamrec"]["n"] == 150
         and 0 <= res["streamrec"]["recall@10"] <= res["streamrec"]["recall@50"] <= 1
     )
-    # the cached retail model is the pretrained encoder itself: both rows must agree
-    assert abs(res["streamrec"]["recall@50"] - res["pretrained"]["recall@50"]) < 0.02
+    # the cached retail model has no user model: the served row is the profile blend itself
+    assert res["streamrec"] == res["text only (profile blend)"]
     assert (tmp_path / "res" / "loo-online-retail-test.png").stat().st_size > 1000
     md = (tmp_path / "res" / "loo-online-retail-test.md").read_text()
     assert "history items are excluded" in md and "| item_knn |" in md

@@ -1,0 +1,492 @@
+"""Training the user model: recent events (+ query) → p, over frozen item vectors.
+
+Stage two of the CPU schedule: the item encoder is fine-tuned first (``streamrec train``), its
+catalog vectors are cached (``streamrec index``), and this module trains, on them,
+
+* a small pre-norm Transformer over the user's last N events (item vector, event type, log age,
+  position) and a query token (the fresh search, or a learned "no query" token), whose first
+  output, projected back to the item space and added to the mean of the input item vectors, is p;
+* optionally (``item_repr = "text+id"``) a learned offset per warm item (the collaborative part),
+  added to its text vector before normalising; items first seen later keep their text vector.
+
+Examples are next-item cases of the train split, as the worker would see them: the context is
+the events *before* the target's basket (items sharing a timestamp), newest first, built with
+the serving feature code (:func:`inference.user_model.event_arrays`); items the user already had
+are masked out of the softmax (the evaluation excludes them too) and are never targets. The
+catalog is small enough for the full softmax over every item (exact, so no logQ correction is
+needed); validation is full-ranking NDCG@10 on the valid split, best epoch kept.
+
+``item_repr = "id"`` trains the same architecture over ID embeddings only: the SASRec-style
+baseline of ``eval loo``. Export writes ``<model dir>/user/`` (see ``inference.user_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from inference.manifest import sha256_file
+from inference.user_model import (
+    INPUTS,
+    MANIFEST,
+    N_TYPES,
+    RESIDUALS,
+    USER_DIR,
+    VARIANT_FILES,
+    EventArrays,
+    event_arrays,
+)
+from streamrec.datasets import SPLITS, Dataset
+
+log = logging.getLogger(__name__)
+
+ItemRepr = Literal["text", "text+id", "id"]
+
+
+@dataclass
+class UserModelConfig:
+    n_events: int = 20
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    item_repr: ItemRepr = "text+id"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    alpha: float = 20.0
+    max_examples: int = 0  # 0 = all
+    eval_users: int = 2000
+    seed: int = 0
+    threads: int = 0
+
+
+# -- the module ----------------------------------------------------------------------------
+class _Block(nn.Module):
+    """Pre-norm self-attention + feed-forward, written with plain ops (clean ONNX export)."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.h = heads
+        self.scale = 1.0 / math.sqrt(d // heads)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(self.n1(x)).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.scale + bias, dim=-1)
+        x = x + self.drop(self.proj((a @ v).transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.ff(self.n2(x)))
+
+
+class UserTower(nn.Module):
+    """(items, types, age, mask, query, qmask) → unit p; see ``inference.user_model``."""
+
+    def __init__(self, dim: int, cfg: UserModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.inp = nn.Linear(dim, d)
+        self.q_in = nn.Linear(dim, d)
+        self.type_emb = nn.Embedding(N_TYPES, d)
+        self.no_query = nn.Parameter(torch.zeros(d))
+        self.pos = nn.Parameter(torch.zeros(cfg.n_events, d))
+        self.age = nn.Linear(1, d)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, dim)
+        nn.init.normal_(self.out.weight, std=1e-3)  # start as the mean of the items (the text baseline)
+        nn.init.zeros_(self.out.bias)
+        self.w_mean = nn.Parameter(torch.tensor(1.0))
+        self.w_query = nn.Parameter(torch.tensor(1.0))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, items, types, age, mask, query, qmask):  # noqa: ANN001 (traced by ONNX export)
+        n = items.shape[1]
+        x = self.inp(items) + self.type_emb(types) + self.pos[:n] + self.age(age.unsqueeze(-1))
+        q = self.q_in(query) * qmask + self.no_query * (1.0 - qmask)
+        tok = self.drop(torch.cat([q.unsqueeze(1), x], 1))
+        keep = torch.cat([torch.ones_like(qmask), mask], 1)
+        bias = ((1.0 - keep) * -1e4).unsqueeze(1).unsqueeze(1)
+        for blk in self.blocks:
+            tok = blk(tok, bias)
+        mean = (items * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        p = self.out(self.norm(tok[:, 0])) + self.w_mean * mean + self.w_query * query * qmask
+        return p / p.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+class ItemTable(nn.Module):
+    """Item vectors used on both sides: unit(text + warm offset), or ID embeddings only."""
+
+    text: torch.Tensor
+    warm: torch.Tensor
+
+    def __init__(self, text: np.ndarray, warm: np.ndarray, repr_: ItemRepr, seed: int) -> None:
+        super().__init__()
+        n, dim = text.shape
+        self.repr = repr_
+        self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32))
+        self.register_buffer("warm", torch.as_tensor(warm, dtype=torch.float32).unsqueeze(1))
+        g = torch.Generator().manual_seed(seed)
+        init = torch.randn(n, dim, generator=g) * (0.1 if repr_ == "id" else 0.0)
+        self.offset = nn.Parameter(init, requires_grad=repr_ != "text")
+
+    def forward(self) -> torch.Tensor:
+        v = self.offset if self.repr == "id" else self.text + self.offset * self.warm
+        return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+# -- examples ------------------------------------------------------------------------------
+@dataclass
+class Examples:
+    arrays: EventArrays
+    targets: np.ndarray  # (E,) catalog rows
+    history: list[np.ndarray]  # catalog rows to mask (the user's items before the target)
+    query: np.ndarray  # (E, dim)
+    qmask: np.ndarray  # (E,)
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+def event_types(ds: Dataset) -> np.ndarray:
+    """The event type of every interaction row, as the replayer maps it (``devstack.produce``)."""
+    from devstack.produce import DATASET_EVENT_TYPE
+
+    forced = DATASET_EVENT_TYPE.get(ds.name)
+    if forced:
+        return np.full(len(ds.interactions), forced, object)
+    return ds.interactions["type"].astype(str).to_numpy()
+
+
+def training_examples(ds: Dataset, index_of: Any, n_events: int, dim: int, splits=("train",)) -> Examples:
+    """Next-item cases of ``splits`` with basket contexts (see the module doc)."""
+    inter = ds.interactions
+    types = event_types(ds)
+    keep = (
+        inter["split"].isin(list(splits)).to_numpy()
+        & (types != "search")
+        & inter["item_id"].ne("").to_numpy()
+    )
+    df = inter[keep]
+    rows = index_of(df["item_id"].astype(str).tolist())
+    ok = rows >= 0
+    users, item_ids, ts, typ = (
+        df["user_id"].to_numpy()[ok], df["item_id"].astype(str).to_numpy()[ok],
+        df["ts"].to_numpy(np.int64)[ok], types[keep][ok],
+    )  # fmt: skip
+    rows = rows[ok]
+    order = np.lexsort((np.arange(len(users)), ts, users))
+    ctx: list[list[list[Any]]] = []
+    refs: list[int] = []
+    targets: list[int] = []
+    hist: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        end = start
+        u = users[order[start]]
+        while end < n and users[order[end]] == u:
+            end += 1
+        _user_examples(order[start:end], item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist)
+        start = end
+    arr = event_arrays(ctx, refs, index_of, n_events)
+    m = len(targets)
+    return Examples(
+        arr, np.asarray(targets, np.int64), hist, np.zeros((m, dim), np.float32), np.zeros(m, np.float32)
+    )
+
+
+def _user_examples(idx, item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist) -> None:  # noqa: ANN001
+    events: list[list[Any]] = []  # oldest first
+    seen: set[int] = set()
+    k = 0
+    while k < len(idx):
+        j = k
+        while j < len(idx) and ts[idx[j]] == ts[idx[k]]:
+            j += 1
+        basket = idx[k:j]
+        if events:
+            recent = events[::-1][:n_events]
+            h = np.fromiter(seen, np.int64, len(seen))
+            for b in dict.fromkeys(int(rows[x]) for x in basket):
+                if b not in seen:
+                    ctx.append(recent)
+                    refs.append(int(recent[0][2]))
+                    targets.append(b)
+                    hist.append(h)
+        for x in basket:
+            events.append([item_ids[x], typ[x], int(ts[x])])
+            seen.add(int(rows[x]))
+        k = j
+
+
+def eval_examples(
+    ds: Dataset, split: str, index_of: Any, n_events: int, dim: int, cases: Any = None
+) -> Examples:
+    """One case per user of ``split``: context = everything before it, target = the first new
+    item (the evaluation cases of ``inference.training.pairs.eval_cases``, or ``cases``)."""
+    from inference.training.pairs import eval_cases
+
+    cases = cases if cases is not None else eval_cases(ds, split)
+    before = set(SPLITS[: SPLITS.index(split)])
+    inter = ds.interactions
+    types = event_types(ds)
+    mask = inter["split"].isin(before).to_numpy() & (types != "search")
+    sub = inter[mask]
+    by_user: dict[str, list[list[Any]]] = {}
+    for u, i, t, e in zip(
+        sub["user_id"].astype(str), sub["item_id"].astype(str), sub["ts"], types[mask], strict=True
+    ):
+        by_user.setdefault(u, []).append([i, e, int(t)])
+    ctx = [sorted(by_user.get(u, []), key=lambda e: -e[2]) for u in cases.users]
+    refs = [c[0][2] if c else 0 for c in ctx]
+    arr = event_arrays(ctx, refs, index_of, n_events)
+    hist = [index_of(h) for h in cases.histories]
+    m = len(cases)
+    return Examples(
+        arr,
+        index_of(cases.targets),
+        [h[h >= 0] for h in hist],
+        np.zeros((m, dim), np.float32),
+        np.zeros(m, np.float32),
+    )
+
+
+# -- training ------------------------------------------------------------------------------
+@dataclass
+class TrainedUserModel:
+    tower: UserTower
+    table: ItemTable
+    cfg: UserModelConfig
+    alpha: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def contexts(
+        self, arrays: EventArrays, query: np.ndarray, qmask: np.ndarray, batch: int = 1024
+    ) -> np.ndarray:
+        self.tower.eval()
+        T = self.table()
+        out = []
+        for s in range(0, arrays.idx.shape[0], batch):
+            sl = slice(s, s + batch)
+            out.append(self.tower(*_feeds(T, arrays, sl, query, qmask)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, T.shape[1]), np.float32)
+
+    @torch.no_grad()
+    def item_matrix(self) -> np.ndarray:
+        return self.table().numpy()
+
+
+def _feeds(T: torch.Tensor, a: EventArrays, sl, query: np.ndarray, qmask: np.ndarray):  # noqa: ANN001
+    idx = torch.as_tensor(a.idx[sl])
+    mask = torch.as_tensor(a.mask[sl])
+    items = T[idx.clamp(min=0)] * mask.unsqueeze(-1)
+    return (
+        items,
+        torch.as_tensor(a.types[sl]),
+        torch.as_tensor(a.age[sl]),
+        mask,
+        torch.as_tensor(query[sl]),
+        torch.as_tensor(qmask[sl]).reshape(-1, 1),
+    )
+
+
+def _masked_logits(logits: torch.Tensor, hist: list[np.ndarray]) -> torch.Tensor:
+    rows = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
+    cols = np.concatenate(hist) if hist else np.empty(0, np.int64)
+    if cols.size:
+        logits = logits.index_put((torch.as_tensor(rows), torch.as_tensor(cols)), torch.tensor(-1e9))
+    return logits
+
+
+@torch.no_grad()
+def ndcg_recall(model: TrainedUserModel, ex: Examples, k: int = 10) -> dict[str, float]:
+    """Full-ranking Recall@k / NDCG@k, history excluded, ties counted half (the protocol of
+    ``eval loo``, which imports this module, so it is not imported back here)."""
+    P = model.contexts(ex.arrays, ex.query, ex.qmask)
+    S = torch.as_tensor(P) @ torch.as_tensor(model.item_matrix()).T
+    S = _masked_logits(S, ex.history)
+    rows = torch.arange(S.shape[0])
+    tgt = torch.as_tensor(ex.targets)
+    t = S[rows, tgt].clone()
+    S[rows, tgt] = -1e9
+    rank = 1.0 + (S > t[:, None]).sum(1) + 0.5 * (S == t[:, None]).sum(1)
+    r = rank.numpy().astype(np.float64)
+    inside = r <= k
+    return {
+        f"recall@{k}": float(inside.mean()),
+        f"ndcg@{k}": float(np.where(inside, 1.0 / np.log2(1.0 + r), 0.0).mean()),
+    }
+
+
+def train_user_model(
+    ds: Dataset, catalog: Any, cfg: UserModelConfig, valid_split: str = "valid", progress: bool = True
+) -> TrainedUserModel:
+    """Train on the train split over ``catalog``'s vectors; the epoch best on ``valid_split`` is kept."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dim = catalog.dim
+    train = training_examples(ds, catalog.index_of, cfg.n_events, dim)
+    if not len(train):
+        raise ValueError(
+            f"no training examples in {ds.name}: users need two or more baskets in the train split"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    valid = eval_examples(ds, valid_split, catalog.index_of, cfg.n_events, dim)
+    if cfg.eval_users and len(valid) > cfg.eval_users:
+        pick = np.sort(rng.choice(len(valid), cfg.eval_users, replace=False))
+        valid = _take(valid, pick)
+    warm = np.zeros(len(catalog.ids), np.float32)
+    warm[np.unique(np.concatenate([train.targets, train.arrays.idx[train.arrays.idx >= 0]]))] = 1.0
+    model = TrainedUserModel(
+        UserTower(dim, cfg), ItemTable(catalog.matrix, warm, cfg.item_repr, cfg.seed), cfg, cfg.alpha
+    )
+    log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
+    params = [*model.tower.parameters(), log_alpha] + (
+        [model.table.offset] if cfg.item_repr != "text" else []
+    )
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_ex = len(train) if not cfg.max_examples else min(len(train), cfg.max_examples)
+    best: tuple[float, dict[str, Any], dict[str, Any]] = (-1.0, {}, {})
+    history: list[dict[str, Any]] = []
+    bad = 0
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        model.tower.train()
+        perm = rng.permutation(len(train))[:n_ex]
+        bar = tqdm(range(0, n_ex, cfg.batch_size), desc=f"user model {cfg.item_repr} epoch {epoch + 1}",
+                   unit="batch", leave=False, disable=not progress)  # fmt: skip
+        losses = []
+        for s in bar:
+            sel = perm[s : s + cfg.batch_size]
+            T = model.table()
+            p = model.tower(*_feeds(T, train.arrays, sel, train.query, train.qmask))
+            logits = _masked_logits(log_alpha.exp() * p @ T.T, [train.history[i] for i in sel])
+            loss = nn.functional.cross_entropy(logits, torch.as_tensor(train.targets[sel]))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        model.alpha = float(log_alpha.exp())
+        met = ndcg_recall(model, valid)
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "alpha": model.alpha, **met,
+               "seconds": round(time.time() - t0, 1)}  # fmt: skip
+        history.append(rec)
+        log.info("user model %s: %s", cfg.item_repr, rec)
+        if met["ndcg@10"] > best[0]:
+            best = (met["ndcg@10"], _state(model), rec)
+            bad = 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.tower.load_state_dict(best[1]["tower"])
+    model.table.load_state_dict(best[1]["table"])
+    model.alpha = best[1]["alpha"]
+    model.metrics = {"best": best[2], "history": history, "examples": len(train), "valid_cases": len(valid)}
+    return model
+
+
+def _state(model: TrainedUserModel) -> dict[str, Any]:
+    return {
+        "tower": {k: v.detach().clone() for k, v in model.tower.state_dict().items()},
+        "table": {k: v.detach().clone() for k, v in model.table.state_dict().items()},
+        "alpha": model.alpha,
+    }
+
+
+def _take(ex: Examples, idx: np.ndarray) -> Examples:
+    a = ex.arrays
+    return Examples(
+        EventArrays(a.idx[idx], a.types[idx], a.age[idx], a.mask[idx]),
+        ex.targets[idx],
+        [ex.history[i] for i in idx],
+        ex.query[idx],
+        ex.qmask[idx],
+    )
+
+
+# -- export --------------------------------------------------------------------------------
+def export_user_model(
+    model: TrainedUserModel, catalog: Any, model_dir: Path, variants=("fp32", "int8")
+) -> Path:
+    """``<model_dir>/user/``: ONNX fp32 (+ int8), residuals, manifest with sha256 and parity."""
+    if model.cfg.item_repr == "id":
+        raise ValueError("the ID-only model is a baseline: it has no text vectors to serve")
+    out = Path(model_dir) / USER_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    tower = model.tower.eval()
+    b, n, dim = 4, model.cfg.n_events, catalog.dim
+    g = np.random.default_rng(0)
+    feeds = {
+        "items": g.standard_normal((b, n, dim)).astype(np.float32) / math.sqrt(dim),
+        "types": g.integers(0, N_TYPES, (b, n)).astype(np.int64),
+        "age": g.random((b, n)).astype(np.float32) * 5,
+        "mask": (g.random((b, n)) > 0.3).astype(np.float32),
+        "query": g.standard_normal((b, dim)).astype(np.float32) / math.sqrt(dim),
+        "qmask": np.array([[1.0], [0.0], [1.0], [0.0]], np.float32),
+    }
+    feeds["mask"][:, 0] = 1.0
+    args = tuple(torch.as_tensor(feeds[k]) for k in INPUTS)
+    fp32 = out / VARIANT_FILES["fp32"]
+    dyn = {k: {0: "batch"} for k in INPUTS} | {"p": {0: "batch"}}
+    torch.onnx.export(tower, args, str(fp32), input_names=list(INPUTS), output_names=["p"],
+                      dynamic_axes=dyn, opset_version=17, dynamo=False)  # fmt: skip
+    with torch.no_grad():
+        ref = tower(*args).numpy()
+    import onnxruntime as ort
+
+    parity: dict[str, float] = {}
+    for v in variants:
+        if v == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(
+                str(fp32), str(out / VARIANT_FILES["int8"]), per_channel=True, weight_type=QuantType.QInt8
+            )
+        got = ort.InferenceSession(str(out / VARIANT_FILES[v]), providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )[0]
+        parity[f"{v}_max_abs_diff"] = float(np.abs(got - ref).max())
+        parity[f"{v}_min_cosine"] = float((got * ref).sum(1).min())
+    if parity["fp32_max_abs_diff"] > 1e-4:
+        raise RuntimeError(f"ONNX export of the user model differs from torch: {parity}")
+    warm = model.table.warm.squeeze(1).numpy() > 0
+    offsets = model.table.offset.detach().numpy()
+    ids = np.asarray(catalog.ids, dtype=str)
+    np.savez(out / RESIDUALS, item_ids=ids[warm], vectors=offsets[warm].astype(np.float32))
+    files = {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.name != MANIFEST}
+    version = "user-" + files[VARIANT_FILES["fp32"]][:12]
+    manifest = {
+        "version": version,
+        "dim": dim,
+        "n_events": n,
+        "text_model_version": catalog.model_version,
+        "variants": list(variants),
+        "files": files,
+        "config": {**model.cfg.__dict__, "alpha_learned": model.alpha},
+        "metrics": {**model.metrics, "parity": parity},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    return out

@@ -1,0 +1,108 @@
+"""The user model: the feature arrays of the serving path, the exported ONNX graph against torch,
+and the scorer taking p from it (falling back to the profile blend without recent events)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.catalog import CatalogIndex
+from inference.scoring import Request, Scorer
+from inference.user_model import TYPE_CODES, OnnxUserModel, event_arrays, load_user_model
+from profiles.model import Profile
+from streamrec.settings import Settings
+
+T0 = 1_700_000_000_000
+
+
+def _catalog(n: int = 40, dim: int = 16, seed: int = 0) -> CatalogIndex:
+    m = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return CatalogIndex.from_arrays([f"i{k}" for k in range(n)], m, "test-vectors")
+
+
+def test_event_arrays_pad_cut_and_skip_unknown_items() -> None:
+    cat = _catalog()
+    events = [
+        [["i3", "purchase", T0 - 60_000], ["nope", "view", T0 - 120_000], ["i1", "view", T0 - 3_600_000]],
+        [],
+        [[f"i{k}", "click", T0 - k * 1000] for k in range(10)],
+    ]
+    a = event_arrays(events, [T0, T0, T0], cat.index_of, 4)
+    assert a.idx.shape == (3, 4)
+    assert a.idx[0].tolist() == [3, -1, 1, -1]  # unknown item: a masked slot, order kept
+    assert a.mask[0].tolist() == [1, 0, 1, 0] and a.mask[1].sum() == 0
+    assert a.types[0, 0] == TYPE_CODES["purchase"] and a.types[0, 2] == TYPE_CODES["view"]
+    assert a.age[0, 0] == pytest.approx(np.log1p(1.0)) and a.age[0, 2] == pytest.approx(np.log1p(60.0))
+    assert a.idx[2].tolist() == [0, 1, 2, 3]  # newest first, cut at n
+
+
+@pytest.fixture(scope="module")
+def user_model_dir(tmp_path_factory) -> tuple[Path, CatalogIndex]:
+    pytest.importorskip("torch")
+    from inference.training.user_model import (
+        ItemTable,
+        TrainedUserModel,
+        UserModelConfig,
+        UserTower,
+        export_user_model,
+    )
+
+    cat = _catalog()
+    cfg = UserModelConfig(n_events=6, d_model=32, layers=1, heads=2)
+    warm = np.zeros(len(cat.ids), np.float32)
+    warm[:10] = 1.0
+    table = ItemTable(cat.matrix, warm, "text+id", 0)
+    with __import__("torch").no_grad():
+        table.offset.normal_(0, 0.3)
+    model = TrainedUserModel(UserTower(cat.dim, cfg), table, cfg, 20.0)
+    folder = tmp_path_factory.mktemp("model")
+    cat.save(folder / "catalog")
+    export_user_model(model, cat, folder)
+    return folder, model
+
+
+def test_export_matches_torch_and_residuals_move_only_warm_items(user_model_dir) -> None:
+    folder, model = user_model_dir
+    cat = CatalogIndex.load(folder / "catalog")
+    text = cat.matrix.copy()
+    um = load_user_model(folder, cat, variant="fp32")
+    assert um is not None
+    np.testing.assert_allclose(
+        cat.matrix, model.item_matrix(), atol=1e-5
+    )  # unit(text + offset) for warm ones
+    assert not np.allclose(cat.matrix[:10], text[:10]) and np.allclose(cat.matrix[10:], text[10:])
+    events = [[[f"i{k}", "view", T0 - k * 60_000] for k in range(j % 5 + 1)] for j in range(7)]
+    a = event_arrays(events, [T0] * 7, cat.index_of, um.n_events)
+    q = np.zeros((7, cat.dim), np.float32)
+    q[0] = cat.matrix[20]
+    hq = np.array([1, 0, 0, 0, 0, 0, 0], np.float32)
+    got = um.contexts(cat.matrix, a, q, hq)
+    np.testing.assert_allclose(got, model.contexts(a, q, hq), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    int8 = OnnxUserModel(folder / "user", variant="int8")
+    assert (int8.contexts(cat.matrix, a, q, hq) * got).sum(1).min() > 0.95
+
+
+def test_scorer_takes_p_from_the_user_model_and_falls_back_to_the_blend(user_model_dir) -> None:
+    folder, _ = user_model_dir
+    s = Settings()
+    cat = CatalogIndex.load(folder / "catalog")
+    um = load_user_model(folder, cat, variant="fp32")
+    with_model = Scorer(cat, s.scoring, s.profile, user_model=um)
+    blend = Scorer(cat, s.scoring, s.profile)
+    lt = cat.matrix[5]
+    seq = Profile("a", long_term=lt, long_term_weight=1.0, last_ts=T0,
+                  recent_events=[["i5", "click", T0], ["i7", "view", T0 - 5000]])  # fmt: skip
+    old = Profile("b", long_term=lt, long_term_weight=1.0, last_ts=T0)  # written before recent_events
+    reqs = [Request("a", seq, k=5, ref_ms=T0), Request("b", old, k=5, ref_ms=T0)]
+    P, has, _ = with_model.context_vectors(reqs, T0)
+    P0, _, _ = blend.context_vectors(reqs, T0)
+    a = event_arrays([seq.recent_events], [T0], cat.index_of, um.n_events)
+    expect = um.contexts(cat.matrix, a, np.zeros((1, cat.dim), np.float32), np.zeros(1, np.float32))
+    np.testing.assert_allclose(P[0], expect[0], atol=1e-6)
+    np.testing.assert_allclose(P[1], P0[1], atol=1e-6)
+    assert has.all() and not np.allclose(P[0], P0[0], atol=1e-3)
+    lists = with_model.recommend(reqs, now_ms=T0)
+    assert all(len(lst) == 5 for lst in lists)
