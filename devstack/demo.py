@@ -95,6 +95,7 @@ class LiveView:
         self.results = 0
         self.latencies: deque[float] = deque(maxlen=5000)
         self.recent: deque[dict] = deque(maxlen=50)
+        self.reasons: dict[str, int] = {}  # reason kind (buy_again, similar_to, ...) -> list slots
         self.alerts: list[dict] = []
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -116,6 +117,9 @@ class LiveView:
                     continue
                 self.results += 1
                 self.recent.append(msg)
+                for x in msg.get("items", []):
+                    kind = str(x.get("reason", "")).split(":")[0]
+                    self.reasons[kind] = self.reasons.get(kind, 0) + 1
                 ev = msg.get("event_to_result_ms")
                 if ev is not None:  # arrival at this consumer minus the event's time
                     self.latencies.append(now - (msg["generated_at"] - ev))
@@ -267,6 +271,11 @@ def demo(
             "results_received": view.results,
             "event_to_result_ms": {"p50": pct[0], "p95": pct[1], "p99": pct[2]},
             "alerts": len(view.alerts),
+            # share of the pushed list slots per reason: re-buys beside discoveries
+            "reason_share": {
+                k: round(v / max(1, sum(view.reasons.values())), 3)
+                for k, v in sorted(view.reasons.items(), key=lambda kv: -kv[1])
+            },
             "model_dir": str(model),
             "metrics_url": metrics_url,
             "explorer_url": f"{web}/explorer",

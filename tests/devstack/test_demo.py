@@ -46,6 +46,9 @@ def test_demo_quick_end_to_end(stack, tmp_path):
     assert data["events_valid"] == data["events_sent"]
     assert data["dead_lettered"] == 2  # the two malformed records the demo sends on purpose
     assert data["results_received"] > 0
+    share = data["reason_share"]  # what the pushed slots were: re-buys beside discoveries
+    assert share and abs(sum(share.values()) - 1.0) < 0.01, share
+    assert set(share) <= {"buy_again", "similar_to", "matches_query", "trending", "trending_in", "popular"}
     assert data["event_to_result_ms"]["p50"] is not None
     assert "fresh recommendations for user" in proc.stdout
     assert (tmp_path / "state" / "model" / "manifest.json").exists()
