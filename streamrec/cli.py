@@ -58,6 +58,7 @@ EVAL_COMMANDS = {
 BENCH_COMMANDS = {
     "all": "benchmarks.all:bench_all",
     "encoder": "benchmarks.encoder:encoder",
+    "user-model": "benchmarks.user_model:user_model",
     "ingest": "benchmarks.stream:ingest",
     "e2e": "benchmarks.stream:e2e",
 }

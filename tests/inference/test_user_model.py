@@ -106,3 +106,34 @@ def test_scorer_takes_p_from_the_user_model_and_falls_back_to_the_blend(user_mod
     assert has.all() and not np.allclose(P[0], P0[0], atol=1e-3)
     lists = with_model.recommend(reqs, now_ms=T0)
     assert all(len(lst) == 5 for lst in lists)
+
+
+def test_bench_user_model_writes_users_per_second(user_model_dir, tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from streamrec.cli import main
+
+    folder, _ = user_model_dir
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "user-model",
+            "--model-dir",
+            str(folder),
+            "--batches",
+            "1,8",
+            "--repeats",
+            "1",
+            "--output",
+            str(out),
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data["engines"]) == {"onnx_fp32", "onnx_int8"}
+    assert all(data["engines"][e][f"bs{b}"]["users_per_s"] > 0 for e in data["engines"] for b in (1, 8))
