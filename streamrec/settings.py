@@ -414,7 +414,13 @@ class ScoringSettings(SettingsGroup):
     alpha: float = Field(
         20.0, gt=0, description="Softmax temperature alpha of u_i = softmax(alpha * h_i . p)."
     )
-    mmr_lambda: float = Field(0.8, ge=0, le=1, description="MMR diversity trade-off: 1.0 = relevance only.")
+    mmr_lambda: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="MMR diversity trade-off: 1.0 = relevance only. 0.9 chosen on Scientific's valid split (NDCG@10 "
+        "0.0911; 0.0871 at 0.8, 0.0918 at 1.0), keeping some diversity.",
+    )
     exclude_purchased: bool = Field(
         True,
         description="Filter items the user bought. Shops whose customers re-order (groceries, wholesale, "
