@@ -388,7 +388,7 @@ def train_user_model(
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        model.alpha = float(log_alpha.exp())
+        model.alpha = log_alpha.exp().item()
         met = ndcg_recall(model, valid)
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "alpha": model.alpha, **met,
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
