@@ -190,6 +190,8 @@ def baseline_scorers(ds: Dataset, cases: EvalCases, split: str) -> list[Ranker]:
     return [PopularityRanker(counts), ItemKNNRanker(ui, hist_idx)]
 
 
+# --compare NAME=FOLDER[:mode] → (user model, co-visitation)
+COMPARE_MODES = {"": (True, True), "text": (False, False), "text+cv": (False, True), "model": (True, False)}
 LIST_K = max(KS)  # the served path pushes lists; ranks beyond them count as misses for every method
 
 
@@ -209,12 +211,14 @@ class ServedRanker:
         model_dir: Path,
         redis_client: Any,
         use_user_model: bool = True,
+        use_covisit: bool = True,
     ) -> None:
         import uuid
         from dataclasses import replace
 
         from devstack.produce import dataset_events
         from inference.catalog import CatalogIndex
+        from inference.covisit import CoVisitation, CoVisitRecorder
         from inference.scoring import Request, Scorer
         from inference.user_model import load_user_model
         from profiles.store import ProfileStore
@@ -224,11 +228,19 @@ class ServedRanker:
         self.catalog = CatalogIndex.load(Path(model_dir) / "catalog")
         um = load_user_model(Path(model_dir), self.catalog) if use_user_model else None
         self.user_model_version = um.version if um is not None else None
-        self.scorer = Scorer(self.catalog, s.scoring, s.profile, user_model=um)
         before = list(SPLITS[: SPLITS.index(split)])
         inter = ds.interactions
         hist = inter[inter["split"].isin(before) & inter["user_id"].astype(str).isin(set(cases.users))]
         events = list(dataset_events(replace(ds, interactions=hist), "all", settings=s))
+        # The collaborative signal learns from the stream: here the stream is the histories, counted
+        # by the worker's own recorder (so it sees what item-kNN is fitted on, nothing more).
+        covisit = CoVisitation(len(self.catalog.ids))
+        recorder = CoVisitRecorder(covisit, self.catalog.index_of, s.scoring.covisit_window)
+        recorder.record([e.user_id for e in events], [e.item_id or "" for e in events])
+        covisit.fold()
+        self.scorer = Scorer(
+            self.catalog, s.scoring, s.profile, user_model=um, covisit=covisit if use_covisit else None
+        )
         store = ProfileStore(redis_client, s, items=self.catalog)
         try:
             for i in tqdm(range(0, len(events), 5000), desc=f"{name}: profiles", unit="batch", leave=False):
@@ -341,22 +353,32 @@ def sasrec_ranker(ds: Dataset, cases: EvalCases, split: str, catalog: Any, threa
 def run_evaluation(
     ds: Dataset,
     split: str,
-    served: Mapping[str, tuple[Path, bool]],
+    served: Mapping[str, tuple[Path, bool, bool]],
     settings: Settings,
     max_users: int = 0,
     sasrec: bool = True,
     seed: int = 0,
 ) -> tuple[dict[str, dict[str, float]], EvalCases, dict[str, str]]:
     """Baselines, the ID-only sequential model and every served configuration
-    (name → (model folder, use its user model)) on the evaluation cases of ``split``."""
+    (name → (model folder, use its user model, use co-visitation)) on the evaluation cases of ``split``."""
     cases = eval_cases(ds, split).take(max_users, seed)
     if not len(cases):
         raise click.ClickException(f"no evaluation cases in split {split!r} of {ds.name}")
     scorers: list[Ranker | ServedRanker] = list(baseline_scorers(ds, cases, split))
     redis_client = settings.redis.client()
     versions: dict[str, str] = {}
-    for name, (folder, with_user) in served.items():
-        r = ServedRanker(name, ds, cases, split, settings, folder, redis_client, use_user_model=with_user)
+    for name, (folder, with_user, with_cv) in served.items():
+        r = ServedRanker(
+            name,
+            ds,
+            cases,
+            split,
+            settings,
+            folder,
+            redis_client,
+            use_user_model=with_user,
+            use_covisit=with_cv,
+        )
         versions[name] = f"{r.catalog.model_version}" + (
             f" + {r.user_model_version}" if r.user_model_version else ""
         )
@@ -410,7 +432,8 @@ def pretrained_model_dir(s: Settings) -> Path:
 @click.option(
     "--compare",
     multiple=True,
-    help="More served rows, NAME=FOLDER (with its user model) or NAME=FOLDER:text (profile blend only).",
+    help="More served rows, NAME=FOLDER[:MODE]: no mode = user model + co-visitation, text = profile blend "
+    "only, text+cv = profile blend + co-visitation, model = user model without co-visitation.",
 )
 @click.option(
     "--sasrec/--no-sasrec", default=True, show_default=True, help="Train the ID-only baseline here."
@@ -445,12 +468,18 @@ def loo(
         raise click.ClickException(
             f"no catalog in {model_dir}: build one with `streamrec index --dataset {dataset} --model-dir {model_dir}`"
         )
-    served: dict[str, tuple[Path, bool]] = {"text only (profile blend)": (model_dir, False)}
+    served: dict[str, tuple[Path, bool, bool]] = {
+        "text only (profile blend)": (model_dir, False, False),
+        "text + user model": (model_dir, True, False),
+        "text + co-visitation": (model_dir, False, True),
+    }
     for spec in compare:
         name, _, folder = spec.partition("=")
         path, _, mode = folder.partition(":")
-        served[name] = (Path(path), mode != "text")
-    served["streamrec"] = (model_dir, True)
+        if mode not in COMPARE_MODES:
+            raise click.BadParameter(f"{spec!r}: the mode after ':' is one of {', '.join(COMPARE_MODES)}")
+        served[name] = (Path(path), *COMPARE_MODES[mode])
+    served["streamrec"] = (model_dir, True, True)
     results, cases, versions = run_evaluation(ds, split, served, s, max_users, sasrec=sasrec)
     published = PUBLISHED if ds.name == "scientific" else {}
     notes = [

@@ -98,6 +98,7 @@ class StreamrecMethod:
 
     def __init__(self, name: str, settings: Settings, model_dir: Path, redis_client) -> None:
         from inference.catalog import CatalogIndex
+        from inference.covisit import CoVisitation, CoVisitRecorder
         from inference.popularity import RedisPopularity
         from inference.scoring import Scorer
         from inference.user_model import load_user_model
@@ -113,7 +114,21 @@ class StreamrecMethod:
         self.user_model_version = um.version if um is not None else None
         self.store = ProfileStore(redis_client, s, items=self.catalog)
         self.popularity = RedisPopularity(s, redis_client)
-        self.scorer = Scorer(self.catalog, s.scoring, s.profile, popularity=self.popularity, user_model=um)
+        # The collaborative signal learns from the replayed stream (warm-up, then test-then-learn)
+        # with the worker's recorder; folded once per hour of stream time, so runs repeat exactly.
+        self.covisit = CoVisitation(len(self.catalog.ids))
+        self.recorder = CoVisitRecorder(
+            self.covisit, self.catalog.index_of, s.scoring.covisit_window, fold_every_s=None
+        )
+        self._fold_hour = -1
+        self.scorer = Scorer(
+            self.catalog,
+            s.scoring,
+            s.profile,
+            popularity=self.popularity,
+            user_model=um,
+            covisit=self.covisit,
+        )
         self.redis = redis_client
 
     def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:
@@ -124,8 +139,14 @@ class StreamrecMethod:
         return [[it.item_id for it in lst] for lst in self.scorer.recommend(reqs, now_ms=now_ms)]
 
     def update(self, events: Sequence[Event]) -> None:
-        self.store.apply_batch(events)
+        res = self.store.apply_batch(events)
         self.popularity.record(events)
+        applied = [events[i] for i in res.applied_index if events[i].item_id]
+        self.recorder.record([e.user_id for e in applied], [e.item_id or "" for e in applied])
+        hour = max((e.ts for e in events), default=0) // 3_600_000
+        if hour != self._fold_hour:
+            self.covisit.fold()
+            self._fold_hour = hour
 
     def cleanup(self) -> None:
         keys = list(self.redis.scan_iter(match=f"*{self.settings.redis.prefix}*", count=5000))

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from inference import metrics
+from inference.covisit import CoVisitation
 from inference.user_model import EventArrays, OnnxUserModel, event_arrays
 from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
@@ -80,6 +81,7 @@ class Scorer:
         adjustments: DemandAdjustments | None = None,
         popularity: PopularitySource | None = None,
         user_model: OnnxUserModel | None = None,
+        covisit: CoVisitation | None = None,
     ) -> None:
         self.catalog = catalog
         self.cfg = scoring
@@ -87,6 +89,7 @@ class Scorer:
         self.adjustments = adjustments
         self.popularity = popularity
         self.user_model = user_model
+        self.covisit = covisit  # the collaborative signal (inference/covisit.py), grown from the stream
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -196,15 +199,20 @@ class Scorer:
         unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
         excl = _split_rows(excl_rows, excl_items, len(sub))
         top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
-        c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items)
+        S, extra = self._covisit(sub, excl, unavailable)
+        c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
         valid = c.idx >= 0
         log_fac = np.log(np.maximum(fac, 1e-6))
-        logits = np.where(valid, alpha * (c.sim + c.bonus) + log_fac, -np.inf)
+        model = c.sim
+        if S is not None:  # u_i's score: cosine + the co-visitation feature (row max 1)
+            gathered = np.take_along_axis(S, np.maximum(c.idx, 0), 1)
+            model = c.sim + self.cfg.covisit_weight * np.where(valid, gathered, 0.0).astype(np.float32)
+        logits = np.where(valid, alpha * (model + c.bonus) + log_fac, -np.inf)
         # The score shown is the model's u_i (with demand factors), not inflated by the buy-again
         # bonus: the bonus and the slot quota decide the order, the probabilities stay comparable.
-        probs = _softmax_rows(np.where(valid, alpha * c.sim + log_fac, -np.inf))
+        probs = _softmax_rows(np.where(valid, alpha * model + log_fac, -np.inf))
         quota = np.array([int(round(self.cfg.buy_again_share * r.k)) for r in sub], np.int64)
         order = self._mmr_batch(c.idx, logits / alpha, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
         sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
@@ -249,6 +257,30 @@ class Scorer:
         ok = np.flatnonzero(idx >= 0)
         return row[ok], idx[ok], ok, ok - (np.cumsum(lens) - lens)[row[ok]]
 
+    def _covisit(
+        self, sub: Sequence[Request], excl: list[np.ndarray], unavailable: np.ndarray
+    ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+        """Co-visitation scores (m, n) of the users' recent items, each row scaled to max 1, and
+        each row's best ``covisit_candidates`` items (row, catalog row) as extra candidates."""
+        cv, cfg = self.covisit, self.cfg
+        if cv is None or cfg.covisit_weight <= 0:
+            return None, None
+        lists = [[e[0] for e in (getattr(r.profile, "recent_events", None) or [])] for r in sub]
+        rows, items, _, _ = self._flat_index(lists)
+        S = cv.scores(rows, items, len(sub))
+        S /= np.maximum(S.max(1, keepdims=True), 1e-12)
+        k = min(cfg.covisit_candidates, S.shape[1])
+        if k <= 0:
+            return S, None
+        masked = S.copy()
+        for r, e in enumerate(excl):  # the row's excluded items (ragged; a few ids per user)
+            masked[r, e] = 0.0
+        masked[:, unavailable] = 0.0
+        top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
+        keep = np.take_along_axis(masked, top, 1) > 0
+        r_idx = np.broadcast_to(np.arange(len(sub))[:, None], top.shape)
+        return S, (r_idx[keep], top[keep])
+
     def _candidates(
         self,
         sub: Sequence[Request],
@@ -257,14 +289,23 @@ class Scorer:
         top_sim: np.ndarray,
         excl_rows: np.ndarray,
         excl_items: np.ndarray,
+        extra: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> _Candidates:
-        """Top-k columns, then one column per bought item not among them (buy-again).
+        """Top-k columns, then one column per bought item and per ``extra`` (co-visitation)
+        item not among them.
 
         Bought items join the candidates even when their similarity is low; those among the
         top-k keep their column (and demand factor) and get the bonus there.
         """
         m, n = len(sub), len(self.catalog.ids)
         b_rows, b_items, b_bonus = self._repeat_bonus(sub)
+        if extra is not None and extra[0].size:  # co-visitation candidates, no bonus
+            er, ei = extra
+            new = ~np.isin(er * n + ei, b_rows * n + b_items)
+            order = np.argsort(np.concatenate([b_rows, er[new]]), kind="stable")
+            b_rows = np.concatenate([b_rows, er[new]])[order]
+            b_items = np.concatenate([b_items, ei[new]])[order]
+            b_bonus = np.concatenate([b_bonus, np.zeros(int(new.sum()), np.float32)])[order]
         if b_rows.size:  # not excluded, available
             keep = ~np.isin(b_rows * n + b_items, excl_rows * n + excl_items)
             keep &= np.asarray(self.catalog.available, bool)[b_items]
@@ -279,8 +320,8 @@ class Scorer:
             pos = np.minimum(np.searchsorted(sk, top_keys), sk.size - 1)
             hit = top_valid & (sk[pos] == top_keys)
             top_bonus = np.where(hit, b_bonus[order][pos], 0.0).astype(np.float32)
-            extra = ~np.isin(b_keys, top_keys[top_valid])
-            b_rows, b_items, b_bonus = b_rows[extra], b_items[extra], b_bonus[extra]
+            outside = ~np.isin(b_keys, top_keys[top_valid])
+            b_rows, b_items, b_bonus = b_rows[outside], b_items[outside], b_bonus[outside]
         top_sim = np.where(top_valid, top_sim, -np.inf).astype(np.float32)
         counts = np.bincount(b_rows, minlength=m)
         width = int(counts.max()) if counts.size else 0

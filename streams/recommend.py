@@ -29,6 +29,7 @@ import orjson
 
 from alerts.effects import RedisDemandAdjustments
 from inference.catalog import CatalogIndex
+from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
 from inference.encoder import MicroBatcher
 from inference.popularity import RedisPopularity
 from inference.scoring import Request, ScoredItem, Scorer
@@ -378,10 +379,11 @@ class PushPath:
     pusher: RecommendationPusher
     popularity: PopularityRecorder
     query_encoder: MicroBatcher | None
+    covisit: CoVisitRecorder | None = None  # counts the applied events into the scorer's co-visitation
 
     @property
     def hooks(self) -> list[Hook]:
-        return [self.popularity, self.pusher]
+        return [self.popularity, *([self.covisit] if self.covisit else []), self.pusher]
 
     async def close(self) -> None:
         """Publish what is pending (worker shutdown); the caller flushes the producer."""
@@ -408,8 +410,24 @@ def build_push_path(
     if s.scoring.user_model and isinstance(catalog, CatalogIndex):
         # the catalog plug-in (inference.catalog.load_catalog) already added the residuals
         user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False)
+    covisit, recorder = None, None
+    if s.scoring.covisit_weight > 0:
+        seed = load_covisit(s.resolved_model_dir, catalog.ids, catalog.index_of)
+        covisit = seed[0] if seed is not None else CoVisitation(len(catalog.ids))
+        recorder = CoVisitRecorder(
+            covisit, catalog.index_of, s.scoring.covisit_window, s.scoring.covisit_users
+        )
+        log.info(
+            "co-visitation: %d pairs from the model folder's seed, learning from the stream", covisit.nnz
+        )
     scorer = Scorer(
-        catalog, s.scoring, s.profile, adjustments=adjustments, popularity=popularity, user_model=user_model
+        catalog,
+        s.scoring,
+        s.profile,
+        adjustments=adjustments,
+        popularity=popularity,
+        user_model=user_model,
+        covisit=covisit,
     )
     batcher = None
     if encoder is not None:
@@ -425,4 +443,4 @@ def build_push_path(
         store.clear_pending(pushed)
 
     pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm)
-    return PushPath(service, pusher, PopularityRecorder(popularity, item_category), batcher)
+    return PushPath(service, pusher, PopularityRecorder(popularity, item_category), batcher, recorder)

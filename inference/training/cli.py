@@ -348,7 +348,12 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
                eval_users: int, threads: int, seed: int) -> None:  # fmt: skip
     """Train the user model over the catalog's item vectors and export it to <model-dir>/user."""
     from inference.catalog import CatalogIndex
-    from inference.training.user_model import UserModelConfig, export_user_model, train_user_model
+    from inference.training.user_model import (
+        UserModelConfig,
+        export_user_model,
+        fit_covisit,
+        train_user_model,
+    )
     from streamrec.datasets import load_dataset
 
     _logging()
@@ -362,7 +367,8 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
     )  # fmt: skip
     t0 = time.perf_counter()
     model = train_user_model(ds, cat, cfg)
-    out = export_user_model(model, cat, folder)
+    window = s.scoring.covisit_window
+    out = export_user_model(model, cat, folder, covisit=(fit_covisit(ds, cat, window), window))
     best = model.metrics["best"]
     click.echo(f"user model ({item_repr}) on {ds.name}: {model.metrics['examples']} examples, best epoch "
                f"{best['epoch']} valid NDCG@10 {best['ndcg@10']:.4f} Recall@10 {best['recall@10']:.4f}; "

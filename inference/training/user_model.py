@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from inference.covisit import FILE as COVISIT_FILE
+from inference.covisit import CoVisitation
 from inference.manifest import sha256_file
 from inference.user_model import (
     INPUTS,
@@ -428,10 +431,29 @@ def _take(ex: Examples, idx: np.ndarray) -> Examples:
 
 
 # -- export --------------------------------------------------------------------------------
+def fit_covisit(ds: Dataset, catalog: Any, window: int, splits: Sequence[str] = ("train",)) -> CoVisitation:
+    """The co-visitation seed: the ``splits`` interactions, each user's in time order, counted by
+    the same rule as the worker's :class:`inference.covisit.CoVisitRecorder`."""
+    df = ds.interactions[ds.interactions["split"].isin(list(splits))]
+    df = df.sort_values("ts", kind="stable")
+    rows = catalog.index_of(df["item_id"].astype(str).tolist())
+    users = df["user_id"].astype(str).to_numpy()
+    keep = rows >= 0
+    seqs: dict[str, list[int]] = {}
+    for u, r in zip(users[keep].tolist(), rows[keep].tolist(), strict=True):
+        seqs.setdefault(u, []).append(r)
+    return CoVisitation.fit(len(catalog.ids), seqs.values(), window)
+
+
 def export_user_model(
-    model: TrainedUserModel, catalog: Any, model_dir: Path, variants=("fp32", "int8")
+    model: TrainedUserModel,
+    catalog: Any,
+    model_dir: Path,
+    variants=("fp32", "int8"),
+    covisit: tuple[CoVisitation, int] | None = None,
 ) -> Path:
-    """``<model_dir>/user/``: ONNX fp32 (+ int8), residuals, manifest with sha256 and parity."""
+    """``<model_dir>/user/``: ONNX fp32 (+ int8), residuals, the co-visitation seed (counts,
+    window), manifest with sha256 and parity."""
     if model.cfg.item_repr == "id":
         raise ValueError("the ID-only model is a baseline: it has no text vectors to serve")
     out = Path(model_dir) / USER_DIR
@@ -476,6 +498,9 @@ def export_user_model(
     offsets = model.table.offset.detach().numpy()
     ids = np.asarray(catalog.ids, dtype=str)
     np.savez(out / RESIDUALS, item_ids=ids[warm], vectors=offsets[warm].astype(np.float32))
+    (out / COVISIT_FILE).unlink(missing_ok=True)
+    if covisit is not None:
+        covisit[0].save(out / COVISIT_FILE, catalog.ids, covisit[1])
     files = {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.name != MANIFEST}
     version = "user-" + files[VARIANT_FILES["fp32"]][:12]
     manifest = {

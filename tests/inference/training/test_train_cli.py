@@ -70,7 +70,14 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
         assert um["text_model_version"] == m.version and set(um["variants"]) == {"fp32", "int8"}
         assert um["metrics"]["parity"]["fp32_max_abs_diff"] <= 1e-4
         assert um["metrics"]["parity"]["int8_min_cosine"] >= 0.95
-        assert set(um["files"]) == {"user_model.onnx", "user_model.int8.onnx", "residuals.npz"}
+        assert set(um["files"]) == {"user_model.onnx", "user_model.int8.onnx", "residuals.npz", "covisit.npz"}
+        # the co-visitation seed: the train split counted on the catalog's rows
+        from inference.catalog import CatalogIndex
+        from inference.covisit import load_covisit
+
+        cat = CatalogIndex.load(model / "catalog")
+        seed = load_covisit(model, cat.ids, cat.index_of)
+        assert seed is not None and seed[0].nnz > 0 and seed[1] == 20
 
         # and the served path evaluates it, beside the baselines and the ID-only sequential model
         out_json = tmp_path / "loo.json"
@@ -82,6 +89,8 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
             "item_knn",
             "sasrec (ID-only)",
             "text only (profile blend)",
+            "text + user model",
+            "text + co-visitation",
             "streamrec",
         }
         assert all(
@@ -105,13 +114,22 @@ def test_eval_loo_writes_markdown_plot_and_json(retail_model_dir: Path, tmp_path
     finally:
         get_settings.cache_clear()
     res = json.loads(out.read_text())
-    assert set(res) == {"most_popular", "item_knn", "text only (profile blend)", "streamrec"}
+    assert set(res) == {
+        "most_popular",
+        "item_knn",
+        "text only (profile blend)",
+        "text + user model",
+        "text + co-visitation",
+        "streamrec",
+    }
     assert (
         res["streamrec"]["n"] == 150
         and 0 <= res["streamrec"]["recall@10"] <= res["streamrec"]["recall@50"] <= 1
     )
-    # the cached retail model has no user model: the served row is the profile blend itself
-    assert res["streamrec"] == res["text only (profile blend)"]
+    # the cached retail model has no user model: the served row is the profile blend + co-visitation
+    assert res["streamrec"] == res["text + co-visitation"]
+    assert res["text + user model"] == res["text only (profile blend)"]
+    assert res["streamrec"]["ndcg@10"] != res["text only (profile blend)"]["ndcg@10"]
     assert (tmp_path / "res" / "loo-online-retail-test.png").stat().st_size > 1000
     md = (tmp_path / "res" / "loo-online-retail-test.md").read_text()
     assert "history items are excluded" in md and "| item_knn |" in md

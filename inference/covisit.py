@@ -1,0 +1,224 @@
+"""Item-to-item co-visitation learned from the stream: the scorer's collaborative signal.
+
+One rule defines the counts, offline and online alike (:func:`window_meetings`): when a user
+meets an item that is not among their last ``window`` distinct items, the item's user count
+goes up by one and each (item, window item) pair by one, in both orders. For users with at
+most ``window`` distinct items this is item-kNN's "users in common" co-occurrence; for heavy
+users it keeps to what they bought or viewed around the same time.
+
+    sim(i, j) = C_ij / sqrt(n_i · n_j)        (cosine over users, as ``evaluation.baselines``)
+    s_u(j)    = Σ_{i ∈ window(u)} sim(i, j)    one sparse product for a batch of users
+
+The scorer adds ``scoring.covisit_weight · s_u(j) / max_j s_u(j)`` to the cosine of a
+candidate and takes the best ``scoring.covisit_candidates`` items of s_u as extra candidates,
+so an item that sells with what the user just met can be pushed although its text is far
+from them. A new item starts with no counts (text only) and gains evidence as it sells.
+
+State: a seed fitted on the training events (``<model dir>/user/covisit.npz``, written by
+``streamrec train-user``), plus what this worker's :class:`CoVisitRecorder` counts from the
+applied events after it. Counts are folded into a fresh CSR matrix and published by swapping
+one reference, so a scoring round in another thread always reads a consistent matrix.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+FILE = "covisit.npz"
+
+
+def window_meetings(
+    items: Iterable[int], window: list[int], size: int, pairs_a: list[int], pairs_b: list[int], met: list[int]
+) -> list[int]:
+    """Apply one user's item sequence (oldest first) to their window (newest first, distinct).
+
+    Appends the new meetings' pairs to ``pairs_a``/``pairs_b`` (one order; the caller adds both)
+    and the met items to ``met``; returns the new window.
+    """
+    for j in items:
+        if j in window:
+            window.remove(j)  # a repeat moves to the front, no new evidence
+        else:
+            met.append(j)
+            pairs_a.extend([j] * len(window))
+            pairs_b.extend(window)
+        window.insert(0, j)
+        del window[size:]
+    return window
+
+
+class CoVisitation:
+    """Co-visitation counts over a catalog's rows; see the module docstring."""
+
+    def __init__(
+        self, n_items: int, counts: sp.csr_matrix | None = None, users: np.ndarray | None = None
+    ) -> None:
+        self.n = n_items
+        self._counts = sp.csr_matrix((n_items, n_items), dtype=np.float32) if counts is None else counts
+        self._users = np.zeros(n_items, np.float32) if users is None else np.asarray(users, np.float32)
+        self._pa: list[np.ndarray] = []
+        self._pb: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._norm = self._normalised()
+        self.version = 0  # folds so far
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, n_items: int, sequences: Iterable[Sequence[int]], window: int) -> CoVisitation:
+        """Counts from users' item sequences (catalog rows, oldest first), by the one rule."""
+        pa: list[int] = []
+        pb: list[int] = []
+        met: list[int] = []
+        for seq in sequences:
+            window_meetings(seq, [], window, pa, pb, met)
+        cv = cls(n_items)
+        cv.add(np.asarray(pa, np.int64), np.asarray(pb, np.int64), np.asarray(met, np.int64))
+        cv.fold()
+        return cv
+
+    def add(self, a: np.ndarray, b: np.ndarray, met: np.ndarray) -> None:
+        """Queue pairs (a[k], b[k]) (both orders are counted) and met items; :meth:`fold` publishes."""
+        with self._lock:
+            if a.size:
+                self._pa.append(np.concatenate([a, b]))
+                self._pb.append(np.concatenate([b, a]))
+            if met.size:
+                np.add.at(self._users, met, 1.0)
+
+    @property
+    def queued(self) -> int:
+        return sum(x.size for x in self._pa)
+
+    def fold(self) -> None:
+        """Fold the queued pairs into the counts and publish the new normalised matrix."""
+        with self._lock:
+            pa, pb, self._pa, self._pb = self._pa, self._pb, [], []
+            users = self._users.copy()
+        if pa:
+            a, b = np.concatenate(pa), np.concatenate(pb)
+            delta = sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(self.n, self.n))
+            self._counts = (self._counts + delta).tocsr()
+        self._norm = self._normalised(users)
+        self.version += 1
+
+    def _normalised(self, users: np.ndarray | None = None) -> sp.csr_matrix:
+        u = self._users if users is None else users
+        inv = (1.0 / np.sqrt(np.maximum(u, 1.0))).astype(np.float32)
+        c = self._counts.tocoo()
+        data = c.data * inv[c.row] * inv[c.col]
+        return sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(self.n, self.n))
+
+    # -- scoring -------------------------------------------------------------------------
+    def scores(self, rows: np.ndarray, items: np.ndarray, m: int) -> np.ndarray:
+        """(m, n) float32: for each of ``m`` users, the summed similarity rows of their distinct
+        recent items, given as (user row, catalog row) pairs."""
+        w = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, items)), shape=(m, self.n))
+        w.data[:] = 1.0  # an item counts once per user
+        return np.asarray((w @ self._norm).todense(), np.float32)
+
+    @property
+    def nnz(self) -> int:
+        return int(self._counts.nnz)
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self, path: Path, item_ids: Sequence[str], window: int) -> Path:
+        self.fold()
+        c = self._counts.tocoo()
+        np.savez_compressed(
+            path,
+            item_ids=np.asarray(item_ids, dtype=object).astype(str),
+            row=c.row.astype(np.int32),
+            col=c.col.astype(np.int32),
+            data=c.data.astype(np.float32),
+            users=self._users,
+            window=np.int64(window),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path, catalog_ids: Sequence[str], index_of) -> tuple[CoVisitation, int]:
+        """Counts saved by :meth:`save`, re-indexed onto a catalog (items it lacks are dropped;
+        catalog items without counts start at zero). Returns (co-visitation, window)."""
+        z = np.load(path, allow_pickle=False)
+        rows = index_of([str(x) for x in z["item_ids"]])
+        n = len(catalog_ids)
+        r, c, d = rows[z["row"]], rows[z["col"]], z["data"]
+        ok = (r >= 0) & (c >= 0)
+        counts = sp.csr_matrix((d[ok], (r[ok], c[ok])), shape=(n, n), dtype=np.float32)
+        users = np.zeros(n, np.float32)
+        known = rows >= 0
+        users[rows[known]] = z["users"][known]
+        return cls(n, counts, users), int(z["window"])
+
+
+def load_covisit(model_dir: Path, catalog_ids: Sequence[str], index_of) -> tuple[CoVisitation, int] | None:
+    """The model folder's seed (``<model dir>/user/covisit.npz``), None when it has none."""
+    path = Path(model_dir) / "user" / FILE
+    return CoVisitation.load(path, catalog_ids, index_of) if path.is_file() else None
+
+
+class CoVisitRecorder:
+    """Counts the applied events' meetings into a :class:`CoVisitation` (pipeline hook).
+
+    It keeps each recent user's window of distinct items in memory (least recently seen users
+    are forgotten beyond ``max_users``; a forgotten user starts a new window). Folds at most
+    every ``fold_every_s`` seconds (None: the caller folds), so one batch costs a few list
+    operations per event and a fold costs O(nnz).
+    """
+
+    def __init__(
+        self,
+        covisit: CoVisitation,
+        index_of,
+        window: int,
+        max_users: int = 1_000_000,
+        fold_every_s: float | None = 1.0,
+    ) -> None:
+        self.covisit = covisit
+        self.index_of = index_of
+        self.window = window
+        self.max_users = max_users
+        self.fold_every_s = fold_every_s
+        self._windows: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # agents of several partitions may record at once
+        self._last_fold = time.monotonic()
+
+    def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> int:
+        """Events in order (user, item); unknown items are ignored. Returns the new meetings."""
+        rows = self.index_of(list(item_ids)) if len(item_ids) else np.empty(0, np.int64)
+        by_user: dict[str, list[int]] = {}
+        for u, i in zip(user_ids, rows.tolist(), strict=True):
+            if i >= 0:
+                by_user.setdefault(u, []).append(i)
+        pa: list[int] = []
+        pb: list[int] = []
+        met: list[int] = []
+        wins = self._windows
+        with self._lock:
+            for u, seq in by_user.items():
+                win = wins.pop(u, None) or []
+                wins[u] = window_meetings(seq, win, self.window, pa, pb, met)
+            while len(wins) > self.max_users:
+                wins.popitem(last=False)
+        self.covisit.add(np.asarray(pa, np.int64), np.asarray(pb, np.int64), np.asarray(met, np.int64))
+        now = time.monotonic()
+        if self.fold_every_s is not None and now - self._last_fold >= self.fold_every_s:
+            self.covisit.fold()
+            self._last_fold = now
+        return len(met)
+
+    async def __call__(self, events: Sequence, changed_users: set[str]) -> None:
+        """Pipeline hook: the applied events (replays and duplicates are never passed here)."""
+        import asyncio
+
+        items = [(e.user_id, e.item_id) for e in events if e.item_id]
+        if items:
+            users, ids = zip(*items, strict=True)
+            await asyncio.get_running_loop().run_in_executor(None, self.record, users, ids)

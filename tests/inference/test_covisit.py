@@ -1,0 +1,126 @@
+"""The co-visitation signal: one counting rule offline and online (whatever the batching), the
+same cosine as item-kNN for short histories, a seed re-indexed onto the catalog, and the scorer
+taking co-visited items as candidates and as a feature of the score."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import scipy.sparse as sp
+
+from evaluation.baselines import ItemSimilarity
+from inference.catalog import CatalogIndex
+from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
+from inference.scoring import Request, Scorer
+from profiles.model import Profile
+from streamrec.events import Event, EventType
+from streamrec.settings import Settings
+
+T0 = 1_700_000_000_000
+
+
+def _catalog(n: int = 30, dim: int = 8, seed: int = 0) -> CatalogIndex:
+    m = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return CatalogIndex.from_arrays([f"i{k}" for k in range(n)], m, "test-vectors")
+
+
+def _stream(n_users: int = 40, n_items: int = 30, length: int = 12, seed: int = 1) -> list[tuple[str, int]]:
+    g = np.random.default_rng(seed)
+    out = [(f"u{g.integers(n_users)}", int(g.integers(n_items))) for _ in range(n_users * length)]
+    return out
+
+
+def _dense(cv: CoVisitation) -> np.ndarray:
+    cv.fold()
+    return cv._counts.toarray()
+
+
+def test_recorder_counts_what_fit_counts_whatever_the_batching() -> None:
+    stream = _stream()
+    seqs: dict[str, list[int]] = {}
+    for u, i in stream:
+        seqs.setdefault(u, []).append(i)
+    fitted = CoVisitation.fit(30, seqs.values(), window=5)
+    ids = [f"i{k}" for k in range(30)]
+    index_of = _catalog().index_of
+    for cuts in ([len(stream)], [1] * len(stream), [7, 100, 3, 250]):
+        online = CoVisitation(30)
+        rec = CoVisitRecorder(online, index_of, window=5, fold_every_s=None)
+        pos = 0
+        for c in [*cuts, len(stream)]:
+            part = stream[pos : pos + c]
+            rec.record([u for u, _ in part], [ids[i] for _, i in part])
+            pos += c
+        np.testing.assert_array_equal(_dense(online), _dense(fitted))
+        np.testing.assert_array_equal(online._users, fitted._users)
+    assert fitted.nnz > 0 and np.allclose(_dense(fitted), _dense(fitted).T)
+
+
+def test_short_histories_give_item_knn_cosine() -> None:
+    g = np.random.default_rng(3)
+    seqs = [g.choice(20, size=int(g.integers(1, 6)), replace=False).tolist() for _ in range(60)]
+    cv = CoVisitation.fit(20, seqs, window=10)  # every history fits in the window
+    rows = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    x = sp.csr_matrix((np.ones(rows.size), (rows, np.concatenate(seqs))), shape=(len(seqs), 20))
+    knn = ItemSimilarity.fit(x)
+    q = [np.array(seqs[0]), np.array(seqs[1])]
+    qr = np.repeat([0, 1], [len(q[0]), len(q[1])])
+    np.testing.assert_allclose(cv.scores(qr, np.concatenate(q), 2), knn.scores(q), rtol=1e-5, atol=1e-6)
+
+
+def test_window_limits_pairs_to_nearby_items() -> None:
+    cv = CoVisitation.fit(10, [[0, 1, 2, 3]], window=2)
+    c = _dense(cv)
+    assert c[3, 2] == 1 and c[3, 1] == 1 and c[3, 0] == 0  # 0 had left the window when 3 came
+    assert c[1, 0] == 1 and c[0, 1] == 1
+
+
+def test_seed_is_reindexed_onto_the_catalog(tmp_path) -> None:
+    cv = CoVisitation.fit(4, [[0, 1], [1, 2], [0, 1, 3]], window=5)
+    cv.save(tmp_path / "covisit.npz", ["a", "b", "c", "d"], 5)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "covisit.npz").rename(tmp_path / "user" / "covisit.npz")
+    cat = CatalogIndex.from_arrays(["d", "x", "b", "a"], np.eye(4, dtype=np.float32), "v")  # c gone, x new
+    loaded, window = load_covisit(tmp_path, cat.ids, cat.index_of)  # type: ignore[misc]
+    c = _dense(loaded)
+    assert window == 5
+    assert c[3, 2] == 2  # (a, b): two users
+    assert c[0, 3] == 1 and c[0, 2] == 1  # d with a and b
+    assert c[1].sum() == 0 and loaded._users[1] == 0  # the new item starts empty
+    assert load_covisit(tmp_path / "nothing", cat.ids, cat.index_of) is None
+
+
+def test_scorer_takes_co_visited_items_as_candidates_and_weight_zero_turns_them_off() -> None:
+    cat = _catalog(60, 8)
+    # i59 is the far side of the text space from i0 but everyone who met i0 met i59 too.
+    cat.replace_vectors(np.vstack([cat.matrix[:59], -cat.matrix[:1]]))
+    cv = CoVisitation.fit(60, [[0, 59]] * 20 + [[0, k] for k in range(1, 10)], window=5)
+    prof = Profile(
+        "a", long_term=cat.matrix[0], long_term_weight=1.0, last_ts=T0, recent_events=[["i0", "view", T0]]
+    )
+    req = [Request("a", prof, k=5, ref_ms=T0, exclude_ids=("i0",))]
+    s = Settings()
+    on = Scorer(cat, s.scoring.model_copy(update={"covisit_weight": 3.0}), s.profile, covisit=cv)
+    off = Scorer(cat, s.scoring.model_copy(update={"covisit_weight": 0.0}), s.profile, covisit=cv)
+    plain = Scorer(cat, s.scoring, s.profile)
+    got_on = [it.item_id for it in on.recommend(req, now_ms=T0)[0]]
+    got_off = [it.item_id for it in off.recommend(req, now_ms=T0)[0]]
+    assert got_on[0] == "i59"
+    assert "i59" not in got_off
+    assert got_off == [it.item_id for it in plain.recommend(req, now_ms=T0)[0]]
+    probs = [it.score for it in on.recommend(req, now_ms=T0)[0]]
+    assert 0 < sum(probs) <= 1.0 + 1e-6 and probs[0] == max(probs)  # u_i includes the feature
+
+
+def test_recorder_hook_counts_the_applied_events() -> None:
+    cat = _catalog()
+    cv = CoVisitation(len(cat.ids))
+    rec = CoVisitRecorder(cv, cat.index_of, window=5, fold_every_s=0.0)
+    evs = [
+        Event(event_id=f"e{k}", user_id="u", type=EventType.VIEW, item_id=f"i{k}", ts=T0 + k)
+        for k in range(3)
+    ] + [Event(event_id="s", user_id="u", type=EventType.SEARCH, query="lamp", ts=T0 + 9)]
+    asyncio.run(rec(evs, {"u"}))
+    c = cv._counts.toarray()
+    assert c[2, 0] == c[2, 1] == c[1, 0] == 1 and c.sum() == 6
