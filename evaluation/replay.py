@@ -51,10 +51,18 @@ class MethodScores:
     days: list[str] = field(default_factory=list)
     recommended: set[str] = field(default_factory=set)
     novelty: list[float] = field(default_factory=list)
+    # per event: the user had bought the item before; the item is cold (unseen before the
+    # test period) / in the long tail (outside the warm-up's top 20 % by interactions)
+    rebuy: list[bool] = field(default_factory=list)
+    cold: list[bool] = field(default_factory=list)
+    tail: list[bool] = field(default_factory=list)
 
-    def add(self, rank: int, day: str) -> None:
+    def add(self, rank: int, day: str, rebuy: bool = False, cold: bool = False, tail: bool = False) -> None:
         self.ranks.append(rank)
         self.days.append(day)
+        self.rebuy.append(rebuy)
+        self.cold.append(cold)
+        self.tail.append(tail)
 
 
 def rank_metrics(ranks: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
@@ -187,6 +195,12 @@ def run_replay(
         for m in methods.values():
             m.update(chunk)
     scores = {name: MethodScores() for name in methods}
+    bought: defaultdict[str, set[str]] = defaultdict(set)
+    for e in warm_events:
+        if e.item_id:
+            bought[e.user_id].add(e.item_id)
+    ranked_items = sorted(item_pop, key=lambda i: -item_pop[i])
+    head = set(ranked_items[: max(1, len(ranked_items) // 5)])
     test_events = frame_events(ds, test, settings)
     by_ts: dict[int, list[Event]] = defaultdict(list)
     for e in test_events:
@@ -206,8 +220,17 @@ def run_replay(
                 sc.recommended.update(lst)
                 sc.novelty.extend(-math.log2((item_pop.get(i, 0.0) + 1.0) / (total + 1.0)) for i in lst[:10])
             for e in batch:
-                sc.add(pos[e.user_id].get(e.item_id, 0), day)
+                sc.add(
+                    pos[e.user_id].get(e.item_id, 0),
+                    day,
+                    rebuy=e.item_id in bought[e.user_id],
+                    cold=e.item_id not in item_pop,
+                    tail=e.item_id not in head,
+                )
             m.update(batch)
+        for e in batch:
+            if e.item_id:
+                bought[e.user_id].add(e.item_id)
     return scores
 
 
@@ -219,6 +242,12 @@ def summarise(scores: dict[str, MethodScores], n_items: int) -> tuple[dict, pd.D
         met["coverage"] = len(sc.recommended) / n_items
         met["novelty"] = float(np.mean(sc.novelty)) if sc.novelty else 0.0
         met["events"] = len(sc.ranks)
+        ranks = np.asarray(sc.ranks)
+        for seg, flags in (("rebuy", sc.rebuy), ("new", [not f for f in sc.rebuy]), ("cold", sc.cold),
+                           ("tail", sc.tail)):  # fmt: skip
+            sel = ranks[np.asarray(flags, bool)] if flags else ranks[:0]
+            met[f"hr@{LIST_K} {seg}"] = rank_metrics(sel.tolist())[f"hr@{LIST_K}"] if sel.size else 0.0
+            met[f"events {seg}"] = int(sel.size)
         overall[name] = met
         df = pd.DataFrame({"day": sc.days, "rank": sc.ranks})
         for day, g in df.groupby("day"):
@@ -263,7 +292,17 @@ def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: lis
     fig.savefig(out_dir / "replay_overall.png", dpi=110)
     plt.close(fig)
 
-    cols = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "coverage", "novelty"]
+    cols = [
+        "hr@10",
+        "hr@20",
+        "ndcg@10",
+        "mrr",
+        "coverage",
+        "hr@20 new",
+        "hr@20 rebuy",
+        "hr@20 cold",
+        "hr@20 tail",
+    ]
     lines = ["# Replay evaluation (prequential, Online Retail)", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

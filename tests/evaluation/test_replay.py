@@ -136,3 +136,33 @@ def test_eval_replay_quick_cli(retail_model_dir, tmp_path, stack):
     for m in data.values():
         assert 0.0 <= m["hr@10"] <= m["hr@20"] <= 1.0 and m["events"] > 1000
     assert (tmp_path / "replay.md").exists() and (tmp_path / "replay_hr10_per_day.png").exists()
+
+
+def test_replay_splits_hits_into_rebuys_new_cold_and_tail_items(tmp_path):
+    items = [f"i{k}" for k in range(10)] + ["fresh"]
+    pd.DataFrame({"item_id": items, "text": [f"item {i}" for i in items]}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    rows = [(f"w{k}", f"i{k % 6}", T0 + k, "train") for k in range(30)]  # i0..i5 popular, i6..i9 never
+    rows += [("u1", "i7", T0 + 40, "train")]  # i7 in the warm-up once: long tail
+    rows += [
+        ("u1", "i7", T0 + 2 * DAY, "test"),  # re-buy of a tail item
+        ("u2", "i0", T0 + 2 * DAY + 1, "test"),  # new to u2, head item
+        ("u3", "fresh", T0 + 2 * DAY + 2, "test"),  # cold: never seen before the test period
+        ("u2", "i0", T0 + 2 * DAY + 3, "test"),  # u2 bought i0 a moment ago: a re-buy now
+    ]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "split"]).assign(type="purchase").to_csv(
+        tmp_path / "interactions.csv", index=False
+    )
+    ds = load_generic(tmp_path)
+    sc = run_replay(ds, {"repeat": Repeat(ds.item_ids)}, Settings(), progress=False)["repeat"]
+    assert sc.rebuy == [True, False, False, True]
+    assert sc.cold == [False, False, True, False]
+    assert sc.tail == [True, False, True, False]
+    overall, _ = summarise({"repeat": sc}, len(items))
+    m = overall["repeat"]
+    # both re-buys are in the buy-again lists; each segment's rate is over its own events only
+    assert m["hr@20 rebuy"] == 1.0 and m["events rebuy"] == 2 and m["events new"] == 2
+    assert m["hr@20 new"] == rank_metrics([sc.ranks[1], sc.ranks[2]])["hr@20"]
+    assert m["events cold"] == 1 and m["hr@20 cold"] == rank_metrics([sc.ranks[2]])["hr@20"]
+    assert m["events tail"] == 2
