@@ -62,6 +62,9 @@ def env(stack, retail_model_dir, tmp_path_factory):
         encoder="inference.encoder:load_encoder",
         STREAMREC_MODEL_DIR=str(retail_model_dir),
         STREAMREC_SCORING_COALESCE_MS="400",
+        # the co-visitation counts a worker learns online are folded on a timer, so an exact
+        # comparison with the evaluation code (test below) runs without them
+        STREAMREC_SCORING_COVISIT_WEIGHT="0",
         STREAMREC_ENCODER_PROVIDERS='["CPUExecutionProvider"]',
     ).start()
     consumer = Consumer({**s.kafka.librdkafka_config(), "group.id": f"reader-{uid}",
@@ -123,6 +126,60 @@ def _send(producer: EventProducer, events) -> None:
     for e in events:
         producer.send(e)
     producer.flush(30)
+
+
+def test_pushed_lists_equal_what_the_evaluation_code_computes(env, retail, retail_model_dir):
+    """A short real stream (Online Retail test-period customers) through the real worker: each
+    user's last pushed top-10 is what ``eval``'s served path (the same Scorer over the profiles
+    the worker wrote) computes for them."""
+    from dataclasses import replace
+
+    from devstack.produce import dataset_events
+    from evaluation.loo import LIST_K
+    from inference.catalog import CatalogIndex
+    from inference.scoring import Request, Scorer
+    from inference.user_model import load_user_model
+    from profiles.store import ProfileStore
+
+    s, _, results, producer = env
+    test = retail.split("test")
+    users = test["user_id"].drop_duplicates().head(6).tolist()
+    df = test[test["user_id"].isin(users)].groupby("user_id").head(8)
+    uid = uuid.uuid4().hex[:6]
+    now = int(time.time() * 1000)
+    events = [
+        make_event(
+            e.type,
+            f"eq{uid}-{e.user_id}",
+            item_id=e.item_id,
+            ts=e.ts,
+            session_id=e.session_id,
+            quantity=e.quantity,
+            price=e.price,
+        )  # fmt: skip
+        for e in dataset_events(
+            replace(retail, interactions=df), "all", settings=s, now_ms=now - 60_000, speed=1e6
+        )
+    ]
+    _send(producer, events)
+    last = {e.user_id: e for e in events}
+    pushed = {u: results.latest(u, e.event_id)["items"] for u, e in last.items()}
+
+    catalog = CatalogIndex.load(retail_model_dir / "catalog")
+    scorer = Scorer(
+        catalog, s.scoring.model_copy(update={"covisit_weight": 0.0}), s.profile,
+        user_model=load_user_model(retail_model_dir, catalog),
+    )  # fmt: skip
+    profiles = ProfileStore(s.redis.client(), s, items=catalog).get_profiles(list(last))
+    reqs = [Request(u, profiles[u], k=s.scoring.top_k, ref_ms=last[u].ts) for u in last]
+    computed = scorer.recommend(reqs, now_ms=int(time.time() * 1000))
+    assert LIST_K >= 10
+    for req, lst in zip(reqs, computed, strict=True):
+        got = [it["item_id"] for it in pushed[req.user_id]][:10]
+        assert got == [it.item_id for it in lst][:10], req.user_id
+        assert [it["score"] for it in pushed[req.user_id]][:10] == pytest.approx(
+            [it.score for it in lst][:10], abs=1e-5
+        )
 
 
 def test_clicks_in_one_category_dominate_and_schema_is_complete(env, retail):
