@@ -234,13 +234,15 @@ class ServedRanker:
         events = list(dataset_events(replace(ds, interactions=hist), "all", settings=s))
         # The collaborative signal learns from the stream: here the stream is the histories, counted
         # by the worker's own recorder (so it sees what item-kNN is fitted on, nothing more).
-        covisit = CoVisitation(len(self.catalog.ids))
-        recorder = CoVisitRecorder(covisit, self.catalog.index_of, s.scoring.covisit_window)
-        recorder.record([e.user_id for e in events], [e.item_id or "" for e in events])
-        covisit.fold()
-        self.scorer = Scorer(
-            self.catalog, s.scoring, s.profile, user_model=um, covisit=covisit if use_covisit else None
-        )
+        covisit = None
+        if use_covisit:
+            covisit = CoVisitation(len(self.catalog.ids))
+            recorder = CoVisitRecorder(
+                covisit, self.catalog.index_of, s.scoring.covisit_window, fold_every_s=None
+            )
+            recorder.record([e.user_id for e in events], [e.item_id or "" for e in events])
+            covisit.fold()
+        self.scorer = Scorer(self.catalog, s.scoring, s.profile, user_model=um, covisit=covisit)
         store = ProfileStore(redis_client, s, items=self.catalog)
         try:
             for i in tqdm(range(0, len(events), 5000), desc=f"{name}: profiles", unit="batch", leave=False):

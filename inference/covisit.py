@@ -22,6 +22,7 @@ one reference, so a scoring round in another thread always reads a consistent ma
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -55,19 +56,22 @@ def window_meetings(
 
 
 class CoVisitation:
-    """Co-visitation counts over a catalog's rows; see the module docstring."""
+    """Co-visitation counts over a catalog's rows; see the module docstring. The catalog may grow
+    (upserted items get new rows): counts grow with the rows they are given."""
 
     def __init__(
         self, n_items: int, counts: sp.csr_matrix | None = None, users: np.ndarray | None = None
     ) -> None:
-        self.n = n_items
         self._counts = sp.csr_matrix((n_items, n_items), dtype=np.float32) if counts is None else counts
         self._users = np.zeros(n_items, np.float32) if users is None else np.asarray(users, np.float32)
         self._pa: list[np.ndarray] = []
         self._pb: list[np.ndarray] = []
         self._lock = threading.Lock()
-        self._norm = self._normalised()
-        self.version = 0  # folds so far
+        self._norm = self._normalised(self._counts, self._users)
+
+    @property
+    def n(self) -> int:
+        return int(self._counts.shape[0])
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -90,38 +94,45 @@ class CoVisitation:
                 self._pa.append(np.concatenate([a, b]))
                 self._pb.append(np.concatenate([b, a]))
             if met.size:
+                need = int(met.max()) + 1
+                if need > self._users.size:  # a row the catalog added since
+                    self._users = np.pad(self._users, (0, need - self._users.size))
                 np.add.at(self._users, met, 1.0)
-
-    @property
-    def queued(self) -> int:
-        return sum(x.size for x in self._pa)
 
     def fold(self) -> None:
         """Fold the queued pairs into the counts and publish the new normalised matrix."""
         with self._lock:
             pa, pb, self._pa, self._pb = self._pa, self._pb, [], []
             users = self._users.copy()
+        counts = self._counts
+        if users.size > counts.shape[0]:
+            counts = counts.copy()
+            counts.resize((users.size, users.size))
         if pa:
+            n = counts.shape[0]
             a, b = np.concatenate(pa), np.concatenate(pb)
-            delta = sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(self.n, self.n))
-            self._counts = (self._counts + delta).tocsr()
-        self._norm = self._normalised(users)
-        self.version += 1
+            counts = (counts + sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(n, n))).tocsr()
+        self._counts = counts
+        self._norm = self._normalised(counts, users)
 
-    def _normalised(self, users: np.ndarray | None = None) -> sp.csr_matrix:
-        u = self._users if users is None else users
-        inv = (1.0 / np.sqrt(np.maximum(u, 1.0))).astype(np.float32)
-        c = self._counts.tocoo()
-        data = c.data * inv[c.row] * inv[c.col]
-        return sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(self.n, self.n))
+    @staticmethod
+    def _normalised(counts: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
+        inv = sp.diags((1.0 / np.sqrt(np.maximum(users, 1.0))).astype(np.float32))
+        return (inv @ counts @ inv).tocsr().astype(np.float32)
 
     # -- scoring -------------------------------------------------------------------------
-    def scores(self, rows: np.ndarray, items: np.ndarray, m: int) -> np.ndarray:
+    def scores(self, rows: np.ndarray, items: np.ndarray, m: int, n: int | None = None) -> np.ndarray:
         """(m, n) float32: for each of ``m`` users, the summed similarity rows of their distinct
-        recent items, given as (user row, catalog row) pairs."""
-        w = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, items)), shape=(m, self.n))
+        recent items, given as (user row, catalog row) pairs; ``n`` columns (default: the rows
+        counted so far; rows beyond them have no counts yet)."""
+        norm = self._norm  # one published matrix for the whole call
+        k = norm.shape[0]
+        ok = items < k
+        w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
         w.data[:] = 1.0  # an item counts once per user
-        return np.asarray((w @ self._norm).todense(), np.float32)
+        out = np.asarray((w @ norm).todense(), np.float32)
+        n = k if n is None else n
+        return out[:, :n] if n <= k else np.pad(out, ((0, 0), (0, n - k)))
 
     @property
     def nnz(self) -> int:
@@ -216,8 +227,6 @@ class CoVisitRecorder:
 
     async def __call__(self, events: Sequence, changed_users: set[str]) -> None:
         """Pipeline hook: the applied events (replays and duplicates are never passed here)."""
-        import asyncio
-
         items = [(e.user_id, e.item_id) for e in events if e.item_id]
         if items:
             users, ids = zip(*items, strict=True)

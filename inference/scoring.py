@@ -199,7 +199,7 @@ class Scorer:
         unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
         excl = _split_rows(excl_rows, excl_items, len(sub))
         top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
-        S, extra = self._covisit(sub, excl, unavailable)
+        S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
@@ -258,7 +258,7 @@ class Scorer:
         return row[ok], idx[ok], ok, ok - (np.cumsum(lens) - lens)[row[ok]]
 
     def _covisit(
-        self, sub: Sequence[Request], excl: list[np.ndarray], unavailable: np.ndarray
+        self, sub: Sequence[Request], excl_rows: np.ndarray, excl_items: np.ndarray, unavailable: np.ndarray
     ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
         """Co-visitation scores (m, n) of the users' recent items, each row scaled to max 1, and
         each row's best ``covisit_candidates`` items (row, catalog row) as extra candidates."""
@@ -267,14 +267,13 @@ class Scorer:
             return None, None
         lists = [[e[0] for e in (getattr(r.profile, "recent_events", None) or [])] for r in sub]
         rows, items, _, _ = self._flat_index(lists)
-        S = cv.scores(rows, items, len(sub))
+        S = cv.scores(rows, items, len(sub), len(self.catalog.ids))
         S /= np.maximum(S.max(1, keepdims=True), 1e-12)
         k = min(cfg.covisit_candidates, S.shape[1])
         if k <= 0:
             return S, None
         masked = S.copy()
-        for r, e in enumerate(excl):  # the row's excluded items (ragged; a few ids per user)
-            masked[r, e] = 0.0
+        masked[excl_rows, excl_items] = 0.0
         masked[:, unavailable] = 0.0
         top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
         keep = np.take_along_axis(masked, top, 1) > 0

@@ -124,3 +124,14 @@ def test_recorder_hook_counts_the_applied_events() -> None:
     asyncio.run(rec(evs, {"u"}))
     c = cv._counts.toarray()
     assert c[2, 0] == c[2, 1] == c[1, 0] == 1 and c.sum() == 6
+
+
+def test_counts_grow_with_the_catalog() -> None:
+    cat = _catalog(5)
+    cv = CoVisitation.fit(5, [[0, 1]], window=5)
+    cat.upsert(["new"], np.ones((1, cat.dim), np.float32))  # row 5, unknown to the counts so far
+    assert cv.scores(np.array([0]), np.array([5]), 1, len(cat.ids)).shape == (1, 6)
+    rec = CoVisitRecorder(cv, cat.index_of, window=5, fold_every_s=0.0)
+    rec.record(["u", "u"], ["i0", "new"])
+    assert cv.n == 6 and _dense(cv)[5, 0] == 1
+    assert cv.scores(np.array([0]), np.array([5]), 1, len(cat.ids))[0, 0] > 0
