@@ -93,7 +93,7 @@ class Scorer:
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
-        self, reqs: Sequence[Request], now_ms: int
+        self, reqs: Sequence[Request], now_ms: int, timings: dict[str, float] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P (m, dim) unit rows, has_context (m,), query_weight_share (m,)).
 
@@ -135,7 +135,9 @@ class Scorer:
         P[has] = raw[has] / norms[has, None]
         share = np.where(w.sum(1) > 0, w[:, 2] / np.maximum(w.sum(1), 1e-9), 0.0)
         if self.user_model is not None:
-            self._model_contexts(reqs, now_ms, qu, w[:, 2] > 0, P, has)
+            elapsed = self._model_contexts(reqs, now_ms, qu, w[:, 2] > 0, P, has)
+            if timings is not None:
+                timings["user_model"] = elapsed
         return P, has, share
 
     def _model_contexts(
@@ -146,8 +148,9 @@ class Scorer:
         has_query: np.ndarray,
         P: np.ndarray,
         has: np.ndarray,
-    ) -> None:
-        """Replace P's rows by the user model's p for users with recent events or a fresh query."""
+    ) -> float:
+        """Replace P's rows by the user model's p for users with recent events or a fresh query.
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         um = self.user_model
         assert um is not None
@@ -159,25 +162,33 @@ class Scorer:
             sub = EventArrays(arr.idx[use], arr.types[use], arr.age[use], arr.mask[use])
             P[use] = um.contexts(self.catalog.matrix, sub, query[use], has_query[use])
             has[use] = True
-        metrics.user_model_seconds.observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        metrics.user_model_seconds.observe(elapsed)
+        return elapsed
 
     # -- main entry ----------------------------------------------------------------------
-    def recommend(self, reqs: Sequence[Request], now_ms: int | None = None) -> list[list[ScoredItem]]:
-        """Top-K per request, one matrix product for the whole batch."""
+    def recommend(
+        self, reqs: Sequence[Request], now_ms: int | None = None, timings: dict[str, float] | None = None
+    ) -> list[list[ScoredItem]]:
+        """Top-K per request, one matrix product for the whole batch. ``timings`` (if given)
+        receives the seconds of the whole call (``scoring``) and of the user model (``user_model``)."""
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         out: list[list[ScoredItem]] = [[] for _ in reqs]
         if not reqs:
             return out
-        P, has, q_share = self.context_vectors(reqs, now_ms)
+        P, has, q_share = self.context_vectors(reqs, now_ms, timings)
         warm = np.flatnonzero(has)
         if warm.size:
             self._score_warm(reqs, warm, P, q_share, out)
         popular: dict[tuple[str | None, int], list[tuple[str, float]]] = {}  # one lookup per category
         for r in np.flatnonzero(~has).tolist():
             out[r] = self._fallback(reqs[r], popular)
-        metrics.scoring_seconds.observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        metrics.scoring_seconds.observe(elapsed)
         metrics.scoring_batch_users.observe(len(reqs))
+        if timings is not None:
+            timings["scoring"] = elapsed
         return out
 
     # -- warm users: everything vectorised over the batch ---------------------------------

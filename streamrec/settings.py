@@ -482,6 +482,11 @@ class ScoringSettings(SettingsGroup):
         1_000_000, ge=1, description="Users whose co-visitation window a worker keeps in memory (LRU)."
     )
     batch_users: int = Field(256, ge=1, description="Users scored together in one matrix product.")
+    process: bool = Field(
+        True,
+        description="Score in a child process of the worker (streams/scoring_backend.py), so scoring runs on "
+        "another core in parallel with consuming; off: in a thread of the worker, sharing its GIL.",
+    )
     ann_threshold: int = Field(
         200_000,
         ge=1,

@@ -16,9 +16,7 @@ the result in :class:`WorkerState`, which the agent, the web views and the timer
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ from alerts.publish import AlertPublisher
 from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog, ItemVectors, TextEncoder
 from streamrec.kafka import KafkaProducer
+from streamrec.plugins import load_factory
 from streamrec.settings import Settings
 from streams.explorer import Explorer, build_explorer
 from streams.pipeline import EventPipeline
@@ -69,17 +68,6 @@ class WorkerContext:
         if self.push is not None:
             await self.push.close()
         await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 10.0)
-
-
-def load_factory(spec: str) -> Callable[[Settings], Any]:
-    """``"module:attribute"`` → the callable it names (the worker's plug-in points)."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"expected 'module:callable', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
 
 
 def _load_plugins(
@@ -125,7 +113,9 @@ def build_context(
     pipeline.add_hook(explorer.recorder)
     push = None
     if isinstance(items, Catalog):
-        push = build_push_path(s, items, store, redis, encoder, producer, item_category)
+        push = build_push_path(
+            s, items, store, redis, encoder, producer, item_category, items_factory or DEFAULT_ITEMS
+        )
         for hook in push.hooks:
             pipeline.add_hook(hook)
         push.pusher.listeners.append(explorer.feed)

@@ -27,19 +27,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from alerts.effects import RedisDemandAdjustments
-from inference.catalog import CatalogIndex
-from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
 from inference.encoder import MicroBatcher
 from inference.popularity import RedisPopularity
-from inference.scoring import Request, ScoredItem, Scorer
-from inference.user_model import load_user_model
+from inference.scoring import ScoredItem
 from profiles.store import ProfileStore
 from streamrec.events import Event
 from streamrec.interfaces import Catalog, Hook, TextEncoder
 from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams import metrics
+from streams.scoring_backend import CoVisitHook, ScoringBackend, scoring_backend
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +71,27 @@ def result_message(
 
 
 class RecommendationService:
-    """Profiles + scorer (+ query encoder): the one place that turns users into top-K lists."""
+    """Profiles + scorer (+ query encoder): the one place that turns users into top-K lists.
+
+    The scoring itself runs in the ``backend`` (``streams/scoring_backend.py``): in a child
+    process on the worker, in the calling thread in tests and evaluations. ``store`` is the
+    worker's own profile store (owed pushes after a crash)."""
 
     def __init__(
         self,
         settings: Settings,
         store: ProfileStore,
-        scorer: Scorer,
+        backend: ScoringBackend,
         query_encoder: MicroBatcher | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.scorer = scorer
+        self.backend = backend
         self.query_encoder = query_encoder
 
     @property
     def model_version(self) -> str:
-        return self.scorer.catalog.model_version
+        return self.backend.model_version
 
     def recommend_many(
         self,
@@ -103,21 +104,15 @@ class RecommendationService:
         versions: dict[str, int] | None = None,
     ) -> list[list[ScoredItem]]:
         """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
-        profiles = self.store.get_profiles(list(user_ids))
-        if versions is not None:
-            versions.update({u: p.version for u, p in profiles.items()})
-        reqs = [
-            Request(
-                user_id=u,
-                profile=profiles.get(u),
-                k=k,
-                category_hint=category_hints[i] if category_hints else None,
-                query_vector=query_vectors[i] if query_vectors else None,
-                ref_ms=ref_ms[i] if ref_ms else None,
-            )
-            for i, u in enumerate(user_ids)
-        ]
-        return self.scorer.recommend(reqs, now_ms=now_ms)
+        return self.backend.recommend_many(
+            user_ids,
+            k,
+            category_hints=category_hints,
+            query_vectors=query_vectors,
+            ref_ms=ref_ms,
+            now_ms=now_ms,
+            versions=versions,
+        )
 
     async def recommend_one(self, user_id: str, k: int | None = None, q: str | None = None) -> dict[str, Any]:
         """The pull path. Raises ValueError with a user-facing message on bad input."""
@@ -312,24 +307,30 @@ class RecommendationPusher:
         for p in pend:
             stage.labels("push_wait").observe(started - p.since)
         versions: dict[str, int] = {}
-        for start in range(0, len(due), batch):
-            users, ps = due[start : start + batch], pend[start : start + batch]
-            t0 = time.perf_counter()
-            lists = await loop.run_in_executor(
-                None,
-                functools.partial(
-                    self.service.recommend_many,
-                    users,
-                    self.settings.scoring.top_k,
-                    category_hints=[p.category for p in ps],
-                    ref_ms=[p.event_ts for p in ps],
-                    versions=versions,
-                ),
-            )
-            t1 = time.perf_counter()
-            stage.labels("score").observe(t1 - t0)
-            self._publish(users, ps, lists)
-            stage.labels("publish").observe(time.perf_counter() - t1)
+        done = 0
+        try:
+            for start in range(0, len(due), batch):
+                users, ps = due[start : start + batch], pend[start : start + batch]
+                t0 = time.perf_counter()
+                lists = await loop.run_in_executor(
+                    None,
+                    functools.partial(
+                        self.service.recommend_many,
+                        users,
+                        self.settings.scoring.top_k,
+                        category_hints=[p.category for p in ps],
+                        ref_ms=[p.event_ts for p in ps],
+                        versions=versions,
+                    ),
+                )
+                t1 = time.perf_counter()
+                stage.labels("score").observe(t1 - t0)
+                self._publish(users, ps, lists)
+                stage.labels("publish").observe(time.perf_counter() - t1)
+                done = start + len(users)
+        except BaseException:
+            self._restore(due[done:], pend[done:])  # not pushed: they stay pending, retried next round
+            raise
         if self._flush_producer is not None:
             self._flush_producer()
         if self._confirm is not None and versions:
@@ -338,6 +339,16 @@ class RecommendationPusher:
             task.add_done_callback(self._confirming.discard)
         self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)
         return len(due)
+
+    def _restore(self, users: Sequence[str], pend: Sequence[_Pending]) -> None:
+        """Put users whose round failed back into the pending set (a newer change keeps its
+        event, the older ``since`` is kept)."""
+        for u, p in zip(users, pend, strict=True):
+            cur = self.pending.get(u)
+            if cur is None:
+                self.pending[u] = p
+            else:
+                cur.since = min(cur.since, p.since)
 
     def _publish(
         self, users: Sequence[str], ps: Sequence[_Pending], lists: Sequence[list[ScoredItem]]
@@ -379,15 +390,19 @@ class PushPath:
     pusher: RecommendationPusher
     popularity: PopularityRecorder
     query_encoder: MicroBatcher | None
-    covisit: CoVisitRecorder | None = None  # counts the applied events into the scorer's co-visitation
+    covisit: CoVisitHook | None = None  # counts the applied events into the scorer's co-visitation
 
     @property
     def hooks(self) -> list[Hook]:
         return [self.popularity, *([self.covisit] if self.covisit else []), self.pusher]
 
     async def close(self) -> None:
-        """Publish what is pending (worker shutdown); the caller flushes the producer."""
-        await self.pusher.stop()
+        """Publish what is pending (worker shutdown), then stop the scoring backend; the caller
+        flushes the producer."""
+        try:
+            await self.pusher.stop()
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.service.backend.close)
 
 
 def build_push_path(
@@ -398,41 +413,19 @@ def build_push_path(
     encoder: TextEncoder | None,
     producer: KafkaProducer,
     item_category: Mapping[str, str],
+    items_factory: str | None = None,
 ) -> PushPath:
-    """Scorer (demand adjustments, popularity fallback), query micro-batcher, pull service, pusher.
+    """Scoring backend (a child process when ``scoring.process`` and the catalog plug-in
+    ``items_factory`` allow it), query micro-batcher, pull service, pusher.
 
     ``item_category`` is the catalog's item → category map (the same one the demand hook uses).
     """
     s = settings
-    adjustments = RedisDemandAdjustments(s, redis_client)
-    popularity = RedisPopularity(s, redis_client)
-    user_model = None
-    if s.scoring.user_model and isinstance(catalog, CatalogIndex):
-        # the catalog plug-in (inference.catalog.load_catalog) already added the residuals
-        user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False)
-    covisit, recorder = None, None
-    if s.scoring.covisit_weight > 0:
-        seed = load_covisit(s.resolved_model_dir, catalog.ids, catalog.index_of)
-        covisit = seed[0] if seed is not None else CoVisitation(len(catalog.ids))
-        recorder = CoVisitRecorder(
-            covisit, catalog.index_of, s.scoring.covisit_window, s.scoring.covisit_users
-        )
-        log.info(
-            "co-visitation: %d pairs from the model folder's seed, learning from the stream", covisit.nnz
-        )
-    scorer = Scorer(
-        catalog,
-        s.scoring,
-        s.profile,
-        adjustments=adjustments,
-        popularity=popularity,
-        user_model=user_model,
-        covisit=covisit,
-    )
+    backend = scoring_backend(s, catalog, redis_client, items_factory)
     batcher = None
     if encoder is not None:
         batcher = MicroBatcher(encoder, max_batch=s.encoder.max_batch, max_wait_ms=s.encoder.max_wait_ms)
-    service = RecommendationService(s, store, scorer, query_encoder=batcher)
+    service = RecommendationService(s, store, backend, query_encoder=batcher)
     topic = s.topics.results
 
     def publish(key: str, value: bytes) -> None:
@@ -443,4 +436,6 @@ def build_push_path(
         store.clear_pending(pushed)
 
     pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm)
-    return PushPath(service, pusher, PopularityRecorder(popularity, item_category), batcher, recorder)
+    covisit = CoVisitHook(backend) if s.scoring.covisit_weight > 0 else None
+    popularity = PopularityRecorder(RedisPopularity(s, redis_client), item_category)
+    return PushPath(service, pusher, popularity, batcher, covisit)

@@ -17,6 +17,7 @@ from inference.scoring import Scorer
 from profiles.store import Position, ProfileStore
 from streamrec.events import make_event
 from streams.recommend import RecommendationPusher, RecommendationService
+from streams.scoring_backend import LocalScoring
 
 T0 = 1_700_000_000_000
 
@@ -29,7 +30,9 @@ def _catalog() -> CatalogIndex:
 
 
 def _pusher(settings, store, catalog, published, confirm=True) -> RecommendationPusher:
-    service = RecommendationService(settings, store, Scorer(catalog, settings.scoring, settings.profile))
+    service = RecommendationService(
+        settings, store, LocalScoring(store, Scorer(catalog, settings.scoring, settings.profile))
+    )
 
     def publish(user: str, value: bytes) -> None:
         published.append(user)

@@ -1,0 +1,407 @@
+"""Where the worker's scoring runs: in this process (a thread) or in a child process.
+
+The worker consumes, validates, writes profiles and runs the demand monitor on its event loop;
+scoring a round of users (profiles read, user model, matrix product, MMR, reasons) is the
+CPU-heavy part. In a thread it shares the GIL with the consumer, so on a small machine the
+consumer falls behind as soon as scoring saturates. :class:`ProcessScoring` runs the very same
+:class:`LocalScoring` (same builder, same :class:`inference.scoring.Scorer`) in a child
+process started with ``spawn``: the two really run in parallel on two cores, and a round trip
+costs one pickled request and one pickled reply over a pipe.
+
+Both implement :class:`ScoringBackend`:
+
+* ``recommend_many(users, k, ...)`` → the users' top-k lists (profiles read by the backend
+  from Redis, so the newest profile version is what is scored);
+* ``record(users, items)``: applied events for the co-visitation signal, which lives with
+  the scorer (in the child when there is one);
+* ``close()``.
+
+The child owns its own Redis client and its own copy of the catalog and the models. It
+answers requests one at a time, in order (a ``record`` sent before a ``score`` is counted
+before it). If it dies, the call in flight raises and the next call starts a new child;
+the co-visitation counts learned from the stream since the start are lost with it (the
+model folder's seed is reloaded), the profiles are not (they are in Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from inference.catalog import CatalogIndex
+from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
+from inference.popularity import RedisPopularity
+from inference.scoring import Request, ScoredItem, Scorer
+from inference.user_model import load_user_model
+from profiles.store import ProfileStore
+from streamrec.interfaces import Catalog
+from streamrec.plugins import load_factory
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Timings a backend reports per call (seconds): profile read, user model, the whole scorer.
+TIMING_KEYS = ("profiles_read", "user_model", "scoring")
+
+
+class ScoringBackend(Protocol):
+    """What the push and pull paths need of scoring (see the module doc)."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def recommend_many(
+        self,
+        user_ids: Sequence[str],
+        k: int,
+        category_hints: Sequence[str | None] | None = None,
+        query_vectors: Sequence[np.ndarray | None] | None = None,
+        ref_ms: Sequence[int | None] | None = None,
+        now_ms: int | None = None,
+        versions: dict[str, int] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[list[ScoredItem]]: ...
+
+    def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def build_scorer(
+    settings: Settings, catalog: Catalog, redis_client: Any
+) -> tuple[Scorer, CoVisitRecorder | None]:
+    """The served scorer: demand adjustments and popularity from Redis, the model folder's user
+    model and co-visitation seed (learning from the stream through the returned recorder)."""
+    from alerts.effects import RedisDemandAdjustments
+
+    s = settings
+    user_model = None
+    if s.scoring.user_model and isinstance(catalog, CatalogIndex):
+        # the catalog plug-in (inference.catalog.load_catalog) already added the residuals
+        user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False)
+    covisit, recorder = None, None
+    if s.scoring.covisit_weight > 0:
+        seed = load_covisit(s.resolved_model_dir, catalog.ids, catalog.index_of)
+        covisit = seed[0] if seed is not None else CoVisitation(len(catalog.ids))
+        recorder = CoVisitRecorder(
+            covisit, catalog.index_of, s.scoring.covisit_window, s.scoring.covisit_users
+        )
+        log.info(
+            "co-visitation: %d pairs from the model folder's seed, learning from the stream", covisit.nnz
+        )
+    scorer = Scorer(
+        catalog,
+        s.scoring,
+        s.profile,
+        adjustments=RedisDemandAdjustments(s, redis_client),
+        popularity=RedisPopularity(s, redis_client),
+        user_model=user_model,
+        covisit=covisit,
+    )
+    return scorer, recorder
+
+
+class LocalScoring:
+    """Profiles read from the store, scored by the scorer, in the calling thread."""
+
+    def __init__(self, store: ProfileStore, scorer: Scorer, recorder: CoVisitRecorder | None = None) -> None:
+        self.store = store
+        self.scorer = scorer
+        self.recorder = recorder
+
+    @property
+    def model_version(self) -> str:
+        return self.scorer.catalog.model_version
+
+    def recommend_many(
+        self,
+        user_ids: Sequence[str],
+        k: int,
+        category_hints: Sequence[str | None] | None = None,
+        query_vectors: Sequence[np.ndarray | None] | None = None,
+        ref_ms: Sequence[int | None] | None = None,
+        now_ms: int | None = None,
+        versions: dict[str, int] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[list[ScoredItem]]:
+        """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
+        t0 = time.perf_counter()
+        profiles = self.store.get_profiles(list(user_ids))
+        if versions is not None:
+            versions.update({u: p.version for u, p in profiles.items()})
+        reqs = [
+            Request(
+                user_id=u,
+                profile=profiles.get(u),
+                k=k,
+                category_hint=category_hints[i] if category_hints else None,
+                query_vector=query_vectors[i] if query_vectors else None,
+                ref_ms=ref_ms[i] if ref_ms else None,
+            )
+            for i, u in enumerate(user_ids)
+        ]
+        t1 = time.perf_counter()
+        from streams import metrics
+
+        metrics.stage_seconds.labels("score_read").observe(t1 - t0)
+        lists = self.scorer.recommend(reqs, now_ms=now_ms, timings=timings)
+        if timings is not None:
+            timings["profiles_read"] = t1 - t0
+        return lists
+
+    def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
+        if self.recorder is not None and len(user_ids):
+            self.recorder.record(user_ids, item_ids)
+
+    def close(self) -> None:
+        pass
+
+
+def local_scoring(settings: Settings, catalog: Catalog, redis_client: Any) -> LocalScoring:
+    scorer, recorder = build_scorer(settings, catalog, redis_client)
+    return LocalScoring(ProfileStore(redis_client, settings, items=catalog), scorer, recorder)
+
+
+# -- the child process ---------------------------------------------------------------------------
+
+
+def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
+    """Entry point of the scoring process: build the local backend, answer requests in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker stops us (close, or EOF on the pipe)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="[%(asctime)s] [scoring %(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        catalog = load_factory(items_factory)(settings)
+        if not isinstance(catalog, Catalog):
+            raise TypeError(f"{items_factory} returned {type(catalog).__name__}, which has no top-k index")
+        backend = local_scoring(settings, catalog, settings.redis.client())
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", backend.model_version))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the worker is gone
+            return
+        kind = msg[0]
+        if kind == "stop":
+            return
+        try:
+            if kind == "record":
+                backend.record(msg[1], msg[2])
+            elif kind == "score":
+                _, args = msg
+                versions: dict[str, int] = {}
+                timings: dict[str, float] = {}
+                lists = backend.recommend_many(**args, versions=versions, timings=timings)
+                conn.send(("ok", [_pack(x) for x in lists], versions, timings))
+        except Exception:
+            if kind == "score":
+                conn.send(("error", traceback.format_exc(limit=8)))
+            else:
+                log.exception("scoring process: %s message failed", kind)
+
+
+def _pack(items: Sequence[ScoredItem]) -> tuple[list[str], list[float], list[str]]:
+    """A list as three plain lists: pickles several times faster than the dataclasses."""
+    return [it.item_id for it in items], [it.score for it in items], [it.reason for it in items]
+
+
+def _unpack(packed: tuple[list[str], list[float], list[str]]) -> list[ScoredItem]:
+    return [ScoredItem(i, s, r) for i, s, r in zip(*packed, strict=True)]
+
+
+class ProcessScoring:
+    """:class:`LocalScoring` in a child process (see the module doc). Thread-safe: calls are
+    serialised over the one pipe (a pull request waits for the push round in progress)."""
+
+    def __init__(self, settings: Settings, items_factory: str, start_timeout_s: float = 300.0) -> None:
+        self.settings = settings
+        self.items_factory = items_factory
+        self.start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._version = ""
+        self.restarts = 0
+        with self._lock:
+            self._start()
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # never fork a process that runs an event loop and threads
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_child,
+            args=(child, self.settings, self.items_factory),
+            name="streamrec-scoring",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        if not parent.poll(self.start_timeout_s):
+            proc.kill()
+            raise RuntimeError(
+                f"the scoring process did not start within {self.start_timeout_s:.0f}s (loading the model folder "
+                f"{self.settings.resolved_model_dir}); set STREAMREC_SCORING_PROCESS=false to score in the worker"
+            )
+        try:
+            status, detail = parent.recv()
+        except EOFError:
+            status, detail = "error", f"it exited with code {proc.exitcode}"
+        if status != "ready":
+            proc.join(5)
+            raise RuntimeError(f"the scoring process failed to start: {detail}")
+        self._proc, self._conn, self._version = proc, parent, str(detail)
+        log.info("scoring process %d ready (model %s)", proc.pid, self._version)
+
+    def _connection(self) -> Connection:
+        """The live pipe; a new child when the last one died."""
+        if self._conn is None or self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                log.error(
+                    "the scoring process %d exited (code %s); starting a new one",
+                    self._proc.pid,
+                    self._proc.exitcode,
+                )
+                self.restarts += 1
+                self._drop()
+            self._start()
+        assert self._conn is not None
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._proc = None, None
+
+    def recommend_many(
+        self,
+        user_ids: Sequence[str],
+        k: int,
+        category_hints: Sequence[str | None] | None = None,
+        query_vectors: Sequence[np.ndarray | None] | None = None,
+        ref_ms: Sequence[int | None] | None = None,
+        now_ms: int | None = None,
+        versions: dict[str, int] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[list[ScoredItem]]:
+        args = {
+            "user_ids": list(user_ids),
+            "k": k,
+            "category_hints": list(category_hints) if category_hints else None,
+            "query_vectors": list(query_vectors) if query_vectors else None,
+            "ref_ms": list(ref_ms) if ref_ms else None,
+            "now_ms": now_ms,
+        }
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.send(("score", args))
+                reply = conn.recv()
+            except (EOFError, OSError) as exc:
+                self._drop()
+                raise RuntimeError(f"the scoring process died while scoring {len(user_ids)} users") from exc
+        if reply[0] != "ok":
+            raise RuntimeError(f"scoring {len(user_ids)} users failed in the scoring process:\n{reply[1]}")
+        _, packed, got_versions, got_timings = reply
+        observe_timings(got_timings, len(user_ids))
+        if versions is not None:
+            versions.update(got_versions)
+        if timings is not None:
+            timings.update(got_timings)
+        return [_unpack(p) for p in packed]
+
+    def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
+        if not len(user_ids):
+            return
+        with self._lock:
+            try:
+                self._connection().send(("record", list(user_ids), list(item_ids)))
+            except (EOFError, OSError):
+                self._drop()  # counts of this batch are lost; the next call restarts the child
+                log.warning("the scoring process is gone; %d co-visitation events not counted", len(user_ids))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(("stop",))
+                except (EOFError, OSError):
+                    pass
+            if self._proc is not None:
+                self._proc.join(10)
+                if self._proc.is_alive():
+                    self._proc.kill()
+            self._drop()
+
+
+class CoVisitHook:
+    """Pipeline hook: the applied events' (user, item) pairs to the backend's co-visitation."""
+
+    def __init__(self, backend: ScoringBackend) -> None:
+        self.backend = backend
+
+    async def __call__(self, events: Sequence[Any], changed_users: set[str]) -> None:
+        import asyncio
+
+        pairs = [(e.user_id, e.item_id) for e in events if e.item_id]
+        if pairs:
+            users, items = zip(*pairs, strict=True)
+            await asyncio.get_running_loop().run_in_executor(None, self.backend.record, users, items)
+
+
+def scoring_backend(
+    settings: Settings, catalog: Catalog, redis_client: Any, items_factory: str | None
+) -> ScoringBackend:
+    """A child process when ``scoring.process`` is on and the catalog plug-in can be rebuilt there
+    (``items_factory``); otherwise scoring in this process."""
+    if settings.scoring.process and items_factory:
+        return ProcessScoring(settings, items_factory)
+    return local_scoring(settings, catalog, redis_client)
+
+
+def observe_timings(timings: Mapping[str, float], users: int) -> None:
+    """A child's timings into the worker's histograms (the child's own registry is not scraped)."""
+    from inference import metrics as im
+    from streams import metrics
+
+    if "profiles_read" in timings:
+        metrics.stage_seconds.labels("score_read").observe(timings["profiles_read"])
+    if "user_model" in timings:
+        im.user_model_seconds.observe(timings["user_model"])
+    if "scoring" in timings:
+        im.scoring_seconds.observe(timings["scoring"])
+    im.scoring_batch_users.observe(users)
+
+
+__all__ = [
+    "TIMING_KEYS",
+    "CoVisitHook",
+    "LocalScoring",
+    "ProcessScoring",
+    "ScoringBackend",
+    "build_scorer",
+    "local_scoring",
+    "observe_timings",
+    "scoring_backend",
+]

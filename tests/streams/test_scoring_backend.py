@@ -1,0 +1,143 @@
+"""Scoring in a child process: the same lists as in-process scoring, restarts after a crash,
+co-visitation learned there, and a failed round loses no pending user."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from support.profile_reference import make_catalog
+
+from inference.scoring import ScoredItem
+from profiles.store import Position, ProfileStore
+from streamrec.events import make_event
+from streams.recommend import RecommendationPusher, RecommendationService
+from streams.scoring_backend import LocalScoring, ProcessScoring, local_scoring
+
+T0 = 1_700_000_000_000
+ITEMS = "support.profile_reference:make_catalog"
+
+
+@pytest.fixture
+def shop(settings, redis_client):
+    """(settings with co-visitation on, catalog, store with 12 users' click histories)."""
+    s = settings.override(scoring={"covisit_weight": 0.3, "covisit_candidates": 20})
+    catalog = make_catalog(s)
+    store = ProfileStore(redis_client, s, items=catalog)
+    events = [
+        make_event(
+            "click", f"u{u}", item_id=catalog.ids[(u * 7 + j * 3) % len(catalog.ids)], ts=T0 + 1000 * j
+        )
+        for u in range(12)
+        for j in range(6)
+    ]
+    store.apply_batch(events, positions=[Position("ev", 0, k) for k in range(len(events))])
+    return s, catalog, store, events
+
+
+def _ids(lists: list[list[ScoredItem]]) -> list[list[str]]:
+    return [[it.item_id for it in x] for x in lists]
+
+
+def test_the_child_process_scores_exactly_as_the_worker_thread_would(shop, redis_client):
+    s, catalog, store, events = shop
+    users = [f"u{u}" for u in range(12)] + ["nobody"]
+    local = local_scoring(s, catalog, redis_client)
+    remote = ProcessScoring(s, ITEMS)
+    try:
+        assert remote.pid is not None and remote.pid != os.getpid()
+        assert remote.model_version == local.model_version
+        # both learn co-visitation from the same applied events; a recorder folds on a record
+        # call once a second has passed since it started, so both fold this one
+        time.sleep(1.1)
+        pairs = [(e.user_id, e.item_id or "") for e in events]
+        for backend in (local, remote):
+            backend.record([u for u, _ in pairs], [i for _, i in pairs])
+        assert local.recorder is not None and local.recorder.covisit.nnz > 0
+        remote_v: dict[str, int] = {}
+        timings: dict[str, float] = {}
+        refs = [T0 + 10_000] * len(users)
+        got = remote.recommend_many(
+            users, 10, ref_ms=refs, now_ms=T0 + 10_000, versions=remote_v, timings=timings
+        )
+        want = local.recommend_many(users, 10, ref_ms=refs, now_ms=T0 + 10_000)
+        assert any(it.reason.startswith("similar_to") for x in want for it in x)
+        assert _ids(got) == _ids(want)
+        for g, w in zip(got, want, strict=True):
+            assert [it.reason for it in g] == [it.reason for it in w]
+            assert [it.score for it in g] == pytest.approx([it.score for it in w], abs=1e-6)
+        assert len(got[0]) == 10 and got[-1]  # a cold user gets the fallback
+        assert remote_v == {u: p.version for u, p in store.get_profiles(users).items()}
+        assert set(timings) >= {"profiles_read", "scoring"}
+    finally:
+        remote.close()
+    assert remote.pid is None
+
+
+def test_a_killed_scoring_process_fails_its_call_and_the_next_call_restarts_it(shop):
+    s, catalog, store, events = shop
+    remote = ProcessScoring(s, ITEMS)
+    try:
+        first = remote.recommend_many(["u1", "u2"], 5, now_ms=T0)
+        pid = remote.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        remote._proc.join(10)  # reaped: the next call sees it dead
+        again = remote.recommend_many(["u1", "u2"], 5, now_ms=T0)
+        assert remote.restarts == 1 and remote.pid not in (None, pid)
+        assert _ids(again) == _ids(first)
+    finally:
+        remote.close()
+
+
+def test_a_child_that_cannot_load_its_catalog_says_why(settings):
+    with pytest.raises(RuntimeError, match="failed to start.*cannot load"):
+        ProcessScoring(settings, "no_such_module:catalog")
+
+
+class _Flaky:
+    """A backend that fails its first call (a scoring process that died mid-round)."""
+
+    def __init__(self, inner: LocalScoring) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version
+
+    def recommend_many(self, *a, **kw):  # noqa: ANN002, ANN003
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the scoring process died while scoring")
+        return self.inner.recommend_many(*a, **kw)
+
+    def record(self, users, items) -> None:  # noqa: ANN001
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_users_of_a_failed_round_stay_pending_and_are_pushed_by_the_next(shop, redis_client):
+    s, catalog, store, events = shop
+    flaky = _Flaky(local_scoring(s, catalog, redis_client))
+    published: list[str] = []
+    pusher = RecommendationPusher(
+        s, RecommendationService(s, store, flaky), lambda user, value: published.append(user)
+    )
+
+    async def run() -> None:
+        await pusher(events, {e.user_id for e in events})
+        for _ in range(200):
+            if len(published) >= 12:
+                break
+            await asyncio.sleep(0.02)
+        await pusher.stop()
+
+    asyncio.run(run())
+    assert flaky.calls >= 2
+    assert sorted(published) == sorted({e.user_id for e in events})
