@@ -554,17 +554,48 @@ def _e2e_level(
     return out
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc), e.g. the worker and its scoring process."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of ``pid``, of its descendants) so far: user + system (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    own, kids = 0.0, 0.0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if p == pid:
+            own = cpu
+        else:
+            kids += cpu
+    return own, kids
+
+
 def _rss_mb(pid: int) -> dict[str, float]:
-    """Resident memory of a process now and at its peak (Linux /proc), in MB."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out["rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"] = round(
-                    int(line.split()[1]) / 1024, 1
-                )
-    except OSError:
-        pass
+    """Resident memory of a process and its children now and at their peaks (Linux /proc), MB."""
+    out: dict[str, float] = {}
+    for p in _process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"
+                    out[key] = round(out.get(key, 0.0) + int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
     return out
 
 
@@ -627,11 +658,18 @@ def _run_e2e_catalog(
         sent: dict[str, float] = {}
         levels = []
         for rate in rates:
+            cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
             lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent, s.metrics_port)
+            cpu1, dt = _cpu_seconds(proc.pid), time.monotonic() - t0
+            # cores used: the worker's event loop process, and its scoring process
+            lv["cpu_cores"] = {
+                "worker": round((cpu1[0] - cpu0[0]) / dt, 2),
+                "scoring_process": round((cpu1[1] - cpu0[1]) / dt, 2),
+            }
             stages = lv.get("stages", {})
             click.echo(
                 f"[{tag}] {rate:>6.0f} events/s: p50 {lv.get('p50_ms')} ms, p99 {lv.get('p99_ms')} ms, "
-                f"{lv['results_per_s']} results/s, drain {lv['drain_s']} s"
+                f"{lv['results_per_s']} results/s, drain {lv['drain_s']} s, cores {lv['cpu_cores']}"
             )
             for st, v in stages.items():
                 click.echo(

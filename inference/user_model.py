@@ -205,15 +205,17 @@ def load_user_model(
     variant: str = "auto",
     providers: Sequence[str] | None = None,
     residuals: bool = True,
+    threads: int = 0,
 ) -> OnnxUserModel | None:
     """The user model of a model folder (None when it has none), its residuals applied to
     ``catalog`` (unless ``residuals`` is false: ``inference.catalog.load_catalog`` did it).
+    ``threads``: ONNX Runtime intra-op threads (0 = its default, one per core).
 
     Refused when it was trained on other item vectors than the catalog's."""
     folder = Path(model_dir) / USER_DIR
     if not (folder / MANIFEST).is_file():
         return None
-    um = OnnxUserModel(folder, variant=variant, providers=providers)
+    um = OnnxUserModel(folder, variant=variant, providers=providers, threads=threads)
     if um.manifest.text_model_version != catalog.model_version:
         raise ModelFolderError(
             f"user model in {folder} was trained on {um.manifest.text_model_version} item vectors, the catalog is "

@@ -487,6 +487,14 @@ class ScoringSettings(SettingsGroup):
         description="Score in a child process of the worker (streams/scoring_backend.py), so scoring runs on "
         "another core in parallel with consuming; off: in a thread of the worker, sharing its GIL.",
     )
+    process_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="CPU threads of the scoring process (BLAS and ONNX Runtime; 0 = one per core). One suits "
+        "the small per-round matrices and leaves the other cores to the consumer; raise it on big machines "
+        "with big rounds.",
+    )
     ann_threshold: int = Field(
         200_000,
         ge=1,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -48,6 +49,9 @@ from streamrec.plugins import load_factory
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Thread counts of the numeric libraries, read once at their import (the child's environment).
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # Timings a backend reports per call (seconds): profile read, user model, the whole scorer.
 TIMING_KEYS = ("profiles_read", "user_model", "scoring")
@@ -77,17 +81,18 @@ class ScoringBackend(Protocol):
 
 
 def build_scorer(
-    settings: Settings, catalog: Catalog, redis_client: Any
+    settings: Settings, catalog: Catalog, redis_client: Any, threads: int = 0
 ) -> tuple[Scorer, CoVisitRecorder | None]:
     """The served scorer: demand adjustments and popularity from Redis, the model folder's user
-    model and co-visitation seed (learning from the stream through the returned recorder)."""
+    model and co-visitation seed (learning from the stream through the returned recorder).
+    ``threads``: the user model's ONNX Runtime threads (0 = one per core)."""
     from alerts.effects import RedisDemandAdjustments
 
     s = settings
     user_model = None
     if s.scoring.user_model and isinstance(catalog, CatalogIndex):
         # the catalog plug-in (inference.catalog.load_catalog) already added the residuals
-        user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False)
+        user_model = load_user_model(s.resolved_model_dir, catalog, residuals=False, threads=threads)
     covisit, recorder = None, None
     if s.scoring.covisit_weight > 0:
         seed = load_covisit(s.resolved_model_dir, catalog.ids, catalog.index_of)
@@ -166,8 +171,8 @@ class LocalScoring:
         pass
 
 
-def local_scoring(settings: Settings, catalog: Catalog, redis_client: Any) -> LocalScoring:
-    scorer, recorder = build_scorer(settings, catalog, redis_client)
+def local_scoring(settings: Settings, catalog: Catalog, redis_client: Any, threads: int = 0) -> LocalScoring:
+    scorer, recorder = build_scorer(settings, catalog, redis_client, threads)
     return LocalScoring(ProfileStore(redis_client, settings, items=catalog), scorer, recorder)
 
 
@@ -185,7 +190,7 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
         catalog = load_factory(items_factory)(settings)
         if not isinstance(catalog, Catalog):
             raise TypeError(f"{items_factory} returned {type(catalog).__name__}, which has no top-k index")
-        backend = local_scoring(settings, catalog, settings.redis.client())
+        backend = local_scoring(settings, catalog, settings.redis.client(), settings.scoring.process_threads)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -256,7 +261,18 @@ class ProcessScoring:
             name="streamrec-scoring",
             daemon=True,
         )
-        proc.start()
+        threads = self.settings.scoring.process_threads
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        if threads:  # read by BLAS when the child imports numpy: set them for the child only
+            os.environ.update({k: str(threads) for k in _THREAD_VARS})
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         if not parent.poll(self.start_timeout_s):
             proc.kill()
