@@ -370,6 +370,14 @@ class StreamSettings(SettingsGroup):
         description="A batch closes as soon as the consumer has nothing more buffered, and at the "
         "latest this long after its first event (seconds): no fixed wait at low load.",
     )
+    batch_backlog_within_s: float = Field(
+        0.25,
+        gt=0,
+        le=5,
+        description="Under a backlog (a batch still growing when batch_within_s ran out) the next batch may "
+        "gather for twice as long, up to this (seconds): bigger batches, fewer round trips per event; the "
+        "wait falls back to batch_within_s once the buffer runs dry.",
+    )
     commit_interval_s: float = Field(
         2.8,
         gt=0,

@@ -46,7 +46,9 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
     async def process_events(stream: faust.StreamT) -> None:
         await state.loaded.wait()
         pipeline = state.pipeline
-        async for batch in eager_batches(stream, cfg.batch_max, cfg.batch_within_s):
+        async for batch in eager_batches(
+            stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
+        ):
             records = [to_record(ev) for ev in batch]
             created = getattr(batch[0].message, "timestamp", None)  # the batch's oldest record
             if created:

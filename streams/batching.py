@@ -20,14 +20,22 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-__all__ = ["eager_batches"]
+__all__ = ["BatchWindow", "eager_batches"]
 
 # Event-loop turns without a new event after which the buffer counts as drained.
 _QUIET_TURNS = 2
 
 
-async def eager_batches(stream: Any, max_: int, max_wait_s: float) -> AsyncIterator[list[Any]]:
-    """Yield lists of faust events (not acknowledged) from ``stream``; see the module docstring."""
+async def eager_batches(
+    stream: Any, max_: int, max_wait_s: float, backlog_wait_s: float | None = None
+) -> AsyncIterator[list[Any]]:
+    """Yield lists of faust events (not acknowledged) from ``stream``; see the module docstring.
+
+    A batch still growing at its deadline means a backlog: the next one may wait twice as
+    long, up to ``backlog_wait_s`` (bigger batches, fewer Redis round trips per event); a batch
+    that closed because the buffer ran dry resets the wait to ``max_wait_s``.
+    """
+    window = BatchWindow(max_wait_s, backlog_wait_s)
     buffer: list[Any] = []
     ready = asyncio.Event()  # at least one event buffered
     full = asyncio.Event()
@@ -61,7 +69,7 @@ async def eager_batches(stream: Any, max_: int, max_wait_s: float) -> AsyncItera
             await stream.wait_for_stopped(ready, timeout=1.0)
             if not buffer:
                 continue
-            await _drain(buffer, full, max_wait_s)
+            window.update(await _drain(buffer, full, window.wait_s))
             reading = asyncio.get_running_loop().create_future()
             try:
                 yield list(buffer)
@@ -77,8 +85,22 @@ async def eager_batches(stream: Any, max_: int, max_wait_s: float) -> AsyncItera
         stream._processors.remove(add_to_buffer)
 
 
-async def _drain(buffer: list[Any], full: asyncio.Event, max_wait_s: float) -> None:
-    """Let the stream hand over what it holds: until the buffer stops growing, is full, or time is up."""
+class BatchWindow:
+    """How long the next batch may gather: ``base_s``, doubled after each batch that was still
+    growing at its deadline (a backlog) up to ``top_s``, back to ``base_s`` once one runs dry."""
+
+    def __init__(self, base_s: float, top_s: float | None = None) -> None:
+        self.base_s = base_s
+        self.top_s = max(base_s, top_s or base_s)
+        self.wait_s = base_s
+
+    def update(self, backlog: bool) -> None:
+        self.wait_s = min(self.top_s, 2 * self.wait_s) if backlog else self.base_s
+
+
+async def _drain(buffer: list[Any], full: asyncio.Event, max_wait_s: float) -> bool:
+    """Let the stream hand over what it holds: until the buffer stops growing, is full, or time is
+    up. Returns whether time ran out while it was still growing (a backlog)."""
     deadline = time.monotonic() + max_wait_s
     quiet = 0
     size = len(buffer)
@@ -88,3 +110,4 @@ async def _drain(buffer: list[Any], full: asyncio.Event, max_wait_s: float) -> N
             quiet += 1
         else:
             quiet, size = 0, len(buffer)
+    return quiet < _QUIET_TURNS and not full.is_set()
