@@ -35,6 +35,10 @@ consumer_lag = Gauge(
 )
 worker_up = Gauge("streamrec_worker_up", "1 while the stream worker is running and ready to process.")
 rebalances = Counter("streamrec_rebalances", "Consumer-group rebalances seen by this worker.")
+scoring_process_restarts = Counter(
+    "streamrec_scoring_process_restarts",
+    "Scoring child processes started again after one died (streams/scoring_backend.py).",
+)
 results_published = Counter(
     "streamrec_results_published", "Recommendation lists published to the results topic."
 )

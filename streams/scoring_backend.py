@@ -300,6 +300,9 @@ class ProcessScoring:
                     self._proc.exitcode,
                 )
                 self.restarts += 1
+                from streams import metrics
+
+                metrics.scoring_process_restarts.inc()
                 self._drop()
             self._start()
         assert self._conn is not None

@@ -44,6 +44,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "streamrec_worker_up": ("gauge", ()),
     "streamrec_rebalances": ("counter", ()),
     "streamrec_results_published": ("counter", ()),
+    "streamrec_scoring_process_restarts": ("counter", ()),
     "streamrec_event_to_result_seconds": ("histogram", ()),
     "streamrec_stage_seconds": ("histogram", ("stage",)),
     "streamrec_recommendation_requests": ("counter", ("status",)),
