@@ -36,7 +36,7 @@ from streamrec.interfaces import Catalog, Hook, TextEncoder
 from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams import metrics
-from streams.scoring_backend import CoVisitHook, ScoringBackend, scoring_backend
+from streams.scoring_backend import CoVisitHook, ScoreBatch, ScoringBackend, scoring_backend
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,18 @@ class RecommendationService:
         versions: dict[str, int] | None = None,
     ) -> list[list[ScoredItem]]:
         """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
-        return self.backend.recommend_many(
-            user_ids,
+        batch = ScoreBatch(
+            list(user_ids),
             k,
-            category_hints=category_hints,
-            query_vectors=query_vectors,
-            ref_ms=ref_ms,
-            now_ms=now_ms,
-            versions=versions,
+            list(category_hints) if category_hints else None,
+            list(query_vectors) if query_vectors else None,
+            list(ref_ms) if ref_ms else None,
+            now_ms,
         )
+        out = self.backend.score(batch)
+        if versions is not None:
+            versions.update(out.versions)
+        return out.lists
 
     async def recommend_one(self, user_id: str, k: int | None = None, q: str | None = None) -> dict[str, Any]:
         """The pull path. Raises ValueError with a user-facing message on bad input."""

@@ -10,8 +10,9 @@ costs one pickled request and one pickled reply over a pipe.
 
 Both implement :class:`ScoringBackend`:
 
-* ``recommend_many(users, k, ...)`` → the users' top-k lists (profiles read by the backend
-  from Redis, so the newest profile version is what is scored);
+* ``score(ScoreBatch)`` → :class:`Scored`: the users' top-k lists (profiles read by the
+  backend from Redis, so the newest profile version is what is scored), the profile versions
+  read and the stage timings;
 * ``record(users, items)``: applied events for the co-visitation signal, which lives with
   the scorer (in the child when there is one);
 * ``close()``.
@@ -33,6 +34,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -53,8 +55,41 @@ log = logging.getLogger(__name__)
 # Thread counts of the numeric libraries, read once at their import (the child's environment).
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
-# Timings a backend reports per call (seconds): profile read, user model, the whole scorer.
-TIMING_KEYS = ("profiles_read", "user_model", "scoring")
+
+@dataclass
+class ScoreBatch:
+    """Users to score together: user i with its triggering event's category, an ad-hoc query
+    vector and its reference time (see :class:`inference.scoring.Request`)."""
+
+    user_ids: list[str]
+    k: int
+    category_hints: list[str | None] | None = None
+    query_vectors: list[np.ndarray | None] | None = None
+    ref_ms: list[int | None] | None = None
+    now_ms: int | None = None
+
+    def requests(self, profiles: Mapping[str, Any]) -> list[Request]:
+        return [
+            Request(
+                user_id=u,
+                profile=profiles.get(u),
+                k=self.k,
+                category_hint=self.category_hints[i] if self.category_hints else None,
+                query_vector=self.query_vectors[i] if self.query_vectors else None,
+                ref_ms=self.ref_ms[i] if self.ref_ms else None,
+            )
+            for i, u in enumerate(self.user_ids)
+        ]
+
+
+@dataclass
+class Scored:
+    """A batch's lists (one per user, in order), the profile versions read, and the timings in
+    seconds: ``profiles_read``, ``user_model`` (when there is one), ``scoring`` (the scorer)."""
+
+    lists: list[list[ScoredItem]]
+    versions: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class ScoringBackend(Protocol):
@@ -63,17 +98,7 @@ class ScoringBackend(Protocol):
     @property
     def model_version(self) -> str: ...
 
-    def recommend_many(
-        self,
-        user_ids: Sequence[str],
-        k: int,
-        category_hints: Sequence[str | None] | None = None,
-        query_vectors: Sequence[np.ndarray | None] | None = None,
-        ref_ms: Sequence[int | None] | None = None,
-        now_ms: int | None = None,
-        versions: dict[str, int] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> list[list[ScoredItem]]: ...
+    def score(self, batch: ScoreBatch) -> Scored: ...
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None: ...
 
@@ -127,41 +152,16 @@ class LocalScoring:
     def model_version(self) -> str:
         return self.scorer.catalog.model_version
 
-    def recommend_many(
-        self,
-        user_ids: Sequence[str],
-        k: int,
-        category_hints: Sequence[str | None] | None = None,
-        query_vectors: Sequence[np.ndarray | None] | None = None,
-        ref_ms: Sequence[int | None] | None = None,
-        now_ms: int | None = None,
-        versions: dict[str, int] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> list[list[ScoredItem]]:
-        """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
-        t0 = time.perf_counter()
-        profiles = self.store.get_profiles(list(user_ids))
-        if versions is not None:
-            versions.update({u: p.version for u, p in profiles.items()})
-        reqs = [
-            Request(
-                user_id=u,
-                profile=profiles.get(u),
-                k=k,
-                category_hint=category_hints[i] if category_hints else None,
-                query_vector=query_vectors[i] if query_vectors else None,
-                ref_ms=ref_ms[i] if ref_ms else None,
-            )
-            for i, u in enumerate(user_ids)
-        ]
-        t1 = time.perf_counter()
+    def score(self, batch: ScoreBatch) -> Scored:
         from streams import metrics
 
-        metrics.stage_seconds.labels("score_read").observe(t1 - t0)
-        lists = self.scorer.recommend(reqs, now_ms=now_ms, timings=timings)
-        if timings is not None:
-            timings["profiles_read"] = t1 - t0
-        return lists
+        t0 = time.perf_counter()
+        profiles = self.store.get_profiles(batch.user_ids)
+        read_s = time.perf_counter() - t0
+        metrics.stage_seconds.labels("score_read").observe(read_s)
+        out = Scored([], {u: p.version for u, p in profiles.items()}, {"profiles_read": read_s})
+        out.lists = self.scorer.recommend(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
+        return out
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if self.recorder is not None and len(user_ids):
@@ -207,11 +207,8 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
             if kind == "record":
                 backend.record(msg[1], msg[2])
             elif kind == "score":
-                _, args = msg
-                versions: dict[str, int] = {}
-                timings: dict[str, float] = {}
-                lists = backend.recommend_many(**args, versions=versions, timings=timings)
-                conn.send(("ok", [_pack(x) for x in lists], versions, timings))
+                out = backend.score(msg[1])
+                conn.send(("ok", [_pack(x) for x in out.lists], out.versions, out.timings))
         except Exception:
             if kind == "score":
                 conn.send(("error", traceback.format_exc(limit=8)))
@@ -313,42 +310,21 @@ class ProcessScoring:
             self._conn.close()
         self._conn, self._proc = None, None
 
-    def recommend_many(
-        self,
-        user_ids: Sequence[str],
-        k: int,
-        category_hints: Sequence[str | None] | None = None,
-        query_vectors: Sequence[np.ndarray | None] | None = None,
-        ref_ms: Sequence[int | None] | None = None,
-        now_ms: int | None = None,
-        versions: dict[str, int] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> list[list[ScoredItem]]:
-        args = {
-            "user_ids": list(user_ids),
-            "k": k,
-            "category_hints": list(category_hints) if category_hints else None,
-            "query_vectors": list(query_vectors) if query_vectors else None,
-            "ref_ms": list(ref_ms) if ref_ms else None,
-            "now_ms": now_ms,
-        }
+    def score(self, batch: ScoreBatch) -> Scored:
+        n = len(batch.user_ids)
         with self._lock:
             conn = self._connection()
             try:
-                conn.send(("score", args))
+                conn.send(("score", batch))
                 reply = conn.recv()
             except (EOFError, OSError) as exc:
                 self._drop()
-                raise RuntimeError(f"the scoring process died while scoring {len(user_ids)} users") from exc
+                raise RuntimeError(f"the scoring process died while scoring {n} users") from exc
         if reply[0] != "ok":
-            raise RuntimeError(f"scoring {len(user_ids)} users failed in the scoring process:\n{reply[1]}")
-        _, packed, got_versions, got_timings = reply
-        observe_timings(got_timings, len(user_ids))
-        if versions is not None:
-            versions.update(got_versions)
-        if timings is not None:
-            timings.update(got_timings)
-        return [_unpack(p) for p in packed]
+            raise RuntimeError(f"scoring {n} users failed in the scoring process:\n{reply[1]}")
+        _, packed, versions, timings = reply
+        observe_timings(timings, n)
+        return Scored([_unpack(p) for p in packed], versions, timings)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if not len(user_ids):
@@ -414,10 +390,11 @@ def observe_timings(timings: Mapping[str, float], users: int) -> None:
 
 
 __all__ = [
-    "TIMING_KEYS",
     "CoVisitHook",
     "LocalScoring",
     "ProcessScoring",
+    "ScoreBatch",
+    "Scored",
     "ScoringBackend",
     "build_scorer",
     "local_scoring",

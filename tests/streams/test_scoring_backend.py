@@ -15,7 +15,7 @@ from inference.scoring import ScoredItem
 from profiles.store import Position, ProfileStore
 from streamrec.events import make_event
 from streams.recommend import RecommendationPusher, RecommendationService
-from streams.scoring_backend import LocalScoring, ProcessScoring, local_scoring
+from streams.scoring_backend import LocalScoring, ProcessScoring, ScoreBatch, Scored, local_scoring
 
 T0 = 1_700_000_000_000
 ITEMS = "support.profile_reference:make_catalog"
@@ -57,21 +57,18 @@ def test_the_child_process_scores_exactly_as_the_worker_thread_would(shop, redis
         for backend in (local, remote):
             backend.record([u for u, _ in pairs], [i for _, i in pairs])
         assert local.recorder is not None and local.recorder.covisit.nnz > 0
-        remote_v: dict[str, int] = {}
-        timings: dict[str, float] = {}
-        refs = [T0 + 10_000] * len(users)
-        got = remote.recommend_many(
-            users, 10, ref_ms=refs, now_ms=T0 + 10_000, versions=remote_v, timings=timings
-        )
-        want = local.recommend_many(users, 10, ref_ms=refs, now_ms=T0 + 10_000)
+        refs: list[int | None] = [T0 + 10_000] * len(users)
+        batch = ScoreBatch(users, 10, ref_ms=refs, now_ms=T0 + 10_000)
+        remote_out = remote.score(batch)
+        got, want = remote_out.lists, local.score(batch).lists
         assert any(it.reason.startswith("similar_to") for x in want for it in x)
         assert _ids(got) == _ids(want)
         for g, w in zip(got, want, strict=True):
             assert [it.reason for it in g] == [it.reason for it in w]
             assert [it.score for it in g] == pytest.approx([it.score for it in w], abs=1e-6)
         assert len(got[0]) == 10 and got[-1]  # a cold user gets the fallback
-        assert remote_v == {u: p.version for u, p in store.get_profiles(users).items()}
-        assert set(timings) >= {"profiles_read", "scoring"}
+        assert remote_out.versions == {u: p.version for u, p in store.get_profiles(users).items()}
+        assert set(remote_out.timings) >= {"profiles_read", "scoring"}
     finally:
         remote.close()
     assert remote.pid is None
@@ -81,12 +78,12 @@ def test_a_killed_scoring_process_fails_its_call_and_the_next_call_restarts_it(s
     s, catalog, store, events = shop
     remote = ProcessScoring(s, ITEMS)
     try:
-        first = remote.recommend_many(["u1", "u2"], 5, now_ms=T0)
+        first = remote.score(ScoreBatch(["u1", "u2"], 5, now_ms=T0)).lists
         pid = remote.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         remote._proc.join(10)  # reaped: the next call sees it dead
-        again = remote.recommend_many(["u1", "u2"], 5, now_ms=T0)
+        again = remote.score(ScoreBatch(["u1", "u2"], 5, now_ms=T0)).lists
         assert remote.restarts == 1 and remote.pid not in (None, pid)
         assert _ids(again) == _ids(first)
     finally:
@@ -109,11 +106,11 @@ class _Flaky:
     def model_version(self) -> str:
         return self.inner.model_version
 
-    def recommend_many(self, *a, **kw):  # noqa: ANN002, ANN003
+    def score(self, batch: ScoreBatch) -> Scored:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("the scoring process died while scoring")
-        return self.inner.recommend_many(*a, **kw)
+        return self.inner.score(batch)
 
     def record(self, users, items) -> None:  # noqa: ANN001
         pass
