@@ -357,6 +357,22 @@ class LocalStack:
         pidfile.unlink(missing_ok=True)
         return pid
 
+    def kill(self, service: str) -> int:
+        """SIGKILL the local ``kafka`` or ``redis`` (fault drills: no shutdown, no flush); its pid."""
+        pidfile = {"kafka": self.kafka_pidfile, "redis": self.redis_pidfile}[service]
+        pid = self._read_pid(pidfile)
+        if pid is None:
+            raise StackError(f"no local {service} runs (pid file {pidfile}); start it with `streamrec up`")
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return pid
+
     def down(self) -> dict[str, int | None]:
         return {"kafka": self._stop(self.kafka_pidfile, 30.0), "redis": self._stop(self.redis_pidfile, 10.0)}
 

@@ -8,9 +8,10 @@ offset only after its event's profile write (or dead letter) is durable. A worke
 stopped mid-batch therefore leaves the batch uncommitted; the next owner of the partition
 reads it again and the profile store skips what was already applied (exactly-once effect).
 
-A batch that fails on infrastructure (Redis or Kafka down) is retried with backoff for
-``stream.failure_retry_s``; then the agent raises, faust stops the worker, and the batch,
-never acknowledged, is redelivered after the restart.
+A batch that fails on infrastructure (Redis or Kafka down) is retried with backoff
+(``streams/faults.py``: the log names the service and its setting, ``/readyz`` turns red with
+``waiting_for``) for ``stream.failure_retry_s``; then the agent raises, faust stops the
+worker, and the batch, never acknowledged, is redelivered after the restart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from streamrec.settings import Settings
 from streams import metrics
 from streams.batching import eager_batches
 from streams.context import WorkerState
+from streams.faults import KAFKA, Backoff, dependency_of
 from streams.validation import RawRecord
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
     async def process_events(stream: faust.StreamT) -> None:
         await state.loaded.wait()
         pipeline = state.pipeline
+        backoff = Backoff("event batches", settings)
         async for batch in eager_batches(
             stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
         ):
@@ -54,12 +57,15 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
             if created:
                 metrics.stage_seconds.labels("kafka_to_batch").observe(max(0.0, time.time() - float(created)))
             deadline = time.monotonic() + cfg.failure_retry_s
-            delay = 0.2
             while True:
                 try:
                     await pipeline.process(records)
                     break
                 except Exception as exc:
+                    delay = backoff.failed(exc)
+                    state.waits["batches"] = backoff.waiting_for or "?"
+                    if dependency_of(exc) == KAFKA:
+                        metrics.dependency_up.labels(KAFKA).set(0)
                     if time.monotonic() + delay > deadline:
                         log.critical(
                             "batch of %d records failed for %.0fs, stopping (it will be redelivered): %s",
@@ -68,9 +74,10 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                             exc,
                         )
                         raise
-                    log.warning("batch of %d records failed, retrying in %.1fs: %s", len(records), delay, exc)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            if state.waits.pop("batches", None) is not None:
+                backoff.succeeded()
+            metrics.dependency_up.labels(KAFKA).set(1)  # the batch's dead letters and offsets went through
             for ev in batch:
                 await stream.ack(ev)
             state.batches += 1

@@ -26,6 +26,7 @@ from streamrec.settings import Settings
 from streams import metrics
 from streams.agents import register_agents
 from streams.context import DEFAULT_ENCODER, DEFAULT_ITEMS, WorkerState, build_context
+from streams.faults import REDIS, describe
 from streams.web import register_views
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,33 @@ def _register_lifecycle(
     async def update_lag() -> None:
         update_consumer_lag(app, state)
 
+    @app.timer(1.0)
+    async def probe_redis() -> None:
+        """Readiness turns red within a second of Redis going away, even with no events flowing."""
+        if state.ctx is not None:
+            await probe(state, s)
+
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
     async def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
         metrics.worker_up.set(0)
         if state.ctx is not None:
             await state.ctx.close()
+
+
+async def probe(state: WorkerState, s: Settings) -> None:
+    """PING Redis through the worker's client; ``state.waits["redis"]`` while it does not answer."""
+    assert state.ctx is not None
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, state.ctx.store.redis.ping)
+    except Exception as exc:
+        if "redis" not in state.waits:
+            log.warning("Redis does not answer PING: %s: %s", type(exc).__name__, exc)
+        state.waits["redis"] = describe(REDIS, s)
+        metrics.dependency_up.labels(REDIS).set(0)
+        return
+    if state.waits.pop("redis", None) is not None:
+        log.warning("Redis answers PING again")
+    metrics.dependency_up.labels(REDIS).set(1)
 
 
 def update_consumer_lag(app: faust.App, state: WorkerState) -> None:

@@ -134,6 +134,8 @@ class WorkerState:
         self.loaded = asyncio.Event()
         self.error: BaseException | None = None
         self.batches = 0
+        # component -> the service it waits for now ("Redis at ... (STREAMREC_REDIS_URL)")
+        self.waits: dict[str, str] = {}
 
     @property
     def pipeline(self) -> EventPipeline:

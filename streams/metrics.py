@@ -34,6 +34,11 @@ consumer_lag = Gauge(
     ["topic", "partition"],
 )
 worker_up = Gauge("streamrec_worker_up", "1 while the stream worker is running and ready to process.")
+dependency_up = Gauge(
+    "streamrec_dependency_up",
+    "1 while the worker reaches the service (redis: PING every second; kafka: the last batch's writes).",
+    ["dependency"],
+)
 rebalances = Counter("streamrec_rebalances", "Consumer-group rebalances seen by this worker.")
 scoring_process_restarts = Counter(
     "streamrec_scoring_process_restarts",

@@ -85,6 +85,11 @@ _SCHEMAS: dict[str, Any] = {
             "ready": {"type": "boolean"},
             "components_loaded": {"type": "boolean"},
             "rebalancing": {"type": "boolean"},
+            "waiting_for": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Services the worker waits for now (Redis or Kafka down), with the setting naming them.",
+            },
             "assigned_partitions": {"type": "array", "items": {"type": "integer"}},
             "batches": {"type": "integer"},
         }

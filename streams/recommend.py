@@ -36,6 +36,7 @@ from streamrec.interfaces import Catalog, Hook, TextEncoder
 from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams import metrics
+from streams.faults import Backoff
 from streams.scoring_backend import CoVisitHook, ScoreBatch, ScoringBackend, scoring_backend
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class RecommendationPusher:
         self.pending: dict[str, _Pending] = {}
         self.max_window_s = settings.scoring.coalesce_ms / 1000.0
         self._round_s = 0.0  # moving average of a scoring round's duration
+        self.backoff = Backoff("recommendation push", settings)  # spacing and logs while Redis/Kafka is down
         self._last_push: dict[str, float] = {}  # user -> monotonic time of the last push (recent only)
         self._push_log: deque[tuple[float, str]] = deque()  # (time, user) in push order, to prune
         self._wake = asyncio.Event()
@@ -255,10 +257,12 @@ class RecommendationPusher:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                await self.flush_due()
-            except Exception:  # never let one bad round stop the pusher
-                log.exception("recommendation push failed; retrying")
-                await asyncio.sleep(0.5)
+                pushed = await self.flush_due()
+            except Exception as exc:  # never let one bad round stop the pusher: its users stay pending
+                await asyncio.sleep(self.backoff.failed(exc))
+                continue
+            if pushed and self.backoff.since is not None:
+                self.backoff.succeeded()
             wait = self._next_due_in()
             if wait is None or wait > 0:
                 self._wake.clear()

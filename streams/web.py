@@ -1,7 +1,8 @@
 """The worker's HTTP endpoints on faust's web server: health, readiness, recommendations.
 
 ``GET /healthz``: the process runs (500 once the worker crashed); ``GET /readyz``: services
-loaded, not rebalancing, agent not crashed (503 otherwise), with the assigned partitions.
+loaded, not rebalancing, agent not crashed, Redis and Kafka answering (503 otherwise, with
+``waiting_for`` naming the service and its setting), with the assigned partitions.
 
 ``GET /recommendations/{user_id}?k=20&q=red+lantern`` returns the same JSON as a
 results-topic message (``streams/recommend.py``). ``k`` is 1..200 (default
@@ -103,9 +104,14 @@ def _register_health(app: faust.App, state: WorkerState, s: Settings) -> None:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        ready = state.loaded.is_set() and state.error is None and not app.rebalancing
+        waiting = sorted(set(state.waits.values()))
+        push = state.ctx.push if state.ctx is not None else None
+        if push is not None and push.pusher.backoff.waiting_for:
+            waiting = sorted({*waiting, push.pusher.backoff.waiting_for})
+        ready = state.loaded.is_set() and state.error is None and not app.rebalancing and not waiting
         body = {
             "ready": ready,
+            "waiting_for": waiting,
             "components_loaded": state.loaded.is_set(),
             "rebalancing": bool(app.rebalancing),
             "assigned_partitions": sorted(

@@ -42,6 +42,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "streamrec_batch_processing_seconds": ("histogram", ()),
     "streamrec_consumer_lag": ("gauge", ("topic", "partition")),
     "streamrec_worker_up": ("gauge", ()),
+    "streamrec_dependency_up": ("gauge", ("dependency",)),
     "streamrec_rebalances": ("counter", ()),
     "streamrec_results_published": ("counter", ()),
     "streamrec_scoring_process_restarts": ("counter", ()),
