@@ -1,10 +1,11 @@
 """Time-limited demand factors in Redis: written by the monitor, read by the scorer.
 
-One string key per anomalous key, all under the hash tag ``{<prefix>:fx}`` so that a single
-MGET reads any set of them (also on Redis Cluster)::
+One string key per anomalous key, all under the monitor's hash tag ``{<prefix>:dm}`` so that
+a single MGET reads any set of them and the monitor writes them in the same transaction as its
+state (one slot, also on Redis Cluster)::
 
-    {<prefix>:fx}:i:<item_id>     "1.5"   item surge (boost) or drop (damping)
-    {<prefix>:fx}:c:<category>    "1.5"   category surge or drop
+    {<prefix>:dm}:fx:i:<item_id>     "1.5"   item surge (boost) or drop (damping)
+    {<prefix>:dm}:fx:c:<category>    "1.5"   category surge or drop
 
 Each key expires after ``alerts.effect_ttl_s`` unless the monitor refreshes it (it does at
 every window it closes while the alert is active) and is deleted when the alert clears.
@@ -25,7 +26,7 @@ __all__ = ["DemandEffectWriter", "RedisDemandAdjustments", "StaticDemandAdjustme
 
 def effect_key(prefix: str, key: str) -> str:
     """Redis key of the factor of a demand key (``i:<item>`` or ``c:<category>``)."""
-    return f"{{{prefix}:fx}}:{key}"
+    return f"{{{prefix}:dm}}:fx:{key}"
 
 
 class DemandEffectWriter:

@@ -320,7 +320,7 @@ class DemandMonitor:
     def reset(self) -> int:
         """Delete all monitor state and effects under this prefix (tests, evaluations)."""
         n = 0
-        for pattern in (f"{self.base}*", f"{{{self.settings.redis.prefix}:fx}}*"):
+        for pattern in (f"{self.base}*",):  # the state, the counts and the effects (one hash tag)
             keys = list(self.redis.scan_iter(match=_glob_escape(pattern), count=1000))
             for i in range(0, len(keys), 500):
                 n += self.redis.delete(*keys[i : i + 500])

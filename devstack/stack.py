@@ -102,6 +102,11 @@ def redis_healthy(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
     try:
         client = settings.redis.client(socket_timeout=timeout, socket_connect_timeout=timeout)
         client.ping()
+        if settings.redis.cluster:
+            state = client.cluster_info()  # RedisCluster: a node's view of the cluster
+            if state.get("cluster_state") != "ok":
+                return False, f"cluster state {state.get('cluster_state')}"
+            return True, f"redis cluster, {state.get('cluster_known_nodes')} nodes, slots ok"
         info = client.info("server")
         return True, f"redis {info.get('redis_version')}"
     except Exception as exc:
@@ -277,6 +282,8 @@ class LocalStack:
 
     # -- Redis ---------------------------------------------------------------------------
     def start_redis(self, timeout: float = 20.0) -> ServiceStatus:
+        if self.s.redis.cluster:
+            return self.start_redis_cluster(timeout)
         host, port = self.s.redis.host_port
         pid = self._read_pid(self.redis_pidfile)
         if pid is None:
@@ -329,6 +336,76 @@ class LocalStack:
             time.sleep(0.2)
         raise StackError(f"Redis did not answer PING within {timeout:.0f}s ({detail}); see {self.redis_log}")
 
+    # -- Redis Cluster ---------------------------------------------------------------------
+    def cluster_ports(self) -> list[int]:
+        _, port = self.s.redis.host_port
+        return [port + k for k in range(self.s.redis.cluster_nodes)]
+
+    def cluster_pidfile(self, port: int) -> Path:
+        return self.redis_dir / f"node-{port}" / "redis.pid"
+
+    def start_redis_cluster(self, timeout: float = 30.0) -> ServiceStatus:
+        """``redis.cluster_nodes`` masters (cluster mode, no replicas) on the URL's port and the next
+        ones, joined with ``redis-cli --cluster create`` the first time; their state persists."""
+        host, _ = self.s.redis.host_port
+        ok, detail = redis_healthy(self.s, timeout=1.0)
+        if ok and not any(self._read_pid(self.cluster_pidfile(p)) for p in self.cluster_ports()):
+            return ServiceStatus("redis", self.s.redis.url, True, None, False, None, f"external, {detail}")
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            raise StackError("redis-server / redis-cli not found on PATH: `apt-get install -y redis-server`")
+        conf = self.deploy / f"redis-{self.redis_profile}.conf"
+        fresh = False
+        for port in self.cluster_ports():
+            node = self.redis_dir / f"node-{port}"
+            if self._read_pid(self.cluster_pidfile(port)) is not None:
+                continue
+            if _port_open(host, port):
+                raise StackError(
+                    f"port {host}:{port} is taken by something else; the local cluster needs "
+                    f"{self.s.redis.cluster_nodes} free ports from the one in STREAMREC_REDIS_URL"
+                )
+            node.mkdir(parents=True, exist_ok=True)
+            fresh |= not (node / "nodes.conf").exists()
+            cmd = [server, str(conf), "--port", str(port), "--bind", host, "--dir", str(node),
+                   "--logfile", str(node / "redis.log"), "--cluster-enabled", "yes",
+                   "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+                   "--pidfile", str(node / "redis-server.pid")]  # fmt: skip
+            if self.s.redis.password is not None:
+                pw = self.s.redis.password.get_secret_value()
+                cmd += ["--requirepass", pw, "--masterauth", pw]
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            self.cluster_pidfile(port).write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        for port in self.cluster_ports():
+            while not _port_open(host, port):
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"cluster node {host}:{port} did not start; see {self.redis_dir}/node-{port}/redis.log"
+                    )
+                time.sleep(0.1)
+        if fresh:
+            cmd = [cli, "--cluster", "create", *(f"{host}:{p}" for p in self.cluster_ports()),
+                   "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
+            if self.s.redis.password is not None:
+                cmd += ["-a", self.s.redis.password.get_secret_value(), "--no-auth-warning"]
+            made = subprocess.run(cmd, capture_output=True, text=True)
+            if made.returncode != 0 and "already" not in made.stdout + made.stderr:
+                raise StackError(
+                    f"redis-cli --cluster create failed:\n{made.stdout[-1500:]}{made.stderr[-1500:]}"
+                )
+        while time.monotonic() < deadline:
+            ok, detail = redis_healthy(self.s, timeout=1.0)
+            if ok:
+                pid = self._read_pid(self.cluster_pidfile(self.cluster_ports()[0]))
+                return ServiceStatus("redis", self.s.redis.url, True, pid, True, self.redis_dir, detail)
+            time.sleep(0.2)
+        raise StackError(
+            f"the Redis Cluster is not ok within {timeout:.0f}s ({detail}); see {self.redis_dir}"
+        )
+
     # -- all -----------------------------------------------------------------------------
     def up(self) -> list[ServiceStatus]:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -374,7 +451,15 @@ class LocalStack:
         return pid
 
     def down(self) -> dict[str, int | None]:
-        return {"kafka": self._stop(self.kafka_pidfile, 30.0), "redis": self._stop(self.redis_pidfile, 10.0)}
+        stopped = {
+            "kafka": self._stop(self.kafka_pidfile, 30.0),
+            "redis": self._stop(self.redis_pidfile, 10.0),
+        }
+        if self.redis_dir.is_dir():  # the nodes of a local cluster (whatever the settings say now)
+            for pidfile in sorted(self.redis_dir.glob("node-*/redis.pid")):
+                pid = self._stop(pidfile, 10.0)
+                stopped["redis"] = stopped["redis"] or pid
+        return stopped
 
     def status(self) -> list[ServiceStatus]:
         kpid = self._read_pid(self.kafka_pidfile)

@@ -41,6 +41,7 @@ from profiles import metrics
 from profiles.model import EVENT_TYPES, TYPE_INDEX, EventColumns, Profile, apply
 from streamrec.events import Event, EventType
 from streamrec.interfaces import ItemVectors
+from streamrec.redis_routing import RoutedPipeline
 from streamrec.settings import Settings
 
 __all__ = ["ApplyResult", "Position", "Profile", "ProfileStore", "ProfileStoreError"]
@@ -201,8 +202,7 @@ class ProfileStore:
     """
 
     def __init__(self, redis_client, settings: Settings, items: ItemVectors | None = None) -> None:
-        kwargs = getattr(getattr(redis_client, "connection_pool", None), "connection_kwargs", {})
-        if kwargs.get("decode_responses"):
+        if redis_client.get_encoder().decode_responses:  # redis.Redis and RedisCluster alike
             raise ProfileStoreError(
                 "the Redis client decodes responses to str, but profile vectors are binary: "
                 "create it with decode_responses=False (settings.redis.client() does)"
@@ -247,9 +247,10 @@ class ProfileStore:
         if not users:
             return {}
         t0 = time.perf_counter()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = RoutedPipeline(self.redis)
         for u in users:
-            pipe.hgetall(self.profile_key(u))
+            key = self.profile_key(u)
+            pipe.on(key).hgetall(key)
         raw = pipe.execute()
         metrics.redis_seconds.labels("read").observe(time.perf_counter() - t0)
         return {u: self._decode(u, h) for u, h in zip(users, raw, strict=True) if h}
@@ -365,10 +366,11 @@ class ProfileStore:
     ) -> list:
         """One pipeline: per user, the profile hash and which of its event ids were applied."""
         t0 = time.perf_counter()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = RoutedPipeline(self.redis)
         for u in users:
-            pipe.hgetall(self.profile_key(u))
-            pipe.zmscore(self.ids_key(u), [events[i].event_id for i in by_user[u]])
+            pk, ik = self.profile_key(u), self.ids_key(u)
+            pipe.on(pk).hgetall(pk)
+            pipe.on(ik).zmscore(ik, [events[i].event_id for i in by_user[u]])
         raw = pipe.execute()
         metrics.redis_seconds.labels("read").observe(time.perf_counter() - t0)
         return raw
@@ -432,12 +434,12 @@ class ProfileStore:
     ) -> list[str]:
         """One pipeline: a compare-and-set write per updated user; return the conflicted users."""
         t0 = time.perf_counter()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = RoutedPipeline(self.redis)  # one pipeline per Redis Cluster node (scripts included)
         # Users about to change owe a fresh push: marked before the write (at least once), cleared
         # by the pusher once a list computed from this version or a later one is delivered.
         owed = {users[k]: state[k].profile.version + 1 for k in updated}
         if owed:
-            pipe.zadd(self.pending_key, owed, gt=True)
+            pipe.on(self.pending_key).zadd(self.pending_key, owed, gt=True)
         order: list[tuple[int, int]] = []  # (user index, position of its CAS reply in the pipeline)
         for k, u in enumerate(users):
             s = state[k]
@@ -456,14 +458,15 @@ class ProfileStore:
                 ]
                 args += [*fields, *ids_args]
                 order.append((k, len(pipe)))
-                self._write(keys=[self.profile_key(u), self.ids_key(u)], args=args, client=pipe)
+                pk = self.profile_key(u)
+                self._write(keys=[pk, self.ids_key(u)], args=args, client=pipe.on(pk))
             elif s.offsets and s.profile.version:  # never create a profile from duplicates alone
                 # Only skipped events: advance the replay watermark (monotonic, no CAS needed).
                 pk = self.profile_key(u)
                 for tp, off in s.offsets.items():
                     if off > s.profile.offsets.get(tp, -1):
-                        pipe.hset(pk, f"{_OFFSET_PREFIX}{tp}", off)
-        out = pipe.execute() if len(pipe) else []
+                        pipe.on(pk).hset(pk, f"{_OFFSET_PREFIX}{tp}", off)
+        out = pipe.execute()
         metrics.redis_seconds.labels("write").observe(time.perf_counter() - t0)
         # Replies by position: the watermark-only HSETs of other users sit in the same pipeline.
         return [users[k] for k, pos in order if int(out[pos]) < 0]

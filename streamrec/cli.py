@@ -61,6 +61,7 @@ BENCH_COMMANDS = {
     "user-model": "benchmarks.user_model:user_model",
     "ingest": "benchmarks.stream:ingest",
     "e2e": "benchmarks.stream:e2e",
+    "sizing": "benchmarks.sizing:sizing",
 }
 
 
@@ -158,12 +159,18 @@ def _print_status(rows) -> None:
 @main.command()
 @click.option("--redis-profile", type=click.Choice(["test", "demo"]), default="test",
               help="test: no persistence; demo: append-only file.")  # fmt: skip
-def up(redis_profile: str) -> None:
+@click.option("--redis-cluster", is_flag=True,
+              help="Start a Redis Cluster of STREAMREC_REDIS_CLUSTER_NODES masters (the same as "
+                   "STREAMREC_REDIS_CLUSTER=true; set that for every other command too).")  # fmt: skip
+def up(redis_profile: str, redis_cluster: bool) -> None:
     """Start the local Kafka (KRaft) and Redis, wait until both answer, create the topics."""
     from devstack.stack import LocalStack, StackError
     from streamrec.kafka import ensure_topics
 
     s = get_settings()
+    if redis_cluster and not s.redis.cluster:
+        s = s.override(redis={"cluster": True})
+        click.echo("Redis Cluster: run the worker and the other commands with STREAMREC_REDIS_CLUSTER=true")
     t0 = time.monotonic()
     try:
         rows = LocalStack(s, redis_profile=redis_profile).up()

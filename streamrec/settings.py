@@ -243,6 +243,18 @@ class RedisSettings(SettingsGroup):
     socket_timeout_s: float = Field(
         5.0, gt=0, description="Connect and read timeout of every Redis call (seconds)."
     )
+    cluster: bool = Field(
+        False,
+        description="Talk to a Redis Cluster (redis-py's RedisCluster; the URL names any one node, the "
+        "others are discovered). `streamrec up --redis-cluster` starts a local 3-master one.",
+    )
+    cluster_nodes: int = Field(
+        3,
+        ge=3,
+        le=16,
+        description="Masters of the local cluster `streamrec up --redis-cluster` starts "
+        "(ports: the URL's port and the next ones).",
+    )
     prefix: str = Field(
         "sr",
         min_length=1,
@@ -274,10 +286,15 @@ class RedisSettings(SettingsGroup):
             kw["ssl_ca_certs"] = str(self.ssl_ca_certs)
         return kw
 
-    def client(self, **overrides: Any):  # -> redis.Redis
+    def client(self, **overrides: Any):  # -> redis.Redis | redis.cluster.RedisCluster
+        """A client of the configured Redis: a node, or the whole cluster when ``cluster``."""
         import redis
+        from redis.cluster import RedisCluster
 
-        return redis.Redis.from_url(self.url, **{**self.client_kwargs(), **overrides})
+        kw = {**self.client_kwargs(), **overrides}
+        if self.cluster:
+            return RedisCluster.from_url(self.url, **kw)
+        return redis.Redis.from_url(self.url, **kw)
 
 
 class TopicSettings(SettingsGroup):

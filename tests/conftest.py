@@ -19,7 +19,7 @@ from streamrec.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 
 # Shared helpers and fixtures (tests/support/), importable as `support.*` (pytest `pythonpath`).
-pytest_plugins = ["support.worker", "support.demand"]
+pytest_plugins = ["support.worker", "support.demand", "support.servers"]
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ from pathlib import Path
 import orjson
 import pytest
 from support.profile_reference import generate_events
+from support.servers import PrivateStack
 from support.worker import (
-    _free_port,
     check_reference,
     committed_equals_end,
     read_topic,
@@ -29,46 +29,15 @@ from support.worker import (
 )
 
 from devstack.produce import EventProducer, replay
-from devstack.stack import LocalStack
 from profiles.store import ProfileStore
 from streamrec.settings import Settings
 
 pytestmark = pytest.mark.timeout(420)
 
 
-class PrivateStack:
-    """A Redis and a Kafka broker of this test only, in its own folder and ports."""
-
-    def __init__(self, base: Settings, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.settings = base.override(
-            kafka={"bootstrap_servers": f"127.0.0.1:{_free_port()}", "controller_port": _free_port()},
-            redis={"url": f"redis://127.0.0.1:{_free_port()}/0"},
-            state_dir=root,
-        )
-        self.stack = LocalStack(self.settings, redis_profile="demo")
-        shared = base.state_dir.resolve() / self.stack.libs_dir.name  # the jars `streamrec up` resolved
-        if shared.is_dir() and not self.stack.libs_dir.exists():
-            self.stack.libs_dir.symlink_to(shared, target_is_directory=True)
-
-    def up(self) -> None:
-        self.stack.start_redis()
-        self.stack.start_kafka()
-
-    def kill(self, service: str) -> None:
-        self.stack.kill(service)
-
-    def start(self, service: str) -> None:
-        (self.stack.start_kafka if service == "kafka" else self.stack.start_redis)()
-
-    def down(self) -> None:
-        self.stack.down()
-
-
 @pytest.fixture
 def private(stack: Settings, tmp_path: Path):
-    p = PrivateStack(stack, tmp_path / "stack")
-    p.up()
+    p = PrivateStack(stack, tmp_path / "stack").up()
     yield p
     p.down()
 
@@ -76,13 +45,7 @@ def private(stack: Settings, tmp_path: Path):
 @pytest.fixture
 def settings(settings: Settings, private: PrivateStack) -> Settings:
     """This test's topics and prefix, on the private servers."""
-    return settings.override(
-        kafka={
-            "bootstrap_servers": private.settings.kafka.bootstrap_servers,
-            "consumer_group": settings.kafka.consumer_group,
-        },
-        redis={"url": private.settings.redis.url, "prefix": settings.redis.prefix},
-    )
+    return private.on_these(settings)
 
 
 ENV = {

@@ -4,6 +4,7 @@ stream processors lose or repeat data (faust-streaming #502 processed twice afte
 #216 offsets skipped, #318 not committed after two rebalances); afterwards the profiles must
 equal the reference of the events (nothing lost, nothing applied twice), every malformed
 record must be in the dead-letter topic exactly once, and the group must have committed all.
+It runs twice: on one Redis, and on a real 3-master Redis Cluster (``support.servers``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ pytestmark = pytest.mark.timeout(600)
 PARTITIONS = 12
 
 
-@pytest.fixture
-def settings(settings):  # this module's topics have 12 partitions
-    return settings.override(topics={"partitions": PARTITIONS})
+@pytest.fixture(params=["redis", "redis-cluster"])
+def settings(settings, request):
+    """This module's topics have 12 partitions; the test runs on one Redis and on a 3-master
+    Redis Cluster (each user's compare-and-set stays in its hash-tagged slot)."""
+    s = settings.override(topics={"partitions": PARTITIONS})
+    if request.param == "redis-cluster":
+        s = request.getfixturevalue("redis_cluster").on_these(s)
+    return s
 
 
 def _malformed(n: int) -> list[bytes]:
@@ -85,3 +91,6 @@ def test_three_workers_with_joins_a_graceful_leave_and_a_kill(settings, topics, 
     assert sorted(m.value() for m in letters) == sorted(bad)
     for w in (w1, w4):
         assert w.stop() == 0
+    if settings.redis.cluster:  # the users really are spread over the masters
+        sizes = [redis_client.get_redis_connection(n).dbsize() for n in redis_client.get_primaries()]
+        assert len(sizes) == 3 and min(sizes) > 0, sizes

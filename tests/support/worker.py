@@ -43,6 +43,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
         "STREAMREC_TOPICS_PARTITIONS": str(s.topics.partitions),
         "STREAMREC_REDIS_URL": s.redis.url,
+        "STREAMREC_REDIS_CLUSTER": "true" if s.redis.cluster else "false",
         "STREAMREC_REDIS_PREFIX": s.redis.prefix,
         "STREAMREC_STATE_DIR": str(s.state_dir),
         "STREAMREC_WEB_PORT": str(s.web_port),

@@ -1,0 +1,96 @@
+"""Private servers for tests that break them or need another shape (a pytest plugin).
+
+``PrivateStack``: a Redis and a single-node KRaft broker of one test only, in its folder and on
+free ports (``devstack.stack.LocalStack``, the code `streamrec up` runs), so a test can kill and
+restart them without disturbing the others. ``redis_cluster``: a real 3-master Redis Cluster
+from redis-server (cluster mode, no replicas) on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from devstack.stack import LocalStack
+from streamrec.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(200):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as sk:
+                try:
+                    sk.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
+class PrivateStack:
+    """A Redis and a Kafka broker of this test only, in its own folder and ports."""
+
+    def __init__(self, base: Settings, root: Path, *, kafka: bool = True, cluster: bool = False) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        port = free_port_run(base.redis.cluster_nodes) if cluster else free_port()
+        self.kafka = kafka
+        self.settings = base.override(
+            kafka=(
+                {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": free_port()}
+                if kafka
+                else {}
+            ),
+            redis={"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster},
+            state_dir=root,
+        )
+        self.stack = LocalStack(self.settings, redis_profile="demo")
+        shared = base.state_dir.resolve() / self.stack.libs_dir.name  # the jars `streamrec up` resolved
+        if kafka and shared.is_dir() and not self.stack.libs_dir.exists():
+            self.stack.libs_dir.symlink_to(shared, target_is_directory=True)
+
+    def up(self) -> PrivateStack:
+        self.stack.start_redis()
+        if self.kafka:
+            self.stack.start_kafka()
+        return self
+
+    def kill(self, service: str) -> None:
+        self.stack.kill(service)
+
+    def start(self, service: str) -> None:
+        (self.stack.start_kafka if service == "kafka" else self.stack.start_redis)()
+
+    def down(self) -> None:
+        self.stack.down()
+
+    def on_these(self, s: Settings) -> Settings:
+        """``s`` (its topics, prefix, group) pointed at these servers."""
+        kafka = {"bootstrap_servers": self.settings.kafka.bootstrap_servers} if self.kafka else {}
+        return s.override(
+            kafka={**kafka, "consumer_group": s.kafka.consumer_group},
+            redis={"url": self.settings.redis.url, "cluster": self.settings.redis.cluster,
+                   "prefix": s.redis.prefix},
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(stack: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """A private 3-master Redis Cluster for the module's tests (the shared Kafka)."""
+    p = PrivateStack(stack, tmp_path_factory.mktemp("cluster"), kafka=False, cluster=True).up()
+    yield p
+    p.down()
