@@ -122,9 +122,39 @@ class LocalStack:
         self.deploy = settings.deploy_dir
         self.redis_profile = redis_profile
         self.version = kafka_version(self.deploy)
-        self.kafka_dir = self.state / "kafka"
+        # A SASL_SSL broker keeps its own data: its SCRAM users are written when it is formatted.
+        self.kafka_dir = self.state / ("kafka-sasl" if self.secure_kafka else "kafka")
         self.libs_dir = self.state / f"kafka-libs-{self.version}"
         self.redis_dir = self.state / "redis"
+
+    # -- security ------------------------------------------------------------------------
+    @property
+    def secure_kafka(self) -> bool:
+        """The local broker listens with SASL_SSL (settings ``kafka.security_protocol``)."""
+        proto = self.s.kafka.security_protocol.value
+        if proto == "PLAINTEXT":
+            return False
+        if proto != "SASL_SSL" or not self.s.kafka.sasl_mechanism.value.startswith("SCRAM"):
+            raise StackError(
+                "the local broker runs PLAINTEXT or SASL_SSL with SCRAM-SHA-512/256; set "
+                "STREAMREC_KAFKA_SECURITY_PROTOCOL and STREAMREC_KAFKA_SASL_MECHANISM accordingly"
+            )
+        if not self.s.kafka.sasl_username or self.s.kafka.sasl_password is None:
+            raise StackError(
+                "a SASL_SSL broker needs STREAMREC_KAFKA_SASL_USERNAME and STREAMREC_KAFKA_SASL_PASSWORD"
+            )
+        return True
+
+    def certs(self):  # -> devstack.tls.Certs
+        """The local CA and server certificate, in the folder of the configured CA file."""
+        from devstack.tls import CertError, ensure_certs
+
+        ca = self.s.kafka.ssl_cafile or self.s.redis.ssl_ca_certs
+        folder = ca.parent if ca is not None else self.state / "tls"
+        try:
+            return ensure_certs(folder)
+        except CertError as exc:
+            raise StackError(str(exc)) from exc
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -202,9 +232,42 @@ class LocalStack:
             controller_port=self.s.kafka.controller_port,
             data_dir=self.kafka_dir / "data",
         )
+        if self.secure_kafka:
+            text = self._secure_properties(text, host, port)
         out = self.kafka_dir / "server.properties"
         out.write_text(text)
         return out
+
+    def _secure_properties(self, text: str, host: str, port: int) -> str:
+        """Clients on SASL_SSL (SCRAM, the local CA's certificate); the broker talks to itself
+        on a loopback PLAINTEXT listener at ``kafka.controller_port + 1``."""
+        certs = self.certs()
+        internal = self.s.kafka.controller_port + 1
+        cport = self.s.kafka.controller_port
+        mech = self.s.kafka.sasl_mechanism.value
+        over = {
+            "listeners": f"SASL_SSL://{host}:{port},BROKER://{host}:{internal},CONTROLLER://{host}:{cport}",
+            "advertised.listeners": f"SASL_SSL://{host}:{port},BROKER://{host}:{internal}",
+            "inter.broker.listener.name": "BROKER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,BROKER:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": mech,
+            f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(certs.pem),
+        }  # fmt: skip
+        lines = [ln for ln in text.splitlines() if ln.split("=", 1)[0].strip() not in over]
+        return "\n".join([*lines, *(f"{k}={v}" for k, v in over.items())]) + "\n"
+
+    def _scram_args(self) -> list[str]:
+        """The SCRAM user of a SASL_SSL broker, written into its metadata when it is formatted."""
+        if not self.secure_kafka:
+            return []
+        k = self.s.kafka
+        pw = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        if '"' in pw or '"' in (k.sasl_username or ""):
+            raise StackError("the local SCRAM user name and password cannot contain '\"'")
+        return ["--add-scram", f'{k.sasl_mechanism.value}=[name="{k.sasl_username}",password="{pw}"]']
 
     def start_kafka(self, timeout: float = 90.0) -> ServiceStatus:
         host, port = self.s.kafka.first_host_port
@@ -238,12 +301,17 @@ class LocalStack:
                         cluster_id,
                         "-c",
                         str(props),
+                        *self._scram_args(),
                     ],
                     capture_output=True,
                     text=True,
                 )
                 if fmt.returncode != 0:
-                    raise StackError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+                    pw = self.s.kafka.sasl_password
+                    said = fmt.stdout + fmt.stderr
+                    if pw is not None:
+                        said = said.replace(pw.get_secret_value(), "***")
+                    raise StackError(f"formatting KRaft storage failed:\n{said}")
             logs = self.kafka_dir / "logs"
             cmd = [
                 java,
@@ -318,8 +386,7 @@ class LocalStack:
                 "--pidfile",
                 str(self.redis_dir / "redis-server.pid"),
             ]
-            if self.s.redis.password is not None:
-                cmd += ["--requirepass", self.s.redis.password.get_secret_value()]
+            cmd += self._redis_security_args(port)
             proc = subprocess.Popen(
                 cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
             )
@@ -335,6 +402,35 @@ class LocalStack:
                 return ServiceStatus("redis", self.s.redis.url, True, pid, True, self.redis_log, detail)
             time.sleep(0.2)
         raise StackError(f"Redis did not answer PING within {timeout:.0f}s ({detail}); see {self.redis_log}")
+
+    def _redis_security_args(self, port: int) -> list[str]:
+        """TLS on the URL's port for rediss:// URLs (the local CA's certificate); an ACL user
+        (and the default user off) when ``redis.username`` is set; else ``requirepass``."""
+        r = self.s.redis
+        args: list[str] = []
+        if r.uses_tls:
+            certs = self.certs()
+            args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs.cert),
+                     "--tls-key-file", str(certs.key), "--tls-ca-cert-file", str(certs.ca),
+                     "--tls-auth-clients", "no"]  # fmt: skip
+        if r.password is not None:
+            pw = r.password.get_secret_value()
+            if r.username:
+                args += [
+                    "--user",
+                    "default",
+                    "off",
+                    "--user",
+                    r.username,
+                    "on",
+                    f">{pw}",
+                    "~*",
+                    "&*",
+                    "+@all",
+                ]
+            else:
+                args += ["--requirepass", pw]
+        return args
 
     # -- Redis Cluster ---------------------------------------------------------------------
     def cluster_ports(self) -> list[int]:

@@ -49,6 +49,13 @@ def worker(items_factory: str | None, encoder_factory: str | None, loglevel: str
                 raise click.ClickException(
                     f"{exc}. Did you build and export the model (`streamrec index`)?"
                 ) from exc
+    from streamrec.preflight import PreflightError, check_kafka, check_redis
+
+    try:  # a wrong password or an untrusted certificate: seconds, and the setting to fix
+        check_redis(s)
+        check_kafka(s)
+    except PreflightError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         created = ensure_topics(s)
     except Exception as exc:

@@ -45,19 +45,28 @@ def free_port_run(n: int) -> int:
 class PrivateStack:
     """A Redis and a Kafka broker of this test only, in its own folder and ports."""
 
-    def __init__(self, base: Settings, root: Path, *, kafka: bool = True, cluster: bool = False) -> None:
+    def __init__(
+        self, base: Settings, root: Path, *, kafka: bool = True, cluster: bool = False, secure: bool = False
+    ) -> None:
+        """``secure``: Kafka on SASL_SSL (SCRAM-SHA-512) and Redis on TLS with an ACL user, both
+        with certificates of a CA made for the test, and random passwords."""
+        import secrets
+
         root.mkdir(parents=True, exist_ok=True)
         port = free_port_run(base.redis.cluster_nodes) if cluster else free_port()
         self.kafka = kafka
-        self.settings = base.override(
-            kafka=(
-                {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": free_port()}
-                if kafka
-                else {}
-            ),
-            redis={"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster},
-            state_dir=root,
-        )
+        k: dict = {}
+        if kafka:
+            ctl = free_port_run(2)  # the controller, and the secure broker's internal listener
+            k = {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": ctl}
+        r: dict = {"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster}
+        if secure:
+            ca = root / "tls" / "ca.crt"
+            k |= {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "streamrec",
+                  "sasl_password": secrets.token_urlsafe(16), "ssl_cafile": ca}  # fmt: skip
+            r |= {"url": f"rediss://127.0.0.1:{port}/0", "username": "streamrec",
+                  "password": secrets.token_urlsafe(16), "ssl_ca_certs": ca}  # fmt: skip
+        self.settings = base.override(kafka=k, redis=r, state_dir=root)
         self.stack = LocalStack(self.settings, redis_profile="demo")
         shared = base.state_dir.resolve() / self.stack.libs_dir.name  # the jars `streamrec up` resolved
         if kafka and shared.is_dir() and not self.stack.libs_dir.exists():
@@ -80,12 +89,11 @@ class PrivateStack:
 
     def on_these(self, s: Settings) -> Settings:
         """``s`` (its topics, prefix, group) pointed at these servers."""
-        kafka = {"bootstrap_servers": self.settings.kafka.bootstrap_servers} if self.kafka else {}
+        kafka = self.settings.kafka if self.kafka else s.kafka
         return s.override(
-            kafka={**kafka, "consumer_group": s.kafka.consumer_group},
-            redis={"url": self.settings.redis.url, "cluster": self.settings.redis.cluster,
-                   "prefix": s.redis.prefix},
-        )  # fmt: skip
+            kafka=kafka.model_copy(update={"consumer_group": s.kafka.consumer_group}),
+            redis=self.settings.redis.model_copy(update={"prefix": s.redis.prefix}),
+        )
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,18 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMREC_LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
+    k, r = s.kafka, s.redis
+    secure = {
+        "STREAMREC_KAFKA_SECURITY_PROTOCOL": k.security_protocol.value,
+        "STREAMREC_KAFKA_SASL_MECHANISM": k.sasl_mechanism.value,
+        "STREAMREC_KAFKA_SASL_USERNAME": k.sasl_username,
+        "STREAMREC_KAFKA_SASL_PASSWORD": k.sasl_password.get_secret_value() if k.sasl_password else None,
+        "STREAMREC_KAFKA_SSL_CAFILE": str(k.ssl_cafile) if k.ssl_cafile else None,
+        "STREAMREC_REDIS_USERNAME": r.username,
+        "STREAMREC_REDIS_PASSWORD": r.password.get_secret_value() if r.password else None,
+        "STREAMREC_REDIS_SSL_CA_CERTS": str(r.ssl_ca_certs) if r.ssl_ca_certs else None,
+    }
+    env.update({name: v for name, v in secure.items() if v})
     env.update(extra)
     return env
 
