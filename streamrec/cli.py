@@ -62,6 +62,7 @@ BENCH_COMMANDS = {
     "ingest": "benchmarks.stream:ingest",
     "e2e": "benchmarks.stream:e2e",
     "sizing": "benchmarks.sizing:sizing",
+    "chaos": "benchmarks.chaos:chaos",
 }
 
 

@@ -1,0 +1,95 @@
+"""Private servers: a Redis (or Redis Cluster) and a Kafka broker of one job only.
+
+:class:`PrivateStack` starts them with :class:`devstack.stack.LocalStack` (the code behind
+`streamrec up`) in a folder of its own and on free loopback ports, so a test or a fault drill
+(`streamrec bench chaos`) can kill and restart them without disturbing anything else. With
+``secure`` Kafka listens on SASL_SSL (SCRAM-SHA-512) and Redis on TLS with an ACL user, both
+with certificates of a CA made for the job and random passwords.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from devstack.stack import LocalStack
+from streamrec.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(200):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as sk:
+                try:
+                    sk.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
+class PrivateStack:
+    """A Redis and a Kafka broker of this test only, in its own folder and ports."""
+
+    def __init__(
+        self, base: Settings, root: Path, *, kafka: bool = True, cluster: bool = False, secure: bool = False
+    ) -> None:
+        """``secure``: Kafka on SASL_SSL (SCRAM-SHA-512) and Redis on TLS with an ACL user, both
+        with certificates of a CA made for the test, and random passwords."""
+        import secrets
+
+        root.mkdir(parents=True, exist_ok=True)
+        port = free_port_run(base.redis.cluster_nodes) if cluster else free_port()
+        self.kafka = kafka
+        k: dict = {}
+        if kafka:
+            ctl = free_port_run(2)  # the controller, and the secure broker's internal listener
+            k = {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": ctl}
+        r: dict = {"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster}
+        if secure:
+            ca = root / "tls" / "ca.crt"
+            k |= {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "streamrec",
+                  "sasl_password": secrets.token_urlsafe(16), "ssl_cafile": ca}  # fmt: skip
+            r |= {"url": f"rediss://127.0.0.1:{port}/0", "username": "streamrec",
+                  "password": secrets.token_urlsafe(16), "ssl_ca_certs": ca}  # fmt: skip
+        self.settings = base.override(kafka=k, redis=r, state_dir=root)
+        self.stack = LocalStack(self.settings, redis_profile="demo")
+        shared = base.state_dir.resolve() / self.stack.libs_dir.name  # the jars `streamrec up` resolved
+        if kafka and shared.is_dir() and not self.stack.libs_dir.exists():
+            self.stack.libs_dir.symlink_to(shared, target_is_directory=True)
+
+    def up(self) -> PrivateStack:
+        self.stack.start_redis()
+        if self.kafka:
+            self.stack.start_kafka()
+        return self
+
+    def kill(self, service: str) -> None:
+        self.stack.kill(service)
+
+    def start(self, service: str) -> None:
+        (self.stack.start_kafka if service == "kafka" else self.stack.start_redis)()
+
+    def down(self) -> None:
+        self.stack.down()
+
+    def on_these(self, s: Settings) -> Settings:
+        """``s`` (its topics, prefix, group) pointed at these servers."""
+        kafka = self.settings.kafka if self.kafka else s.kafka
+        return s.override(
+            kafka=kafka.model_copy(update={"consumer_group": s.kafka.consumer_group}),
+            redis=self.settings.redis.model_copy(update={"prefix": s.redis.prefix}),
+        )
