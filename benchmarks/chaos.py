@@ -88,26 +88,11 @@ class _Worker:
         self.starts = 0
 
     def env(self) -> dict[str, str]:
-        s = self.s
-        return {
-            **os.environ,
-            "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-            "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
-            "STREAMREC_TOPICS_EVENTS": s.topics.events,
-            "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
-            "STREAMREC_TOPICS_RESULTS": s.topics.results,
-            "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
-            "STREAMREC_TOPICS_PARTITIONS": str(PARTITIONS),
-            "STREAMREC_REDIS_URL": s.redis.url,
-            "STREAMREC_REDIS_PREFIX": s.redis.prefix,
-            "STREAMREC_STATE_DIR": str(self.state),
-            "STREAMREC_WEB_PORT": str(self.web),
-            "STREAMREC_METRICS_PORT": str(self.metrics_port),
-            "STREAMREC_STREAM_WEB_BIND": "127.0.0.1",
-            "STREAMREC_STREAM_CONSUMER_SESSION_TIMEOUT_S": "8",
-            "STREAMREC_STREAM_COMMIT_INTERVAL_S": "1.0",
-            "STREAMREC_LOG_LEVEL": "WARNING",
-        }
+        from devstack.private import worker_env
+
+        s = self.s.override(web_port=self.web, metrics_port=self.metrics_port, state_dir=self.state)
+        return worker_env(s, STREAMREC_STREAM_CONSUMER_SESSION_TIMEOUT_S="8", STREAMREC_STREAM_COMMIT_INTERVAL_S="1.0",
+                          STREAMREC_LOG_LEVEL="WARNING")  # fmt: skip
 
     def start(self) -> None:
         self.starts += 1

@@ -9,6 +9,7 @@ with certificates of a CA made for the job and random passwords.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -93,3 +94,34 @@ class PrivateStack:
             kafka=kafka.model_copy(update={"consumer_group": s.kafka.consumer_group}),
             redis=self.settings.redis.model_copy(update={"prefix": s.redis.prefix}),
         )
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``streamrec worker`` subprocess that runs with ``settings``: the
+    connection (security included), topics, prefix, state folder and ports, then ``extra``."""
+    s, k, r = settings, settings.kafka, settings.redis
+    values = {
+        "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
+        "STREAMREC_KAFKA_CONSUMER_GROUP": k.consumer_group,
+        "STREAMREC_KAFKA_SECURITY_PROTOCOL": k.security_protocol.value,
+        "STREAMREC_KAFKA_SASL_MECHANISM": k.sasl_mechanism.value,
+        "STREAMREC_KAFKA_SASL_USERNAME": k.sasl_username,
+        "STREAMREC_KAFKA_SASL_PASSWORD": k.sasl_password.get_secret_value() if k.sasl_password else None,
+        "STREAMREC_KAFKA_SSL_CAFILE": str(k.ssl_cafile) if k.ssl_cafile else None,
+        "STREAMREC_TOPICS_EVENTS": s.topics.events,
+        "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
+        "STREAMREC_TOPICS_RESULTS": s.topics.results,
+        "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
+        "STREAMREC_TOPICS_PARTITIONS": str(s.topics.partitions),
+        "STREAMREC_REDIS_URL": r.url,
+        "STREAMREC_REDIS_CLUSTER": "true" if r.cluster else "false",
+        "STREAMREC_REDIS_PREFIX": r.prefix,
+        "STREAMREC_REDIS_USERNAME": r.username,
+        "STREAMREC_REDIS_PASSWORD": r.password.get_secret_value() if r.password else None,
+        "STREAMREC_REDIS_SSL_CA_CERTS": str(r.ssl_ca_certs) if r.ssl_ca_certs else None,
+        "STREAMREC_STATE_DIR": str(s.state_dir),
+        "STREAMREC_WEB_PORT": str(s.web_port),
+        "STREAMREC_METRICS_PORT": str(s.metrics_port),
+        "STREAMREC_STREAM_WEB_BIND": "127.0.0.1",
+    }
+    return {**os.environ, **{name: v for name, v in values.items() if v}, **extra}

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import threading
 
-import orjson
 import pytest
 from support.profile_reference import generate_events
 from support.worker import check_reference, committed_equals_end, read_topic, total_applied, wait_until
 
+from benchmarks.chaos import fuzz_records
 from devstack.produce import EventProducer, replay
 from profiles.store import ProfileStore
 from streams.validation import parse_dead_letter_headers
@@ -35,23 +35,9 @@ def settings(settings, request):
     return s
 
 
-def _malformed(n: int) -> list[bytes]:
-    ok = {"v": 1, "type": "view", "user_id": "mx", "ts": 1_700_000_000_000, "item_id": "i1"}
-    bad = []
-    for k in range(n):
-        kind = k % 3
-        if kind == 0:
-            bad.append(b"not json %d" % k)
-        elif kind == 1:
-            bad.append(orjson.dumps({**ok, "event_id": f"b{k}", "type": "teleport"}))
-        else:
-            bad.append(orjson.dumps({**ok, "event_id": f"b{k}", "item_id": "no-such-item"}))
-    return bad
-
-
 def test_three_workers_with_joins_a_graceful_leave_and_a_kill(settings, topics, redis_client, worker):
     events = generate_events(60, 6000, seed=21)
-    bad = _malformed(60)
+    bad = fuzz_records(60)  # every kind a producer sends: not JSON, bad type, unknown item, non-UTF-8, ...
     store = ProfileStore(redis_client, settings)
     users = {e.user_id for e in events}
     env = {"STREAMREC_STREAM_BATCH_MAX": "100", "STREAMREC_STREAM_COMMIT_INTERVAL_S": "1.0"}

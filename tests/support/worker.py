@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.private import worker_env as private_worker_env
 from profiles.store import ProfileStore
 from streamrec.settings import Settings
 from support.profile_reference import HashingEncoder, RandomItems, assert_profile_matches, reference_profiles
@@ -32,41 +33,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    s = settings
-    env = {
-        **os.environ,
-        "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-        "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
-        "STREAMREC_TOPICS_EVENTS": s.topics.events,
-        "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
-        "STREAMREC_TOPICS_RESULTS": s.topics.results,
-        "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
-        "STREAMREC_TOPICS_PARTITIONS": str(s.topics.partitions),
-        "STREAMREC_REDIS_URL": s.redis.url,
-        "STREAMREC_REDIS_CLUSTER": "true" if s.redis.cluster else "false",
-        "STREAMREC_REDIS_PREFIX": s.redis.prefix,
-        "STREAMREC_STATE_DIR": str(s.state_dir),
-        "STREAMREC_WEB_PORT": str(s.web_port),
-        "STREAMREC_METRICS_PORT": str(s.metrics_port),
-        "STREAMREC_STREAM_WEB_BIND": "127.0.0.1",
+    """:func:`devstack.private.worker_env` with the test plug-ins importable, a short session
+    timeout (fast rebalances) and quiet logs."""
+    test = {
         "STREAMREC_STREAM_CONSUMER_SESSION_TIMEOUT_S": "8",
         "STREAMREC_LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
-    k, r = s.kafka, s.redis
-    secure = {
-        "STREAMREC_KAFKA_SECURITY_PROTOCOL": k.security_protocol.value,
-        "STREAMREC_KAFKA_SASL_MECHANISM": k.sasl_mechanism.value,
-        "STREAMREC_KAFKA_SASL_USERNAME": k.sasl_username,
-        "STREAMREC_KAFKA_SASL_PASSWORD": k.sasl_password.get_secret_value() if k.sasl_password else None,
-        "STREAMREC_KAFKA_SSL_CAFILE": str(k.ssl_cafile) if k.ssl_cafile else None,
-        "STREAMREC_REDIS_USERNAME": r.username,
-        "STREAMREC_REDIS_PASSWORD": r.password.get_secret_value() if r.password else None,
-        "STREAMREC_REDIS_SSL_CA_CERTS": str(r.ssl_ca_certs) if r.ssl_ca_certs else None,
-    }
-    env.update({name: v for name, v in secure.items() if v})
-    env.update(extra)
-    return env
+    return private_worker_env(settings, **{**test, **extra})
 
 
 class WorkerProcess:
