@@ -30,7 +30,11 @@ def dependency_of(exc: BaseException) -> str | None:
         mod = type(e).__module__ or ""
         if mod.startswith("redis"):
             return REDIS
-        if mod.startswith(("confluent_kafka", "aiokafka", "kafka")) or type(e).__name__ == "ProduceError":
+        # confluent-kafka's exceptions live in its C module ``cimpl``
+        if (
+            mod.startswith(("confluent_kafka", "cimpl", "aiokafka", "kafka"))
+            or type(e).__name__ == "ProduceError"
+        ):
             return KAFKA
         if isinstance(e, ConnectionError | TimeoutError):
             return REDIS if "redis" in str(e).lower() else None

@@ -143,3 +143,26 @@ def test_broker_killed_and_restarted_mid_stream(settings, private, topics, worke
     _check_after(settings, store, events)
     assert w.proc.poll() is None
     print(f"broker outage: processing resumed {resumed_s:.1f}s after the kill")
+
+
+def test_failures_are_traced_to_their_service():
+    from confluent_kafka import KafkaException
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from streamrec.kafka import ProduceError
+    from streams.faults import KAFKA, REDIS, dependency_of
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise RuntimeError("batch failed") from e
+        except RuntimeError as outer:
+            return outer
+
+    assert dependency_of(RedisConnectionError("Connection refused")) == REDIS
+    assert dependency_of(wrapped(RedisConnectionError("x"))) == REDIS
+    assert dependency_of(KafkaException("broker down")) == KAFKA
+    assert dependency_of(ProduceError("3 records not delivered")) == KAFKA
+    assert dependency_of(ValueError("a bug")) is None

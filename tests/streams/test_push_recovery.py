@@ -137,3 +137,43 @@ def test_a_restarted_worker_pushes_what_a_killed_one_owed(settings, topics, work
     assert set(got) == users
     assert all(got[u]["source_event_id"] == last[u].event_id and got[u]["items"] for u in users)
     wait_until(lambda: store.pending_pushes() == [], 30, "the owed pushes cleared after delivery")
+
+
+def test_a_failed_round_is_retried_and_readiness_says_what_it_waits_for(settings, redis_client):
+    """A round that fails on Kafka keeps its users pending; the pusher names what it waits for
+    (``/readyz`` shows it) until a round goes through, then clears it."""
+    from confluent_kafka import KafkaException
+
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(store, [make_event("view", "c", item_id="i4", ts=T0)], 0)
+
+    async def until(pred, what: str) -> None:
+        for _ in range(200):
+            if pred():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def run() -> None:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        ok = pusher.publish
+        seen: list[str | None] = []
+
+        def flaky(user: str, value: bytes) -> None:
+            if not seen:
+                seen.append(None)
+                raise KafkaException("broker down")
+            ok(user, value)
+
+        pusher.publish = flaky
+        await pusher.recover()
+        await until(lambda: pusher.backoff.waiting_for is not None, "the pusher to wait")
+        assert "STREAMREC_KAFKA_BOOTSTRAP_SERVERS" in (pusher.backoff.waiting_for or "")
+        await until(lambda: published == ["c"], "the retried push")
+        await until(lambda: pusher.backoff.waiting_for is None, "the wait to clear")
+        await pusher.stop()
+
+    asyncio.run(run())
+    assert store.pending_pushes() == []
