@@ -23,21 +23,28 @@ def free_port() -> int:
         return sk.getsockname()[1]
 
 
-def free_port_run(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports."""
-    for _ in range(200):
-        base = free_port()
-        if base + n >= 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as sk:
-                try:
-                    sk.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+def _bindable(port: int) -> bool:
+    with socket.socket() as sk:
+        try:
+            sk.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_run(n: int, *, cluster_bus: bool = False) -> int:
+    """The first of ``n`` consecutive free loopback ports. ``cluster_bus``: Redis Cluster nodes,
+    whose bus listens on port + 10000, so the run must end at 55535 and those be free too."""
+    import random
+
+    top = 55535 if cluster_bus else 65535
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(20000, top - n)
+        ports = list(range(base, base + n))
+        if cluster_bus:
+            ports += [p + 10000 for p in ports]
+        if all(_bindable(p) for p in ports):
             return base
     raise RuntimeError(f"no run of {n} free ports found")
 
@@ -53,7 +60,7 @@ class PrivateStack:
         import secrets
 
         root.mkdir(parents=True, exist_ok=True)
-        port = free_port_run(base.redis.cluster_nodes) if cluster else free_port()
+        port = free_port_run(base.redis.cluster_nodes, cluster_bus=True) if cluster else free_port()
         self.kafka = kafka
         k: dict = {}
         if kafka:

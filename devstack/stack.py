@@ -443,7 +443,12 @@ class LocalStack:
     def start_redis_cluster(self, timeout: float = 30.0) -> ServiceStatus:
         """``redis.cluster_nodes`` masters (cluster mode, no replicas) on the URL's port and the next
         ones, joined with ``redis-cli --cluster create`` the first time; their state persists."""
-        host, _ = self.s.redis.host_port
+        host, first = self.s.redis.host_port
+        if first + self.s.redis.cluster_nodes - 1 > 55535:
+            raise StackError(
+                f"Redis Cluster ports must be at most 55535 (each node's bus listens on its port + 10000); "
+                f"the URL's port {first} with {self.s.redis.cluster_nodes} nodes is too high: fix STREAMREC_REDIS_URL"
+            )
         ok, detail = redis_healthy(self.s, timeout=1.0)
         if ok and not any(self._read_pid(self.cluster_pidfile(p)) for p in self.cluster_ports()):
             return ServiceStatus("redis", self.s.redis.url, True, None, False, None, f"external, {detail}")
