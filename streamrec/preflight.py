@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from streamrec.settings import Settings
@@ -72,8 +73,6 @@ def check_kafka(settings: Settings, timeout: float = 10.0) -> None:
         "logger": log,
         "socket.connection.setup.timeout.ms": int(timeout * 1000),
     }
-    import time
-
     admin = AdminClient(conf)
     deadline = time.monotonic() + timeout
     try:

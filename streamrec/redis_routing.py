@@ -22,6 +22,15 @@ from redis.exceptions import RedisError, ResponseError
 
 __all__ = ["RoutedPipeline", "is_cluster"]
 
+_POOL: ThreadPoolExecutor | None = None  # sends the node pipelines of a batch in parallel
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:  # once per process: not a thread start per batch
+        _POOL = ThreadPoolExecutor(16, thread_name_prefix="redis-node")
+    return _POOL
+
 
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
@@ -64,9 +73,8 @@ class RoutedPipeline:
             if len(self._pipes) == 1:
                 replies = {name: pipe.execute() for name, pipe in self._pipes.items()}
             else:  # the nodes answer in parallel: one round trip in all, not one per node
-                with ThreadPoolExecutor(len(self._pipes)) as pool:
-                    futs = {name: pool.submit(pipe.execute) for name, pipe in self._pipes.items()}
-                    replies = {name: f.result() for name, f in futs.items()}
+                futs = {name: _pool().submit(pipe.execute) for name, pipe in self._pipes.items()}
+                replies = {name: f.result() for name, f in futs.items()}
         except (ResponseError, RedisError) as exc:
             if self.cluster:
                 moved = isinstance(exc, ResponseError) and str(exc).startswith(("MOVED", "ASK"))

@@ -49,6 +49,7 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
         await state.loaded.wait()
         pipeline = state.pipeline
         backoff = Backoff("event batches", settings)
+        state.backoffs.append(backoff)
         async for batch in eager_batches(
             stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
         ):
@@ -63,7 +64,6 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                     break
                 except Exception as exc:
                     delay = backoff.failed(exc)
-                    state.waits["batches"] = backoff.waiting_for or "?"
                     if dependency_of(exc) == KAFKA:
                         metrics.dependency_up.labels(KAFKA).set(0)
                     if time.monotonic() + delay > deadline:
@@ -75,8 +75,7 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                         )
                         raise
                     await asyncio.sleep(delay)
-            if state.waits.pop("batches", None) is not None:
-                backoff.succeeded()
+            backoff.succeeded()
             metrics.dependency_up.labels(KAFKA).set(1)  # the batch's dead letters and offsets went through
             for ev in batch:
                 await stream.ack(ev)

@@ -98,6 +98,8 @@ def _register_lifecycle(
             await app.crash(exc)
             return
         state.ctx = ctx
+        if ctx.push is not None:
+            state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()
         metrics.worker_up.set(1)
         if ctx.push is not None:  # users changed before a crash and never pushed get theirs now

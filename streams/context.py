@@ -28,6 +28,7 @@ from streamrec.kafka import KafkaProducer
 from streamrec.plugins import load_factory
 from streamrec.settings import Settings
 from streams.explorer import Explorer, build_explorer
+from streams.faults import Backoff
 from streams.pipeline import EventPipeline
 from streams.recommend import PushPath, build_push_path
 from streams.validation import KafkaDeadLetterSink, Validator, dead_letter_tail_reader
@@ -134,8 +135,14 @@ class WorkerState:
         self.loaded = asyncio.Event()
         self.error: BaseException | None = None
         self.batches = 0
-        # component -> the service it waits for now ("Redis at ... (STREAMREC_REDIS_URL)")
+        # What the worker waits for now: the Redis probe's entry, and every retrying component's
+        # Backoff (the agent's, the pusher's), each "Redis at ... (STREAMREC_REDIS_URL)" or None.
         self.waits: dict[str, str] = {}
+        self.backoffs: list[Backoff] = []
+
+    def waiting_for(self) -> list[str]:
+        """The services the worker waits for now (``/readyz``), each with the setting naming it."""
+        return sorted({*self.waits.values(), *(b.waiting_for for b in self.backoffs if b.waiting_for)})
 
     @property
     def pipeline(self) -> EventPipeline:

@@ -92,6 +92,7 @@ class Backoff:
         return self._delay
 
     def succeeded(self) -> None:
+        """After work that went through (a no-op unless the work was failing)."""
         if self.since is not None:
             log.warning("%s: %s answers again after %.1fs; resumed", self.what, self.waiting_for, self.down_s)
         self.since = None

@@ -261,7 +261,7 @@ class RecommendationPusher:
             except Exception as exc:  # never let one bad round stop the pusher: its users stay pending
                 await asyncio.sleep(self.backoff.failed(exc))
                 continue
-            if self.backoff.since is not None and (pushed or not self.pending):
+            if pushed or not self.pending:
                 self.backoff.succeeded()  # a round went through, or nothing is owed any more
             wait = self._next_due_in()
             if wait is None or wait > 0:

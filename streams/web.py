@@ -104,10 +104,7 @@ def _register_health(app: faust.App, state: WorkerState, s: Settings) -> None:
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        waiting = sorted(set(state.waits.values()))
-        push = state.ctx.push if state.ctx is not None else None
-        if push is not None and push.pusher.backoff.waiting_for:
-            waiting = sorted({*waiting, push.pusher.backoff.waiting_for})
+        waiting = state.waiting_for()
         ready = state.loaded.is_set() and state.error is None and not app.rebalancing and not waiting
         body = {
             "ready": ready,
