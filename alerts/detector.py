@@ -47,7 +47,7 @@ keeps learning during an alert, so a lasting change becomes the new normal and c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -175,6 +175,7 @@ class _StateWire(msgspec.Struct, array_like=True):
     slot_num: float = 0.0
     slot_den: float = 0.0
     n_slots: int = 0
+    parent: bytes = b""
 
 
 @dataclass
@@ -211,6 +212,7 @@ class DetectorState:
     fast_p: np.ndarray | None = None  # (K,) corrected surge p of the last look (1: none)
     slot_num: float = 0.0  # decayed shop events per active slot: num / den
     slot_den: float = 0.0
+    parent: np.ndarray | None = None  # (K,) index of an item key's category key (-1: none)
     index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,6 +230,7 @@ class DetectorState:
             ("since_e", np.float64, 0.0),
             ("since_n", np.float32, 0.0),
             ("fast_p", np.float32, 1.0),
+            ("parent", np.int32, -1),
         ):
             v = getattr(self, name)
             if v is None or v.shape != (k,):
@@ -261,7 +264,24 @@ class DetectorState:
         self.since_e = np.concatenate([self.since_e, np.zeros(n)])
         self.since_n = np.concatenate([self.since_n, np.zeros(n, np.float32)])
         self.fast_p = np.concatenate([self.fast_p, np.ones(n, np.float32)])
+        assert self.parent is not None
+        self.parent = np.concatenate([self.parent, np.full(n, -1, np.int32)])
         self.levels = np.concatenate([self.levels, np.array([key_level(k) for k in new], np.int8)])
+
+    def link(self, parents: Mapping[str, str]) -> None:
+        """Record each item key's category key (``{"i:<item>": "c:<category>"}``), adding keys
+        not yet known. A category whose demand is explained by its own alerting items does not
+        alert a second time (see :func:`_explained`)."""
+        assert self.parent is not None
+        new = [(i, c) for i, c in parents.items() if c and (i not in self.index or c not in self.index)]
+        if new:
+            self.add_keys([k for pair in new for k in pair])
+        for item, cat in parents.items():
+            if cat:
+                j = self.index[item]
+                c = self.index[cat]
+                if self.parent[j] != c:
+                    self.parent[j] = c
 
     def active(self) -> dict[tuple[int, int], int]:
         """Number of active alerts by (kind, level)."""
@@ -304,6 +324,7 @@ class DetectorState:
             since_e=_b(self.since_e, np.float64),
             since_n=_b(self.since_n, np.float32),
             fast_p=_b(self.fast_p, np.float32),
+            parent=_b(self.parent, np.int32),
             slot_num=self.slot_num,
             slot_den=self.slot_den,
             n_slots=self.n_slots,
@@ -359,6 +380,7 @@ class DetectorState:
             since_e=np.frombuffer(w.since_e, np.float64).copy() if w.since_e else None,
             since_n=np.frombuffer(w.since_n, np.float32).copy() if w.since_n else None,
             fast_p=np.frombuffer(w.fast_p, np.float32).copy() if w.fast_p else None,
+            parent=np.frombuffer(w.parent, np.int32).copy() if w.parent else None,
             slot_num=w.slot_num,
             slot_den=w.slot_den,
         )
@@ -579,6 +601,7 @@ def _look_tests(
     best_o = np.zeros(K)
     best_e = np.zeros(K)
     best_h = np.ones(K, np.int64)
+    sums: list[tuple[np.ndarray, np.ndarray]] = []
     for h in enabled:
         rows = np.flatnonzero((state.slot_idx >= 0) & (state.slot_idx > slot - h))
         O = state.slot_o[rows].sum(axis=0, dtype=np.float64)  # noqa: E741
@@ -587,6 +610,7 @@ def _look_tests(
             O = O + extra[0]  # noqa: E741
             T += extra[1]
         E = odds * np.maximum(T - O, 0.0)
+        sums.append((O, E))
         guard = (O >= cfg.fast_min_surge_count) & (O >= cfg.min_surge_ratio * E)
         idx = np.flatnonzero((O > E) & ((guard & eligible) | (state.alert == SURGE)))
         if not idx.size:
@@ -604,6 +628,17 @@ def _look_tests(
     g_corr = np.minimum(best_g * n_fast, 1.0)
     state.fast_p = p_corr.astype(np.float32)
     raise_up = np.flatnonzero(idle & eligible & (g_corr <= cfg.fast_p_raise))
+    if raise_up.size:
+
+        def fast_test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
+            ok = (o > e) & (o >= cfg.fast_min_surge_count) & (o >= cfg.min_surge_ratio * e)
+            p = np.ones(o.size)
+            if ok.any():
+                p[ok] = nb_upper_tail(o[ok], e[ok], cfg.nb_size)
+            return np.minimum(p * n_fast, 1.0)
+
+        busy = _busy(state, raise_up, SURGE)
+        raise_up = raise_up[~_explained(state, raise_up, busy, sums, fast_test, cfg.fast_p_raise)]
     window = slot // spw
     out = [
         _fast_transition(state, cfg, i, int(best_h[i]), slot, end_ms, best_o, best_e, g_corr)
@@ -660,9 +695,19 @@ def _wait_tests(
         assert state.ring_o is not None
         cand = cand[state.ring_o[:, cand].sum(axis=0, dtype=np.float64) >= cfg.min_drop_expected]
     if cand.size:
-        pw = wait_tail(state, cfg)[cand]
-        hit = cand[pw <= cfg.wait_p_raise]
-        for i, p in zip(hit.tolist(), pw[pw <= cfg.wait_p_raise].tolist(), strict=True):
+        tail = wait_tail(state, cfg)
+        hit = cand[tail[cand] <= cfg.wait_p_raise]
+        if hit.size:  # a category whose silence is that of its own silent (dropping) items is no news
+
+            def wait_test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
+                assert state.since_n is not None
+                n = cfg.nb_size * np.maximum(state.since_n[cats].astype(np.float64), 1.0)
+                return np.where(e >= cfg.min_drop_expected, np.exp(-n * np.log1p(e / n)), 1.0)
+
+            since = [(np.zeros(state.size), state.since_e)]
+            hit = hit[~_explained(state, hit, _busy(state, hit, DROP), since, wait_test, cfg.wait_p_raise)]
+        for i in hit.tolist():
+            p = float(tail[i])
             n_w = int(state.since_n[i])
             out.append(
                 Transition(
@@ -682,6 +727,50 @@ def _wait_tests(
             )
         state.alert[hit] = DROP
     return out
+
+
+def _busy(state: DetectorState, raising: np.ndarray, kind: int) -> np.ndarray:
+    """Item keys alerting with ``kind`` or raising it now (``raising``), that have a category."""
+    assert state.parent is not None
+    mask = state.alert == kind
+    mask[raising] = True
+    return np.flatnonzero(mask & (state.levels == LEVEL_ITEM) & (state.parent >= 0))
+
+
+def _explained(
+    state: DetectorState,
+    cand: np.ndarray,
+    busy: np.ndarray,
+    sums: Sequence[tuple[np.ndarray, np.ndarray]],
+    test: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    threshold: float,
+) -> np.ndarray:
+    """Which of the keys ``cand`` are categories whose evidence is that of their busy items.
+
+    A product that surges (or stops selling) moves its category too, and a category made of one
+    or two products would then raise a second alert for the same episode. For each candidate
+    category with items in ``busy`` (alerting or raising with the same kind), the busy items'
+    observed and expected events are taken out of the category's sums (``sums``: (O, E) over
+    all keys per horizon) and ``test(j, cats, O, E)`` (the corrected, guarded tail of horizon
+    ``j``) runs on what is left; the category is explained when no horizon passes
+    ``threshold``. Returns a boolean mask over ``cand``.
+    """
+    assert state.parent is not None
+    out = np.zeros(cand.size, bool)
+    if not cand.size or not busy.size or not sums:
+        return out
+    par = state.parent[busy]
+    cats = cand[(state.levels[cand] == LEVEL_CATEGORY) & np.isin(cand, par)]
+    if not cats.size:
+        return out
+    best = np.ones(cats.size)
+    for j, (O, E) in enumerate(sums):  # noqa: E741
+        o_kids = np.bincount(par, weights=O[busy], minlength=state.size)[cats]
+        e_kids = np.bincount(par, weights=E[busy], minlength=state.size)[cats]
+        o = np.maximum(O[cats] - o_kids, 0.0)
+        e = np.maximum(E[cats] - e_kids, 0.0)
+        best = np.minimum(best, test(j, cats, o, e))
+    return np.isin(cand, cats[best > threshold])
 
 
 def _event_units(
@@ -790,6 +879,8 @@ def _transitions(
     idle = state.alert == NONE
     raise_up = np.flatnonzero(idle & eligible & (best_up <= cfg.p_raise) & (best_up <= best_dn))
     raise_dn = np.flatnonzero(idle & eligible & (best_dn <= cfg.p_raise) & (best_dn < best_up))
+    raise_up = raise_up[~_explained_windows(state, tests, cfg, raise_up, SURGE)]
+    raise_dn = raise_dn[~_explained_windows(state, tests, cfg, raise_dn, DROP)]
     # A key raised by a look clears only once its short horizons and its waiting time are quiet too.
     assert state.fast_p is not None
     fast_quiet = state.fast_p > cfg.p_clear
@@ -809,6 +900,33 @@ def _transitions(
     state.alert[clear_up] = NONE
     state.alert[clear_dn] = NONE
     return out
+
+
+def _explained_windows(
+    state: DetectorState, tests: _HorizonTests, cfg: AlertSettings, raising: np.ndarray, kind: int
+) -> np.ndarray:
+    """:func:`_explained` for the window tests of one kind (mask over ``raising``)."""
+    if not raising.size:
+        return np.zeros(0, bool)
+    hs = sorted(set(cfg.surge_horizons if kind == SURGE else cfg.drop_horizons))
+    rows = [tests.horizons.index(h) for h in hs]
+    n_h = tests.n_up if kind == SURGE else tests.n_dn
+
+    def test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
+        size = cfg.nb_size * min(hs[j], state.filled)
+        p = np.ones(o.size)
+        if kind == SURGE:
+            ok = (o > e) & (o >= cfg.min_surge_count) & (o >= cfg.min_surge_ratio * e)
+            if ok.any():
+                p[ok] = nb_upper_tail(o[ok], e[ok], size)
+        else:
+            ok = (o < e) & (e >= cfg.min_drop_expected) & (o <= cfg.max_drop_ratio * e)
+            if ok.any():
+                p[ok] = nb_lower_tail(o[ok], e[ok], size)
+        return np.minimum(p * n_h, 1.0)
+
+    sums = [(tests.observed[r], tests.expected[r]) for r in rows]
+    return _explained(state, raising, _busy(state, raising, kind), sums, test, cfg.p_raise)
 
 
 def _transition(

@@ -242,6 +242,9 @@ class DemandMonitor:
         self._lock_token = uuid.uuid4().hex
         self._state: DetectorState | None = None
         self._last_peek_ms = -(2**62)
+        # item key -> category key of the items seen since this monitor last wrote the state
+        # (the state keeps them: a category does not alert again for its own alerting items)
+        self._unlinked: dict[str, str] = {}
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -262,6 +265,9 @@ class DemandMonitor:
             args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s), self.spw],
         )
         syn = payload.pop("syn")
+        for item, cat in zip(payload["i"], payload["c"], strict=True):
+            if cat:
+                self._unlinked[ITEM_PREFIX + item] = CATEGORY_PREFIX + cat
         if syn:
             pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(self.base + ":syn", *syn)
@@ -316,6 +322,27 @@ class DemandMonitor:
         for w, h in zip(wins, pipe.execute(), strict=True):
             out[w] = {_s(k): float(v) for k, v in h.items()}
         return out
+
+    def forget_alerts(self) -> DetectorState:
+        """Clear every active alert and its boost/damping without a 'cleared' alert, keeping the
+        baselines (after a backfill of history: past episodes are not today's news)."""
+        if not self._acquire():
+            raise RuntimeError("another worker holds the demand lock; run this with the workers stopped")
+        try:
+            state = self.state()
+            gone = [key for key, _ in state.active_keys()]
+            state.alert[:] = 0
+            assert state.fast_p is not None
+            state.fast_p[:] = 1.0
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.base + ":state", state.to_bytes())
+            self.effects.queue(pipe, [], gone)
+            pipe.execute()
+        finally:
+            self._release()
+        self._state = state
+        _set_active_gauge(state)
+        return state
 
     def reset(self) -> int:
         """Delete all monitor state and effects under this prefix (tests, evaluations)."""
@@ -383,6 +410,8 @@ class DemandMonitor:
         try:
             flat = self._close(keys=[self.base], args=[upto])
             state = self.state()
+            linked = dict(self._unlinked)
+            state.link(linked)
             windows_before = state.active_windows
             acc_before = state.acc_window
             transitions: list[Transition] = []
@@ -414,9 +443,16 @@ class DemandMonitor:
                 pipe.zrem(self.base + ":sopen", *[str(w) for w in closed])
             self.effects.queue(pipe, state.active_keys(), cleared)
             pipe.execute()
+            self._linked(linked)
         finally:
             self._release()
         return self._finish(state, transitions)
+
+    def _linked(self, written: dict[str, str]) -> None:
+        """Forget the item -> category links that a written state now holds."""
+        for k, v in written.items():
+            if self._unlinked.get(k) == v:
+                del self._unlinked[k]
 
     def _peek(self, watermark_ms: int) -> list[AnomalyAlert]:
         """Look at the open slots' partial demand; raise (and write) only what they show."""
@@ -427,6 +463,7 @@ class DemandMonitor:
             return []
 
         def run(state: DetectorState) -> list[Transition]:
+            state.link(self._unlinked)
             pipe = self.redis.pipeline(transaction=False)
             for w in slots:
                 pipe.hgetall(f"{self.base}:s:{w}")
@@ -445,12 +482,14 @@ class DemandMonitor:
             return []
         try:
             state = self.state()  # again under the lock: another worker may have moved on
+            linked = dict(self._unlinked)
             transitions = run(state)
             if transitions:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.set(self.base + ":state", state.to_bytes())
                 self.effects.queue(pipe, state.active_keys(), [])
                 pipe.execute()
+                self._linked(linked)
         finally:
             self._release()
         return self._finish(state, transitions)

@@ -23,8 +23,11 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -97,6 +100,15 @@ class LiveView:
         self.recent: deque[dict] = deque(maxlen=50)
         self.reasons: dict[str, int] = {}  # reason kind (buy_again, similar_to, ...) -> list slots
         self.alerts: list[dict] = []
+        self.alert_times: list[float] = []  # monotonic arrival time of each alert
+        # the injected surge: pushed lists of real shoppers that hold the item, before / after its alert
+        self.watch_item: str | None = None
+        self.watch_category: set[str] = set()  # the items of its category
+        self.synthetic_prefix = s.alerts.synthetic_user_prefix
+        self.watch_alerted_at: float | None = None
+        self.lists = {"before": 0, "after": 0}  # lists that show its category
+        self.lists_with_item = {"before": 0, "after": 0}
+        self.trending_with_item = 0
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -114,8 +126,28 @@ class LiveView:
                     continue
                 if m.topic() == self.s.topics.alerts:
                     self.alerts.append(msg)
+                    self.alert_times.append(time.monotonic())
+                    if (
+                        self.watch_alerted_at is None
+                        and msg.get("synthetic")
+                        and msg.get("kind") == "surge"
+                        and msg.get("state") == "raised"
+                    ):
+                        self.watch_alerted_at = time.monotonic()
                     continue
                 self.results += 1
+                if self.watch_item is not None and not str(msg.get("user_id", "")).startswith(
+                    self.synthetic_prefix
+                ):
+                    phase = "before" if self.watch_alerted_at is None else "after"
+                    shown = {x.get("item_id") for x in msg.get("items", [])}
+                    if shown & self.watch_category:
+                        self.lists[phase] += 1
+                    hit = [x for x in msg.get("items", []) if x.get("item_id") == self.watch_item]
+                    self.lists_with_item[phase] += bool(hit)
+                    self.trending_with_item += any(
+                        str(x.get("reason", "")).startswith("trending") for x in hit
+                    )
                 self.recent.append(msg)
                 for x in msg.get("items", []):
                     kind = str(x.get("reason", "")).split(":")[0]
@@ -173,10 +205,23 @@ def wait_until_ready(worker: subprocess.Popen, web: str, log: Path, timeout: flo
 @click.option("--pretrained", is_flag=True, help="Skip fine-tuning: export the base encoder as it is.")
 @click.option("--stop", "stop_stack", is_flag=True, help="Bring Kafka and Redis down at the end.")
 @click.option("--json-summary", type=click.Path(path_type=Path), default=None, help="Write the summary here.")
+@click.option(
+    "--surge/--no-surge",
+    default=True,
+    show_default=True,
+    help="Inject one synthetic demand surge (flagged synthetic in its alert) to show detection and boosting.",
+)
 def demo(
-    rate: float, duration: float, quick: bool, pretrained: bool, stop_stack: bool, json_summary: Path | None
+    rate: float,
+    duration: float,
+    quick: bool,
+    pretrained: bool,
+    stop_stack: bool,
+    json_summary: Path | None,
+    surge: bool,
 ) -> None:
     """Run the live pipeline on real data and show it working."""
+    from devstack.backfill import backfill_demand
     from devstack.produce import EventProducer, dataset_events
     from devstack.stack import LocalStack
     from streamrec.datasets import load_dataset
@@ -189,12 +234,33 @@ def demo(
     LocalStack(s, redis_profile="demo").up()
     ensure_topics(s)
     model = ensure_model(s, pretrained, quick)
+    ds = load_dataset("online-retail", s.data_dir)
+    # The detector learns each product's share of demand from the stream: give it the shop's
+    # recent order history first, or it would stay silent for its first trading weeks.
+    weeks = 3.0 if quick else 8.0
+    warm = backfill_demand(s, ds, weeks=weeks)
+    if "skipped" in warm:
+        click.secho(f"==> demand detector: {warm['skipped']} (reused)", fg="cyan")
+    else:
+        click.secho(
+            f"==> demand detector warmed from {weeks:g} weeks of order history: {warm['events']:,} purchases, "
+            f"{warm['eligible_keys']:,} items and categories with a baseline",
+            fg="cyan",
+        )
+    plan = surge_plan(ds, weeks, rate, duration) if surge else None
 
     log_path = s.state_dir / "demo-worker.log"
     s.state_dir.mkdir(parents=True, exist_ok=True)
     # Online Retail is a wholesale shop whose customers re-order: bought items come back as
     # `buy_again` (the setting that wins the replay evaluation) unless the user chose otherwise.
-    env = {"STREAMREC_SCORING_EXCLUDE_PURCHASED": "false", **os.environ, "STREAMREC_MODEL_DIR": str(model)}
+    # Sequential looks at the open 5-minute slot every 2 s of event time (10 s by default), so the
+    # injected surge is flagged within seconds of its evidence.
+    env = {
+        "STREAMREC_SCORING_EXCLUDE_PURCHASED": "false",
+        "STREAMREC_ALERTS_PEEK_S": "2",
+        **os.environ,
+        "STREAMREC_MODEL_DIR": str(model),
+    }
     click.secho(f"==> starting the worker (log {log_path})", fg="cyan")
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamrec.cli", "worker"],
@@ -210,9 +276,12 @@ def demo(
         wait_until_ready(worker, web, log_path)
         click.secho(f"==> worker ready: {web}/readyz, metrics at {metrics_url}", fg="green")
         click.secho(f"==> live explorer: {web}/explorer (API: {web}/openapi.json)", fg="green")
-        view = LiveView(s).start()
+        view = LiveView(s)
+        if plan is not None:
+            view.watch_item = plan.item
+            view.watch_category = plan.category_items
+        view.start()
 
-        ds = load_dataset("online-retail", s.data_dir)
         n_events = int(rate * duration)
         events = list(dataset_events(ds, "test", settings=s, limit=n_events))
         producer = EventProducer(s)
@@ -220,6 +289,7 @@ def demo(
         for bad in (b"not json", b'{"event_id": "x", "type": "teleport", "user_id": "u", "ts": 1}'):
             producer.send_raw(bad, key=b"demo")
         sent = 0
+        surge_sent = 0
         t0 = time.monotonic()
         next_view = t0 + 5
         last_consumed = 0.0
@@ -234,6 +304,8 @@ def demo(
                 ev = events[sent]
                 producer.send(type(ev)(**{**_fields(ev), "ts": int(time.time() * 1000)}))
                 sent += 1
+            if plan is not None:
+                surge_sent = plan.emit(producer, time.monotonic() - t0, surge_sent, s)
             producer.poll(0)
             now = time.monotonic()
             if now >= next_view:
@@ -252,13 +324,22 @@ def demo(
                     f"results {view.results:,}  event→result p50 {lat[0]:.0f} ms p95 {lat[1]:.0f} ms  "
                     f"alerts {len(view.alerts)}  dead letters {_metric(text, 'streamrec_events_dead_lettered_total'):.0f}"
                 )
-                for msg in list(view.recent)[-2:]:
+                if plan is not None:
+                    click.echo(plan.status(view, surge_sent, t0))
+                for msg in [
+                    m for m in view.recent if not str(m["user_id"]).startswith(view.synthetic_prefix)
+                ][-2:]:
                     items = ", ".join(f"{x['item_id']} ({x['reason']})" for x in msg["items"][:4])
                     click.echo(f"      user {msg['user_id']}: {items}")
                 next_view = now + 5
             time.sleep(0.01)
         producer.flush(30)
         time.sleep(3)
+        deadline = time.monotonic() + 15
+        while (
+            plan is not None and surge_sent and view.watch_alerted_at is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)  # the surge's alert may still be on its way (its look runs every 2 s)
         text = _get(metrics_url)[1].decode(errors="replace")
         pct: list[float | None] = (
             np.percentile(list(view.latencies), [50, 95, 99]).tolist() if view.latencies else [None] * 3
@@ -271,6 +352,7 @@ def demo(
             "results_received": view.results,
             "event_to_result_ms": {"p50": pct[0], "p95": pct[1], "p99": pct[2]},
             "alerts": len(view.alerts),
+            "surge": plan.summary(view, surge_sent, t0) if plan is not None else None,
             # share of the pushed list slots per reason: re-buys beside discoveries
             "reason_share": {
                 k: round(v / max(1, sum(view.reasons.values())), 3)
@@ -281,13 +363,16 @@ def demo(
             "explorer_url": f"{web}/explorer",
             "seconds": round(time.time() - t_start, 1),
         }
-        if view.recent:
-            sample = view.recent[-1]
+        real = [m for m in view.recent if not str(m["user_id"]).startswith(view.synthetic_prefix)]
+        if real:
+            sample = real[-1]
             click.secho(f"\nfresh recommendations for user {sample['user_id']}:", bold=True)
             for x in sample["items"][:10]:
                 click.echo(f"  {x['item_id']:<10} {x['score']:.4f}  {x['reason']}")
         for a in view.alerts[:5]:
             click.echo(f"  alert: {a}")
+        if plan is not None:
+            click.secho("\n" + plan.explain(summary["surge"]), bold=True)
         click.secho("\nsummary: " + orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode(), fg="green")
         if json_summary:
             json_summary.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -307,6 +392,141 @@ def demo(
             click.echo("Kafka and Redis are still up (`streamrec status`); stop them with `streamrec down`.")
     if not summary.get("results_received"):
         raise click.ClickException("no recommendations reached the results topic; see " + str(log_path))
+
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass
+class SurgePlan:
+    """One synthetic demand surge: ``rate`` distinct new shoppers per second buy ``item`` from
+    ``start_s`` to ``end_s`` of the replay (user ids with the synthetic prefix, so the alert says
+    ``synthetic: true``)."""
+
+    item: str
+    category: str
+    text: str
+    start_s: float
+    end_s: float
+    rate: float
+    baseline_buyers_per_week: float
+    category_items: set[str]
+
+    def emit(self, producer: Any, elapsed: float, sent: int, s: Settings) -> int:
+        """Send the synthetic purchases due by ``elapsed`` seconds; the new total sent."""
+        from streamrec.events import Event, EventType
+
+        if elapsed < self.start_s:
+            return sent
+        due = int((min(elapsed, self.end_s) - self.start_s) * self.rate)
+        while sent < due:
+            user = f"{s.alerts.synthetic_user_prefix}demo-{uuid.uuid4().hex[:8]}"
+            producer.send(
+                Event(
+                    event_id=uuid.uuid4().hex,
+                    type=EventType.PURCHASE,
+                    user_id=user,
+                    ts=int(time.time() * 1000),
+                    session_id=user,
+                    item_id=self.item,
+                )
+            )
+            sent += 1
+        return sent
+
+    def status(self, view: LiveView, sent: int, t0: float) -> str:
+        if sent == 0:
+            return f"      (a synthetic surge of item {self.item} starts at {self.start_s:.0f}s)"
+        if view.watch_alerted_at is None:
+            return f"      synthetic surge: {sent} buyers of item {self.item} so far, no alert yet"
+        return (
+            f"      synthetic surge of item {self.item}: alert {view.watch_alerted_at - t0 - self.start_s:.1f}s "
+            f"after it began; real shoppers' lists showing its category that hold it: {self._share(view, 'before')} before, "
+            f"{self._share(view, 'after')} since"
+        )
+
+    @staticmethod
+    def _share(view: LiveView, phase: str) -> str:
+        n = view.lists[phase]
+        return f"{view.lists_with_item[phase] / n:.1%} of {n}" if n else "-"
+
+    def summary(self, view: LiveView, sent: int, t0: float) -> dict[str, Any]:
+        alerts = [
+            a
+            for a in view.alerts
+            if a.get("synthetic") and a.get("kind") == "surge" and a.get("state") == "raised"
+        ]
+        return {
+            "item": self.item,
+            "category": self.category,
+            "text": self.text,
+            "buyers_injected": sent,
+            "buyers_per_s": self.rate,
+            "baseline_buyers_per_week": round(self.baseline_buyers_per_week, 2),
+            "started_at_s": self.start_s,
+            "alerts": alerts,
+            "alert_after_s": None
+            if view.watch_alerted_at is None
+            else round(view.watch_alerted_at - t0 - self.start_s, 2),
+            "lists_before": view.lists["before"],
+            "lists_after": view.lists["after"],
+            "share_with_item_before": round(view.lists_with_item["before"] / max(1, view.lists["before"]), 4),
+            "share_with_item_after": round(view.lists_with_item["after"] / max(1, view.lists["after"]), 4),
+            "trending_slots_with_item": view.trending_with_item,
+        }
+
+    def explain(self, d: dict[str, Any]) -> str:
+        head = (
+            f"synthetic surge: {d['buyers_injected']} shoppers bought item {self.item} ({self.text!r}, "
+            f"category {self.category!r}; {self.baseline_buyers_per_week:.1f} buyers a week in the history) "
+            f"in {self.end_s - self.start_s:.0f}s"
+        )
+        if d["alert_after_s"] is None:
+            return head + ": no alert reached the alerts topic while the demo ran"
+        a = d["alerts"][0]
+        return (
+            f"{head}\n  alert {d['alert_after_s']:.1f}s after the surge began: {a['level']} {a['key']!r} "
+            f"{a['kind']}, {a['observed']:.0f} buyers vs {a['expected']:.2f} expected (score {a['score']:.0f}, "
+            f"synthetic={a['synthetic']})\n  real shoppers' pushed lists holding the item: "
+            f"{d['share_with_item_before']:.1%} of {d['lists_before']} before the alert, "
+            f"{d['share_with_item_after']:.1%} of {d['lists_after']} after (boost x{get_settings().alerts.boost:g}; "
+            f"{d['trending_slots_with_item']} slots with a trending reason)"
+        )
+
+
+def surge_plan(ds: Any, weeks: float, rate: float, duration: float) -> SurgePlan:
+    """The demo's surge: a mid-popular product with a long enough history for a baseline (sold
+    in the first week of the backfilled history), in the category the replayed shoppers buy
+    most (so that lists that could show it exist), at ~4 % of the event rate for a fifth of the
+    run, starting at 40 % of it."""
+    test = ds.split("test")
+    cut = int(test["ts"].min())
+    hist = ds.interactions[
+        (ds.interactions["ts"] < cut) & (ds.interactions["ts"] >= cut - int(weeks * WEEK_MS))
+    ]
+    cats = ds.item_category()
+    first_week = set(hist.loc[hist["ts"] < int(hist["ts"].min()) + WEEK_MS, "item_id"])
+    buyers = hist.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
+    pool = {i for i, n in buyers.items() if 8 <= n <= 40 and cats.get(i) and i in first_week}
+    replayed = test.iloc[: int(rate * duration)]
+    liked = replayed["item_id"].map(cats).value_counts()
+    for cat in liked.index:
+        mine = sorted(i for i in pool if cats[i] == cat)
+        if mine:
+            item = mine[len(mine) // 2]
+            break
+    else:
+        raise click.ClickException("no product in the history is suited for the demo's surge; use --no-surge")
+    return SurgePlan(
+        item=str(item),
+        category=str(cats[item]),
+        text=str(ds.item_text().get(item, ""))[:60],
+        start_s=round(0.4 * duration, 1),
+        end_s=round(0.4 * duration + max(3.0, 0.2 * duration), 1),
+        rate=max(2.0, 0.04 * rate),
+        baseline_buyers_per_week=float(buyers[item]) / weeks,
+        category_items={str(i) for i, c in cats.items() if c == cats[item]},
+    )
 
 
 def _fields(ev) -> dict:

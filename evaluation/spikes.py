@@ -408,6 +408,36 @@ def natural_alerts(
     return out
 
 
+def silent_day_floor(df: pd.DataFrame, top: int = 20, warmup_days: int = 42) -> dict[str, Any]:
+    """What "a stock-out flagged within one trading day" costs on this stream, from the data.
+
+    For every trading day (a calendar day with sales) after the warm-up, take the ``top``
+    items by distinct buyers over the 4 weeks before it (the pool the drop injections are drawn
+    from) and count those with no buyer at all that day although nothing was removed. A rule
+    that flags a top item after one silent trading day raises that many alerts per day on the
+    untouched stream: the floor under any detector that meets the one-day delay with purchases
+    as its only signal."""
+    d = df.assign(day=df["ts"] // DAY_MS).drop_duplicates(["day", "user_id", "item_id"])
+    days = np.unique(d["day"].to_numpy())
+    days = days[days >= days[0] + warmup_days]
+    per_day = d.groupby(["day", "item_id"]).size()
+    silent: list[int] = []
+    expected: list[float] = []
+    for day in days:
+        prior = d[(d["day"] >= day - 28) & (d["day"] < day)]
+        n_trading = max(1, prior["day"].nunique())
+        best = prior["item_id"].value_counts().head(top)
+        sold = per_day.loc[day] if day in per_day.index.get_level_values(0) else pd.Series(dtype=float)
+        silent.append(int(sum(1 for i in best.index if i not in sold.index)))
+        expected.extend((best / n_trading).tolist())
+    return {
+        "top_items": top,
+        "trading_days": len(days),
+        "silent_top_item_days_per_day": round(float(np.mean(silent)), 3) if silent else None,
+        "median_buyers_per_trading_day": round(float(np.median(expected)), 2) if expected else None,
+    }
+
+
 def _item_vectors(df: pd.DataFrame, dim: int = 32) -> tuple[list[str], np.ndarray]:
     """Item vectors for the recommendation-effect probe: a truncated SVD of the log user x item
     purchase matrix (deterministic, no trained model needed)."""

@@ -226,6 +226,9 @@ class Scorer:
         probs = _softmax_rows(np.where(valid, alpha * model + log_fac, -np.inf))
         quota = np.array([int(round(self.cfg.buy_again_share * r.k)) for r in sub], np.int64)
         order = self._mmr_batch(c.idx, logits / alpha, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
+        if self.cfg.trending_slots > 0 and self.adjustments is not None:
+            ks = np.array([r.k for r in sub], np.int64)
+            order = self._trending_slots(order, c.idx, logits / alpha, fac > 1.0, c.bonus > 0, ks)
         sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
         sel = np.where(order >= 0, sel, -1)
         take = np.maximum(order, 0)
@@ -436,6 +439,56 @@ class Scorer:
                 step_sim = np.einsum("mpd,md->mp", H, H[ar, best])
                 max_sim[ok] = np.maximum(max_sim[ok], step_sim[ok])
         return _compact(picked)
+
+    def _trending_slots(
+        self,
+        order: np.ndarray,
+        idx: np.ndarray,
+        rel: np.ndarray,
+        boosted: np.ndarray,
+        rebuy: np.ndarray,
+        ks: np.ndarray,
+    ) -> np.ndarray:
+        """Give up to ``trending_slots`` of each list to its most relevant surging (boosted)
+        candidates that MMR left out, in place of its last discoveries (or in empty slots).
+
+        Only candidates among the user's best ``max(4k, k + 50)`` by relevance qualify (the pool
+        MMR picks from), so a surge reaches the shoppers it suits, not everyone; a list that
+        already shows a surging item keeps it."""
+        boosted = boosted & (idx >= 0)
+        if not boosted.any():
+            return order
+        m, C = idx.shape
+        ar = np.arange(m)
+        rel = np.where(idx >= 0, rel, -np.inf)
+        k = int(ks.max())
+        pool = min(C, max(4 * k, k + 50))
+        in_list = np.arange(order.shape[1])[None, :] < ks[:, None]  # the slots each list shows
+        rank = np.empty((m, C), np.int64)
+        rank[ar[:, None], np.argsort(-rel, axis=1, kind="stable")] = np.arange(C)
+        eligible = boosted & (rank < pool) & np.isfinite(rel)
+        order = order.copy()
+        for _ in range(self.cfg.trending_slots):
+            shown = np.zeros((m, C), bool)
+            r, j = np.nonzero((order >= 0) & in_list)
+            shown[r, order[r, j]] = True
+            n_shown = (shown & boosted).sum(1)
+            cand = eligible & ~shown
+            todo = (n_shown < self.cfg.trending_slots) & cand.any(1)
+            if not todo.any():
+                break
+            best = np.argmax(np.where(cand, rel, -np.inf), 1)
+            at = np.maximum(order, 0)
+            free = (order < 0) & in_list
+            disc = (order >= 0) & in_list & ~rebuy[ar[:, None], at] & ~boosted[ar[:, None], at]
+            slot = np.where(
+                free.any(1),
+                np.argmax(free, 1),
+                order.shape[1] - 1 - np.argmax(disc[:, ::-1], 1),
+            )
+            ok = todo & (free.any(1) | disc.any(1))
+            order[ar[ok], slot[ok]] = best[ok]
+        return order
 
     def _reason_codes(
         self,

@@ -46,6 +46,7 @@ COMMANDS = {
     # local tooling: the dataset replayer and the live demo (devstack/)
     "produce": "devstack.produce:produce",
     "demo": "devstack.demo:demo",
+    "backfill-demand": "devstack.backfill:backfill",
     "validate": "streamrec.validate:validate",
 }
 

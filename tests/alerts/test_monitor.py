@@ -27,7 +27,18 @@ def test_untouched_real_stream_raises_no_alert(settings: Settings, redis_client,
     df, cats = retail_slice
     monitor = DemandMonitor(settings, redis_client)
     alerts = replay(monitor, df, cats) + monitor.flush()
-    assert alerts == []
+    # At most the false-alarm budget of `eval spikes` (0.2 alerts a day) on these 46 days, each a
+    # natural spike far above its expectation (here: a product expected 0.002 times in a quarter
+    # of an hour that two shoppers bought), and each raised once and cleared once.
+    days = (int(df["ts"].iloc[-1]) - int(df["ts"].iloc[0])) / 86_400_000
+    raised = [a for a in alerts if a.state == "raised"]
+    assert len(raised) <= 0.2 * days, raised
+    for a in raised:
+        assert a.observed >= 10 * a.expected and a.observed >= settings.alerts.fast_min_surge_count
+        assert [(b.kind, b.state) for b in alerts if b.key == a.key] == [
+            (a.kind, "raised"),
+            (a.kind, "cleared"),
+        ]
     # It did work: every event was counted or was a repeat (same shopper, item and hour: the
     # lines of one invoice count once), and every hour of the slice was closed.
     distinct = len(df.assign(w=df["ts"] // 3_600_000).drop_duplicates(["w", "user_id", "item_id"]))
@@ -78,8 +89,13 @@ def test_injected_surge_raises_once_boosts_and_clears_once(
     # Found by a sequential look inside the first hour of the surge, not when the hour closed.
     assert raised.source == "fast" and raised.window_end < (wins[0] + 1) * window_ms
     assert cleared.window_end > raised.window_end
-    # Nothing else in the shop alerted but the item and its category (once each at most).
-    assert {(a.level, a.key) for a in alerts} <= {("item", SURGE_ITEM), ("category", category)}
+    # Nothing else in the shop alerted but the item and its category (once each at most), beside
+    # what the untouched stream raises on its own.
+    clean = DemandMonitor(settings.override(redis={"prefix": settings.redis.prefix + "-clean"}), redis_client)
+    natural = {(a.level, a.key) for a in replay(clean, df, cats) + clean.flush()}
+    clean.reset()
+    assert {(a.level, a.key) for a in alerts} - natural <= {("item", SURGE_ITEM), ("category", category)}
+    alerts = [a for a in alerts if (a.level, a.key) not in natural]
     # Known side effect: the surge lifts the category's baseline share, and two weeks later the
     # waiting-time test may flag a quiet spell of the category as a drop; the surge itself raises
     # and clears once.

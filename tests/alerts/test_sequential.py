@@ -17,12 +17,16 @@ def _stream(
     seed: int = 0,
     extra: dict[int, list[int]] | None = None,
     stop: tuple[int, int] | None = None,
+    cats: dict[int, str] | None = None,
 ) -> list[Transition]:
     """Slots of a stationary negative-binomial shop: per window each item's rate is Gamma(r)-
     distributed around ``rates`` (the detector's over-dispersion), slots are Poisson within it.
-    ``extra``: slot -> item indices with one extra buyer; ``stop``: (item, first window) sold out."""
+    ``extra``: slot -> item indices with one extra buyer; ``stop``: (item, first window) sold out;
+    ``cats``: item index -> category (a category's count is the sum of its items')."""
     rng = np.random.default_rng(seed)
     state = new_state(cfg)
+    cats = cats or {}
+    state.link({f"i:{i}": f"c:{c}" for i, c in cats.items()})
     out: list[Transition] = []
     r = cfg.nb_size
     for w in range(n_windows):
@@ -35,6 +39,9 @@ def _stream(
             if stop is not None and w >= stop[1]:
                 n[stop[0]] = 0
             counts = {f"i:{i}": float(c) for i, c in enumerate(n) if c}
+            for i, c in cats.items():
+                if n[i]:
+                    counts[f"c:{c}"] = counts.get(f"c:{c}", 0.0) + float(n[i])
             out += look(state, slot, counts, float(n.sum()), float(n.sum()), cfg)
     return out
 
@@ -81,3 +88,30 @@ def test_waiting_time_flags_a_popular_items_stock_out_within_hours() -> None:
     assert mine and mine[0].kind == DROP and mine[0].source == "wait"
     assert mine[0].window - 110 <= 8  # within a trading day (E* ~ 9 events at 2 per hour)
     assert [t for t in out if t.raised and t.key != "i:0"] == []
+
+
+def test_a_category_does_not_alert_again_for_its_own_alerting_item() -> None:
+    # Item 0 is the only product of category "solo" (Online Retail has many such categories):
+    # its surge raises one alert, for the item, not a second one for the category.
+    cfg = AlertSettings(warmup_windows=10, fast_min_shop_events=5)
+    rates = np.concatenate([[0.02], np.full(59, 1.0)])
+    start = 200 * SPW
+    surge = {start + j: [0] for j in range(0, 2 * SPW, 2)}  # +6 buyers an hour for two hours
+    out = _stream(cfg, rates, 204, extra=surge, cats={0: "solo", 1: "solo-too", 2: "solo-too"})
+    raised = [t for t in out if t.raised]
+    assert [t.key for t in raised] == ["i:0"], [(t.key, t.source) for t in raised]
+
+
+def test_a_category_wide_surge_still_alerts_when_no_single_item_explains_it() -> None:
+    # Ten long-tail items of one category each get a buyer or two more per hour: no item is
+    # significant on its own, the category is, and its alert is not suppressed.
+    cfg = AlertSettings(warmup_windows=10, fast_min_shop_events=5)
+    rates = np.concatenate([np.full(10, 0.05), np.full(50, 1.0)])
+    start = 200 * SPW
+    surge = {start + j: list(range(10)) for j in range(0, 3 * SPW, 6)}  # +2 per item and hour
+    out = _stream(cfg, rates, 204, extra=surge, cats={i: "wide" for i in range(10)})
+    raised = [t for t in out if t.raised]
+    assert any(t.key == "c:wide" and t.kind == SURGE for t in raised), [(t.key, t.source) for t in raised]
+    # with every item alerting on its own, the category would add nothing and stays quiet
+    busy = _stream(cfg, rates, 204, extra={s: [0] * 8 for s in surge}, cats={0: "wide", 1: "wide"})
+    assert "c:wide" not in {t.key for t in busy if t.raised}

@@ -43,7 +43,15 @@ def test_demo_quick_end_to_end(stack, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads(summary.read_text())
     assert data["events_sent"] == int(80 * 12)
-    assert data["events_valid"] == data["events_sent"]
+    surge = data["surge"]  # the one synthetic surge the demo injects, flagged as such
+    assert surge["buyers_injected"] >= 6
+    assert data["events_valid"] == data["events_sent"] + surge["buyers_injected"]
+    assert surge["alert_after_s"] is not None and surge["alert_after_s"] < 10, surge
+    assert surge["alerts"][0]["synthetic"] is True and surge["alerts"][0]["key"] in {
+        surge["item"],
+        surge["category"],
+    }
+    assert "synthetic surge:" in proc.stdout
     assert data["dead_lettered"] == 2  # the two malformed records the demo sends on purpose
     assert data["results_received"] > 0
     share = data["reason_share"]  # what the pushed slots were: re-buys beside discoveries

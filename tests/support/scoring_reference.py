@@ -151,9 +151,35 @@ class ReferenceScorer:
             probs = _softmax(alpha * sim + np.log(np.maximum(fac, 1e-6)))  # u_i, not inflated by the bonus
             quota = int(round(self.cfg.buy_again_share * req.k))
             order = self._mmr(idx, logits / alpha, req.k, bonus > 0, quota)
+            if self.adjustments is not None:
+                order = self._trending(order, logits / alpha, fac > 1.0, bonus > 0, req.k, k_max)
             out[r] = self._explain(
                 req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
             )
+
+    def _trending(
+        self, order: np.ndarray, rel: np.ndarray, boosted: np.ndarray, rebuy: np.ndarray, k: int, k_max: int
+    ) -> np.ndarray:
+        """Up to ``trending_slots`` picks go to the most relevant boosted candidates among the
+        best ``max(4 k_max, k_max + 50)`` by relevance: into an empty slot, else in place of the
+        last pick that is neither a re-buy nor boosted."""
+        pool = set(np.argsort(-rel, kind="stable")[: max(4 * k_max, k_max + 50)].tolist())
+        picks = [int(o) for o in order]
+        for _ in range(self.cfg.trending_slots):
+            if sum(bool(boosted[o]) for o in picks) >= self.cfg.trending_slots:
+                break
+            cand = [c for c in range(rel.size) if boosted[c] and c in pool and c not in picks]
+            if not cand:
+                break
+            best = max(cand, key=lambda c: (rel[c], -c))
+            if len(picks) < k:
+                picks.append(best)
+                continue
+            disc = [t for t, o in enumerate(picks) if not rebuy[o] and not boosted[o]]
+            if not disc:
+                break
+            picks[disc[-1]] = best
+        return np.asarray(picks, np.int64)
 
     def _repeat_bonus(self, req: Request, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Catalog rows of the user's purchases and their buy-again bonus (cosine units):
