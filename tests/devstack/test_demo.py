@@ -52,6 +52,7 @@ def test_demo_quick_end_to_end(stack, tmp_path):
         surge["category"],
     }
     assert "synthetic surge:" in proc.stdout
+    assert data["dashboard_active_alerts"] >= 1  # the Grafana panel's gauge shows it
     assert data["dead_lettered"] == 2  # the two malformed records the demo sends on purpose
     assert data["results_received"] > 0
     share = data["reason_share"]  # what the pushed slots were: re-buys beside discoveries
