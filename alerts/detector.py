@@ -41,6 +41,12 @@ hour), so an hour or a day of nothing is not improbable, three days of nothing i
   guards) is above ``p_clear``. ``p_clear >> p_raise`` is the hysteresis: one episode raises one
   alert and clears once.
 
+A category does not alert a second time for its own products: when items linked to it
+(:meth:`DetectorState.link`) alert or raise with the same kind, their observed and expected
+events are taken out of the category's sums and the category raises only if what is left still
+passes (a category of one product never doubles that product's alert; ten long-tail products
+each a little up still raise their category).
+
 A key needs ``warmup_windows`` active windows of history before it can alert. The baseline
 keeps learning during an alert, so a lasting change becomes the new normal and clears.
 """

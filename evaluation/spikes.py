@@ -803,7 +803,7 @@ def run_eval(
     else:
         df, _ = load_stream(settings)
         sizes_surge, sizes_drop = [0.5, 1.0, 2.0, 4.0], [0.5, 0.8, 1.0]
-        n = n_per_size or 20
+        n = n_per_size or 40
     surge_windows, drop_windows = 6, 48
     plan = plan_injections(
         df, window_ms, sizes_surge, sizes_drop, n, surge_windows, drop_windows, 6 * WEEK_MS, seed
@@ -875,7 +875,7 @@ def run_eval(
 
 @click.command("spikes")
 @click.option("--quick", is_flag=True, help="CI smoke run: 4 months, one size per kind, 4 injections.")
-@click.option("--n-per-size", type=int, default=None, help="Injections per size (default 20; quick 4).")
+@click.option("--n-per-size", type=int, default=None, help="Injections per size (default 40; quick 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch", type=int, default=5000, show_default=True, help="Events per monitor batch.")
 @click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)

@@ -665,7 +665,7 @@ class AlertSettings(SettingsGroup):
         "is over-dispersed; larger = closer to Poisson = more alerts.",
     )
     p_raise: float = Field(
-        2e-7,
+        1e-7,
         gt=0,
         lt=1,
         description="Tail probability (Bonferroni-corrected over the horizons of the kind) that raises an alert at "
@@ -680,7 +680,10 @@ class AlertSettings(SettingsGroup):
         "one alert per episode).",
     )
     min_surge_count: float = Field(
-        8.0, ge=0, description="Surge guard: at least this many events over the horizon."
+        4.0,
+        ge=0,
+        description="Surge guard of the window tests: at least this many events over the horizon (8 missed most "
+        "+1 and +2 buyers/h surges, whose 6 to 12 extra buyers spread over a trading day).",
     )
     min_surge_ratio: float = Field(
         2.0, ge=1, description="Surge guard: observed events at least this ratio to expected."

@@ -310,7 +310,7 @@ def test_settings_table_covers_every_field_without_machine_paths():
     rows = [ln for ln in table.splitlines() if ln.startswith("| `STREAMREC_")]
     assert len(rows) == len(list(settings_fields()))
     assert "| `STREAMREC_STREAM_BATCH_MAX` | `1000` | ≥ 1 |" in table
-    assert "| `STREAMREC_ALERTS_P_RAISE` | `2e-07` | 0 < x < 1 |" in table
+    assert "| `STREAMREC_ALERTS_P_RAISE` | `1e-07` | 0 < x < 1 |" in table
     assert str(REPO_ROOT) not in table  # defaults under the checkout are shown as <repo>/...
 
 
