@@ -137,6 +137,38 @@ def test_demand_boost_lifts_a_category_with_a_trending_reason(catalog):
     assert not any(r.reason.startswith("trending") for r in a)
 
 
+class _ItemBoosts:
+    """Item-level demand factors (a surge on single products)."""
+
+    def __init__(self, by_item: dict[str, float]):
+        self.by_item = by_item
+
+    def factors(self, item_ids, categories):
+        f = np.array([self.by_item.get(i, 1.0) for i in item_ids], np.float32)
+        return f, ["trending" if i in self.by_item else None for i in item_ids]
+
+
+def test_a_trending_slot_goes_to_a_relevant_surging_item_only(catalog):
+    prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
+    prof.session = None
+    ranked = [catalog.ids[i] for i in np.argsort(-(catalog.matrix @ prof.long_term))]
+    near = next(i for i in ranked[30:45] if not i.startswith("mug-"))  # among the shopper's candidates
+    far = ranked[-1]  # the least similar product: outside the pool MMR picks from
+    s = Settings()
+    adj = _ItemBoosts({near: 1.5, far: 1.5})
+    req = [Request("u1", prof, k=10)]
+    [plain] = Scorer(catalog, s.scoring, s.profile).recommend(req, now_ms=prof.last_ts)
+    [factor_only] = Scorer(
+        catalog, s.override(scoring={"trending_slots": 0}).scoring, s.profile, adjustments=adj
+    ).recommend(req, now_ms=prof.last_ts)
+    [slot] = Scorer(catalog, s.scoring, s.profile, adjustments=adj).recommend(req, now_ms=prof.last_ts)
+    ids = lambda recs: [r.item_id for r in recs]  # noqa: E731
+    assert near not in ids(plain) and ids(factor_only) == ids(plain)  # x1.5 alone does not reach the top 10
+    assert ids(slot)[:-1] == ids(plain)[:-1]  # the slot replaces the last discovery...
+    assert slot[-1].item_id == near and slot[-1].reason == "trending"  # ...with the surging product
+    assert far not in ids(slot)  # a surge the shopper has no affinity for is not pushed on them
+
+
 def test_mmr_diversifies(catalog):
     prof = _profile(catalog, ["mug-1", "lantern-1", "mug-2"])
     [relevance_only] = _scorer(catalog, mmr_lambda=1.0).recommend(
