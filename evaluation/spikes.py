@@ -24,7 +24,8 @@ The **trending baseline** scores each key the way Metarank's trending model does
 windows (with wall-clock decay every night and Saturday trips it); it alerts when the fast
 score (half-life ``baseline_fast_hl`` windows) is ``baseline_ratio`` times its own slow score
 (half-life ``alerts.baseline_half_life_windows``) or less than ``1 / baseline_ratio`` of it, with
-the same minimum counts as the detector, and clears at half those ratios (hysteresis).
+a fixed minimum of 8 decayed buyers for surges and the detector's minimum expected count for
+drops, and clears at half those ratios (hysteresis).
 """
 
 from __future__ import annotations
@@ -248,8 +249,15 @@ def window_counts(
     return both.index.to_numpy(), [str(k) for k in both.columns], both.to_numpy(np.float32) * weight
 
 
-def replay_baseline(df: pd.DataFrame, settings: Settings, fast_hl: float, ratio: float) -> list[Raised]:
-    """The trending baseline (decayed sums, fast vs slow) on the same per-window demand."""
+BASELINE_MIN_COUNT = 8.0  # the trending baseline's own surge guard (decayed buyers), fixed
+
+
+def replay_baseline(
+    df: pd.DataFrame, settings: Settings, fast_hl: float, ratio: float, min_count: float = BASELINE_MIN_COUNT
+) -> list[Raised]:
+    """The trending baseline (decayed sums, fast vs slow) on the same per-window demand; a surge
+    needs ``min_count`` decayed buyers (its own guard, fixed so that tuning the detector's
+    guards does not move the reference)."""
     cfg = settings.alerts
     w = settings.profile.weight_purchase
     wins, keys, counts = window_counts(df, cfg.window_s * 1000, w)
@@ -271,7 +279,7 @@ def replay_baseline(df: pd.DataFrame, settings: Settings, fast_hl: float, ratio:
         eligible = seen > cfg.warmup_windows
         fast_count = fast  # decayed buyers in the recent windows
         r = f_level / np.maximum(ref, 1e-9)
-        up = eligible & (state == 0) & (r >= ratio) & (fast_count >= cfg.min_surge_count)
+        up = eligible & (state == 0) & (r >= ratio) & (fast_count >= min_count)
         dn = eligible & (state == 0) & (r <= 1 / ratio) & (ref * norm_f >= cfg.min_drop_expected)
         clear_up = (state == 1) & (r < ratio / 2)
         clear_dn = (state == -1) & (r > 2 / ratio)
