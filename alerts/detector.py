@@ -637,10 +637,7 @@ def _look_tests(
     if raise_up.size:
 
         def fast_test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
-            ok = (o > e) & (o >= cfg.fast_min_surge_count) & (o >= cfg.min_surge_ratio * e)
-            p = np.ones(o.size)
-            if ok.any():
-                p[ok] = nb_upper_tail(o[ok], e[ok], cfg.nb_size)
+            p = _guarded_upper_tail(o, e, cfg.nb_size, cfg.fast_min_surge_count, cfg.min_surge_ratio)
             return np.minimum(p * n_fast, 1.0)
 
         busy = _busy(state, raise_up, SURGE)
@@ -733,6 +730,18 @@ def _wait_tests(
             )
         state.alert[hit] = DROP
     return out
+
+
+def _guarded_upper_tail(
+    o: np.ndarray, e: np.ndarray, size: float, min_count: float, ratio: float
+) -> np.ndarray:
+    """NB upper tail of each (o, e) where the surge guards hold (o > e, o >= min_count,
+    o >= ratio * e), else 1."""
+    ok = (o > e) & (o >= min_count) & (o >= ratio * e)
+    p = np.ones(o.size)
+    if ok.any():
+        p[ok] = nb_upper_tail(o[ok], e[ok], size)
+    return p
 
 
 def _busy(state: DetectorState, raising: np.ndarray, kind: int) -> np.ndarray:
@@ -920,13 +929,11 @@ def _explained_windows(
 
     def test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
         size = cfg.nb_size * min(hs[j], state.filled)
-        p = np.ones(o.size)
         if kind == SURGE:
-            ok = (o > e) & (o >= cfg.min_surge_count) & (o >= cfg.min_surge_ratio * e)
-            if ok.any():
-                p[ok] = nb_upper_tail(o[ok], e[ok], size)
+            p = _guarded_upper_tail(o, e, size, cfg.min_surge_count, cfg.min_surge_ratio)
         else:
             ok = (o < e) & (e >= cfg.min_drop_expected) & (o <= cfg.max_drop_ratio * e)
+            p = np.ones(o.size)
             if ok.any():
                 p[ok] = nb_lower_tail(o[ok], e[ok], size)
         return np.minimum(p * n_h, 1.0)

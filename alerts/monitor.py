@@ -265,9 +265,6 @@ class DemandMonitor:
             args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s), self.spw],
         )
         syn = payload.pop("syn")
-        for item, cat in zip(payload["i"], payload["c"], strict=True):
-            if cat:
-                self._unlinked[ITEM_PREFIX + item] = CATEGORY_PREFIX + cat
         if syn:
             pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(self.base + ":syn", *syn)
@@ -375,6 +372,8 @@ class DemandMonitor:
                 self.stats.ignored += 1
                 continue
             cat = item_category.get(ev.item_id) or ev.category or ""
+            if cat:  # the state learns each item's category (see DetectorState.link)
+                self._unlinked[ITEM_PREFIX + ev.item_id] = CATEGORY_PREFIX + cat
             wins.append(ev.ts // sms)
             users.append(ev.user_id)
             items.append(ev.item_id)

@@ -60,7 +60,7 @@ def backfill_demand(
     if weeks is not None and len(df):
         df = df[df["ts"] >= int(df["ts"].max()) - int(weeks * WEEK_MS)]
     sub = dataclasses.replace(ds, interactions=df.sort_values("ts", kind="stable"))
-    cats = {str(k): str(v) for k, v in ds.item_category().items()}
+    cats = ds.item_category()
     n = len(df)
     raised = 0
     chunk: list[Any] = []

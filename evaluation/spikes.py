@@ -430,17 +430,11 @@ def surge_period_hit_rate(
     from the SVD probe, as in :func:`recommendation_effect`; no text model needed); a hit is a
     purchase of the period that the list holds. Also reported: the hit rate on purchases of the
     surging keys alone."""
-    from types import SimpleNamespace
-
     from alerts.effects import StaticDemandAdjustments
-    from inference.catalog import CatalogIndex
-    from inference.scoring import Request, Scorer
+    from inference.scoring import Scorer
 
     cfg = settings.alerts
-    ids, vecs = _item_vectors(df)
-    cats_of = dict(zip(df["item_id"].astype(str), df["category"].astype(str), strict=False))
-    catalog = CatalogIndex.from_arrays(ids, vecs, "spikes-svd", [cats_of.get(i, "") for i in ids])
-    pos = {x: j for j, x in enumerate(ids)}
+    catalog, pos = _probe_catalog(df)
     ts = df["ts"].to_numpy()
     cleared = {(a.level, a.key): a.window_end for a in raised if a.state == "cleared"}
     hits = {"on": 0, "off": 0}
@@ -457,16 +451,8 @@ def surge_period_hit_rate(
         if not users:
             continue
         periods += 1
-        reqs = []
+        reqs = _probe_requests(prior, users, catalog, pos, k, t0)
         bought: dict[str, set[str]] = {}
-        for u, g in prior[prior["user_id"].astype(str).isin(users)].groupby("user_id"):
-            rows = [pos[i] for i in g["item_id"].astype(str) if i in pos]
-            if rows:
-                prof = SimpleNamespace(
-                    long_term=catalog.matrix[rows].mean(0),
-                    purchased_items=list(dict.fromkeys(g["item_id"].astype(str))),
-                )
-                reqs.append(Request(str(u), prof, k=k, ref_ms=t0))
         for u, g in during.groupby("user_id"):
             bought[str(u)] = set(g["item_id"].astype(str))
         f_items, f_cats = active_factors(raised, t0, cfg.boost, cfg.damping)
@@ -540,6 +526,38 @@ def _item_vectors(df: pd.DataFrame, dim: int = 32) -> tuple[list[str], np.ndarra
     return [str(x) for x in items], (vt.T * np.sqrt(sv)).astype(np.float32)
 
 
+def _probe_catalog(df: pd.DataFrame, fit_on: pd.DataFrame | None = None) -> tuple[Any, dict[str, int]]:
+    """The probe catalog (SVD item vectors of ``fit_on``, default ``df``; categories from ``df``)
+    and each item id's row."""
+    from inference.catalog import CatalogIndex
+
+    ids, vecs = _item_vectors(df if fit_on is None else fit_on)
+    cats_of = dict(zip(df["item_id"].astype(str), df["category"].astype(str), strict=False))
+    catalog = CatalogIndex.from_arrays(ids, vecs, "spikes-svd", [cats_of.get(i, "") for i in ids])
+    return catalog, {x: j for j, x in enumerate(ids)}
+
+
+def _probe_requests(
+    prior: pd.DataFrame, users: set[str] | list[str], catalog: Any, pos: dict[str, int], k: int, t_ms: int
+) -> list[Any]:
+    """One request per user of ``users`` with purchases in ``prior``: a profile of their mean
+    purchase vector, their purchases as bought items."""
+    from types import SimpleNamespace
+
+    from inference.scoring import Request
+
+    reqs = []
+    for u, g in prior[prior["user_id"].astype(str).isin(users)].groupby("user_id"):
+        rows = [pos[i] for i in g["item_id"].astype(str) if i in pos]
+        if rows:
+            prof = SimpleNamespace(
+                long_term=catalog.matrix[rows].mean(0),
+                purchased_items=list(dict.fromkeys(g["item_id"].astype(str))),
+            )
+            reqs.append(Request(str(u), prof, k=k, ref_ms=t_ms))
+    return reqs
+
+
 def active_factors(
     raised: list[Raised], t_ms: int, boost: float, damping: float
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -572,31 +590,15 @@ def recommendation_effect(
     in-memory twin of the Redis one). Profiles: a user's mean purchase vector over the 4 weeks
     before the moment scored. Also counts how often a stock-out item (unavailable in the
     catalog while it is out) is recommended with the adjustments on (must be 0)."""
-    from types import SimpleNamespace
-
     from alerts.effects import StaticDemandAdjustments
-    from inference.catalog import CatalogIndex
-    from inference.scoring import Request, Scorer
+    from inference.scoring import Scorer
 
-    ids, vecs = _item_vectors(df[df["user_id"].astype(str).str.startswith("inj-") == False])  # noqa: E712
-    cats_of = dict(zip(df["item_id"].astype(str), df["category"].astype(str), strict=False))
-    catalog = CatalogIndex.from_arrays(ids, vecs, "spikes-svd", [cats_of.get(i, "") for i in ids])
-    pos = {x: j for j, x in enumerate(ids)}
+    catalog, pos = _probe_catalog(df, df[df["user_id"].astype(str).str.startswith("inj-") == False])  # noqa: E712
     cfg = settings.alerts
     ts = df["ts"].to_numpy()
 
     def lists(t_ms: int, users: list[str], adj: Any) -> list[list[str]]:
-        sel = df[(ts >= t_ms - 4 * WEEK_MS) & (ts < t_ms)]
-        reqs = []
-        for u, g in sel[sel["user_id"].isin(users)].groupby("user_id"):
-            rows = [pos[i] for i in g["item_id"].astype(str) if i in pos]
-            if not rows:
-                continue
-            prof = SimpleNamespace(
-                long_term=catalog.matrix[rows].mean(0),
-                purchased_items=list(dict.fromkeys(g["item_id"].astype(str))),
-            )
-            reqs.append(Request(str(u), prof, k=k, ref_ms=t_ms))
+        reqs = _probe_requests(df[(ts >= t_ms - 4 * WEEK_MS) & (ts < t_ms)], users, catalog, pos, k, t_ms)
         scorer = Scorer(catalog, settings.scoring, settings.profile, adjustments=adj)
         return [[x.item_id for x in lst] for lst in scorer.recommend(reqs, now_ms=t_ms)]
 
