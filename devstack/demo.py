@@ -34,7 +34,7 @@ import click
 import numpy as np
 import orjson
 
-from streamrec.settings import Settings, get_settings
+from streamrec.settings import Settings, get_settings, reorder_shop_env
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -258,12 +258,13 @@ def demo(
 
     log_path = s.state_dir / "demo-worker.log"
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    # Online Retail is a wholesale shop whose customers re-order: bought items come back as
-    # `buy_again` (the setting that wins the replay evaluation) unless the user chose otherwise.
+    # Online Retail is a wholesale shop whose customers re-order: the worker runs with the
+    # re-ordering shop's scoring (bought items come back as `buy_again`, recent demand as a
+    # prior; what `eval replay` measures) unless the user chose otherwise.
     # Sequential looks at the open 5-minute slot every 2 s of event time (10 s by default), so the
     # injected surge is flagged within seconds of its evidence.
     env = {
-        "STREAMREC_SCORING_EXCLUDE_PURCHASED": "false",
+        **reorder_shop_env(),
         "STREAMREC_ALERTS_PEEK_S": "2",
         **os.environ,
         "STREAMREC_MODEL_DIR": str(model),

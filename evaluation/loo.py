@@ -219,6 +219,7 @@ class ServedRanker:
         from devstack.produce import dataset_events
         from inference.catalog import CatalogIndex
         from inference.covisit import CoVisitation, CoVisitRecorder
+        from inference.popularity import RedisPopularity
         from inference.scoring import Request, Scorer
         from inference.user_model import load_user_model
         from profiles.store import ProfileStore
@@ -242,16 +243,22 @@ class ServedRanker:
             )
             recorder.record([e.user_id for e in events], [e.item_id or "" for e in events])
             covisit.fold()
-        self.scorer = Scorer(self.catalog, s.scoring, s.profile, user_model=um, covisit=covisit)
         store = ProfileStore(redis_client, s, items=self.catalog)
+        popularity = RedisPopularity(s, redis_client)  # the worker's decayed popularity, same events
         try:
             for i in tqdm(range(0, len(events), 5000), desc=f"{name}: profiles", unit="batch", leave=False):
                 store.apply_batch(events[i : i + 5000])
+                popularity.record(events[i : i + 5000])
             profiles = store.get_profiles(cases.users)
+            # What the scorer would read at the end of the histories (one snapshot; Redis is cleaned).
+            snapshot = _PopularitySnapshot(popularity.top(max(s.scoring.popularity_items, 4 * LIST_K)))
         finally:
             keys = list(redis_client.scan_iter(match=f"*{s.redis.prefix}*", count=5000))
             for i in range(0, len(keys), 5000):
                 redis_client.delete(*keys[i : i + 5000])
+        self.scorer = Scorer(
+            self.catalog, s.scoring, s.profile, popularity=snapshot, user_model=um, covisit=covisit
+        )
         last = hist.groupby(hist["user_id"].astype(str))["ts"].max().to_dict()
         self.requests = [
             Request(u, profiles.get(u), k=LIST_K, exclude_ids=h, ref_ms=int(last.get(u, 0)))
@@ -262,6 +269,16 @@ class ServedRanker:
     def ranked(self, rows: np.ndarray) -> list[np.ndarray]:
         lists = self.scorer.recommend([self.requests[r] for r in rows], now_ms=self.now_ms)
         return [self.catalog.index_of([it.item_id for it in lst]) for lst in lists]
+
+
+class _PopularitySnapshot:
+    """The popularity ranking read from Redis at one moment (a ``PopularitySource``)."""
+
+    def __init__(self, rows: list[tuple[str, float]]) -> None:
+        self.rows = rows
+
+    def top(self, k: int, category: str | None = None) -> list[tuple[str, float]]:
+        return self.rows[:k]
 
 
 def _list_ranks(lists: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:

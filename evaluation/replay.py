@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from streamrec.datasets import SPLITS, Dataset, load_dataset
 from streamrec.events import Event
-from streamrec.settings import Settings, get_settings
+from streamrec.settings import REORDER_SHOP_SCORING, Settings, get_settings
 
 KS = (10, 20)
 LIST_K = max(KS)
@@ -114,7 +114,7 @@ class StreamrecMethod:
 
         self.name = name
         s = settings.override(
-            redis={"prefix": f"{settings.redis.prefix}:{name}"}, scoring={"exclude_purchased": False}
+            redis={"prefix": f"{settings.redis.prefix}:{name}"}, scoring=REORDER_SHOP_SCORING
         )
         self.settings = s
         self.catalog = CatalogIndex.load(model_dir / "catalog")

@@ -8,20 +8,23 @@ recent events yet, it is a blend of the profile vectors,
     p = normalise(w_lt · long_term + w_s · session + w_q · query)
 
 (the query term only while the search is fresh, so the query dominates right after a
-search). Every catalog item i gets
+search). Every candidate item i gets
 
-    u_i = softmax_i(α · (h_iᵀp + b_i) + log f_i)
+    u_i = softmax_i(α · s_i + w_pop · log pop_i + log f_i),   s_i = h_iᵀp + w_cv · covisit_i
 
 where f_i is the demand-spike factor of the item or its category (>1 boost, <1 damping,
-1 without an anomaly): multiplying u_i by f_i and renormalising; b_i is the buy-again bonus
-(0 unless bought items are allowed back, see ``buy_again`` below). Candidates come from the
-catalog's exact top-k (one matrix product for the whole batch of users) or its ANN index;
+1 without an anomaly), pop_i the shop's recent demand (optional prior) and covisit_i the
+collaborative signal learned from the stream. When bought items may come back
+(``exclude_purchased = false``), u is a mixture: ``repeat_share`` of the mass goes to the
+user's past purchases by recency and frequency (``buy_again``), the rest is the softmax over
+new items (see ``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the
+ranking's probabilities. Candidates come from the catalog's exact top-k (one matrix product for
+the whole batch of users) or its ANN index, plus the bought, co-visited and popular items;
 purchased items (configurable), unavailable items and recently recommended items are
 filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
 
-- ``buy_again``: an item the user bought before, when purchases are not filtered
-  (``exclude_purchased = false``): the r-th most recent purchase, bought n times, gets
-  ``repeat_weight · repeat_decay^r · (1 + ln n)`` added to its cosine h_iᵀp, so staples come back;
+- ``buy_again``: an item the user bought before, when purchases are not filtered: the r-th most
+  recent purchase, bought n times, has weight ``repeat_decay^r · n^repeat_count_power``;
 - ``matches_query``: the fresh search query contributes most to its score;
 - ``trending_in:<category>`` / ``trending``: a demand surge boosted it;
 - ``similar_to:<item_id>``: the recent item of the user it is most similar to;
@@ -211,6 +214,7 @@ class Scorer:
         excl = _split_rows(excl_rows, excl_items, len(sub))
         top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
         S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
+        log_pop, extra = self._popularity_prior(len(sub), extra)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
@@ -220,15 +224,19 @@ class Scorer:
         if S is not None:  # u_i's score: cosine + the co-visitation feature (row max 1)
             gathered = np.take_along_axis(S, np.maximum(c.idx, 0), 1)
             model = c.sim + self.cfg.covisit_weight * np.where(valid, gathered, 0.0).astype(np.float32)
-        logits = np.where(valid, alpha * (model + c.bonus) + log_fac, -np.inf)
-        # The score shown is the model's u_i (with demand factors), not inflated by the buy-again
-        # bonus: the bonus and the slot quota decide the order, the probabilities stay comparable.
-        probs = _softmax_rows(np.where(valid, alpha * model + log_fac, -np.inf))
+        # u_i: the model's softmax over the discoveries, mixed with the buy-again distribution over
+        # the user's own purchases in the proportion the user re-buys (see ``_mixture``). Ranking is
+        # by log u_i (in cosine units for MMR), so the shown scores are the ranking's probabilities.
+        logits = alpha * model + log_fac
+        if log_pop is not None:  # the shop's recent demand as a prior: u_i ∝ exp(α·s_i) · pop_i^w
+            logits = logits + self.cfg.popularity_weight * log_pop[np.maximum(c.idx, 0)]
+        probs = self._mixture(valid, logits, c.bonus)
+        rel = np.where(valid & (probs > 0), np.log(np.maximum(probs, 1e-30)) / alpha, -np.inf)
         quota = np.array([int(round(self.cfg.buy_again_share * r.k)) for r in sub], np.int64)
-        order = self._mmr_batch(c.idx, logits / alpha, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
+        order = self._mmr_batch(c.idx, rel, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
         if self.cfg.trending_slots > 0 and self.adjustments is not None:
             ks = np.array([r.k for r in sub], np.int64)
-            order = self._trending_slots(order, c.idx, logits / alpha, fac > 1.0, c.bonus > 0, ks)
+            order = self._trending_slots(order, c.idx, rel, fac > 1.0, c.bonus > 0, ks)
         sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
         sel = np.where(order >= 0, sel, -1)
         take = np.maximum(order, 0)
@@ -294,6 +302,37 @@ class Scorer:
         r_idx = np.broadcast_to(np.arange(len(sub))[:, None], top.shape)
         return S, (r_idx[keep], top[keep])
 
+    def _popularity_prior(
+        self, m: int, extra: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+        """log of each item's recent popularity relative to the top item (items beyond the top
+        ``popularity_items`` get the last one's), and the ``popularity_candidates`` most popular
+        items as extra candidates of every row (merged with ``extra``). (None, extra) when off."""
+        cfg = self.cfg
+        if self.popularity is None or cfg.popularity_weight <= 0:
+            return None, extra
+        top = self.popularity.top(cfg.popularity_items)
+        if not top:
+            return None, extra
+        idx = self.catalog.index_of([i for i, _ in top])
+        rel = np.array([x for _, x in top], np.float64)
+        ok = (idx >= 0) & (rel > 0)
+        idx, rel = idx[ok], rel[ok]
+        if not idx.size:
+            return None, extra
+        log_pop = np.full(len(self.catalog.ids), np.log(rel.min()), np.float32)
+        log_pop[idx] = np.log(rel)
+        k = min(cfg.popularity_candidates, idx.size)
+        if k <= 0:
+            return log_pop, extra
+        rows = np.repeat(np.arange(m), k)
+        items = np.tile(idx[:k], m)
+        if extra is not None and extra[0].size:
+            n = len(self.catalog.ids)
+            keys = np.unique(np.concatenate([extra[0] * n + extra[1], rows * n + items]))
+            rows, items = keys // n, keys % n
+        return log_pop, (rows, items)
+
     def _candidates(
         self,
         sub: Sequence[Request],
@@ -353,15 +392,15 @@ class Scorer:
         )
 
     def _repeat_bonus(self, sub: Sequence[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, catalog row, bonus) of the users' purchases, most recent first per user, deduplicated.
+        """(row, catalog row, weight) of the users' purchases, most recent first per user, deduplicated.
 
-        The buy-again bonus in cosine units: ``repeat_weight · repeat_decay^r · (1 + ln n)`` for
-        the r-th most recent purchase, bought n times. Empty when purchases are filtered
-        (``exclude_purchased``) or the weight is 0.
+        The buy-again weight of the r-th most recent purchase, bought n times, is
+        ``repeat_decay^r · n^repeat_count_power`` (> 0; see ``_mixture``). Empty when purchases are
+        filtered (``exclude_purchased``) or ``repeat_share`` is 0.
         """
         cfg = self.cfg
         none = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-        if cfg.exclude_purchased or cfg.repeat_weight <= 0:
+        if cfg.exclude_purchased or cfg.repeat_share <= 0:
             return none
         lists = [list(getattr(r.profile, "purchased_items", None) or [])[: cfg.repeat_items] for r in sub]
         counts = [getattr(r.profile, "purchase_counts", None) or {} for r in sub]
@@ -372,10 +411,33 @@ class Scorer:
         if not rows.size:
             return none
         n_all = self.catalog.matrix.shape[0]
-        bonus = cfg.repeat_weight * cfg.repeat_decay ** rank.astype(np.float32) * (1 + np.log(n_flat[flat]))
+        weight = cfg.repeat_decay ** rank.astype(np.float32) * n_flat[flat] ** cfg.repeat_count_power
         _, first = np.unique(rows * n_all + items, return_index=True)  # a repeat keeps its best rank
         first.sort()
-        return rows[first], items[first], bonus[first].astype(np.float32)
+        return rows[first], items[first], np.maximum(weight[first], 1e-30).astype(np.float32)
+
+    def _mixture(self, valid: np.ndarray, logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """u_i for every candidate: a two-part mixture, re-buy or discovery.
+
+            u_i = π · q_i                           for the user's past purchases (``weight`` > 0)
+            u_i = (1 - π) · softmax(α·s + log f)_i   over the other candidates
+
+        where π = ``repeat_share``, q_i ∝ w_i · exp(β·(α·s_i + log f_i)) (w_i the recency/frequency
+        weight, β = ``repeat_context``: how much the current context decides *which* staple comes
+        back). A row with only one part gives it all the mass; without purchases (or with them
+        filtered) u is the model's softmax alone. Rows sum to 1 over their candidates.
+        """
+        rebuy = valid & (weight > 0)
+        disc = valid & ~rebuy
+        p_new = _softmax_rows(np.where(disc, logits, -np.inf))
+        if not rebuy.any():
+            return p_new
+        beta = self.cfg.repeat_context
+        ctx = beta * np.where(rebuy, logits, 0.0)
+        q = _softmax_rows(np.where(rebuy, np.log(np.maximum(weight, 1e-30)) + ctx, -np.inf))
+        share = self.cfg.repeat_share
+        pi = np.where(rebuy.any(1), np.where(disc.any(1), share, 1.0), 0.0).astype(np.float32)
+        return (pi[:, None] * q + (1.0 - pi)[:, None] * p_new).astype(np.float32)
 
     def _demand(self, idx: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
         """Demand factors (1 without an anomaly) and trend reasons (object array, None) of the
@@ -616,7 +678,7 @@ _REASONS = ("trending", "buy_again", "matches_query", "similar_to", "popular")
 
 @dataclass
 class _Candidates:
-    """Per user (rows) and candidate (columns): catalog row (-1 = empty), h·p, buy-again bonus."""
+    """Per user (rows) and candidate (columns): catalog row (-1 = empty), h·p, buy-again weight (0 = not bought)."""
 
     idx: np.ndarray
     sim: np.ndarray

@@ -12,7 +12,7 @@ A user's profile holds
 * a **query-intent vector**: the encoded query of the user's latest search (by event time);
 * counts by event type, the last event time and id, and bounded lists of recent items
   (most recent first, unique) and purchased items with their purchase counts (for filtering
-  or the buy-again bonus).
+  or buy-again).
 
 Ordering rules (what keeps a profile a function of the events, whatever the batching):
 

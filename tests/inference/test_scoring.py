@@ -78,9 +78,9 @@ def test_buy_again_brings_back_purchases_from_another_category(catalog):
     # The user browses mugs but bought lanterns and a bag: far from p, still re-ordered staples.
     prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"], purchased=["lantern-7", "bag-3", "lantern-2"])
     req = [Request("u1", prof, k=10)]
-    [plain] = _scorer(catalog, exclude_purchased=False, repeat_weight=0.0).recommend(req, now_ms=prof.last_ts)
+    [plain] = _scorer(catalog, exclude_purchased=False, repeat_share=0.0).recommend(req, now_ms=prof.last_ts)
     assert not {"lantern-7", "bag-3", "lantern-2"} & {r.item_id for r in plain}
-    [recs] = _scorer(catalog, exclude_purchased=False, repeat_weight=2.0, repeat_decay=0.5).recommend(
+    [recs] = _scorer(catalog, exclude_purchased=False, repeat_share=0.9, repeat_decay=0.5).recommend(
         req, now_ms=prof.last_ts
     )
     ids = [r.item_id for r in recs]
@@ -88,8 +88,59 @@ def test_buy_again_brings_back_purchases_from_another_category(catalog):
     assert ids.index("lantern-7") < ids.index("bag-3")  # the most recent purchase first (same similarity)
     assert {r.reason for r in recs if r.item_id in {"lantern-7", "bag-3"}} == {"buy_again"}
     # The filter wins over the bonus: no purchase comes back when purchases are excluded.
-    [excl] = _scorer(catalog, exclude_purchased=True, repeat_weight=1.0).recommend(req, now_ms=prof.last_ts)
+    [excl] = _scorer(catalog, exclude_purchased=True, repeat_share=0.9).recommend(req, now_ms=prof.last_ts)
     assert not {"lantern-7", "bag-3", "lantern-2"} & {r.item_id for r in excl}
+
+
+def test_buy_again_and_discoveries_share_one_probability_mass(catalog):
+    # u_i = π·q_i for past purchases (q ∝ decay^rank · times bought) and (1 - π)·softmax for the
+    # rest: the list's scores are those probabilities, a staple bought 6 times comes before one
+    # bought once, and how much of the list re-buys follows π.
+    bought = [f"lantern-{j}" for j in range(8)]
+    prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"], purchased=bought)
+    prof.purchase_counts = {i: (6 if i == "lantern-5" else 1) for i in bought}
+    req = [Request("a", prof, k=12)]
+    over = {"exclude_purchased": False, "buy_again_share": 1.0, "repeat_decay": 1.0, "repeat_context": 0.0}
+    over["mmr_lambda"] = 1.0
+    [high] = _scorer(catalog, **over, repeat_share=0.9).recommend(req, now_ms=prof.last_ts)
+    [low] = _scorer(catalog, **over, repeat_share=0.02).recommend(req, now_ms=prof.last_ts)
+    again = [r for r in high if r.reason == "buy_again"]
+    assert len(again) == 8 and again[0].item_id == "lantern-5"
+    # q: 6/13 for the staple, 1/13 for each other purchase; π = 0.9.
+    assert again[0].score == pytest.approx(0.9 * 6 / 13, rel=1e-4)
+    assert [r.score for r in again[1:]] == pytest.approx([0.9 / 13] * 7, rel=1e-4)
+    assert sum(r.reason == "buy_again" for r in low) < 4
+    for lst in (high, low):
+        scores = [r.score for r in lst]
+        assert all(s > 1e-4 for s in scores) and sum(scores) <= 1.0 + 1e-6
+        assert scores == sorted(scores, reverse=True)  # ranked by u_i (MMR off)
+    # The share cap bounds the re-buys whatever π says.
+    [capped] = _scorer(catalog, **{**over, "buy_again_share": 0.25}, repeat_share=0.9).recommend(
+        req, now_ms=prof.last_ts
+    )
+    assert sum(r.reason == "buy_again" for r in capped) == 3
+
+
+def test_the_popularity_prior_lifts_what_the_shop_sells_now(catalog):
+    # A shopper between mugs and bags; with the prior on, the shop's best-selling bag climbs
+    # into the list (and joins the candidates even if the similarity search missed it).
+    prof = _profile(catalog, ["mug-1", "bag-1", "mug-2", "bag-2"])
+
+    class _Pop:
+        def top(self, k, category=None):
+            return [("bag-9", 1.0), ("mug-20", 0.5), ("lantern-3", 0.001)][:k]
+
+    s = Settings().override(scoring={"popularity_weight": 1.5, "mmr_lambda": 1.0})
+    off = Scorer(
+        catalog, s.override(scoring={"popularity_weight": 0.0}).scoring, s.profile, popularity=_Pop()
+    )
+    on = Scorer(catalog, s.scoring, s.profile, popularity=_Pop())
+    [a] = off.recommend([Request("u1", prof, k=40)], now_ms=prof.last_ts)
+    [b] = on.recommend([Request("u1", prof, k=40)], now_ms=prof.last_ts)
+    rank_a = [r.item_id for r in a].index("bag-9")
+    rank_b = [r.item_id for r in b].index("bag-9")
+    assert rank_b == 0 < rank_a
+    assert "lantern-3" not in {r.item_id for r in b[:10]}  # popular but unrelated: not pushed in
 
 
 def test_a_fresh_search_query_moves_results_toward_matching_items(catalog):

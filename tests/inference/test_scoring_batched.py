@@ -70,15 +70,39 @@ def _requests(catalog: CatalogIndex, seed: int) -> list[Request]:
     return reqs
 
 
+class _Popular:
+    """A fixed popularity ranking (every 5th item, falling scores), as RedisPopularity.top returns it."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.rows = [(i, 1.0 / (1 + n)) for n, i in enumerate(ids[::5])]
+
+    def top(self, k, category=None):
+        return self.rows[:k]
+
+
 @pytest.mark.parametrize("exclude_purchased", [True, False])
 @pytest.mark.parametrize("mmr_lambda", [1.0, 0.8])
 @pytest.mark.parametrize("boosts", [False, True])
-def test_batched_scorer_equals_the_per_user_reference(catalog, exclude_purchased, mmr_lambda, boosts):
-    s = Settings().override(scoring={"exclude_purchased": exclude_purchased, "mmr_lambda": mmr_lambda})
+@pytest.mark.parametrize("popularity_weight", [0.0, 0.7])
+def test_batched_scorer_equals_the_per_user_reference(
+    catalog, exclude_purchased, mmr_lambda, boosts, popularity_weight
+):
+    s = Settings().override(
+        scoring={
+            "exclude_purchased": exclude_purchased,
+            "mmr_lambda": mmr_lambda,
+            "popularity_weight": popularity_weight,
+            "popularity_items": 60,
+            "popularity_candidates": 15,
+        }
+    )
     adj = _Boosts(catalog.ids[::7]) if boosts else None
+    pop = _Popular(catalog.ids)
     reqs = _requests(catalog, seed=int(exclude_purchased) + 2 * int(boosts))
-    got = Scorer(catalog, s.scoring, s.profile, adjustments=adj).recommend(reqs, now_ms=NOW)
-    want = ReferenceScorer(catalog, s.scoring, s.profile, adjustments=adj).recommend(reqs, now_ms=NOW)
+    got = Scorer(catalog, s.scoring, s.profile, adjustments=adj, popularity=pop).recommend(reqs, now_ms=NOW)
+    want = ReferenceScorer(catalog, s.scoring, s.profile, adjustments=adj, popularity=pop).recommend(
+        reqs, now_ms=NOW
+    )
     assert any(got), "some users are warm"
     for g, w in zip(got, want, strict=True):
         assert [x.item_id for x in g] == [x.item_id for x in w]

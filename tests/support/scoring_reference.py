@@ -128,6 +128,7 @@ class ReferenceScorer:
             for t, reason in zip(pos.tolist(), rs, strict=True):
                 reasons[t] = reason
         factors = factors.reshape(cand_idx.shape)
+        log_pop = self._log_popularity()
         for j, r in enumerate(rows):
             req = reqs[r]
             ok = cand_idx[j] >= 0
@@ -139,6 +140,8 @@ class ReferenceScorer:
             # Bought items join the candidates even when their similarity is low; their demand
             # factor is 1 (they were not in the batch's factor lookup).
             extra = bought[~np.isin(bought, idx)]
+            popular = self._popular(excl[j])
+            extra = np.concatenate([extra, popular[~np.isin(popular, np.concatenate([idx, extra]))]])
             idx = np.concatenate([idx, extra])
             sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
             fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
@@ -147,12 +150,15 @@ class ReferenceScorer:
             if bought.size:
                 where = {int(i): t for t, i in enumerate(idx)}
                 bonus[[where[int(i)] for i in bought]] = b_bonus
-            logits = alpha * (sim + bonus) + np.log(np.maximum(fac, 1e-6))
-            probs = _softmax(alpha * sim + np.log(np.maximum(fac, 1e-6)))  # u_i, not inflated by the bonus
+            logits = alpha * sim + np.log(np.maximum(fac, 1e-6))
+            if log_pop is not None:
+                logits = logits + self.cfg.popularity_weight * log_pop[idx]
+            probs = self._mixture(req, logits, bonus)
+            rel = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)) / alpha, -np.inf)
             quota = int(round(self.cfg.buy_again_share * req.k))
-            order = self._mmr(idx, logits / alpha, req.k, bonus > 0, quota)
+            order = self._mmr(idx, rel, req.k, bonus > 0, quota)
             if self.adjustments is not None:
-                order = self._trending(order, logits / alpha, fac > 1.0, bonus > 0, req.k, k_max)
+                order = self._trending(order, rel, fac > 1.0, bonus > 0, req.k, k_max)
             out[r] = self._explain(
                 req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
             )
@@ -182,13 +188,13 @@ class ReferenceScorer:
         return np.asarray(picks, np.int64)
 
     def _repeat_bonus(self, req: Request, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Catalog rows of the user's purchases and their buy-again bonus (cosine units):
-        ``repeat_weight · repeat_decay^r · (1 + ln n)`` for the r-th most recent purchase, bought
-        n times. Empty when purchases are filtered (``exclude_purchased``) or the weight is 0."""
+        """Catalog rows of the user's purchases and their buy-again weights:
+        ``repeat_decay^r · n^repeat_count_power`` for the r-th most recent purchase, bought n times.
+        Empty when purchases are filtered (``exclude_purchased``) or ``repeat_share`` is 0."""
         cfg = self.cfg
         p = req.profile
         none = np.empty(0, np.int64), np.empty(0, np.float32)
-        if cfg.exclude_purchased or cfg.repeat_weight <= 0 or p is None:
+        if cfg.exclude_purchased or cfg.repeat_share <= 0 or p is None:
             return none
         bought = list(getattr(p, "purchased_items", None) or [])[: cfg.repeat_items]
         if not bought:
@@ -196,14 +202,52 @@ class ReferenceScorer:
         idx = self.catalog.index_of(bought)
         counts = getattr(p, "purchase_counts", None) or {}
         n = np.array([max(1, counts.get(i, 1)) for i in bought], np.float32)
-        bonus = (
-            cfg.repeat_weight * cfg.repeat_decay ** np.arange(len(bought), dtype=np.float32) * (1 + np.log(n))
-        )
+        weight = cfg.repeat_decay ** np.arange(len(bought), dtype=np.float32) * n**cfg.repeat_count_power
         keep = (idx >= 0) & ~np.isin(idx, excluded)
-        idx, bonus = idx[keep], bonus[keep].astype(np.float32)
+        idx, weight = idx[keep], np.maximum(weight[keep], 1e-30).astype(np.float32)
         _, first = np.unique(idx, return_index=True)  # a repeated id keeps its most recent rank
         first.sort()
-        return idx[first], bonus[first]
+        return idx[first], weight[first]
+
+    def _top_popular_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        top = self.popularity.top(self.cfg.popularity_items) if self.popularity is not None else []
+        idx = self.catalog.index_of([i for i, _ in top]) if top else np.empty(0, np.int64)
+        rel = np.array([x for _, x in top], np.float64)
+        ok = (idx >= 0) & (rel > 0) if top else np.zeros(0, bool)
+        return idx[ok], rel[ok]
+
+    def _log_popularity(self) -> np.ndarray | None:
+        """log relative popularity per catalog row (the last read one's beyond the top items)."""
+        if self.cfg.popularity_weight <= 0:
+            return None
+        idx, rel = self._top_popular_rows()
+        if not idx.size:
+            return None
+        out = np.full(len(self.catalog.ids), np.log(rel.min()), np.float32)
+        out[idx] = np.log(rel)
+        return out
+
+    def _popular(self, excluded: np.ndarray) -> np.ndarray:
+        """The most popular items as extra candidates, less excluded and unavailable ones."""
+        if self.cfg.popularity_weight <= 0:
+            return np.empty(0, np.int64)
+        idx, _ = self._top_popular_rows()
+        idx = idx[: self.cfg.popularity_candidates]
+        return idx[~np.isin(idx, excluded)]
+
+    def _mixture(self, req: Request, logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """u = π·q over past purchases + (1 - π)·softmax over the rest (one user)."""
+        cfg = self.cfg
+        rebuy = weight > 0
+        p_new = np.zeros(logits.size, np.float64)
+        if (~rebuy).any():
+            p_new[~rebuy] = _softmax(logits[~rebuy])
+        if not rebuy.any():
+            return p_new.astype(np.float32)
+        q = np.zeros(logits.size, np.float64)
+        q[rebuy] = _softmax(np.log(weight[rebuy]) + cfg.repeat_context * logits[rebuy])
+        pi = cfg.repeat_share if (~rebuy).any() else 1.0
+        return (pi * q + (1.0 - pi) * p_new).astype(np.float32)
 
     def _mmr(self, idx: np.ndarray, rel: np.ndarray, k: int, rebuy: np.ndarray, quota: int) -> np.ndarray:
         """Maximal marginal relevance over the candidates, at most ``quota`` buy-again picks;
@@ -278,12 +322,14 @@ class ReferenceScorer:
         if p is not None and self.cfg.exclude_purchased:
             excl.update(getattr(p, "purchased_items", None) or [])
         picks: list[tuple[str, float]] = []
+        n = max(req.k + len(excl), self.cfg.top_k * 2)  # as many as the batched scorer reads
         if self.popularity is not None:
             if req.category_hint:
-                picks = self.popularity.top(req.k + len(excl), category=req.category_hint)
+                picks = self.popularity.top(n, category=req.category_hint)
             if len(picks) < req.k:
                 seen = {i for i, _ in picks}
-                picks += [x for x in self.popularity.top(req.k + len(excl) + len(picks)) if x[0] not in seen]
+                more = self.popularity.top(max(n + len(picks), self.cfg.top_k * 2))
+                picks += [x for x in more if x[0] not in seen]
         if not picks:  # no popularity yet: the first available items, score 0
             avail = np.flatnonzero(np.asarray(self.catalog.available, bool))[: req.k + len(excl)]
             picks = [(self.catalog.ids[i], 0.0) for i in avail]
