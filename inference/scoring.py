@@ -182,9 +182,10 @@ class Scorer:
             return out
         P, has, q_share = self.context_vectors(reqs, now_ms, timings)
         warm = np.flatnonzero(has)
+        # Popularity read once per batch and category, shared by the prior and the cold-start fallback.
+        popular: dict[tuple[str | None, int], list[tuple[str, float]]] = {}
         if warm.size:
-            self._score_warm(reqs, warm, P, q_share, out)
-        popular: dict[tuple[str | None, int], list[tuple[str, float]]] = {}  # one lookup per category
+            self._score_warm(reqs, warm, P, q_share, out, popular)
         for r in np.flatnonzero(~has).tolist():
             out[r] = self._fallback(reqs[r], popular)
         elapsed = time.perf_counter() - t0
@@ -196,7 +197,13 @@ class Scorer:
 
     # -- warm users: everything vectorised over the batch ---------------------------------
     def _score_warm(
-        self, reqs: Sequence[Request], rows: np.ndarray, P: np.ndarray, q_share: np.ndarray, out: list
+        self,
+        reqs: Sequence[Request],
+        rows: np.ndarray,
+        P: np.ndarray,
+        q_share: np.ndarray,
+        out: list,
+        popular: dict[tuple[str | None, int], list[tuple[str, float]]],
     ) -> None:
         """Candidates, buy-again, demand factors, softmax, MMR and reasons for the users ``rows``.
 
@@ -214,7 +221,7 @@ class Scorer:
         excl = _split_rows(excl_rows, excl_items, len(sub))
         top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
         S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
-        log_pop, extra = self._popularity_prior(len(sub), extra)
+        log_pop, extra = self._popularity_prior(len(sub), extra, popular)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
@@ -225,7 +232,7 @@ class Scorer:
             gathered = np.take_along_axis(S, np.maximum(c.idx, 0), 1)
             model = c.sim + self.cfg.covisit_weight * np.where(valid, gathered, 0.0).astype(np.float32)
         # u_i: the model's softmax over the discoveries, mixed with the buy-again distribution over
-        # the user's own purchases in the proportion the user re-buys (see ``_mixture``). Ranking is
+        # the user's own purchases in the proportion ``repeat_share`` (see ``_mixture``). Ranking is
         # by log u_i (in cosine units for MMR), so the shown scores are the ranking's probabilities.
         logits = alpha * model + log_fac
         if log_pop is not None:  # the shop's recent demand as a prior: u_i ∝ exp(α·s_i) · pop_i^w
@@ -303,7 +310,10 @@ class Scorer:
         return S, (r_idx[keep], top[keep])
 
     def _popularity_prior(
-        self, m: int, extra: tuple[np.ndarray, np.ndarray] | None
+        self,
+        m: int,
+        extra: tuple[np.ndarray, np.ndarray] | None,
+        memo: dict[tuple[str | None, int], list[tuple[str, float]]],
     ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
         """log of each item's recent popularity relative to the top item (items beyond the top
         ``popularity_items`` get the last one's), and the ``popularity_candidates`` most popular
@@ -311,7 +321,7 @@ class Scorer:
         cfg = self.cfg
         if self.popularity is None or cfg.popularity_weight <= 0:
             return None, extra
-        top = self.popularity.top(cfg.popularity_items)
+        top = self._top_popular(cfg.popularity_items, None, memo)[: cfg.popularity_items]
         if not top:
             return None, extra
         idx = self.catalog.index_of([i for i, _ in top])
