@@ -1,18 +1,21 @@
 """Time-limited demand factors in Redis: written by the monitor, read by the scorer.
 
-One string key per anomalous key, all under the monitor's hash tag ``{<prefix>:dm}`` so that
-a single MGET reads any set of them and the monitor writes them in the same transaction as its
-state (one slot, also on Redis Cluster)::
+One hash of the active factors, under the monitor's hash tag ``{<prefix>:dm}`` so that the
+monitor writes it in the same transaction as its state (one slot, also on Redis Cluster)::
 
-    {<prefix>:dm}:fx:i:<item_id>     "1.5"   item surge (boost) or drop (damping)
-    {<prefix>:dm}:fx:c:<category>    "1.5"   category surge or drop
+    {<prefix>:dm}:fx    i:<item_id>  → "1.5 1764859200000"   item surge (boost) or drop (damping)
+                        c:<category> → "0.5 1764859200000"   category surge or drop
 
-Each key expires after ``alerts.effect_ttl_s`` unless the monitor refreshes it (it does at
-every window it closes while the alert is active) and is deleted when the alert clears.
+Each value is the factor and the time (Unix ms) it lapses: ``alerts.effect_ttl_s`` after the
+monitor last wrote it (it refreshes every active alert at each window it closes); a field is
+deleted when its alert clears, and a lapsed one counts as absent (a stopped monitor's boosts
+end on their own). The scorer reads the whole hash, one small HGETALL per scoring round
+whatever the number of candidates: it holds only the few keys with an active alert.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,12 +24,12 @@ import numpy as np
 from alerts.detector import CATEGORY_PREFIX, ITEM_PREFIX, SURGE
 from streamrec.settings import Settings
 
-__all__ = ["DemandEffectWriter", "RedisDemandAdjustments", "StaticDemandAdjustments", "effect_key"]
+__all__ = ["DemandEffectWriter", "RedisDemandAdjustments", "StaticDemandAdjustments", "effects_key"]
 
 
-def effect_key(prefix: str, key: str) -> str:
-    """Redis key of the factor of a demand key (``i:<item>`` or ``c:<category>``)."""
-    return f"{{{prefix}:dm}}:fx:{key}"
+def effects_key(prefix: str) -> str:
+    """Redis key of the hash of active demand factors (fields ``i:<item>``, ``c:<category>``)."""
+    return f"{{{prefix}:dm}}:fx"
 
 
 class DemandEffectWriter:
@@ -39,18 +42,25 @@ class DemandEffectWriter:
     def factor(self, kind: int) -> float:
         return self.cfg.boost if kind == SURGE else self.cfg.damping
 
-    def queue(self, pipe: Any, active: Iterable[tuple[str, int]], cleared: Iterable[str]) -> None:
-        """Add the writes to a Redis pipeline: SET EX for ``active`` (key, kind), DEL for ``cleared``."""
-        ttl = max(1, int(self.cfg.effect_ttl_s))
-        for key, kind in active:
-            pipe.set(effect_key(self.prefix, key), repr(self.factor(kind)), ex=ttl)
-        gone = [effect_key(self.prefix, k) for k in cleared]
+    def queue(
+        self, pipe: Any, active: Iterable[tuple[str, int]], cleared: Iterable[str], now_ms: int | None = None
+    ) -> None:
+        """Add the writes to a Redis pipeline: the factors of ``active`` (key, kind), lapsing
+        ``effect_ttl_s`` from ``now_ms`` (default: now), and the removal of ``cleared``."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        until = now_ms + 1000 * max(1, int(self.cfg.effect_ttl_s))
+        key = effects_key(self.prefix)
+        fields = {k: f"{self.factor(kind)!r} {until}" for k, kind in active}
+        if fields:
+            pipe.hset(key, mapping=fields)
+        gone = [k for k in cleared if k not in fields]
         if gone:
-            pipe.delete(*gone)
+            pipe.hdel(key, *gone)
 
 
 class RedisDemandAdjustments:
-    """:class:`streamrec.interfaces.DemandAdjustments` read from Redis (one MGET per call).
+    """:class:`streamrec.interfaces.DemandAdjustments` read from Redis (one HGETALL per call,
+    of the active factors only: its cost does not grow with the candidates).
 
     The factor of an item is its own factor times its category's (1.0 when none). The reason is
     ``trending`` when the item itself surges, else ``trending_in:<category>`` when its category
@@ -71,14 +81,24 @@ class RedisDemandAdjustments:
         reasons: list[str | None] = [None] * n
         if n == 0:
             return out, reasons
-        uniq_items = list(dict.fromkeys(item_ids))
-        uniq_cats = [c for c in dict.fromkeys(categories) if c]
-        keys = [effect_key(self.prefix, ITEM_PREFIX + i) for i in uniq_items]
-        keys += [effect_key(self.prefix, CATEGORY_PREFIX + c) for c in uniq_cats]
-        values = self.redis.mget(keys)
-        item_f = {i: float(v) for i, v in zip(uniq_items, values[: len(uniq_items)], strict=True) if v}
-        cat_f = {c: float(v) for c, v in zip(uniq_cats, values[len(uniq_items) :], strict=True) if v}
+        item_f, cat_f = self.active()
         return _combine(item_ids, categories, item_f, cat_f)
+
+    def active(self, now_ms: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """({item: factor}, {category: factor}) of the alerts active now (lapsed ones left out)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        items: dict[str, float] = {}
+        cats: dict[str, float] = {}
+        for field, value in self.redis.hgetall(effects_key(self.prefix)).items():
+            key = field.decode() if isinstance(field, bytes) else str(field)
+            factor, _, until = (value.decode() if isinstance(value, bytes) else str(value)).partition(" ")
+            if until and int(until) <= now_ms:
+                continue
+            if key.startswith(ITEM_PREFIX):
+                items[key[len(ITEM_PREFIX) :]] = float(factor)
+            elif key.startswith(CATEGORY_PREFIX):
+                cats[key[len(CATEGORY_PREFIX) :]] = float(factor)
+        return items, cats
 
 
 class StaticDemandAdjustments:

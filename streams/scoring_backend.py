@@ -226,19 +226,25 @@ def _unpack(packed: tuple[list[str], list[float], list[str]]) -> list[ScoredItem
 
 
 class ProcessScoring:
-    """:class:`LocalScoring` in a child process (see the module doc). Thread-safe: calls are
-    serialised over the one pipe (a pull request waits for the push round in progress)."""
+    """:class:`LocalScoring` in a child process (see the module doc). Thread-safe.
+
+    Two locks over the one pipe: ``_call_lock`` pairs each score request with its reply (a pull
+    request waits for the push round in progress), ``_send_lock`` guards writes and the child's
+    (re)start. A ``record`` only writes, so the pipeline's co-visitation hook never waits for a
+    scoring round: the child reads the record after the round, in order, before the next request.
+    """
 
     def __init__(self, settings: Settings, items_factory: str, start_timeout_s: float = 300.0) -> None:
         self.settings = settings
         self.items_factory = items_factory
         self.start_timeout_s = start_timeout_s
-        self._lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._proc: Any = None
         self._conn: Connection | None = None
         self._version = ""
         self.restarts = 0
-        with self._lock:
+        with self._send_lock:
             self._start()
 
     @property
@@ -312,13 +318,17 @@ class ProcessScoring:
 
     def score(self, batch: ScoreBatch) -> Scored:
         n = len(batch.user_ids)
-        with self._lock:
-            conn = self._connection()
+        conn: Connection | None = None
+        with self._call_lock:
             try:
-                conn.send(("score", batch))
-                reply = conn.recv()
+                with self._send_lock:
+                    conn = self._connection()
+                    conn.send(("score", batch))
+                reply = conn.recv()  # records sent meanwhile wait in the pipe; no other reader
             except (EOFError, OSError) as exc:
-                self._drop()
+                with self._send_lock:
+                    if self._conn is conn:
+                        self._drop()
                 raise RuntimeError(f"the scoring process died while scoring {n} users") from exc
         if reply[0] != "ok":
             raise RuntimeError(f"scoring {n} users failed in the scoring process:\n{reply[1]}")
@@ -329,7 +339,7 @@ class ProcessScoring:
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if not len(user_ids):
             return
-        with self._lock:
+        with self._send_lock:  # never waits for a scoring round (see the class doc)
             try:
                 self._connection().send(("record", list(user_ids), list(item_ids)))
             except (EOFError, OSError):
@@ -337,7 +347,7 @@ class ProcessScoring:
                 log.warning("the scoring process is gone; %d co-visitation events not counted", len(user_ids))
 
     def close(self) -> None:
-        with self._lock:
+        with self._call_lock, self._send_lock:
             if self._conn is not None:
                 try:
                     self._conn.send(("stop",))

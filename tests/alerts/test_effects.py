@@ -36,3 +36,32 @@ def test_boosts_never_surface_unavailable_items() -> None:
     assert n_boosted > sum("it1" in [x.item_id for x in lst] for lst in plain)
     reasons = {x.reason for lst in boosted for x in lst if x.item_id == "it1"}
     assert reasons and all("trending" in r for r in reasons)
+
+
+def test_factors_in_redis_lapse_clear_and_cost_one_read_whatever_the_candidates(
+    settings: Settings, redis_client
+) -> None:
+    from alerts.detector import DROP, SURGE
+    from alerts.effects import DemandEffectWriter, RedisDemandAdjustments, effects_key
+
+    writer, reader = DemandEffectWriter(settings), RedisDemandAdjustments(settings, redis_client)
+    now = 1_800_000_000_000
+    ttl_ms = 1000 * settings.alerts.effect_ttl_s
+    pipe = redis_client.pipeline(transaction=True)
+    writer.queue(pipe, [("i:A", SURGE), ("c:lamps", SURGE), ("i:B", DROP)], [], now_ms=now)
+    pipe.execute()
+    items, cats = reader.active(now_ms=now + 1)
+    assert items == {"A": settings.alerts.boost, "B": settings.alerts.damping}
+    assert cats == {"lamps": settings.alerts.boost}
+    # the item factor times its category's, and the reason; an unknown item is left alone
+    f, reasons = reader.factors(["A", "C", "B"], ["lamps", "lamps", "bags"])
+    assert list(f) == [settings.alerts.boost**2, settings.alerts.boost, settings.alerts.damping]
+    assert reasons == ["trending", "trending_in:lamps", None]
+    # a stopped monitor's factors lapse on their own ...
+    assert reader.active(now_ms=now + ttl_ms) == ({}, {})
+    # ... a refresh extends them, a cleared alert is gone at once
+    pipe = redis_client.pipeline(transaction=True)
+    writer.queue(pipe, [("i:A", SURGE)], ["i:B", "c:lamps"], now_ms=now + ttl_ms - 1)
+    pipe.execute()
+    assert reader.active(now_ms=now + ttl_ms + 1) == ({"A": settings.alerts.boost}, {})
+    assert set(redis_client.hkeys(effects_key(settings.redis.prefix))) == {b"i:A"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alerts.effects import effect_key
+from alerts.effects import effects_key
 from alerts.monitor import DemandMonitor
 from devstack.backfill import backfill_demand
 from streamrec.datasets import load_dataset
@@ -24,7 +24,7 @@ def test_backfill_gives_baselines_forgets_past_alerts_and_then_a_live_surge_aler
     state = monitor.state()
     assert state.active_windows == out["active_windows"]
     assert not state.active_keys()  # the past episodes are not carried into the present
-    assert not list(redis_client.scan_iter(match=effect_key(s.redis.prefix, "*").replace("{", "\\{")))
+    assert not redis_client.hgetall(effects_key(s.redis.prefix))  # no boost or damping left behind
     parent = state.parent
     assert parent is not None and np.count_nonzero(parent >= 0) > 1000  # items know their categories
     # a second call leaves the history alone

@@ -74,6 +74,31 @@ def test_the_child_process_scores_exactly_as_the_worker_thread_would(shop, redis
     assert remote.pid is None
 
 
+def test_recording_never_waits_for_a_scoring_round_and_is_applied_before_the_next(shop, redis_client):
+    """The pipeline's co-visitation hook must not stall consuming for a round's duration."""
+    import threading
+
+    s, catalog, store, events = shop
+    users = [f"u{u}" for u in range(12)]
+    local = local_scoring(s, catalog, redis_client)
+    remote = ProcessScoring(s, ITEMS)
+    try:
+        time.sleep(1.1)  # both recorders fold on this record call (see the test above)
+        pairs = [(e.user_id, e.item_id or "") for e in events]
+        local.record([u for u, _ in pairs], [i for _, i in pairs])
+        with remote._call_lock:  # a scoring round in flight holds the call lock
+            t = threading.Thread(target=remote.record, args=([u for u, _ in pairs], [i for _, i in pairs]))
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), "record waited for the scoring round"
+        batch = ScoreBatch(users, 10, ref_ms=[T0 + 10_000] * len(users), now_ms=T0 + 10_000)
+        want = local.score(batch).lists
+        assert any(it.reason.startswith("similar_to") for x in want for it in x)
+        assert _ids(remote.score(batch).lists) == _ids(want)  # the record was applied first
+    finally:
+        remote.close()
+
+
 def test_a_killed_scoring_process_fails_its_call_and_the_next_call_restarts_it(shop):
     s, catalog, store, events = shop
     remote = ProcessScoring(s, ITEMS)
