@@ -22,6 +22,7 @@ from typing import Any
 
 import faust
 
+from streamrec.runtime import settle_heap
 from streamrec.settings import Settings
 from streams import metrics
 from streams.agents import register_agents
@@ -98,6 +99,7 @@ def _register_lifecycle(
             await app.crash(exc)
             return
         state.ctx = ctx
+        settle_heap()  # the loaded components live as long as the worker: out of the collector's way
         if ctx.push is not None:
             state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()

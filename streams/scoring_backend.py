@@ -48,6 +48,7 @@ from inference.user_model import load_user_model
 from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog
 from streamrec.plugins import load_factory
+from streamrec.runtime import settle_heap
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", backend.model_version))
+    settle_heap()
     while True:
         try:
             msg = conn.recv()
