@@ -562,6 +562,12 @@ class ScoringSettings(SettingsGroup):
     covisit_users: int = Field(
         1_000_000, ge=1, description="Users whose co-visitation window a worker keeps in memory (LRU)."
     )
+    covisit_fold_background: bool = Field(
+        True,
+        description="Fold the co-visitation counts learned from the stream (once a second, O(pairs)) in a "
+        "thread of their own, so that scoring rounds never wait for a fold; off: inline, in the call that "
+        "records the events (deterministic, for tests).",
+    )
     batch_users: int = Field(256, ge=1, description="Users scored together in one matrix product.")
     process: bool = Field(
         True,

@@ -124,7 +124,11 @@ def build_scorer(
         seed = load_covisit(s.resolved_model_dir, catalog.ids, catalog.index_of)
         covisit = seed[0] if seed is not None else CoVisitation(len(catalog.ids))
         recorder = CoVisitRecorder(
-            covisit, catalog.index_of, s.scoring.covisit_window, s.scoring.covisit_users
+            covisit,
+            catalog.index_of,
+            s.scoring.covisit_window,
+            s.scoring.covisit_users,
+            fold_in_background=s.scoring.covisit_fold_background,
         )
         log.info(
             "co-visitation: %d pairs from the model folder's seed, learning from the stream", covisit.nnz

@@ -135,3 +135,34 @@ def test_counts_grow_with_the_catalog() -> None:
     rec.record(["u", "u"], ["i0", "new"])
     assert cv.n == 6 and _dense(cv)[5, 0] == 1
     assert cv.scores(np.array([0]), np.array([5]), 1, len(cat.ids))[0, 0] > 0
+
+
+def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices() -> None:
+    """The worker folds in a thread: record returns at once; until the fold is published,
+    scores come from the previous matrix, never from a half-built one."""
+    import threading
+
+    n = 300
+    g = np.random.default_rng(3)
+    seqs = [list(g.integers(0, n, 20)) for _ in range(2000)]
+    cv = CoVisitation.fit(n, seqs, window=5)
+    before = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n).copy()
+    started, release = threading.Event(), threading.Event()
+    real = cv._normalised
+
+    def slow(counts, users):  # hold the fold until the test has scored meanwhile
+        started.set()
+        release.wait(10)
+        return real(counts, users)
+
+    cv._normalised = slow  # type: ignore[method-assign]
+    index_of = lambda ids: np.array([int(x[1:]) for x in ids], np.int64)  # noqa: E731
+    rec = CoVisitRecorder(cv, index_of, window=5, fold_every_s=0.0, fold_in_background=True)
+    rec.record(["u"] * 4, ["i1", "i2", "i1", "i2"])  # i1, i2 meet: new evidence for them
+    assert started.wait(10)  # the fold is running and record has returned
+    during = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n)
+    assert np.array_equal(during, before)  # the previous matrix, whole
+    release.set()
+    assert rec.settle(10)
+    after = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n)
+    assert after[0, 1] > before[0, 1] or after[0, 2] > before[0, 2]  # now published

@@ -24,7 +24,9 @@ ITEMS = "support.profile_reference:make_catalog"
 @pytest.fixture
 def shop(settings, redis_client):
     """(settings with co-visitation on, catalog, store with 12 users' click histories)."""
-    s = settings.override(scoring={"covisit_weight": 0.3, "covisit_candidates": 20})
+    s = settings.override(  # inline folds: both backends see the same counts at the same call
+        scoring={"covisit_weight": 0.3, "covisit_candidates": 20, "covisit_fold_background": False}
+    )
     catalog = make_catalog(s)
     store = ProfileStore(redis_client, s, items=catalog)
     events = [
