@@ -653,7 +653,8 @@ def _run_e2e_catalog(
         wait_until_ready(proc, f"http://127.0.0.1:{s.web_port}", log)
         items = CatalogIndex.load(model_dir / "catalog").ids
         reader = _ResultsReader(s)
-        producer = EventProducer(s)
+        # the floor's producer settings (the worker's own linger), so that ours/floor compares like with like
+        producer = EventProducer(s, **{"linger.ms": s.kafka.linger_ms})
         rng = np.random.default_rng(7)
         sent: dict[str, float] = {}
         levels = []
