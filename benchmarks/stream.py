@@ -654,7 +654,8 @@ def _run_e2e_catalog(
         items = CatalogIndex.load(model_dir / "catalog").ids
         reader = _ResultsReader(s)
         # the floor's producer settings (the worker's own linger), so that ours/floor compares like with like
-        producer = EventProducer(s, **{"linger.ms": s.kafka.linger_ms})
+        same_as_floor: dict[str, Any] = {"linger.ms": s.kafka.linger_ms}
+        producer = EventProducer(s, **same_as_floor)
         rng = np.random.default_rng(7)
         sent: dict[str, float] = {}
         levels = []
