@@ -77,12 +77,9 @@ class RedisDemandAdjustments:
         n = len(item_ids)
         if len(categories) != n:
             raise ValueError(f"factors: {n} item ids but {len(categories)} categories (one per item)")
-        out = np.ones(n, np.float64)
-        reasons: list[str | None] = [None] * n
-        if n == 0:
-            return out, reasons
-        item_f, cat_f = self.active()
-        return _combine(item_ids, categories, item_f, cat_f)
+        if n == 0:  # nothing to look up: no Redis round trip
+            return np.ones(0, np.float64), []
+        return _combine(item_ids, categories, *self.active())
 
     def active(self, now_ms: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """({item: factor}, {category: factor}) of the alerts active now (lapsed ones left out)."""
