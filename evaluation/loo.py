@@ -228,6 +228,12 @@ class ServedRanker:
         s = settings.override(redis={"prefix": f"{settings.redis.prefix}:loo:{uuid.uuid4().hex[:8]}"})
         self.catalog = CatalogIndex.load(Path(model_dir) / "catalog")
         um = load_user_model(Path(model_dir), self.catalog) if use_user_model else None
+        seen = (um.manifest.metrics.get("refit") or {}).get("splits", []) if um is not None else []
+        if split in seen:
+            raise click.UsageError(
+                f"the user model in {model_dir} was trained on the {split} split (refit on {'+'.join(seen)}), "
+                f"so it cannot be evaluated on it: train one with `streamrec train-user --no-refit` to tune on {split}"
+            )
         self.user_model_version = um.version if um is not None else None
         before = list(SPLITS[: SPLITS.index(split)])
         inter = ds.interactions
@@ -356,10 +362,11 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: Path, title: st
 # -- the command --------------------------------------------------------------------------
 def sasrec_ranker(ds: Dataset, cases: EvalCases, split: str, catalog: Any, threads: int = 0) -> VectorRanker:
     """The ID-only sequential baseline (SASRec-style): the user model's architecture over learned
-    ID embeddings, no text, trained here on the train split (valid for early stopping)."""
+    ID embeddings, no text, trained here on the train split (valid for early stopping) and, for
+    the test split, refit on train + valid like the served user model (``streamrec train-user``)."""
     from inference.training.user_model import UserModelConfig, eval_examples, train_user_model
 
-    cfg = UserModelConfig(item_repr="id", threads=threads)
+    cfg = UserModelConfig(item_repr="id", threads=threads, refit=split != "valid")
     model = train_user_model(ds, catalog, cfg)
     ex = eval_examples(ds, split, catalog.index_of, cfg.n_events, catalog.dim, cases=cases)
     pos = {i: k for k, i in enumerate(ds.item_ids)}

@@ -344,8 +344,15 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
 )
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0 = default).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--refit/--no-refit",
+    default=True,
+    show_default=True,
+    help="After choosing the epoch on valid, retrain on train + valid for that many epochs (the model "
+    "served and evaluated on test). --no-refit for a model to tune on the valid split.",
+)
 def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int, n_events: int | None, layers: int,
-               eval_users: int, threads: int, seed: int) -> None:  # fmt: skip
+               eval_users: int, threads: int, seed: int, refit: bool) -> None:  # fmt: skip
     """Train the user model over the catalog's item vectors and export it to <model-dir>/user."""
     from inference.catalog import CatalogIndex
     from inference.training.user_model import (
@@ -363,12 +370,14 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
     ds = load_dataset(dataset, s.data_dir)
     cfg = UserModelConfig(
         n_events=n_events or s.profile.recent_events, layers=layers, item_repr=item_repr,  # type: ignore[arg-type]
-        epochs=epochs, eval_users=eval_users, threads=threads, seed=seed,
+        epochs=epochs, eval_users=eval_users, threads=threads, seed=seed, refit=refit,
     )  # fmt: skip
     t0 = time.perf_counter()
     model = train_user_model(ds, cat, cfg)
     window = s.scoring.covisit_window
-    out = export_user_model(model, cat, folder, covisit=(fit_covisit(ds, cat, window), window))
+    # The worker's co-visitation seed: the interactions the model was trained on.
+    splits = (model.metrics.get("refit") or {}).get("splits", ["train"])
+    out = export_user_model(model, cat, folder, covisit=(fit_covisit(ds, cat, window, splits), window))
     best = model.metrics["best"]
     click.echo(f"user model ({item_repr}) on {ds.name}: {model.metrics['examples']} examples, best epoch "
                f"{best['epoch']} valid NDCG@10 {best['ndcg@10']:.4f} Recall@10 {best['recall@10']:.4f}; "

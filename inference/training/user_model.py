@@ -74,6 +74,7 @@ class UserModelConfig:
     eval_users: int = 2000
     seed: int = 0
     threads: int = 0
+    refit: bool = False  # retrain on train + valid for the chosen number of epochs
 
 
 # -- the module ----------------------------------------------------------------------------
@@ -343,7 +344,14 @@ def ndcg_recall(model: TrainedUserModel, ex: Examples, k: int = 10) -> dict[str,
 def train_user_model(
     ds: Dataset, catalog: Any, cfg: UserModelConfig, valid_split: str = "valid", progress: bool = True
 ) -> TrainedUserModel:
-    """Train on the train split over ``catalog``'s vectors; the epoch best on ``valid_split`` is kept."""
+    """Train on the train split over ``catalog``'s vectors; the epoch best on ``valid_split`` is kept.
+
+    With ``cfg.refit``, a second model is then trained from the same seed on the train *and*
+    ``valid_split`` cases for that many epochs, with no further selection: the model served (and
+    evaluated on the test split) has seen everything before the test period, as a deployed
+    model would, while every choice was still made on the valid split alone. Its metrics record
+    the selection run's history and ``refit``: {"splits", "epochs", "examples"}.
+    """
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -358,10 +366,41 @@ def train_user_model(
     if cfg.eval_users and len(valid) > cfg.eval_users:
         pick = np.sort(rng.choice(len(valid), cfg.eval_users, replace=False))
         valid = _take(valid, pick)
+    model, best, history = _fit(catalog, train, cfg, cfg.epochs, valid, progress, rng)
+    model.metrics = {"best": best, "history": history, "examples": len(train), "valid_cases": len(valid)}
+    if not cfg.refit:
+        return model
+    splits = ("train", valid_split)
+    full = training_examples(ds, catalog.index_of, cfg.n_events, dim, splits=splits)
+    torch.manual_seed(cfg.seed)
+    refit, _, _ = _fit(
+        catalog, full, cfg, int(best["epoch"]), None, progress, np.random.default_rng(cfg.seed)
+    )
+    refit.metrics = {
+        **model.metrics,
+        "refit": {"splits": list(splits), "epochs": int(best["epoch"]), "examples": len(full)},
+    }
+    log.info("user model %s: refit on %s for %d epochs (%d examples)", cfg.item_repr, "+".join(splits),
+             int(best["epoch"]), len(full))  # fmt: skip
+    return refit
+
+
+def _fit(
+    catalog: Any,
+    train: Examples,
+    cfg: UserModelConfig,
+    epochs: int,
+    valid: Examples | None,
+    progress: bool,
+    rng: np.random.Generator,
+) -> tuple[TrainedUserModel, dict[str, Any], list[dict[str, Any]]]:
+    """Train a fresh model on ``train`` for up to ``epochs`` epochs; with ``valid``, keep the epoch
+    best on its NDCG@10 (early stopping after ``cfg.patience`` worse epochs), else the last one.
+    Returns (model, the kept epoch's record, every epoch's record)."""
     warm = np.zeros(len(catalog.ids), np.float32)
     warm[np.unique(np.concatenate([train.targets, train.arrays.idx[train.arrays.idx >= 0]]))] = 1.0
     model = TrainedUserModel(
-        UserTower(dim, cfg), ItemTable(catalog.matrix, warm, cfg.item_repr, cfg.seed), cfg, cfg.alpha
+        UserTower(catalog.dim, cfg), ItemTable(catalog.matrix, warm, cfg.item_repr, cfg.seed), cfg, cfg.alpha
     )
     log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
     params = [*model.tower.parameters(), log_alpha] + (
@@ -373,7 +412,7 @@ def train_user_model(
     history: list[dict[str, Any]] = []
     bad = 0
     t0 = time.time()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.tower.train()
         perm = rng.permutation(len(train))[:n_ex]
         bar = tqdm(range(0, n_ex, cfg.batch_size), desc=f"user model {cfg.item_repr} epoch {epoch + 1}",
@@ -392,11 +431,14 @@ def train_user_model(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         model.alpha = log_alpha.exp().item()
-        met = ndcg_recall(model, valid)
+        met = ndcg_recall(model, valid) if valid is not None else {}
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "alpha": model.alpha, **met,
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
         history.append(rec)
         log.info("user model %s: %s", cfg.item_repr, rec)
+        if valid is None:
+            best = (0.0, {}, rec)
+            continue
         if met["ndcg@10"] > best[0]:
             best = (met["ndcg@10"], _state(model), rec)
             bad = 0
@@ -404,11 +446,11 @@ def train_user_model(
             bad += 1
             if bad >= cfg.patience:
                 break
-    model.tower.load_state_dict(best[1]["tower"])
-    model.table.load_state_dict(best[1]["table"])
-    model.alpha = best[1]["alpha"]
-    model.metrics = {"best": best[2], "history": history, "examples": len(train), "valid_cases": len(valid)}
-    return model
+    if best[1]:
+        model.tower.load_state_dict(best[1]["tower"])
+        model.table.load_state_dict(best[1]["table"])
+        model.alpha = best[1]["alpha"]
+    return model, best[2], history
 
 
 def _state(model: TrainedUserModel) -> dict[str, Any]:

@@ -71,6 +71,10 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
         assert um["metrics"]["parity"]["fp32_max_abs_diff"] <= 1e-4
         assert um["metrics"]["parity"]["int8_min_cosine"] >= 0.95
         assert set(um["files"]) == {"user_model.onnx", "user_model.int8.onnx", "residuals.npz", "covisit.npz"}
+        # the served model is refit on train + valid for the epochs chosen on valid (no selection on test)
+        refit = um["metrics"]["refit"]
+        assert refit["splits"] == ["train", "valid"] and refit["epochs"] == um["metrics"]["best"]["epoch"]
+        assert refit["examples"] > um["metrics"]["examples"]
         # the co-visitation seed: the train split counted on the catalog's rows
         from inference.catalog import CatalogIndex
         from inference.covisit import load_covisit
@@ -97,6 +101,10 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
             0 <= r["recall@10"] <= r["recall@50"] <= 1 and r["n"] == res["item_knn"]["n"]
             for r in res.values()
         )
+        # a model that saw the valid split is refused there, with the command that makes one to tune on it
+        bad = CliRunner().invoke(main, ["eval", "loo", "--dataset", str(generic_dataset_dir), "--split", "valid",
+                                        "--model-dir", str(model), "--no-sasrec"], env=env)  # fmt: skip
+        assert bad.exit_code == 2 and "train-user --no-refit" in bad.output
     finally:
         get_settings.cache_clear()
 
