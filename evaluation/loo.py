@@ -227,13 +227,9 @@ class ServedRanker:
         self.name = name
         s = settings.override(redis={"prefix": f"{settings.redis.prefix}:loo:{uuid.uuid4().hex[:8]}"})
         self.catalog = CatalogIndex.load(Path(model_dir) / "catalog")
+        if use_user_model:
+            refuse_seen_split(Path(model_dir), split)
         um = load_user_model(Path(model_dir), self.catalog) if use_user_model else None
-        seen = (um.manifest.metrics.get("refit") or {}).get("splits", []) if um is not None else []
-        if split in seen:
-            raise click.UsageError(
-                f"the user model in {model_dir} was trained on the {split} split (refit on {'+'.join(seen)}), "
-                f"so it cannot be evaluated on it: train one with `streamrec train-user --no-refit` to tune on {split}"
-            )
         self.user_model_version = um.version if um is not None else None
         before = list(SPLITS[: SPLITS.index(split)])
         inter = ds.interactions
@@ -275,6 +271,22 @@ class ServedRanker:
     def ranked(self, rows: np.ndarray) -> list[np.ndarray]:
         lists = self.scorer.recommend([self.requests[r] for r in rows], now_ms=self.now_ms)
         return [self.catalog.index_of([it.item_id for it in lst]) for lst in lists]
+
+
+def refuse_seen_split(model_dir: Path, split: str) -> None:
+    """Stop (usage error) when the user model in ``model_dir`` was trained on ``split``: a model
+    refit on train + valid (``streamrec train-user``'s default) cannot be tuned on valid."""
+    from inference.user_model import USER_DIR, read_user_manifest
+
+    if not (Path(model_dir) / USER_DIR / "manifest.json").is_file():
+        return
+    m = read_user_manifest(Path(model_dir) / USER_DIR, verify=False)
+    seen = (m.metrics.get("refit") or {}).get("splits", [])
+    if split in seen:
+        raise click.UsageError(
+            f"the user model in {model_dir} was trained on the {split} split (refit on {'+'.join(seen)}), "
+            f"so it cannot be evaluated on it: train one with `streamrec train-user --no-refit` to tune on {split}"
+        )
 
 
 class _PopularitySnapshot:

@@ -354,6 +354,10 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
             f"no model at {model_dir}: run `streamrec train`, `streamrec export` and `streamrec index` first "
             "(or pass --model-dir)"
         )
+    if s.scoring.user_model:
+        from evaluation.loo import refuse_seen_split
+
+        refuse_seen_split(model_dir, split)
     pretrained_dir = pretrained_dir or s.state_dir / "model-pretrained"
     ds = load_dataset(dataset, s.data_dir)
     if not (pretrained_dir / "catalog").exists():

@@ -41,6 +41,7 @@ COMMANDS = {
     "index": "inference.training.cli:index",
     "encode": "inference.training.cli:encode",
     "train-user": "inference.training.cli:train_user",
+    "fetch-encoder": "inference.training.encoders:fetch_encoder_cmd",
     # streaming: the faust worker (streams/)
     "worker": "streams.cli:worker",
     # local tooling: the dataset replayer and the live demo (devstack/)
