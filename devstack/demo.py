@@ -2,9 +2,11 @@
 
 Steps (each reused when already done, so a second run starts in seconds):
 
-1. a model: fine-tune the encoder on Online Retail (a small CPU run, progress bar), export it
-   to ONNX and embed the catalog into ``<state_dir>/model`` (``--pretrained`` skips the
-   fine-tuning: the base encoder is exported as it is);
+1. a model of the kind ``streamrec eval replay`` reports as ``streamrec``: the base encoder
+   exported to ONNX, the catalog embedded with it and the user model trained over those vectors
+   (``streamrec train-user``: epoch chosen on October 2011, refit on everything before the test
+   period; a CPU budget, see ``_train_user``), all in ``<state_dir>/model``; ``--fine-tune``
+   fine-tunes the item encoder on Online Retail first (a small CPU run);
 2. ``streamrec worker`` as a subprocess, waiting for ``/readyz``;
 3. the Online Retail test stream replayed into the events topic, re-timed to now, at
    ``--rate`` events/s (plus a few malformed records, which land in the dead-letter topic);
@@ -44,21 +46,29 @@ def _run(cmd: list[str], what: str) -> None:
         raise click.ClickException(f"{what} failed (exit {proc.returncode}); see the output above")
 
 
-def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
-    """A verified model folder with a catalog, built when missing."""
+def ensure_model(s: Settings, fine_tune: bool, quick: bool) -> Path:
+    """A verified model folder with a catalog and a user model, built when missing."""
     from inference.catalog import CatalogIndex
     from inference.encoder import load_encoder
+    from inference.user_model import load_user_model
 
     model = s.resolved_model_dir
+    exe = [sys.executable, "-m", "streamrec.cli"]
     try:
         load_encoder(s)
-        CatalogIndex.load(model / "catalog")
-        click.secho(f"==> reusing the model in {model}", fg="cyan")
-        return model
+        catalog = CatalogIndex.load(model / "catalog")
     except Exception:
-        pass
-    exe = [sys.executable, "-m", "streamrec.cli"]
-    if pretrained:
+        catalog = None
+    if catalog is not None:
+        try:
+            if load_user_model(model, catalog) is not None:
+                click.secho(f"==> reusing the model in {model}", fg="cyan")
+                return model
+        except Exception:
+            pass
+        _train_user(exe, model, quick)
+        return model
+    if not fine_tune:
         from inference.training.export import export_pretrained
 
         click.secho("==> exporting the pretrained encoder (no fine-tuning)", fg="cyan")
@@ -77,7 +87,19 @@ def ensure_model(s: Settings, pretrained: bool, quick: bool) -> Path:
         export_args = ["--checkpoint", str(ckpt / "best"), "--out", str(model), "--variants", "fp32,int8"]
         _run([*exe, "export", *export_args], "exporting to ONNX")
     _run([*exe, "index", "--dataset", "online-retail", "--model-dir", str(model)], "embedding the catalog")
+    _train_user(exe, model, quick)
     return model
+
+
+def _train_user(exe: list[str], model: Path, quick: bool) -> None:
+    """The user model over the catalog's vectors, trained as ``eval replay``'s model is (the best
+    epoch on October 2011, then refit on train + valid) on a CPU budget: up to 3 epochs of 50,000
+    cases each (a few minutes on 2 cores; the replay's model has 4 epochs of all 108,000);
+    ``quick``: one epoch of 3,000 cases."""
+    args = ["--epochs", "1", "--max-examples", "3000", "--eval-users", "100"] if quick else [
+        "--epochs", "3", "--max-examples", "50000"]  # fmt: skip
+    _run([*exe, "train-user", "--dataset", "online-retail", "--model-dir", str(model), *args],
+         "training the user model")  # fmt: skip
 
 
 class LiveView:
@@ -202,8 +224,13 @@ def wait_until_ready(worker: subprocess.Popen, web: str, log: Path, timeout: flo
 @click.command()
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Events per second into Kafka.")
 @click.option("--duration", type=float, default=90.0, show_default=True, help="Seconds of live replay.")
-@click.option("--quick", is_flag=True, help="Short run with a tiny fine-tuning (CI smoke test).")
-@click.option("--pretrained", is_flag=True, help="Skip fine-tuning: export the base encoder as it is.")
+@click.option("--quick", is_flag=True, help="Short run with a tiny model training (CI smoke test).")
+@click.option(
+    "--fine-tune", is_flag=True, help="Fine-tune the item encoder on the shop's clicks before the user model."
+)
+@click.option(
+    "--pretrained", is_flag=True, hidden=True, help="The default now (the base encoder's item vectors)."
+)
 @click.option("--stop", "stop_stack", is_flag=True, help="Bring Kafka and Redis down at the end.")
 @click.option("--json-summary", type=click.Path(path_type=Path), default=None, help="Write the summary here.")
 @click.option(
@@ -216,6 +243,7 @@ def demo(
     rate: float,
     duration: float,
     quick: bool,
+    fine_tune: bool,
     pretrained: bool,
     stop_stack: bool,
     json_summary: Path | None,
@@ -234,7 +262,7 @@ def demo(
     t_start = time.time()
     LocalStack(s, redis_profile="demo").up()
     ensure_topics(s)
-    model = ensure_model(s, pretrained, quick)
+    model = ensure_model(s, fine_tune and not pretrained, quick)
     ds = load_dataset("online-retail", s.data_dir)
     # The detector learns each product's share of demand from the stream: give it the shop's
     # recent order history first, or it would stay silent for its first trading weeks.

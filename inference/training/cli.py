@@ -345,6 +345,9 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0 = default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--max-examples", type=int, default=0, help="Train on at most this many cases per epoch (0 = all)."
+)
+@click.option(
     "--refit/--no-refit",
     default=True,
     show_default=True,
@@ -352,7 +355,7 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
     "served and evaluated on test). --no-refit for a model to tune on the valid split.",
 )
 def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int, n_events: int | None, layers: int,
-               eval_users: int, threads: int, seed: int, refit: bool) -> None:  # fmt: skip
+               eval_users: int, threads: int, seed: int, max_examples: int, refit: bool) -> None:  # fmt: skip
     """Train the user model over the catalog's item vectors and export it to <model-dir>/user."""
     from inference.catalog import CatalogIndex
     from inference.training.user_model import (
@@ -370,7 +373,7 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
     ds = load_dataset(dataset, s.data_dir)
     cfg = UserModelConfig(
         n_events=n_events or s.profile.recent_events, layers=layers, item_repr=item_repr,  # type: ignore[arg-type]
-        epochs=epochs, eval_users=eval_users, threads=threads, seed=seed, refit=refit,
+        epochs=epochs, eval_users=eval_users, threads=threads, seed=seed, refit=refit, max_examples=max_examples,
     )  # fmt: skip
     t0 = time.perf_counter()
     model = train_user_model(ds, cat, cfg)
@@ -379,6 +382,8 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
     splits = (model.metrics.get("refit") or {}).get("splits", ["train"])
     out = export_user_model(model, cat, folder, covisit=(fit_covisit(ds, cat, window, splits), window))
     best = model.metrics["best"]
+    ref = model.metrics.get("refit")
+    refit_txt = f", then refit on {'+'.join(ref['splits'])} ({ref['examples']} examples)" if ref else ""
     click.echo(f"user model ({item_repr}) on {ds.name}: {model.metrics['examples']} examples, best epoch "
-               f"{best['epoch']} valid NDCG@10 {best['ndcg@10']:.4f} Recall@10 {best['recall@10']:.4f}; "
+               f"{best['epoch']} valid NDCG@10 {best['ndcg@10']:.4f} Recall@10 {best['recall@10']:.4f}{refit_txt}; "
                f"{time.perf_counter() - t0:.0f}s -> {out}")  # fmt: skip

@@ -1,4 +1,4 @@
-"""The main job, end to end in --quick mode: train (a few steps) → export → index → worker →
+"""The main job, end to end in --quick mode: export → index → user model (one short epoch) → worker →
 replay of real data → fresh recommendations on the results topic, malformed input dead-lettered."""
 
 from __future__ import annotations
@@ -61,3 +61,7 @@ def test_demo_quick_end_to_end(stack, tmp_path):
     assert data["event_to_result_ms"]["p50"] is not None
     assert "fresh recommendations for user" in proc.stdout
     assert (tmp_path / "state" / "model" / "manifest.json").exists()
+    # the demo serves what `eval replay` measures: item vectors + the user model trained over them
+    um = json.loads((tmp_path / "state" / "model" / "user" / "manifest.json").read_text())
+    assert um["metrics"]["refit"]["splits"] == ["train", "valid"]
+    assert "training the user model" in proc.stdout
