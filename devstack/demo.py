@@ -27,6 +27,7 @@ import time
 import urllib.request
 import uuid
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,27 +48,39 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_model(s: Settings, fine_tune: bool, quick: bool) -> Path:
-    """A verified model folder with a catalog and a user model, built when missing."""
-    from inference.catalog import CatalogIndex
-    from inference.encoder import load_encoder
+    """A verified model folder with a catalog and a user model; what is missing is built."""
     from inference.user_model import load_user_model
 
     model = s.resolved_model_dir
     exe = [sys.executable, "-m", "streamrec.cli"]
-    try:
-        load_encoder(s)
-        catalog = CatalogIndex.load(model / "catalog")
-    except Exception:
-        catalog = None
-    if catalog is not None:
-        try:
-            if load_user_model(model, catalog) is not None:
-                click.secho(f"==> reusing the model in {model}", fg="cyan")
-                return model
-        except Exception:
-            pass
-        _train_user(exe, model, quick)
+    catalog = _loaded(lambda: _catalog(s, model))
+    if catalog is None:
+        _build_catalog(s, exe, model, fine_tune, quick)
+    elif _loaded(lambda: load_user_model(model, catalog)) is not None:
+        click.secho(f"==> reusing the model in {model}", fg="cyan")
         return model
+    _train_user(exe, model, quick)
+    return model
+
+
+def _loaded(load: Callable[[], Any]) -> Any:
+    """What ``load()`` returns, or None when it fails (missing or stale files are rebuilt)."""
+    try:
+        return load()
+    except Exception:
+        return None
+
+
+def _catalog(s: Settings, model: Path) -> Any:
+    from inference.catalog import CatalogIndex
+    from inference.encoder import load_encoder
+
+    load_encoder(s)
+    return CatalogIndex.load(model / "catalog")
+
+
+def _build_catalog(s: Settings, exe: list[str], model: Path, fine_tune: bool, quick: bool) -> None:
+    """Export the encoder (fine-tuned first with ``fine_tune``) and embed the catalog with it."""
     if not fine_tune:
         from inference.training.export import export_pretrained
 
@@ -87,8 +100,6 @@ def ensure_model(s: Settings, fine_tune: bool, quick: bool) -> Path:
         export_args = ["--checkpoint", str(ckpt / "best"), "--out", str(model), "--variants", "fp32,int8"]
         _run([*exe, "export", *export_args], "exporting to ONNX")
     _run([*exe, "index", "--dataset", "online-retail", "--model-dir", str(model)], "embedding the catalog")
-    _train_user(exe, model, quick)
-    return model
 
 
 def _train_user(exe: list[str], model: Path, quick: bool) -> None:
