@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -55,24 +56,45 @@ def window_meetings(
     return window
 
 
+class _Published(NamedTuple):
+    """What a scoring call reads, swapped as one reference: counts = ``base`` + ``delta`` (the
+    recent folds, small) and each item's 1/sqrt(users)."""
+
+    base: sp.csr_matrix
+    delta: sp.csr_matrix
+    inv: np.ndarray
+
+
 class CoVisitation:
     """Co-visitation counts over a catalog's rows; see the module docstring. The catalog may grow
-    (upserted items get new rows): counts grow with the rows they are given."""
+    (upserted items get new rows): counts grow with the rows they are given.
+
+    A fold costs O(pairs since the last one), not O(all counts): new pairs go into a small
+    ``delta`` matrix beside the seed-sized ``base``, merged into it only once it holds
+    ``merge_fraction`` of the base's entries (amortised O(1) per pair). The cosine's
+    normalisation is applied at scoring time, so a fold never rebuilds a normalised copy.
+    """
 
     def __init__(
-        self, n_items: int, counts: sp.csr_matrix | None = None, users: np.ndarray | None = None
+        self,
+        n_items: int,
+        counts: sp.csr_matrix | None = None,
+        users: np.ndarray | None = None,
+        merge_fraction: float = 0.1,
     ) -> None:
-        self._counts = sp.csr_matrix((n_items, n_items), dtype=np.float32) if counts is None else counts
+        base = _empty(n_items) if counts is None else counts.tocsr().astype(np.float32)
         self._users = np.zeros(n_items, np.float32) if users is None else np.asarray(users, np.float32)
+        self.merge_fraction = merge_fraction
         self._pa: list[np.ndarray] = []
         self._pb: list[np.ndarray] = []
+        self._dirty = False  # pairs or user counts added since the last fold
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()  # one fold at a time (a background one, or a save)
-        self._norm = self._normalised(self._counts, self._users)
+        self._state = self._build(base, _empty(base.shape[0]), self._users)
 
     @property
     def n(self) -> int:
-        return int(self._counts.shape[0])
+        return int(self._state.base.shape[0])
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -94,63 +116,87 @@ class CoVisitation:
             if a.size:
                 self._pa.append(np.concatenate([a, b]))
                 self._pb.append(np.concatenate([b, a]))
+                self._dirty = True
             if met.size:
                 need = int(met.max()) + 1
                 if need > self._users.size:  # a row the catalog added since
                     self._users = np.pad(self._users, (0, need - self._users.size))
                 np.add.at(self._users, met, 1.0)
+                self._dirty = True
 
     def fold(self) -> None:
-        """Fold the queued pairs into the counts and publish the new normalised matrix.
+        """Fold the queued pairs into the counts and publish them (nothing to do: no work).
 
-        O(nnz): tens of milliseconds for a seed of a few million pairs. SciPy's sparse products
-        release the GIL, so a fold in another thread does not hold up scoring rounds meanwhile;
-        they read the previous matrix until the new one is published (one reference swap)."""
+        O(queued pairs), plus now and then an O(nnz) merge of the recent counts into the base.
+        SciPy's sparse sums release the GIL, so a fold in another thread does not hold up
+        scoring rounds meanwhile; they read the previous state until the new one is published
+        (one reference swap)."""
         with self._fold_lock:
             self._fold()
 
     def _fold(self) -> None:
         with self._lock:
+            if not self._dirty:
+                return
             pa, pb, self._pa, self._pb = self._pa, self._pb, [], []
             users = self._users.copy()
-        counts = self._counts
-        if users.size > counts.shape[0]:
-            counts = counts.copy()
-            counts.resize((users.size, users.size))
+            self._dirty = False
+        st = self._state
+        base, delta = st.base, st.delta
+        n = max(users.size, base.shape[0])
+        if n > base.shape[0]:  # rows the catalog added since
+            base, delta = _resized(base, n), _resized(delta, n)
         if pa:
-            n = counts.shape[0]
             a, b = np.concatenate(pa), np.concatenate(pb)
-            counts = (counts + sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(n, n))).tocsr()
-        self._counts = counts
-        self._norm = self._normalised(counts, users)
+            delta = (delta + sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(n, n))).tocsr()
+        self._state = self._build(base, delta, users)
 
-    @staticmethod
-    def _normalised(counts: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
-        inv = sp.diags((1.0 / np.sqrt(np.maximum(users, 1.0))).astype(np.float32))
-        return (inv @ counts @ inv).tocsr().astype(np.float32)
+    def _build(self, base: sp.csr_matrix, delta: sp.csr_matrix, users: np.ndarray) -> _Published:
+        """The state to publish; the delta is merged into the base once it has grown large."""
+        if delta.nnz and delta.nnz >= self.merge_fraction * max(base.nnz, 1):
+            base, delta = (base + delta).tocsr(), _empty(base.shape[0])
+        n = base.shape[0]
+        inv = np.ones(n, np.float32)
+        k = min(n, users.size)
+        inv[:k] = 1.0 / np.sqrt(np.maximum(users[:k], 1.0))
+        return _Published(base, delta, inv)
+
+    def counts(self) -> sp.csr_matrix:
+        """Every count folded so far (the seed's and the stream's), as one CSR matrix."""
+        st = self._state
+        return (st.base + st.delta).tocsr() if st.delta.nnz else st.base
 
     # -- scoring -------------------------------------------------------------------------
     def scores(self, rows: np.ndarray, items: np.ndarray, m: int, n: int | None = None) -> np.ndarray:
         """(m, n) float32: for each of ``m`` users, the summed similarity rows of their distinct
         recent items, given as (user row, catalog row) pairs; ``n`` columns (default: the rows
-        counted so far; rows beyond them have no counts yet)."""
-        norm = self._norm  # one published matrix for the whole call
-        k = norm.shape[0]
+        counted so far; rows beyond them have no counts yet).
+
+        s_u(j) = Σ_i C_ij / sqrt(n_i n_j): the users' items weighted by 1/sqrt(n_i), one sparse
+        product with the counts, the columns scaled by 1/sqrt(n_j)."""
+        st = self._state  # one published state for the whole call
+        k = st.base.shape[0]
         ok = items < k
         w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
-        w.data[:] = 1.0  # an item counts once per user
-        out = np.asarray((w @ norm).todense(), np.float32)
+        w.data[:] = st.inv[w.indices]  # an item counts once per user (duplicates were summed)
+        prod = w @ st.base
+        if st.delta.nnz:
+            prod = prod + w @ st.delta
+        out = np.asarray(prod.todense(), np.float32)
+        out *= st.inv[None, :]
         n = k if n is None else n
         return out[:, :n] if n <= k else np.pad(out, ((0, 0), (0, n - k)))
 
     @property
     def nnz(self) -> int:
-        return int(self._counts.nnz)
+        """Stored count entries (the base's and the recent folds')."""
+        st = self._state
+        return int(st.base.nnz + st.delta.nnz)
 
     # -- files ---------------------------------------------------------------------------
     def save(self, path: Path, item_ids: Sequence[str], window: int) -> Path:
         self.fold()
-        c = self._counts.tocoo()
+        c = self.counts().tocoo()
         np.savez_compressed(
             path,
             item_ids=np.asarray(item_ids, dtype=object).astype(str),
@@ -257,3 +303,13 @@ class CoVisitRecorder:
         if items:
             users, ids = zip(*items, strict=True)
             await asyncio.get_running_loop().run_in_executor(None, self.record, users, ids)
+
+
+def _empty(n: int) -> sp.csr_matrix:
+    return sp.csr_matrix((n, n), dtype=np.float32)
+
+
+def _resized(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    out = m.copy()
+    out.resize((n, n))
+    return out

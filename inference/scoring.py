@@ -491,25 +491,36 @@ class Scorer:
         if (lam >= 1.0 and not quota_binds) or pool <= 1:
             return np.where(np.isfinite(prel[:, :kk]), cols[:, :kk], -1)
         H = self.catalog.matrix[np.maximum(np.take_along_axis(idx, cols, 1), 0)]  # (m, pool, dim)
+        # Pool-to-pool similarities, one batched BLAS product (m, pool, pool): about half the time of
+        # a mat-vec per step, and each step then only gathers its pick's row.
+        G = np.matmul(H, H.transpose(0, 2, 1)) if lam < 1.0 else None
         ar = np.arange(m)
-        max_sim = np.full((m, pool), -np.inf, np.float32)
-        remaining = np.isfinite(prel)
+        base = lam * prel  # the relevance part of every step's score
+        # alive: not picked, finite relevance, and not a re-buy once the row's quota is used up.
+        alive = np.isfinite(prel) & ~(prebuy & (quota <= 0)[:, None])
+        score = np.where(alive, base, -np.inf)  # step 0: no diversity term yet
+        max_sim = np.zeros((m, pool), np.float32)
         picked = np.full((m, kk), -1, np.int64)
         n_rebuy = np.zeros(m, np.int64)
         for step in range(kk):
-            div = np.where(np.isfinite(max_sim), max_sim, 0.0) if lam < 1.0 else 0.0
-            allowed = remaining & ~(prebuy & (n_rebuy >= quota)[:, None])
-            score = np.where(allowed, lam * prel - (1.0 - lam) * div, -np.inf)
             best = np.argmax(score, 1)
-            ok = allowed[ar, best]
-            picked[ok, step] = cols[ar[ok], best[ok]]
-            remaining[ar[ok], best[ok]] = False
-            n_rebuy += ok & prebuy[ar, best]
-            if lam < 1.0:
-                # Similarity of each row's new pick to its pool: a batched mat-vec per step (small
-                # per-row Gram matrices are far slower through BLAS than these k passes).
-                step_sim = np.einsum("mpd,md->mp", H, H[ar, best])
-                max_sim[ok] = np.maximum(max_sim[ok], step_sim[ok])
+            ok = np.isfinite(score[ar, best])  # False once a row has nothing left to pick
+            picked[:, step] = np.where(ok, cols[ar, best], -1)
+            alive[ar, best] = False
+            took_rebuy = ok & prebuy[ar, best]
+            if took_rebuy.any():
+                n_rebuy += took_rebuy
+                full = took_rebuy & (n_rebuy >= quota)
+                if full.any():
+                    alive[full] &= ~prebuy[full]
+            if step + 1 == kk:
+                break
+            if G is not None:
+                step_sim = G[ar, best]  # similarity of each row's new pick to its pool
+                max_sim = step_sim if step == 0 else np.maximum(max_sim, step_sim)
+                score = np.where(alive, base - (1.0 - lam) * max_sim, -np.inf)
+            else:
+                score = np.where(alive, base, -np.inf)
         return _compact(picked)
 
     def _trending_slots(

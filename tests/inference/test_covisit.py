@@ -33,7 +33,7 @@ def _stream(n_users: int = 40, n_items: int = 30, length: int = 12, seed: int = 
 
 def _dense(cv: CoVisitation) -> np.ndarray:
     cv.fold()
-    return cv._counts.toarray()
+    return cv.counts().toarray()
 
 
 def test_recorder_counts_what_fit_counts_whatever_the_batching() -> None:
@@ -122,7 +122,7 @@ def test_recorder_hook_counts_the_applied_events() -> None:
         for k in range(3)
     ] + [Event(event_id="s", user_id="u", type=EventType.SEARCH, query="lamp", ts=T0 + 9)]
     asyncio.run(rec(evs, {"u"}))
-    c = cv._counts.toarray()
+    c = cv.counts().toarray()
     assert c[2, 0] == c[2, 1] == c[1, 0] == 1 and c.sum() == 6
 
 
@@ -148,14 +148,14 @@ def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices
     cv = CoVisitation.fit(n, seqs, window=5)
     before = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n).copy()
     started, release = threading.Event(), threading.Event()
-    real = cv._normalised
+    real = cv._build
 
-    def slow(counts, users):  # hold the fold until the test has scored meanwhile
+    def slow(base, delta, users):  # hold the fold until the test has scored meanwhile
         started.set()
         release.wait(10)
-        return real(counts, users)
+        return real(base, delta, users)
 
-    cv._normalised = slow  # type: ignore[method-assign]
+    cv._build = slow  # type: ignore[method-assign]
     index_of = lambda ids: np.array([int(x[1:]) for x in ids], np.int64)  # noqa: E731
     rec = CoVisitRecorder(cv, index_of, window=5, fold_every_s=0.0, fold_in_background=True)
     rec.record(["u"] * 4, ["i1", "i2", "i1", "i2"])  # i1, i2 meet: new evidence for them
@@ -166,3 +166,38 @@ def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices
     assert rec.settle(10)
     after = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n)
     assert after[0, 1] > before[0, 1] or after[0, 2] > before[0, 2]  # now published
+
+
+def test_folds_cost_what_is_new_and_give_the_counts_of_one_fold() -> None:
+    """Folds go into a small recent matrix beside the base (merged once it grows), a fold with
+    nothing new does no work, and scores equal those of the same counts folded at once."""
+    n = 50
+    g = np.random.default_rng(5)
+    stream = [(f"u{g.integers(30)}", f"i{g.integers(n)}") for _ in range(3000)]
+    index_of = lambda ids: np.array([int(x[1:]) for x in ids], np.int64)  # noqa: E731
+    seed = CoVisitation.fit(n, [list(g.integers(0, n, 15)) for _ in range(200)], window=5)
+    whole = CoVisitation(n, seed.counts(), seed._users.copy())
+    folded = CoVisitation(n, seed.counts(), seed._users.copy(), merge_fraction=0.05)
+    a = CoVisitRecorder(whole, index_of, window=5, fold_every_s=None)
+    b = CoVisitRecorder(folded, index_of, window=5, fold_every_s=None)
+    a.record([u for u, _ in stream], [i for _, i in stream])
+    whole.fold()
+    saw_delta = merged = False
+    for k in range(0, len(stream), 25):
+        base = folded._state.base
+        b.record([u for u, _ in stream[k : k + 25]], [i for _, i in stream[k : k + 25]])
+        folded.fold()
+        saw_delta |= folded._state.delta.nnz > 0
+        merged |= folded._state.base is not base
+    assert saw_delta and merged  # both paths ran
+    state = folded._state
+    folded.fold()  # nothing new: the published state is kept as it is
+    assert folded._state is state
+    np.testing.assert_array_equal(folded.counts().toarray(), whole.counts().toarray())
+    rows, items = np.repeat(np.arange(4), 3), g.integers(0, n, 12)
+    np.testing.assert_allclose(folded.scores(rows, items, 4), whole.scores(rows, items, 4), rtol=1e-5)
+    # the cosine of the module doc: C_ij / sqrt(n_i n_j), summed over the user's distinct items
+    c, users = whole.counts().toarray(), whole._users
+    sim = c / np.sqrt(np.outer(np.maximum(users, 1), np.maximum(users, 1)))
+    want = sim[np.unique(items[:3])].sum(0)
+    np.testing.assert_allclose(whole.scores(rows[:3], items[:3], 1)[0], want, rtol=1e-5)
