@@ -2,11 +2,14 @@
 
 The agent takes what the consumer has buffered, up to ``stream.batch_max`` events, without a
 fixed wait (``streams/batching.py``: a batch closes once the buffer stops growing, at most
-``stream.batch_within_s`` after its first event), runs the pipeline on them and only then
-acknowledges them, so faust commits an
-offset only after its event's profile write (or dead letter) is durable. A worker killed or
-stopped mid-batch therefore leaves the batch uncommitted; the next owner of the partition
-reads it again and the profile store skips what was already applied (exactly-once effect).
+``stream.batch_within_s`` after its first event), applies it (validation, dead letters,
+profiles) and then runs its hooks (demand, popularity, co-visitation, push) while the next
+batch is applied; a batch is acknowledged once its hooks are done, and batches finish in
+order. So faust commits an offset only after its event's profile write (or dead letter) is
+durable. A worker killed or stopped mid-batch therefore leaves the batch uncommitted; the next
+owner of the partition reads it again and the profile store skips what was already applied
+(exactly-once effect); a push owed by a changed profile is recorded with the profile write, so
+it is made after a crash whatever the hooks had done.
 
 A batch that fails on infrastructure (Redis or Kafka down) is retried with backoff
 (``streams/faults.py``: the log names the service and its setting, ``/readyz`` turns red with
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import faust
 
@@ -50,33 +54,50 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
         pipeline = state.pipeline
         backoff = Backoff("event batches", settings)
         state.backoffs.append(backoff)
-        async for batch in eager_batches(
-            stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
-        ):
-            records = [to_record(ev) for ev in batch]
-            created = getattr(batch[0].message, "timestamp", None)  # the batch's oldest record
-            if created:
-                metrics.stage_seconds.labels("kafka_to_batch").observe(max(0.0, time.time() - float(created)))
-            deadline = time.monotonic() + cfg.failure_retry_s
-            while True:
-                try:
-                    await pipeline.process(records)
-                    break
-                except Exception as exc:
-                    delay = backoff.failed(exc)
-                    if dependency_of(exc) == KAFKA:
-                        metrics.dependency_up.labels(KAFKA).set(0)
-                    if time.monotonic() + delay > deadline:
-                        log.critical(
-                            "batch of %d records failed for %.0fs, stopping (it will be redelivered): %s",
-                            len(records),
-                            cfg.failure_retry_s,
-                            exc,
-                        )
-                        raise
-                    await asyncio.sleep(delay)
-            backoff.succeeded()
-            metrics.dependency_up.labels(KAFKA).set(1)  # the batch's dead letters and offsets went through
+        # The previous batch's hooks, then its acks: they run while this batch is applied.
+        finishing: asyncio.Task[None] | None = None
+
+        async def finish(batch: list[faust.types.EventT], hooks: Callable[[], Awaitable[None]]) -> None:
+            await hooks()  # never raises: a failing hook is logged
             for ev in batch:
                 await stream.ack(ev)
             state.batches += 1
+
+        try:
+            async for batch in eager_batches(
+                stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
+            ):
+                records = [to_record(ev) for ev in batch]
+                created = getattr(batch[0].message, "timestamp", None)  # the batch's oldest record
+                if created:
+                    metrics.stage_seconds.labels("kafka_to_batch").observe(
+                        max(0.0, time.time() - float(created))
+                    )
+                deadline = time.monotonic() + cfg.failure_retry_s
+                while True:
+                    try:
+                        _, hooks = await pipeline.apply(records)
+                        break
+                    except Exception as exc:
+                        delay = backoff.failed(exc)
+                        if dependency_of(exc) == KAFKA:
+                            metrics.dependency_up.labels(KAFKA).set(0)
+                        if time.monotonic() + delay > deadline:
+                            log.critical(
+                                "batch of %d records failed for %.0fs, stopping (it will be redelivered): %s",
+                                len(records),
+                                cfg.failure_retry_s,
+                                exc,
+                            )
+                            raise
+                        await asyncio.sleep(delay)
+                backoff.succeeded()
+                metrics.dependency_up.labels(KAFKA).set(
+                    1
+                )  # the batch's dead letters and offsets went through
+                if finishing is not None:  # hooks see the batches in order; acks stay in offset order
+                    await finishing
+                finishing = asyncio.ensure_future(finish(batch, hooks))
+        finally:
+            if finishing is not None:  # stopping or rebalancing: the last batch's hooks and acks first
+                await finishing

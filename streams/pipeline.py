@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +74,20 @@ class EventPipeline:
 
     async def process(self, records: Sequence[RawRecord]) -> BatchResult:
         """Process one batch. Raises only on infrastructure failures (retry the batch)."""
+        res, hooks = await self.apply(records)
+        await hooks()
+        return res
+
+    async def apply(self, records: Sequence[RawRecord]) -> tuple[BatchResult, Callable[[], Awaitable[None]]]:
+        """Steps 1-3 of one batch, and step 4 (the hooks) as a coroutine function for the caller
+        to run: the agent runs a batch's hooks while the next batch is applied, and acks the
+        batch once its hooks are done. Raises only on infrastructure failures (retry the batch);
+        the hooks never raise (a failing hook is logged)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         res = BatchResult(records=len(records))
         if not records:
-            return res
+            return res, _nothing
         stage = metrics.stage_seconds
         t = time.perf_counter()
         batch: ValidatedBatch = self.validator.validate(records)
@@ -109,12 +118,18 @@ class EventPipeline:
             key = (r.topic, r.partition)
             if r.offset > self.positions.get(key, -1):
                 self.positions[key] = r.offset
-        if res.apply.applied_index:
-            await self._run_hooks([batch.events[i] for i in res.apply.applied_index], res.apply.changed_users)
-        _lap(stage.labels("hooks"), t)
-        res.seconds = time.perf_counter() - t0
-        self._observe(res, batch)
-        return res
+        applied = [batch.events[i] for i in res.apply.applied_index]
+        changed = res.apply.changed_users
+
+        async def hooks() -> None:
+            t = time.perf_counter()
+            if applied:
+                await self._run_hooks(applied, changed)
+            _lap(stage.labels("hooks"), t)
+            res.seconds = time.perf_counter() - t0
+            self._observe(res, batch)
+
+        return res, hooks
 
     async def _run_hooks(self, applied: list[Event], changed: set[str]) -> None:
         """All hooks at once (each does its own I/O in a thread); one failing loses nothing."""
@@ -160,6 +175,10 @@ class EventPipeline:
             metrics.events_dead_lettered.labels(reason).inc(n)
         metrics.batch_size.observe(res.records)
         metrics.batch_processing_seconds.observe(res.seconds)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _lap(hist: Any, t: float) -> float:
