@@ -582,14 +582,6 @@ class ScoringSettings(SettingsGroup):
         "the small per-round matrices and leaves the other cores to the consumer; raise it on big machines "
         "with big rounds.",
     )
-    process_nice: int = Field(
-        5,
-        ge=0,
-        le=19,
-        description="Scheduling niceness added to the scoring process: when the cores are saturated the "
-        "consumer, Kafka and Redis run first and pushes coalesce (fewer, fresher lists) instead of the "
-        "consumer falling behind; no effect while cores are idle. 0: same priority as the worker.",
-    )
     ann_threshold: int = Field(
         200_000,
         ge=1,

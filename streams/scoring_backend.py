@@ -187,8 +187,6 @@ def local_scoring(settings: Settings, catalog: Catalog, redis_client: Any, threa
 def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
     """Entry point of the scoring process: build the local backend, answer requests in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker stops us (close, or EOF on the pipe)
-    if settings.scoring.process_nice:  # ingestion first when the cores are saturated (see the setting)
-        os.nice(settings.scoring.process_nice)
     logging.basicConfig(
         level=settings.log_level,
         format="[%(asctime)s] [scoring %(process)d] %(levelname)s %(name)s: %(message)s",
