@@ -154,6 +154,16 @@ async def probe(state: WorkerState, s: Settings) -> None:
         return
     if state.waits.pop("redis", None) is not None:
         log.warning("Redis answers PING again")
+        if state.ctx.push is not None:
+            # What the outage left owed gets its push now, not at the next restart: a push whose
+            # delivery confirmation could not clear it, a profile write cut off mid-pipeline
+            # (its retry skips the users already written, so no hook names them again).
+            try:
+                await state.ctx.push.pusher.recover()
+            except Exception:
+                log.exception(
+                    "owed pushes not recovered after the Redis outage; they are at the next restart"
+                )
     metrics.dependency_up.labels(REDIS).set(1)
 
 
