@@ -1,5 +1,6 @@
 """profiles.model without Redis: any batching of a stream gives the reference's profiles; the
-Redis field table encodes and decodes a profile back to equal values."""
+stored record encodes and decodes a profile back to equal values, and the older one-field-per-
+attribute layout is still read."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from support.profile_reference import (
 )
 
 from profiles.model import TYPE_INDEX, EventColumns, Profile, apply
-from profiles.store import _FIELDS, ProfileStore
+from profiles.store import _LEGACY_DECODERS, ProfileStore, _Blob
 from streamrec.events import Event, EventType, make_event
 from streamrec.settings import ProfileSettings
 
@@ -253,13 +254,14 @@ def _as_redis_hash(pairs: list, version: int, horizon: int) -> dict[bytes, bytes
     return {**h, b"v": str(version).encode(), b"hz": str(horizon).encode()}
 
 
-def test_field_table_covers_every_profile_attribute():
-    stored = [f.attr for f in _FIELDS]
-    assert len(stored) == len(set(stored)) and len({f.name for f in _FIELDS}) == len(_FIELDS)
-    assert set(stored) | {"user_id", "offsets"} == {f.name for f in dataclasses.fields(Profile)}
+def test_stored_record_covers_every_profile_attribute():
+    blob = list(_Blob.__struct_fields__)
+    script = {"user_id", "offsets", "version", "dedupe_horizon_ts"}  # the key, offset fields, the Lua
+    assert set(blob) | script == {f.name for f in dataclasses.fields(Profile)}
+    assert [attr for attr, _, _ in _LEGACY_DECODERS] == blob  # the old layout read every attribute
 
 
-def test_profile_round_trips_through_the_field_table(items, encoder, cfg):
+def test_profile_round_trips_through_the_stored_record(items, encoder, cfg):
     events = generate_events(6, 300, seed=9)
     profiles = _run_model(_cut(events, [100, 180]), items, encoder, cfg)
     full = max(profiles.values(), key=lambda p: p.total_events)
@@ -274,9 +276,8 @@ def test_profile_round_trips_through_the_field_table(items, encoder, cfg):
         assert ProfileStore._encode(back) == pairs
 
 
-def test_hash_layout_is_unchanged():
-    """The stored field names and value formats (profiles already in Redis must stay readable)."""
-    p = Profile(
+def _layout_profile() -> Profile:
+    return Profile(
         user_id="u",
         long_term=np.array([1.0, -2.0], np.float32),
         long_term_weight=3.0,
@@ -291,25 +292,45 @@ def test_hash_layout_is_unchanged():
         purchase_counts={},
         model_version="m",
         offsets={"ev:0": 3},
+        version=4,
+        dedupe_horizon_ts=T0 - 9,
     )
+
+
+def test_stored_layout_is_pinned():
+    """Field names and the record's order are the stored format (profiles in Redis must stay readable)."""
+    p = _layout_profile()
     pairs = ProfileStore._encode(p)
-    assert list(zip(pairs[::2], pairs[1::2], strict=True)) == [
-        ("lt", np.array([1.0, -2.0], np.float32).tobytes()),
-        ("ltw", "3.0"),
-        ("ltr", str(T0)),
-        ("se", b""),
-        ("sew", "0.0"),
-        ("sid", "s1"),
-        ("q", b""),
-        ("qt", "jar"),
-        ("qts", ""),
-        ("last", str(T0 + 1)),
-        ("leid", "e1"),
-        ("n", b'{"view":2}'),
-        ("ri", b'["i1","i2"]'),
-        ("re", f'[["i1","view",{T0 + 1}]]'.encode()),
-        ("pi", b"[]"),
-        ("pc", b"{}"),
-        ("mv", "m"),
-        ("o:ev:0", "3"),
-    ]
+    assert pairs[0::2] == ["b", "o:ev:0"] and pairs[3] == "3"
+    lt = np.array([1.0, -2.0], np.float32).tobytes()
+    assert msgspec.msgpack.decode(pairs[1]) == [
+        lt, 3.0, T0, None, 0.0, "s1", None, "jar", None, T0 + 1, "e1",
+        {"view": 2}, ["i1", "i2"], [["i1", "view", T0 + 1]], [], {}, "m",
+    ]  # fmt: skip
+
+
+def test_older_one_field_per_attribute_layout_is_still_read():
+    p = _layout_profile()
+    legacy = {
+        b"lt": np.array([1.0, -2.0], np.float32).tobytes(),
+        b"ltw": b"3.0",
+        b"ltr": str(T0).encode(),
+        b"se": b"",
+        b"sew": b"0.0",
+        b"sid": b"s1",
+        b"q": b"",
+        b"qt": b"jar",
+        b"qts": b"",
+        b"last": str(T0 + 1).encode(),
+        b"leid": b"e1",
+        b"n": b'{"view":2}',
+        b"ri": b'["i1","i2"]',
+        b"re": f'[["i1","view",{T0 + 1}]]'.encode(),
+        b"pi": b"[]",
+        b"pc": b"{}",
+        b"mv": b"m",
+        b"o:ev:0": b"3",
+        b"v": b"4",
+        b"hz": str(T0 - 9).encode(),
+    }
+    _assert_same_profile(ProfileStore._decode("u", legacy), p)

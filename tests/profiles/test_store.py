@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
+import orjson
 import pytest
 from support.profile_reference import (
     DIM,
@@ -61,11 +63,45 @@ def test_batches_equal_numpy_reference(store, items, encoder, settings):
     assert set(got) == set(ref)
     for u, r in ref.items():
         assert_profile_matches(got[u], r)
-    # The vectors are stored as binary float32.
+    # The vectors are stored as binary float32, inside the one profile record.
     some = next(iter(ref))
-    raw = store.redis.hget(store.profile_key(some), "lt")
-    assert len(raw) == DIM * 4
+    raw = msgspec.msgpack.decode(store.redis.hget(store.profile_key(some), "b"))
+    np.testing.assert_array_equal(np.frombuffer(raw[0], np.float32), got[some].long_term)
+    assert len(raw[0]) == DIM * 4
     assert store.profile_key(some) == f"{{{settings.redis.prefix}:u:{some}}}:p"
+
+
+def test_profile_in_the_older_layout_is_updated_and_rewritten(store, encoder, redis_client):
+    """A hash written by an older version (one field per attribute) takes new events; the
+    write leaves only the current layout behind."""
+    events = generate_events(1, 30, seed=5)
+    user = events[0].user_id
+    _apply(store, events[:20], encoder)
+    before = store.get_profile(user)
+    key = store.profile_key(user)
+    lt = before.long_term.tobytes()
+    redis_client.hdel(key, "b")
+    redis_client.hset(
+        key,
+        mapping={
+            "lt": lt, "ltw": repr(before.long_term_weight), "ltr": str(before.long_term_ts),
+            "se": before.session.tobytes() if before.session is not None else b"",
+            "sew": repr(before.session_weight), "sid": before.session_id or "",
+            "q": before.query.tobytes() if before.query is not None else b"",
+            "qt": before.query_text or "", "qts": "" if before.query_ts is None else str(before.query_ts),
+            "last": str(before.last_ts), "leid": before.last_event_id,
+            "n": orjson.dumps(before.n_events), "ri": orjson.dumps(before.recent_items),
+            "re": orjson.dumps(before.recent_events), "pi": orjson.dumps(before.purchased_items),
+            "pc": orjson.dumps(before.purchase_counts), "mv": before.model_version or "",
+        },
+    )  # fmt: skip
+    assert store.get_profile(user).n_events == before.n_events  # read from the old fields
+    res = _apply(store, events[20:], encoder, start_offset=20)
+    assert res.applied == 10
+    fields = set(redis_client.hkeys(key))
+    assert fields == {b"b", b"v", b"o:ev:0"}, fields  # hz appears once event ids are evicted
+    ref = reference_profiles(events, store.items, encoder, store.settings.profile)
+    assert_profile_matches(store.get_profile(user), ref[user])
 
 
 def test_cold_start_first_event_creates_profile(store, encoder):
