@@ -38,6 +38,37 @@ def test_event_arrays_pad_cut_and_skip_unknown_items() -> None:
     assert a.idx[2].tolist() == [0, 1, 2, 3]  # newest first, cut at n
 
 
+def test_last_block_computes_only_the_first_token_with_the_same_numbers() -> None:
+    """The tower's last block works on the query token alone: its output is the full block's
+    first row (so serving it is the same model, with less work), gradients included."""
+    torch = pytest.importorskip("torch")
+    from inference.training.user_model import UserModelConfig, UserTower, _Block
+
+    torch.manual_seed(0)
+    blk = _Block(32, 4, 0.0).eval()
+    x = torch.randn(5, 7, 32)
+    bias = torch.zeros(5, 1, 1, 7)
+    bias[1, ..., 4:] = -1e4  # padded slots
+    full = blk(x, bias)
+    first = blk(x, bias, first_only=True)
+    assert first.shape == (5, 1, 32)
+    torch.testing.assert_close(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+    (g_full,) = torch.autograd.grad(full[:, 0].sum(), blk.qkv.weight)
+    (g_first,) = torch.autograd.grad(first[:, 0].sum(), blk.qkv.weight)
+    torch.testing.assert_close(g_first, g_full, rtol=1e-4, atol=1e-6)
+    # and the tower reads the first token of its last block only
+    tower = UserTower(16, UserModelConfig(n_events=6, d_model=32, layers=2, heads=2)).eval()
+    calls: list[bool] = []
+    for b in tower.blocks:
+        b.register_forward_hook(
+            lambda m, a, kw, out: calls.append(kw.get("first_only", False)), with_kwargs=True
+        )
+    feeds = (torch.randn(3, 6, 16), torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 6), torch.ones(3, 6),
+             torch.randn(3, 16), torch.ones(3, 1))  # fmt: skip
+    p = tower(*feeds)
+    assert calls == [False, True] and p.shape == (3, 16)
+
+
 @pytest.fixture(scope="module")
 def user_model_dir(tmp_path_factory) -> tuple[Path, CatalogIndex]:
     pytest.importorskip("torch")
