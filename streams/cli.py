@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from streamrec.settings import get_settings
@@ -30,7 +32,6 @@ def worker(items_factory: str | None, encoder_factory: str | None, loglevel: str
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in progress and commits. Health on
     http://<host>:STREAMREC_WEB_PORT/healthz and /readyz, Prometheus metrics on STREAMREC_METRICS_PORT.
     """
-    import faust
     from prometheus_client import start_http_server
 
     from streamrec.kafka import ensure_topics
@@ -67,4 +68,16 @@ def worker(items_factory: str | None, encoder_factory: str | None, loglevel: str
         click.echo(f"created topics: {', '.join(created)}")
     start_http_server(s.metrics_port)
     app = create_app(s, items_factory=items, encoder_factory=enc)
-    faust.Worker(app, loglevel=level).execute_from_commandline()
+    faust_worker(app, level).execute_from_commandline()
+
+
+def faust_worker(app: Any, level: str) -> Any:
+    """The faust Worker that runs ``app``, logging at ``level`` and nothing below it.
+
+    faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG and spins on
+    every record: each debug line of aiokafka and mode was built and handled on the hot path."""
+    import faust
+
+    w = faust.Worker(app, loglevel=level)
+    w.spinner = None
+    return w
