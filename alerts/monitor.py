@@ -260,7 +260,7 @@ class DemandMonitor:
         payload = self._payload(events, item_category)
         if payload is None:
             return []
-        counted, late, wm_raw, _closed = self._count(
+        counted, late, wm_raw, closed = self._count(
             keys=[self.base],
             args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s), self.spw],
         )
@@ -276,22 +276,29 @@ class DemandMonitor:
         self.stats.repeats += n - int(counted) - int(late)
         metrics.demand_events.inc(int(counted))
         wm = int(float(wm_raw))
-        alerts = self.close_due(wm)
+        alerts = self.close_due(wm, closed_slot=int(closed))  # the count script read it: no GET
         if int(counted) and self.cfg.peek_s > 0 and wm - self._last_peek_ms >= self.cfg.peek_s * 1000:
             self._last_peek_ms = wm
             alerts += self._peek(wm)
         return alerts
 
-    def close_due(self, watermark_ms: int | None = None) -> list[AnomalyAlert]:
-        """Close every open slot (and window) that the watermark (default: the stored one) has passed."""
+    def close_due(
+        self, watermark_ms: int | None = None, closed_slot: int | None = None
+    ) -> list[AnomalyAlert]:
+        """Close every open slot (and window) that the watermark (default: the stored one) has passed.
+
+        ``closed_slot``: the last closed slot as just read (saves a round trip); the close script
+        checks it again atomically, so a stale value only costs that script's round trip."""
         if watermark_ms is None:
             raw = self.redis.get(self.base + ":wm")
             if raw is None:
                 return []
             watermark_ms = int(float(raw))
         upto = (watermark_ms - int(self.cfg.allowed_lateness_s) * 1000) // self.slot_ms - 1
-        last = self.redis.get(self.base + ":sclosed")
-        if last is not None and upto <= int(last):
+        if closed_slot is None:
+            last = self.redis.get(self.base + ":sclosed")
+            closed_slot = -1 if last is None else int(last)
+        if upto <= closed_slot:
             return []
         return self._close_upto(int(upto))
 

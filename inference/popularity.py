@@ -6,7 +6,9 @@ time, so older events weigh less without rewriting old entries; ranking by the s
 equals ranking by Σ w · 2^(-(now - t) / half_life). The landmark is stored in Redis; when
 events run more than ``MAX_HALF_LIVES`` half-lives past it, a Lua script moves it forward and
 rescales every popularity key atomically, so the scores never overflow float64.
-One pipeline per batch of events; reads are one ZREVRANGE.
+One round trip per batch of events (a script: increments computed against this process's copy
+of the landmark are rescaled to the stored one if another writer moved it, and the stored one
+is returned to refresh the copy); reads are one ZREVRANGE.
 """
 
 from __future__ import annotations
@@ -38,6 +40,39 @@ return new
 """
 
 
+# KEYS[1] landmark key, KEYS[2] set of popularity keys. ARGV[1] the landmark the increments were
+# computed against, ARGV[2] half-life (ms), ARGV[3] number of keys, then the keys, then per key
+# its number of (item, increment) pairs and the pairs. Sets the landmark when there is none;
+# returns the stored landmark.
+_RECORD_LUA = """
+local used = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if cur < 0 then
+  redis.call('SET', KEYS[1], ARGV[1])
+  cur = used
+end
+local factor = 1
+if cur ~= used then factor = math.pow(2, (used - cur) / tonumber(ARGV[2])) end
+local nk = tonumber(ARGV[3])
+local i = 4 + nk
+for k = 1, nk do
+  local key = ARGV[3 + k]
+  redis.call('SADD', KEYS[2], key)
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, n do
+    if factor == 1 then
+      redis.call('ZINCRBY', key, ARGV[i + 1], ARGV[i])
+    else
+      redis.call('ZINCRBY', key, string.format('%.17g', tonumber(ARGV[i + 1]) * factor), ARGV[i])
+    end
+    i = i + 2
+  end
+end
+return tostring(cur)
+"""
+
+
 class RedisPopularity:
     """Writer and reader of decayed popularity (implements scoring.PopularitySource)."""
 
@@ -57,18 +92,28 @@ class RedisPopularity:
         self._landmark_key = f"{self._tag}:landmark"
         self._keys_key = f"{self._tag}:keys"
         self._shift = self.r.register_script(_SHIFT_LUA)
+        self._record = self.r.register_script(_RECORD_LUA)
+        self._landmark_copy: float | None = None  # the stored landmark as last seen (record refreshes it)
 
-    def _landmark(self, events_ts: Sequence[int]) -> float:
-        """The landmark to use for these events, moved forward (with a rescale) when needed."""
-        raw = self.r.get(self._landmark_key)
+    def _landmark(self, events_ts: Sequence[int], cached: bool = False) -> float:
+        """The landmark to use for these events, moved forward (with a rescale) when needed.
+
+        ``cached``: start from this process's copy when it has one (no round trip; the caller's
+        write rescales if another writer moved the stored landmark since)."""
         hl = self.half_life_ms
-        if raw is None:
-            first = int(min(events_ts))
-            return float(self._shift(keys=[self._landmark_key, self._keys_key], args=[first, hl]))
-        landmark = float(raw)
+        landmark = self._landmark_copy if cached else None
+        if landmark is None:
+            raw = self.r.get(self._landmark_key)
+            if raw is None:
+                first = int(min(events_ts))
+                landmark = float(self._shift(keys=[self._landmark_key, self._keys_key], args=[first, hl]))
+                self._landmark_copy = landmark
+                return landmark
+            landmark = float(raw)
         newest = max(events_ts)
         if (newest - landmark) / hl > MAX_HALF_LIVES:
-            return float(self._shift(keys=[self._landmark_key, self._keys_key], args=[int(newest), hl]))
+            landmark = float(self._shift(keys=[self._landmark_key, self._keys_key], args=[int(newest), hl]))
+        self._landmark_copy = landmark
         return landmark
 
     def _key(self, category: str | None = None) -> str:
@@ -80,7 +125,7 @@ class RedisPopularity:
         counted = [ev for ev in events if self.weights.get(ev.type) and ev.item_id]
         if not counted:
             return 0
-        landmark = self._landmark([ev.ts for ev in counted])
+        landmark = self._landmark([ev.ts for ev in counted], cached=True)
         add: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         n = 0
         for ev in counted:
@@ -95,12 +140,13 @@ class RedisPopularity:
             n += 1
         if not add:
             return 0
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.sadd(self._keys_key, *add.keys())
-            for key, incs in add.items():
-                for item, x in incs.items():
-                    pipe.zincrby(key, x, item)
-            pipe.execute()
+        args: list[str | int | float] = [repr(landmark), repr(self.half_life_ms), len(add), *add.keys()]
+        for incs in add.values():
+            args.append(len(incs))
+            for item, x in incs.items():
+                args += [item, repr(x)]
+        stored = self._record(keys=[self._landmark_key, self._keys_key], args=args)
+        self._landmark_copy = float(stored)
         return n
 
     def top(self, k: int, category: str | None = None) -> list[tuple[str, float]]:

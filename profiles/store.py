@@ -44,6 +44,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import orjson
+from redis.exceptions import NoScriptError
 
 from profiles import metrics
 from profiles.model import EVENT_TYPES, TYPE_INDEX, EventColumns, Profile, apply
@@ -488,8 +489,30 @@ class ProfileStore:
         updated: Mapping[int, Profile],
         events: Sequence[Event],
     ) -> list[str]:
-        """One pipeline: a compare-and-set write per updated user; return the conflicted users."""
+        """One pipeline: a compare-and-set write per updated user; return the conflicted users.
+
+        The script goes as a bare EVALSHA: a registered script in a redis-py pipeline costs a
+        SCRIPT EXISTS round trip on every execute. When Redis lost its script cache (a restart)
+        the script is loaded and the pipeline sent again: nothing of it ran but idempotent
+        commands (the owed-push marks and watermarks) and the CAS writes that did run see a
+        moved version and are re-read, like any conflict."""
         t0 = time.perf_counter()
+        try:
+            out, order = self._send_writes(users, state, updated, events)
+        except NoScriptError:
+            self.redis.script_load(_WRITE_LUA)
+            out, order = self._send_writes(users, state, updated, events)
+        metrics.redis_seconds.labels("write").observe(time.perf_counter() - t0)
+        # Replies by position: the watermark-only HSETs of other users sit in the same pipeline.
+        return [users[k] for k, pos in order if int(out[pos]) < 0]
+
+    def _send_writes(
+        self,
+        users: Sequence[str],
+        state: Sequence[_UserEvents],
+        updated: Mapping[int, Profile],
+        events: Sequence[Event],
+    ) -> tuple[list[Any], list[tuple[int, int]]]:
         pipe = RoutedPipeline(self.redis)  # one pipeline per Redis Cluster node (scripts included)
         # Users about to change owe a fresh push: marked before the write (at least once), cleared
         # by the pusher once a list computed from this version or a later one is delivered.
@@ -517,17 +540,14 @@ class ProfileStore:
                 args += [*fields, *ids_args, *drop]
                 order.append((k, len(pipe)))
                 pk = self.profile_key(u)
-                self._write(keys=[pk, self.ids_key(u)], args=args, client=pipe.on(pk))
+                pipe.on(pk).evalsha(self._write.sha, 2, pk, self.ids_key(u), *args)
             elif s.offsets and s.profile.version:  # never create a profile from duplicates alone
                 # Only skipped events: advance the replay watermark (monotonic, no CAS needed).
                 pk = self.profile_key(u)
                 for tp, off in s.offsets.items():
                     if off > s.profile.offsets.get(tp, -1):
                         pipe.on(pk).hset(pk, f"{_OFFSET_PREFIX}{tp}", off)
-        out = pipe.execute()
-        metrics.redis_seconds.labels("write").observe(time.perf_counter() - t0)
-        # Replies by position: the watermark-only HSETs of other users sit in the same pipeline.
-        return [users[k] for k, pos in order if int(out[pos]) < 0]
+        return pipe.execute(), order
 
 
 def _event_columns(

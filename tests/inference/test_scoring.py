@@ -284,3 +284,31 @@ def test_popularity_landmark_moves_without_overflow(settings, redis_client):
     assert [i for i, _ in pop.top(2)] == ["new", "old"]
     assert [i for i, _ in pop.top(2, category="c")] == ["new", "old"]
     assert float(redis_client.get(pop._landmark_key)) == later
+
+
+def test_popularity_writers_with_a_stale_landmark_copy_count_right(settings, redis_client):
+    """Writer A keeps its copy of the landmark while writer B moves it: A's next increments are
+    rescaled to the stored landmark, so the scores equal one writer's doing it all."""
+    t0, h = 1_300_000_000_000, 3_600_000
+    seq = [
+        ("A", make_event("purchase", "u1", item_id="x", ts=t0)),
+        ("B", make_event("view", "u2", item_id="z", ts=t0 + 401 * h)),  # past MAX_HALF_LIVES: B moves it
+        ("A", make_event("click", "u3", item_id="y", ts=t0 + 399 * h)),  # A's copy (t0) is stale here
+        ("A", make_event("view", "u4", item_id="z", ts=t0 + 402 * h)),
+    ]
+    two = settings.override(redis={"prefix": settings.redis.prefix + ":two"})
+    one = settings.override(redis={"prefix": settings.redis.prefix + ":one"})
+    a, b = (RedisPopularity(two, redis_client, half_life_s=3600) for _ in range(2))
+    single = RedisPopularity(one, redis_client, half_life_s=3600)
+    for k, (who, ev) in enumerate(seq):
+        if k == 2:
+            assert a._landmark_copy == t0 and float(redis_client.get(a._landmark_key)) == t0 + 401 * h
+        (a if who == "A" else b).record([ev])
+        single.record([ev])
+    assert a._landmark_copy == t0 + 401 * h  # refreshed by its write
+    got, want = dict(a.top(3)), dict(single.top(3))
+    assert list(got) == list(want) == ["z", "y", "x"]
+    for item, score in want.items():
+        assert got[item] == pytest.approx(score, rel=1e-9, abs=1e-300)
+    # z: views at L and L + 1 h (1 + 2), y: a click 2 h before L (2 / 4)
+    assert got["y"] == pytest.approx(0.5 / 3.0, rel=1e-9)

@@ -104,6 +104,19 @@ def test_profile_in_the_older_layout_is_updated_and_rewritten(store, encoder, re
     assert_profile_matches(store.get_profile(user), ref[user])
 
 
+def test_write_reloads_its_script_after_redis_lost_the_script_cache(store, encoder, redis_client, settings):
+    """A restarted Redis has no scripts: the write loads its script and goes on, exactly once."""
+    events = generate_events(8, 200, seed=11)
+    _apply(store, events[:100], encoder)
+    redis_client.script_flush()
+    res = _apply(store, events[100:], encoder, start_offset=100)
+    assert res.applied == 100 and not res.skipped and not res.conflicts
+    ref = reference_profiles(events, store.items, encoder, settings.profile)
+    got = store.get_profiles(list(ref))
+    for u, r in ref.items():
+        assert_profile_matches(got[u], r)
+
+
 def test_cold_start_first_event_creates_profile(store, encoder):
     e = make_event("click", "new-user", item_id="i3", ts=1_700_000_000_000, session_id="s1")
     assert store.get_profile("new-user") is None
