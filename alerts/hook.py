@@ -51,6 +51,11 @@ class DemandHook:
                 self.publish(alerts)
         return alerts
 
+    def run_blocking(self, events: Sequence[Event], changed_users: set[str]) -> None:
+        """The pipeline's entry (:class:`streamrec.interfaces.BlockingHook`), in its worker thread."""
+        if events:
+            self.run(list(events))
+
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         if not events:
             return

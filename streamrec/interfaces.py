@@ -87,3 +87,12 @@ class Hook(Protocol):
     """
 
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None: ...
+
+
+@runtime_checkable
+class BlockingHook(Protocol):
+    """A hook whose work is blocking I/O (Redis, a pipe to the scoring process): the pipeline
+    runs all of a batch's blocking hooks one after the other in one worker thread, one thread
+    hop per batch instead of one per hook. A failure of one is logged and the others still run."""
+
+    def run_blocking(self, events: Sequence[Event], changed_users: set[str]) -> None: ...

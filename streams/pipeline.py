@@ -31,7 +31,7 @@ import numpy as np
 
 from profiles.store import ApplyResult, Position, ProfileStore
 from streamrec.events import Event, EventType
-from streamrec.interfaces import Hook, TextEncoder
+from streamrec.interfaces import BlockingHook, Hook, TextEncoder
 from streams import metrics
 from streams.validation import DeadLetterSink, RawRecord, ValidatedBatch, Validator
 
@@ -132,13 +132,24 @@ class EventPipeline:
         return res, hooks
 
     async def _run_hooks(self, applied: list[Event], changed: set[str]) -> None:
-        """All hooks at once (each does its own I/O in a thread); one failing loses nothing."""
-        results = await asyncio.gather(
-            *(hook(applied, changed) for hook in self.hooks), return_exceptions=True
-        )
-        for hook, r in zip(self.hooks, results, strict=True):
-            if isinstance(r, BaseException):  # profiles are already applied: log and go on
-                log.error("pipeline hook %r failed on a batch of %d events", hook, len(applied), exc_info=r)
+        """All hooks at once: the blocking ones in one worker thread, in order, the others on
+        the loop; one failing loses nothing."""
+        blocking = [h for h in self.hooks if isinstance(h, BlockingHook)]
+        others = [h for h in self.hooks if not isinstance(h, BlockingHook)]
+        jobs: list[Awaitable[Any]] = [hook(applied, changed) for hook in others]
+        if blocking:
+            loop = asyncio.get_running_loop()
+            jobs.append(loop.run_in_executor(None, _run_blocking, blocking, applied, changed))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed: list[tuple[Any, BaseException]] = []
+        for hook, r in zip(others, results, strict=False):
+            if isinstance(r, BaseException):
+                failed.append((hook, r))
+        if blocking:
+            last = results[-1]
+            failed += last if isinstance(last, list) else [(blocking, last)]
+        for hook, exc in failed:  # profiles are already applied: log and go on
+            log.error("pipeline hook %r failed on a batch of %d events", hook, len(applied), exc_info=exc)
 
     async def _encode_queries(self, events: Sequence[Event]) -> dict[int, np.ndarray]:
         """Encode the batch's search queries (distinct texts, one encoder call).
@@ -175,6 +186,19 @@ class EventPipeline:
             metrics.events_dead_lettered.labels(reason).inc(n)
         metrics.batch_size.observe(res.records)
         metrics.batch_processing_seconds.observe(res.seconds)
+
+
+def _run_blocking(
+    hooks: Sequence[BlockingHook], applied: list[Event], changed: set[str]
+) -> list[tuple[BlockingHook, BaseException]]:
+    """The blocking hooks of a batch, one after the other (in a worker thread); their failures."""
+    failed: list[tuple[BlockingHook, BaseException]] = []
+    for hook in hooks:
+        try:
+            hook.run_blocking(applied, changed)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, the next hook still runs
+            failed.append((hook, exc))
+    return failed
 
 
 async def _nothing() -> None:

@@ -383,10 +383,12 @@ class PopularityRecorder:
         self.popularity = popularity
         self.item_category = item_category
 
+    def run_blocking(self, events: Sequence[Event], changed_users: set[str]) -> None:
+        """The pipeline's entry (:class:`streamrec.interfaces.BlockingHook`), in its worker thread."""
+        self.popularity.record(events, self.item_category)
+
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.popularity.record, events, self.item_category
-        )
+        await asyncio.get_running_loop().run_in_executor(None, self.run_blocking, events, changed_users)
 
 
 @dataclass

@@ -372,13 +372,17 @@ class CoVisitHook:
     def __init__(self, backend: ScoringBackend) -> None:
         self.backend = backend
 
-    async def __call__(self, events: Sequence[Any], changed_users: set[str]) -> None:
-        import asyncio
-
+    def run_blocking(self, events: Sequence[Any], changed_users: set[str]) -> None:
+        """The pipeline's entry (:class:`streamrec.interfaces.BlockingHook`), in its worker thread."""
         pairs = [(e.user_id, e.item_id) for e in events if e.item_id]
         if pairs:
             users, items = zip(*pairs, strict=True)
-            await asyncio.get_running_loop().run_in_executor(None, self.backend.record, users, items)
+            self.backend.record(users, items)
+
+    async def __call__(self, events: Sequence[Any], changed_users: set[str]) -> None:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.run_blocking, events, changed_users)
 
 
 def scoring_backend(

@@ -70,6 +70,49 @@ def test_pipeline_applies_valid_events_dead_letters_the_rest_and_calls_hooks(set
     assert pipe.positions[("ev", 0)] == 599
 
 
+def test_blocking_hooks_share_one_worker_thread_and_a_failing_one_stops_none(settings, redis_client, caplog):
+    """Blocking hooks run one after the other in one executor thread (one hop per batch, not
+    one per hook), off the event loop; a failing one is logged and the next still runs."""
+    import threading
+
+    items = RandomItems()
+    store = ProfileStore(redis_client, settings, items=items)
+    seen: list[tuple[str, int, int]] = []
+
+    class Blocking:
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        def run_blocking(self, events, changed):
+            seen.append((self.name, threading.get_ident(), len(events)))
+            if self.fail:
+                raise RuntimeError(f"{self.name} broke")
+
+        async def __call__(self, events, changed):  # the pipeline must not use this path
+            raise AssertionError("a blocking hook is run through run_blocking")
+
+    class NoDeadLetters:
+        async def send(self, letters):
+            assert not letters
+
+    async_calls: list[int] = []
+
+    async def on_loop(events, changed):
+        async_calls.append(threading.get_ident())
+
+    hooks = [Blocking("a"), Blocking("b", fail=True), on_loop, Blocking("c")]
+    pipe = EventPipeline(store, Validator(items), NoDeadLetters(), None, hooks=hooks)
+    events = generate_events(5, 40, seed=3)
+    loop_thread = threading.get_ident()
+    with caplog.at_level("ERROR"):
+        res = asyncio.run(pipe.process(_records(events)))
+    assert res.apply.applied == 40
+    assert [n for n, _, _ in seen] == ["a", "b", "c"] and all(k == 40 for _, _, k in seen)
+    assert len({t for _, t, _ in seen}) == 1 and seen[0][1] != loop_thread
+    assert async_calls == [loop_thread]
+    assert "b broke" in caplog.text
+
+
 def test_search_without_encoder_keeps_text_only(settings, redis_client):
     items = RandomItems()
 
