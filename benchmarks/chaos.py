@@ -233,16 +233,10 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
         f"{len(real):,} real events + {len(bad):,} malformed; reference: {len(ref):,} users, {expected:,} applied"
     )
 
-    from streamrec.redis_routing import RoutedPipeline
-
     def applied() -> int:
-        """Events applied so far over every user: the profiles' counters only (one pipeline)."""
-        pipe = RoutedPipeline(redis)
-        for u in ref_users:
-            key = store.profile_key(u)
-            pipe.on(key).hget(key, "n")
+        """Events applied so far over every user: the profiles' counters (one pipeline)."""
         try:
-            return sum(sum(orjson.loads(n).values()) for n in pipe.execute() if n)
+            return sum(sum(p.n_events.values()) for p in store.get_profiles(ref_users).values())
         except Exception:  # Redis is down right now: nothing new seen
             return -1
 
