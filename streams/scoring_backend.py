@@ -250,6 +250,7 @@ class ProcessScoring:
         self._conn: Connection | None = None
         self._version = ""
         self.restarts = 0
+        self._closed = False  # after close(): no call starts a child again (a late hook at shutdown)
         with self._send_lock:
             self._start()
 
@@ -300,7 +301,9 @@ class ProcessScoring:
         log.info("scoring process %d ready (model %s)", proc.pid, self._version)
 
     def _connection(self) -> Connection:
-        """The live pipe; a new child when the last one died."""
+        """The live pipe; a new child when the last one died (never after :meth:`close`)."""
+        if self._closed:
+            raise RuntimeError("the scoring backend is closed (the worker is stopping)")
         if self._conn is None or self._proc is None or not self._proc.is_alive():
             if self._proc is not None:
                 log.error(
@@ -343,7 +346,7 @@ class ProcessScoring:
         return Scored([_unpack(p) for p in packed], versions, timings)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
-        if not len(user_ids):
+        if not len(user_ids) or self._closed:  # at shutdown the counts die with the child anyway
             return
         with self._send_lock:  # never waits for a scoring round (see the class doc)
             try:
@@ -354,6 +357,7 @@ class ProcessScoring:
 
     def close(self) -> None:
         with self._call_lock, self._send_lock:
+            self._closed = True
             if self._conn is not None:
                 try:
                     self._conn.send(("stop",))

@@ -117,6 +117,20 @@ def test_a_killed_scoring_process_fails_its_call_and_the_next_call_restarts_it(s
         remote.close()
 
 
+def test_after_close_no_call_starts_a_child_again(shop):
+    """A hook that records co-visitation late, while the worker stops, must not spawn a new
+    scoring process (loading the model would hold the shutdown for tens of seconds)."""
+    s = shop[0]
+    remote = ProcessScoring(s, ITEMS)
+    remote.close()
+    t0 = time.monotonic()
+    remote.record(["u1"], ["i1"])
+    assert remote.pid is None and time.monotonic() - t0 < 1.0
+    with pytest.raises(RuntimeError, match="closed"):
+        remote.score(ScoreBatch(["u1"], 5))
+    assert remote.pid is None and remote.restarts == 0
+
+
 def test_a_child_that_cannot_load_its_catalog_says_why(settings):
     with pytest.raises(RuntimeError, match="failed to start.*cannot load"):
         ProcessScoring(settings, "no_such_module:catalog")
