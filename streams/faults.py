@@ -21,12 +21,23 @@ REDIS = "redis"
 KAFKA = "kafka"
 
 
+class DependencyError(RuntimeError):
+    """A failure reported from another process (the scoring process), tagged with the service it
+    came from there (``"redis"``, ``"kafka"`` or None), since the original exception stays behind."""
+
+    def __init__(self, message: str, dependency: str | None) -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+
 def dependency_of(exc: BaseException) -> str | None:
     """``"redis"``, ``"kafka"`` or None (a bug, not an outage) for an exception."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:  # the cause chain: a wrapper may hide the origin
         seen.add(id(e))
+        if isinstance(e, DependencyError):
+            return e.dependency
         mod = type(e).__module__ or ""
         if mod.startswith("redis"):
             return REDIS

@@ -50,6 +50,7 @@ from streamrec.interfaces import Catalog
 from streamrec.plugins import load_factory
 from streamrec.runtime import settle_heap
 from streamrec.settings import Settings
+from streams.faults import DependencyError, dependency_of
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,9 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
             elif kind == "score":
                 out = backend.score(msg[1])
                 conn.send(("ok", [_pack(x) for x in out.lists], out.versions, out.timings))
-        except Exception:
-            if kind == "score":
-                conn.send(("error", traceback.format_exc(limit=8)))
+        except Exception as exc:
+            if kind == "score":  # the worker's retry and /readyz name the service that failed here
+                conn.send(("error", traceback.format_exc(limit=8), dependency_of(exc)))
             else:
                 log.exception("scoring process: %s message failed", kind)
 
@@ -340,7 +341,10 @@ class ProcessScoring:
                         self._drop()
                 raise RuntimeError(f"the scoring process died while scoring {n} users") from exc
         if reply[0] != "ok":
-            raise RuntimeError(f"scoring {n} users failed in the scoring process:\n{reply[1]}")
+            _, trace, dependency = reply
+            # An outage is one line per retry (the error itself); a bug keeps its traceback.
+            detail = f" {trace.strip().splitlines()[-1]}" if dependency else f"\n{trace}"
+            raise DependencyError(f"scoring {n} users failed in the scoring process:{detail}", dependency)
         _, packed, versions, timings = reply
         observe_timings(timings, n)
         return Scored([_unpack(p) for p in packed], versions, timings)

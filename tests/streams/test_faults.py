@@ -102,9 +102,15 @@ def test_redis_killed_and_restarted_mid_stream(settings, private, topics, worker
 
     private.kill("redis")
     t_kill = time.monotonic()
-    wait_until(lambda: _readyz(w)[0] == 503, 15, "/readyz red while Redis is down")
+
+    def red_naming_redis() -> bool:
+        code, body = _readyz(w)
+        return code == 503 and any("STREAMREC_REDIS_URL" in s for s in body["waiting_for"])
+
+    wait_until(red_naming_redis, 15, "/readyz red, naming Redis, while Redis is down")
+    # every component that waits names Redis (the scoring process's failures included)
     code, body = _readyz(w)
-    assert any("STREAMREC_REDIS_URL" in s for s in body["waiting_for"]), body
+    assert not [s for s in body["waiting_for"] if "STREAMREC_REDIS_URL" not in s], body
     time.sleep(30)  # the outage the issue names: 30 s, events still arriving
     assert w.proc.poll() is None, w.tail()
     assert w.get("/healthz")[0] == 200
@@ -150,7 +156,7 @@ def test_failures_are_traced_to_their_service():
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from streamrec.kafka import ProduceError
-    from streams.faults import KAFKA, REDIS, dependency_of
+    from streams.faults import KAFKA, REDIS, DependencyError, dependency_of
 
     def wrapped(inner: BaseException) -> BaseException:
         try:
@@ -166,3 +172,5 @@ def test_failures_are_traced_to_their_service():
     assert dependency_of(KafkaException("broker down")) == KAFKA
     assert dependency_of(ProduceError("3 records not delivered")) == KAFKA
     assert dependency_of(ValueError("a bug")) is None
+    assert dependency_of(wrapped(DependencyError("in the scoring process", REDIS))) == REDIS
+    assert dependency_of(DependencyError("a bug in the scoring process", None)) is None

@@ -179,3 +179,24 @@ def test_users_of_a_failed_round_stay_pending_and_are_pushed_by_the_next(shop, r
     asyncio.run(run())
     assert flaky.calls >= 2
     assert sorted(published) == sorted({e.user_id for e in events})
+
+
+def test_a_redis_failure_in_the_child_is_reported_as_redis(settings):
+    """The worker's retry log and /readyz must name Redis when the scoring process lost it,
+    not "an unexpected error": the exception crosses the pipe as its traceback and a tag."""
+    import socket
+
+    from streams.faults import REDIS, dependency_of
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = settings.override(redis={"url": f"redis://127.0.0.1:{port}/0"})
+    remote = ProcessScoring(s, ITEMS)
+    try:
+        with pytest.raises(RuntimeError, match="failed in the scoring process") as err:
+            remote.score(ScoreBatch(["u1", "u2"], 5, now_ms=T0))
+        assert dependency_of(err.value) == REDIS
+        assert "ConnectionError" in str(err.value)
+    finally:
+        remote.close()
