@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,9 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class DemandHook:
-    """``async hook(applied_events, changed_users)``: monitor a batch, publish alerts.
+    """Pipeline hook (:class:`streamrec.interfaces.BlockingHook`): monitor a batch, publish alerts.
 
-    The monitor's Redis work and the Kafka flush run in the default executor so the worker's
+    The pipeline runs it in its worker thread with the other blocking hooks, so the worker's
     event loop keeps heart-beating. A failure propagates (the pipeline logs it and goes on; the
     monitor is idempotent, so the next batch's events are counted normally).
     """
@@ -55,12 +54,6 @@ class DemandHook:
         """The pipeline's entry (:class:`streamrec.interfaces.BlockingHook`), in its worker thread."""
         if events:
             self.run(list(events))
-
-    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
-        if not events:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.run, list(events))
 
 
 def item_categories(items: Any) -> dict[str, str]:

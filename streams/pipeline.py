@@ -59,17 +59,17 @@ class EventPipeline:
         validator: Validator,
         dead_letters: DeadLetterSink,
         encoder: TextEncoder | None = None,
-        hooks: Sequence[Hook] = (),
+        hooks: Sequence[Hook | BlockingHook] = (),
     ) -> None:
         self.store = store
         self.validator = validator
         self.dead_letters = dead_letters
         self.encoder = encoder
-        self.hooks: list[Hook] = list(hooks)
+        self.hooks: list[Hook | BlockingHook] = list(hooks)
         # (topic, partition) -> newest offset processed (for the consumer-lag gauge).
         self.positions: dict[tuple[str, int], int] = {}
 
-    def add_hook(self, hook: Hook) -> None:
+    def add_hook(self, hook: Hook | BlockingHook) -> None:
         self.hooks.append(hook)
 
     async def process(self, records: Sequence[RawRecord]) -> BatchResult:
@@ -141,13 +141,13 @@ class EventPipeline:
             loop = asyncio.get_running_loop()
             jobs.append(loop.run_in_executor(None, _run_blocking, blocking, applied, changed))
         results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed: list[tuple[Any, BaseException]] = []
-        for hook, r in zip(others, results, strict=False):
-            if isinstance(r, BaseException):
-                failed.append((hook, r))
-        if blocking:
+        # (hook, error) of every failure: the async hooks' results, then the blocking thread's list
+        failed: list[tuple[Hook | BlockingHook, BaseException]] = [
+            (h, r) for h, r in zip(others, results, strict=False) if isinstance(r, BaseException)
+        ]
+        if blocking:  # the thread returns its hooks' failures (or failed to run at all)
             last = results[-1]
-            failed += last if isinstance(last, list) else [(blocking, last)]
+            failed += last if isinstance(last, list) else [(h, last) for h in blocking]
         for hook, exc in failed:  # profiles are already applied: log and go on
             log.error("pipeline hook %r failed on a batch of %d events", hook, len(applied), exc_info=exc)
 

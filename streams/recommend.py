@@ -32,7 +32,7 @@ from inference.popularity import RedisPopularity
 from inference.scoring import ScoredItem
 from profiles.store import ProfileStore
 from streamrec.events import Event
-from streamrec.interfaces import Catalog, Hook, TextEncoder
+from streamrec.interfaces import BlockingHook, Catalog, Hook, TextEncoder
 from streamrec.kafka import KafkaProducer
 from streamrec.settings import Settings
 from streams import metrics
@@ -387,9 +387,6 @@ class PopularityRecorder:
         """The pipeline's entry (:class:`streamrec.interfaces.BlockingHook`), in its worker thread."""
         self.popularity.record(events, self.item_category)
 
-    async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.run_blocking, events, changed_users)
-
 
 @dataclass
 class PushPath:
@@ -402,7 +399,7 @@ class PushPath:
     covisit: CoVisitHook | None = None  # counts the applied events into the scorer's co-visitation
 
     @property
-    def hooks(self) -> list[Hook]:
+    def hooks(self) -> list[Hook | BlockingHook]:
         return [self.popularity, *([self.covisit] if self.covisit else []), self.pusher]
 
     async def close(self) -> None:

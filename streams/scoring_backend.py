@@ -387,11 +387,6 @@ class CoVisitHook:
             users, items = zip(*pairs, strict=True)
             self.backend.record(users, items)
 
-    async def __call__(self, events: Sequence[Any], changed_users: set[str]) -> None:
-        import asyncio
-
-        await asyncio.get_running_loop().run_in_executor(None, self.run_blocking, events, changed_users)
-
 
 def scoring_backend(
     settings: Settings, catalog: Catalog, redis_client: Any, items_factory: str | None

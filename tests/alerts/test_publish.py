@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import msgspec
@@ -94,12 +93,9 @@ def test_demand_hook_publishes_the_surge(settings: Settings, redis_client, retai
     hook = demand_hook(settings, redis_client, {i: cats[i] for i in ids}, publisher)
     assert isinstance(hook, DemandHook) and isinstance(hook.monitor, DemandMonitor)
 
-    async def feed() -> None:
-        for evs in batches(stream):
-            await hook(evs, set())
-        await hook([], set())  # an empty batch is a no-op
-
-    asyncio.run(feed())
+    for evs in batches(stream):  # as the pipeline's worker thread calls it
+        hook.run_blocking(evs, set())
+    hook.run_blocking([], set())  # an empty batch is a no-op
     active = hook.monitor.state().active_keys()
     assert (f"i:{item}", 1) in active  # 1 = SURGE
     # Every active alert was published once, as a raised record (nothing cleared yet).
