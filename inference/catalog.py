@@ -82,6 +82,9 @@ class CatalogIndex:
         self.ann_threshold = DEFAULT_ANN_THRESHOLD if ann_threshold is None else int(ann_threshold)
         self.nprobe = nprobe
         self._pos = {x: k for k, x in enumerate(self.ids)}
+        # Bumped whenever vectors change (in place or not): caches derived from the matrix (the
+        # user model's projection of the catalog) compare it.
+        self.revision = 0
         self._lock = threading.RLock()
         self._ann: Any | None = None
         if self.uses_ann:
@@ -163,6 +166,7 @@ class CatalogIndex:
             self.matrix = _unit_rows(matrix)
             if self.uses_ann:
                 self._build_ann()
+            self.revision += 1
 
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -317,6 +321,7 @@ class CatalogIndex:
                     self._ann.add_with_ids(vecs[new], rows)
                 elif self.uses_ann:
                     self._build_ann()
+            self.revision += 1  # last: a reader that saw the old revision recomputes next time
         return len(new), len(existing)
 
 

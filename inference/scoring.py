@@ -163,7 +163,13 @@ class Scorer:
         use = np.flatnonzero((arr.mask.sum(1) > 0) | has_query)
         if use.size:
             sub = EventArrays(arr.idx[use], arr.types[use], arr.age[use], arr.mask[use])
-            P[use] = um.contexts(self.catalog.matrix, sub, query[use], has_query[use])
+            P[use] = um.contexts(
+                self.catalog.matrix,
+                sub,
+                query[use],
+                has_query[use],
+                revision=getattr(self.catalog, "revision", None),
+            )
             has[use] = True
         elapsed = time.perf_counter() - t0
         metrics.user_model_seconds.observe(elapsed)

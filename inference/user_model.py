@@ -4,9 +4,16 @@ p enters u_i = softmax(α·h_iᵀp) exactly as the profile blend does; the score
 :meth:`OnnxUserModel.contexts` once per batch of users (one ONNX Runtime call, micro-batched by
 the push path). What the model reads is the profile's ``recent_events`` (item id, type, time;
 newest first), turned into arrays by :func:`event_arrays`, the one feature definition shared with
-training (``inference/training/user_model.py``):
+training (``inference/training/user_model.py``).
 
-    items  (B, N, dim) float32  catalog vectors of the events' items (0 where padded)
+The model is two graphs. The item projection (``user_items.onnx``: catalog vectors (V, dim) →
+(V, d)) runs once per catalog, and again when the catalog's vectors change
+(``CatalogIndex.revision``); each call then gathers the events' rows from it, so the per-user
+graph does no 384 → d product (a fifth of its work). The encoder (``user_model.onnx``) takes
+(:func:`encode_feeds`):
+
+    x      (B, N, d)   float32  projected vectors of the events' items (the projection's bias where padded)
+    mean   (B, dim)    float32  mean of the events' catalog vectors
     types  (B, N)      int64    index in ``profiles.model.EVENT_TYPES``
     age    (B, N)      float32  log1p(minutes from the event to the reference time)
     mask   (B, N)      float32  1 for a real event
@@ -14,10 +21,14 @@ training (``inference/training/user_model.py``):
     qmask  (B, 1)      float32  1 when there is a fresh query
     → p    (B, dim)    float32  unit rows
 
+Folders exported before the split hold one graph that takes the gathered item vectors
+(``items`` (B, N, dim)) instead of ``x`` and ``mean``; they are served as they are.
+
 On disk, ``<model dir>/user/``::
 
     manifest.json        version, n_events, dim, text model version, sha256 of every file, metrics
-    user_model.onnx      fp32 graph; user_model.int8.onnx dynamically quantised for the CPU
+    user_items.onnx      the item projection (fp32)
+    user_model.onnx      fp32 encoder; user_model.int8.onnx dynamically quantised for the CPU
     residuals.npz        item_ids, vectors: learned per-item offsets (the collaborative part) added
                          to the warm items' text vectors before normalising; new items have none
 
@@ -26,9 +37,11 @@ No torch here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +56,10 @@ log = logging.getLogger(__name__)
 USER_DIR = "user"
 MANIFEST = "manifest.json"
 VARIANT_FILES = {"fp32": "user_model.onnx", "int8": "user_model.int8.onnx"}
+PROJECTION_FILE = "user_items.onnx"
 RESIDUALS = "residuals.npz"
-INPUTS = ("items", "types", "age", "mask", "query", "qmask")
+INPUTS = ("items", "types", "age", "mask", "query", "qmask")  # the torch tower; folders before the split
+ENCODE_INPUTS = ("x", "mean", "types", "age", "mask", "query", "qmask")
 TYPE_CODES = {t.value: k for k, t in enumerate(EventType)}  # profiles.model.EVENT_TYPES order
 N_TYPES = len(TYPE_CODES)
 
@@ -117,6 +132,44 @@ def event_arrays(
     return EventArrays(idx, types, age, mask)
 
 
+def encode_feeds(
+    table: np.ndarray, matrix: np.ndarray, arrays: EventArrays, query: np.ndarray, has_query: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The encoder's inputs for a batch: ``table`` is the catalog's projection with the
+    projection's bias appended as its last row (what padded slots read), ``matrix`` the catalog
+    vectors (for the mean). Two gathers, no product over the item dimension."""
+    import scipy.sparse as sp
+
+    b, n = arrays.idx.shape
+    mask = np.asarray(arrays.mask, np.float32)
+    rows = np.where(mask > 0, arrays.idx, table.shape[0] - 1)
+    weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
+    mean = (
+        sp.csr_matrix(
+            (weights.ravel(), np.maximum(arrays.idx, 0).ravel(), np.arange(0, b * n + 1, n)),
+            shape=(b, matrix.shape[0]),
+        )
+        @ matrix
+    )
+    return {
+        "x": table[rows],
+        "mean": np.asarray(mean, np.float32),
+        "types": arrays.types,
+        "age": arrays.age,
+        "mask": mask,
+        "query": np.asarray(query, np.float32),
+        "qmask": np.asarray(has_query, np.float32).reshape(-1, 1),
+    }
+
+
+def graphs_version(files: Mapping[str, str]) -> str:
+    """``user-<12 hex>`` from the sha256 of the graphs a folder serves (fp32 encoder + projection)."""
+    digest = files[VARIANT_FILES["fp32"]]
+    if PROJECTION_FILE in files:
+        digest = hashlib.sha256((digest + files[PROJECTION_FILE]).encode()).hexdigest()
+    return "user-" + digest[:12]
+
+
 def apply_residuals(catalog: Any, folder: Path) -> int:
     """Add the user model's per-item residuals to the catalog's vectors (re-normalised); returns
     how many items got one. Items without one (new since training) keep their text vector."""
@@ -165,11 +218,37 @@ class OnnxUserModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.folder / VARIANT_FILES[variant]), so, providers=wanted)
         self.provider = self.session.get_providers()[0]
+        names = {i.name for i in self.session.get_inputs()}
+        # The item projection (split layout), or None: a folder whose graph takes item vectors.
+        self.projection = (
+            ort.InferenceSession(str(self.folder / PROJECTION_FILE), so, providers=wanted)
+            if "x" in names
+            else None
+        )
+        self._table: np.ndarray | None = None
+        self._table_key: tuple[Any, ...] | None = None
+        self._table_lock = threading.Lock()
         log.info("user model %s (%s, %d events) on %s", self.version, variant, self.n_events, self.provider)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Raw call: the six inputs of the module doc → (B, dim) unit rows."""
+        """Raw call of the encoder graph (inputs of the module doc) → (B, dim) unit rows."""
         return np.asarray(self.session.run(None, feeds)[0], np.float32)
+
+    def table(self, matrix: np.ndarray, revision: int | None = None) -> np.ndarray:
+        """The catalog's projection (+ the bias row for padding), computed once per catalog:
+        again when ``matrix`` is another array, changes shape, or ``revision`` changes (pass the
+        catalog's ``revision`` where its vectors change in place)."""
+        assert self.projection is not None
+        key = (id(matrix), matrix.shape, revision)
+        with self._table_lock:
+            if self._table is None or self._table_key != key:
+                rows = np.vstack([matrix, np.zeros((1, matrix.shape[1]), matrix.dtype)])
+                parts = [
+                    self.projection.run(None, {"items": np.asarray(rows[s : s + 8192], np.float32)})[0]
+                    for s in range(0, rows.shape[0], 8192)
+                ]
+                self._table, self._table_key = np.concatenate(parts).astype(np.float32, copy=False), key
+            return self._table
 
     def contexts(
         self,
@@ -178,20 +257,26 @@ class OnnxUserModel:
         query: np.ndarray,
         has_query: np.ndarray,
         max_batch: int = 1024,
+        revision: int | None = None,
     ) -> np.ndarray:
-        """p for a batch of users: item vectors gathered from the catalog ``matrix``."""
+        """p for a batch of users whose events index the catalog ``matrix`` (``revision``: see
+        :meth:`table`)."""
         b = arrays.idx.shape[0]
         out = np.zeros((b, self.dim), np.float32)
+        table = self.table(matrix, revision) if self.projection is not None else None
         for s in range(0, b, max_batch):
             sl = slice(s, min(b, s + max_batch))
-            idx = arrays.idx[sl]
-            items = matrix[np.maximum(idx, 0)] * arrays.mask[sl][..., None]
+            part = EventArrays(arrays.idx[sl], arrays.types[sl], arrays.age[sl], arrays.mask[sl])
+            if table is not None:
+                out[sl] = self.run(encode_feeds(table, matrix, part, query[sl], has_query[sl]))
+                continue
+            items = matrix[np.maximum(part.idx, 0)] * part.mask[..., None]  # a folder before the split
             out[sl] = self.run(
                 {
                     "items": items.astype(np.float32, copy=False),
-                    "types": arrays.types[sl],
-                    "age": arrays.age[sl],
-                    "mask": arrays.mask[sl],
+                    "types": part.types,
+                    "age": part.age,
+                    "mask": part.mask,
                     "query": np.asarray(query[sl], np.float32),
                     "qmask": np.asarray(has_query[sl], np.float32).reshape(-1, 1),
                 }

@@ -40,14 +40,17 @@ from inference.covisit import FILE as COVISIT_FILE
 from inference.covisit import CoVisitation
 from inference.manifest import sha256_file
 from inference.user_model import (
-    INPUTS,
+    ENCODE_INPUTS,
     MANIFEST,
     N_TYPES,
+    PROJECTION_FILE,
     RESIDUALS,
     USER_DIR,
     VARIANT_FILES,
     EventArrays,
+    encode_feeds,
     event_arrays,
+    graphs_version,
 )
 from streamrec.datasets import SPLITS, Dataset
 
@@ -142,9 +145,16 @@ class UserTower(nn.Module):
         self.w_query = nn.Parameter(torch.tensor(1.0))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, items, types, age, mask, query, qmask):  # noqa: ANN001 (traced by ONNX export)
-        n = items.shape[1]
-        x = self.inp(items) + self.type_emb(types) + self.pos[:n] + self.age(age.unsqueeze(-1))
+    def forward(self, items, types, age, mask, query, qmask):  # noqa: ANN001
+        mean = (items * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        return self.encode(self.inp(items), mean, types, age, mask, query, qmask)
+
+    def encode(self, x, mean, types, age, mask, query, qmask):  # noqa: ANN001 (traced by ONNX export)
+        """The tower after its item projection: ``x`` = inp(item vectors) (inp's bias where
+        padded), ``mean`` = the masked mean of the item vectors. The exported graph starts here:
+        serving projects the whole catalog once and gathers rows (``inference.user_model``)."""
+        n = x.shape[1]
+        x = x + self.type_emb(types) + self.pos[:n] + self.age(age.unsqueeze(-1))
         q = self.q_in(query) * qmask + self.no_query * (1.0 - qmask)
         tok = self.drop(torch.cat([q.unsqueeze(1), x], 1))
         keep = torch.cat([torch.ones_like(qmask), mask], 1)
@@ -152,7 +162,6 @@ class UserTower(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             tok = blk(tok, bias, first_only=i == last)  # only the query token's output is read
-        mean = (items * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
         p = self.out(self.norm(tok[:, 0])) + self.w_mean * mean + self.w_query * query * qmask
         return p / p.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
@@ -512,6 +521,83 @@ def fit_covisit(ds: Dataset, catalog: Any, window: int, splits: Sequence[str] = 
     return CoVisitation.fit(len(catalog.ids), seqs.values(), window)
 
 
+class _EncodeGraph(nn.Module):
+    """The exported user model: :meth:`UserTower.encode` (inputs ``ENCODE_INPUTS``)."""
+
+    def __init__(self, tower: UserTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, x, mean, types, age, mask, query, qmask):  # noqa: ANN001
+        return self.tower.encode(x, mean, types, age, mask, query, qmask)
+
+
+class _ProjectGraph(nn.Module):
+    """The exported item projection: catalog vectors (V, dim) → the tower's inputs (V, d)."""
+
+    def __init__(self, tower: UserTower) -> None:
+        super().__init__()
+        self.inp = tower.inp
+
+    def forward(self, items):  # noqa: ANN001
+        return self.inp(items)
+
+
+def export_graphs(tower: UserTower, out: Path, dim: int, n_events: int, variants=("fp32", "int8")) -> dict:
+    """Write the tower as ONNX into ``out``: the item projection (fp32) and the encoder (fp32,
+    and int8 dynamically quantised). Returns the parity of the served path
+    (:class:`inference.user_model.OnnxUserModel` feeds, built from a random catalog) against
+    the torch tower; raises when fp32 differs."""
+    import onnxruntime as ort
+
+    tower = tower.eval()
+    g = np.random.default_rng(0)
+    v, b = 50, 6
+    catalog = g.standard_normal((v, dim)).astype(np.float32) / math.sqrt(dim)
+    idx = g.integers(0, v, (b, n_events))
+    idx[g.random((b, n_events)) > 0.7] = -1
+    idx[:, 0] = g.integers(0, v, b)
+    idx[1] = -1  # a user with only a query
+    arrays = EventArrays(
+        idx, g.integers(0, N_TYPES, (b, n_events)), (g.random((b, n_events)) * 5).astype(np.float32),
+        (idx >= 0).astype(np.float32),
+    )  # fmt: skip
+    query = g.standard_normal((b, dim)).astype(np.float32) / math.sqrt(dim)
+    qmask = np.array([1, 1, 0, 1, 0, 0], np.float32)[:b].reshape(-1, 1)
+    with torch.no_grad():
+        ref = tower(*_feeds(torch.as_tensor(catalog), arrays, slice(None), query, qmask)).numpy()
+    opts: dict[str, Any] = {"opset_version": 17, "dynamo": False}
+    proj = out / PROJECTION_FILE
+    torch.onnx.export(_ProjectGraph(tower), (torch.as_tensor(catalog),), str(proj), input_names=["items"],
+                      output_names=["x"], dynamic_axes={"items": {0: "items"}, "x": {0: "items"}}, **opts)  # fmt: skip
+    fp32 = out / VARIANT_FILES["fp32"]
+    table = np.zeros((v + 1, tower.inp.out_features), np.float32)
+    table[:v] = ort.InferenceSession(str(proj), providers=["CPUExecutionProvider"]).run(
+        None, {"items": catalog}
+    )[0]
+    table[v] = tower.inp.bias.detach().numpy()
+    feeds = encode_feeds(table, catalog, arrays, query, qmask)
+    args = tuple(torch.as_tensor(feeds[k]) for k in ENCODE_INPUTS)
+    dyn = {k: {0: "batch"} for k in ENCODE_INPUTS} | {"p": {0: "batch"}}
+    torch.onnx.export(_EncodeGraph(tower), args, str(fp32), input_names=list(ENCODE_INPUTS), output_names=["p"],
+                      dynamic_axes=dyn, **opts)  # fmt: skip
+    parity: dict[str, float] = {}
+    for variant in variants:
+        if variant == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(
+                str(fp32), str(out / VARIANT_FILES["int8"]), per_channel=True, weight_type=QuantType.QInt8
+            )
+        session = ort.InferenceSession(str(out / VARIANT_FILES[variant]), providers=["CPUExecutionProvider"])
+        got = session.run(None, feeds)[0]
+        parity[f"{variant}_max_abs_diff"] = float(np.abs(got - ref).max())
+        parity[f"{variant}_min_cosine"] = float((got * ref).sum(1).min())
+    if parity["fp32_max_abs_diff"] > 1e-4:
+        raise RuntimeError(f"ONNX export of the user model differs from torch: {parity}")
+    return parity
+
+
 def export_user_model(
     model: TrainedUserModel,
     catalog: Any,
@@ -519,48 +605,16 @@ def export_user_model(
     variants=("fp32", "int8"),
     covisit: tuple[CoVisitation, int] | None = None,
 ) -> Path:
-    """``<model_dir>/user/``: ONNX fp32 (+ int8), residuals, the co-visitation seed (counts,
-    window), manifest with sha256 and parity."""
+    """``<model_dir>/user/``: ONNX item projection + encoder fp32 (+ int8), residuals, the
+    co-visitation seed (counts, window), manifest with sha256 and parity."""
     if model.cfg.item_repr == "id":
         raise ValueError("the ID-only model is a baseline: it has no text vectors to serve")
     out = Path(model_dir) / USER_DIR
     out.mkdir(parents=True, exist_ok=True)
-    tower = model.tower.eval()
-    b, n, dim = 4, model.cfg.n_events, catalog.dim
-    g = np.random.default_rng(0)
-    feeds = {
-        "items": g.standard_normal((b, n, dim)).astype(np.float32) / math.sqrt(dim),
-        "types": g.integers(0, N_TYPES, (b, n)).astype(np.int64),
-        "age": g.random((b, n)).astype(np.float32) * 5,
-        "mask": (g.random((b, n)) > 0.3).astype(np.float32),
-        "query": g.standard_normal((b, dim)).astype(np.float32) / math.sqrt(dim),
-        "qmask": np.array([[1.0], [0.0], [1.0], [0.0]], np.float32),
-    }
-    feeds["mask"][:, 0] = 1.0
-    args = tuple(torch.as_tensor(feeds[k]) for k in INPUTS)
-    fp32 = out / VARIANT_FILES["fp32"]
-    dyn = {k: {0: "batch"} for k in INPUTS} | {"p": {0: "batch"}}
-    torch.onnx.export(tower, args, str(fp32), input_names=list(INPUTS), output_names=["p"],
-                      dynamic_axes=dyn, opset_version=17, dynamo=False)  # fmt: skip
-    with torch.no_grad():
-        ref = tower(*args).numpy()
-    import onnxruntime as ort
-
-    parity: dict[str, float] = {}
-    for v in variants:
-        if v == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(
-                str(fp32), str(out / VARIANT_FILES["int8"]), per_channel=True, weight_type=QuantType.QInt8
-            )
-        got = ort.InferenceSession(str(out / VARIANT_FILES[v]), providers=["CPUExecutionProvider"]).run(
-            None, feeds
-        )[0]
-        parity[f"{v}_max_abs_diff"] = float(np.abs(got - ref).max())
-        parity[f"{v}_min_cosine"] = float((got * ref).sum(1).min())
-    if parity["fp32_max_abs_diff"] > 1e-4:
-        raise RuntimeError(f"ONNX export of the user model differs from torch: {parity}")
+    for old in out.glob("*.onnx"):
+        old.unlink()
+    n, dim = model.cfg.n_events, catalog.dim
+    parity = export_graphs(model.tower, out, dim, n, variants)
     warm = model.table.warm.squeeze(1).numpy() > 0
     offsets = model.table.offset.detach().numpy()
     ids = np.asarray(catalog.ids, dtype=str)
@@ -569,7 +623,7 @@ def export_user_model(
     if covisit is not None:
         covisit[0].save(out / COVISIT_FILE, catalog.ids, covisit[1])
     files = {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.name != MANIFEST}
-    version = "user-" + files[VARIANT_FILES["fp32"]][:12]
+    version = graphs_version(files)
     manifest = {
         "version": version,
         "dim": dim,

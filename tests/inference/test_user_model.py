@@ -168,3 +168,78 @@ def test_bench_user_model_writes_users_per_second(user_model_dir, tmp_path) -> N
     data = json.loads(out.read_text())
     assert set(data["engines"]) == {"onnx_fp32", "onnx_int8"}
     assert all(data["engines"][e][f"bs{b}"]["users_per_s"] > 0 for e in data["engines"] for b in (1, 8))
+
+
+def _torch_contexts(model, matrix: np.ndarray, a, q: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """The torch tower over the given catalog vectors (the reference for the served graphs)."""
+    import torch
+
+    from inference.training.user_model import _feeds
+
+    with torch.no_grad():
+        return model.tower(*_feeds(torch.as_tensor(matrix), a, slice(None), q, hq)).numpy()
+
+
+def test_the_catalog_projection_is_computed_once_and_again_after_the_catalog_changed(user_model_dir) -> None:
+    """The served graph reads the catalog's projection (computed once); an item whose vector
+    changes in place (upsert) or a new item must be seen by the next call, not a stale table."""
+    folder, model = user_model_dir
+    cat = CatalogIndex.load(folder / "catalog")
+    um = load_user_model(folder, cat, variant="fp32")
+    assert um is not None and um.projection is not None
+    events = [[["i3", "click", T0], ["i4", "view", T0 - 60_000]], [["i3", "purchase", T0]]]
+    q, hq = np.zeros((2, cat.dim), np.float32), np.zeros(2, np.float32)
+
+    def served() -> np.ndarray:
+        a = event_arrays(events, [T0, T0], cat.index_of, um.n_events)
+        return um.contexts(cat.matrix, a, q, hq, revision=cat.revision)
+
+    before = served()
+    table = um._table
+    np.testing.assert_array_equal(served(), before)
+    assert um._table is table  # cached: not recomputed per call
+    new_vec = np.random.default_rng(5).standard_normal(cat.dim).astype(np.float32)
+    cat.upsert(["i3", "fresh"], np.stack([new_vec, -new_vec]))
+    events[1].insert(0, ["fresh", "view", T0])
+    after = served()
+    assert um._table is not table and um._table.shape[0] == len(cat.ids) + 1
+    a = event_arrays(events, [T0, T0], cat.index_of, um.n_events)
+    assert a.idx[1, 0] == cat.index_of(["fresh"])[0]
+    np.testing.assert_allclose(after, _torch_contexts(model, cat.matrix, a, q, hq), atol=1e-5)
+    assert not np.allclose(after[0], before[0], atol=1e-3)
+
+
+def test_a_folder_exported_before_the_projection_split_is_still_served(user_model_dir, tmp_path) -> None:
+    """Model folders whose one graph takes the gathered item vectors keep working, with the same p."""
+    import json
+    import shutil
+
+    import torch
+
+    from inference.manifest import sha256_file
+    from inference.user_model import INPUTS, MANIFEST, PROJECTION_FILE, VARIANT_FILES
+
+    folder, model = user_model_dir
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    user = old / "user"
+    for f in user.glob("*.onnx"):
+        f.unlink()
+    n, dim = model.cfg.n_events, model.tower.inp.in_features
+    args = (torch.zeros(2, n, dim), torch.zeros(2, n, dtype=torch.long), torch.zeros(2, n), torch.ones(2, n),
+            torch.zeros(2, dim), torch.ones(2, 1))  # fmt: skip
+    torch.onnx.export(model.tower.eval(), args, str(user / VARIANT_FILES["fp32"]), input_names=list(INPUTS),
+                      output_names=["p"], dynamic_axes={k: {0: "b"} for k in INPUTS}, opset_version=17,
+                      dynamo=False)  # fmt: skip
+    man = json.loads((user / MANIFEST).read_text())
+    man["files"] = {f.name: sha256_file(f) for f in sorted(user.iterdir()) if f.name != MANIFEST}
+    man["variants"] = ["fp32"]
+    (user / MANIFEST).write_text(json.dumps(man))
+    assert PROJECTION_FILE not in man["files"]
+    cat = CatalogIndex.load(old / "catalog")
+    um = load_user_model(old, cat, variant="fp32")
+    assert um is not None and um.projection is None
+    events = [[[f"i{k}", "view", T0 - k * 60_000] for k in range(j % 4 + 1)] for j in range(5)]
+    a = event_arrays(events, [T0] * 5, cat.index_of, um.n_events)
+    q, hq = np.zeros((5, cat.dim), np.float32), np.zeros(5, np.float32)
+    np.testing.assert_allclose(um.contexts(cat.matrix, a, q, hq), model.contexts(a, q, hq), atol=1e-4)

@@ -70,7 +70,13 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
         assert um["text_model_version"] == m.version and set(um["variants"]) == {"fp32", "int8"}
         assert um["metrics"]["parity"]["fp32_max_abs_diff"] <= 1e-4
         assert um["metrics"]["parity"]["int8_min_cosine"] >= 0.95
-        assert set(um["files"]) == {"user_model.onnx", "user_model.int8.onnx", "residuals.npz", "covisit.npz"}
+        assert set(um["files"]) == {
+            "user_items.onnx",
+            "user_model.onnx",
+            "user_model.int8.onnx",
+            "residuals.npz",
+            "covisit.npz",
+        }
         # the served model is refit on train + valid for the epochs chosen on valid (no selection on test)
         refit = um["metrics"]["refit"]
         assert refit["splits"] == ["train", "valid"] and refit["epochs"] == um["metrics"]["best"]["epoch"]
