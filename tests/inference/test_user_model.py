@@ -243,3 +243,23 @@ def test_a_folder_exported_before_the_projection_split_is_still_served(user_mode
     a = event_arrays(events, [T0] * 5, cat.index_of, um.n_events)
     q, hq = np.zeros((5, cat.dim), np.float32), np.zeros(5, np.float32)
     np.testing.assert_allclose(um.contexts(cat.matrix, a, q, hq), model.contexts(a, q, hq), atol=1e-4)
+
+
+def test_bench_user_model_times_both_variants_and_the_projection(user_model_dir, tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.user_model import user_model
+
+    folder, _ = user_model_dir
+    out = tmp_path / "bench.json"
+    args = ["--model-dir", str(folder), "--batches", "1,4", "--repeats", "1", "--output", str(out)]
+    r = CliRunner().invoke(user_model, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res["engines"]) == {"onnx_fp32", "onnx_int8"}
+    for eng in res["engines"].values():
+        assert eng["bs1"]["users_per_s"] > 0 and eng["bs4"]["users_per_s"] > 0
+        assert eng["projection_ms"] > 0
+    assert "projection" in r.output
