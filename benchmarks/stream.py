@@ -414,6 +414,25 @@ def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float
     return out
 
 
+def _scrape_lag(metrics_port: int) -> float | None:
+    """A worker's total ``streamrec_consumer_lag`` (events not yet processed), None if it has none."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    values = [
+        smp.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "streamrec_consumer_lag"
+        for smp in fam.samples
+    ]
+    return float(sum(values)) if values else None
+
+
 def _stage_breakdown(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """Per stage between two scrapes: observations, mean, p50 and p99 (ms, bucket-interpolated)."""
     res: dict[str, dict[str, float]] = {}
@@ -535,13 +554,19 @@ def _e2e_level(
         k = due
     producer.flush(60)
     sent_at = time.monotonic()
-    # Drain: wait until results stop arriving for 2 s (or 60 s at most).
+    # Drain: wait until the worker has processed every event sent (its consumer lag is 0) and
+    # results stopped arriving for 2 s, 60 s at most. Quiet results alone are not enough: a worker
+    # stuck in a long batch pushes nothing for seconds while its lag is still large.
     last, quiet_since, deadline = len(reader.rows), time.monotonic(), time.monotonic() + 60
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < 2.0:
+    caught_up = metrics_port is None
+    caught_up_at = sent_at
+    while time.monotonic() < deadline and not (caught_up and time.monotonic() - quiet_since >= 2.0):
         time.sleep(0.1)
         if len(reader.rows) != last:
             last, quiet_since = len(reader.rows), time.monotonic()
-    drain_s = max(0.0, quiet_since - sent_at)
+        if not caught_up and metrics_port is not None and _scrape_lag(metrics_port) == 0:
+            caught_up, caught_up_at = True, time.monotonic()
+    drain_s = max(0.0, max(quiet_since, caught_up_at) - sent_at) if caught_up else time.monotonic() - sent_at
     elapsed = time.monotonic() - t0
     rows = reader.rows[start_rows:]
     lat = np.array([arr - sent_ts[eid] for arr, eid in rows if eid in sent_ts], np.float64)
@@ -648,6 +673,7 @@ def _run_e2e_catalog(
         "STREAMREC_METRICS_PORT": str(s.metrics_port),
         "STREAMREC_STATE_DIR": str(log_dir / tag),
         "STREAMREC_LOG_LEVEL": "WARNING",
+        "STREAMREC_STREAM_LAG_INTERVAL_S": "0.5",  # the drain wait reads the lag gauge
     }
     log = log_dir / f"worker-{tag}.log"
     proc = subprocess.Popen(
