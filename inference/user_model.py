@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from inference.manifest import ModelFolderError, sha256_file
 from streamrec.events import EventType
@@ -138,8 +139,6 @@ def encode_feeds(
     """The encoder's inputs for a batch: ``table`` is the catalog's projection with the
     projection's bias appended as its last row (what padded slots read), ``matrix`` the catalog
     vectors (for the mean). Two gathers, no product over the item dimension."""
-    import scipy.sparse as sp  # noqa: PLC0415 (imported once; the worker imports it anyway)
-
     b, n = arrays.idx.shape
     mask = np.asarray(arrays.mask, np.float32)
     rows = np.where(mask > 0, arrays.idx, table.shape[0] - 1)
@@ -228,6 +227,7 @@ class OnnxUserModel:
         )
         self._table: np.ndarray | None = None
         self._table_key: tuple[Any, ...] | None = None
+        self._table_source: np.ndarray | None = None
         self._table_lock = threading.Lock()
         log.info("user model %s (%s, %d events) on %s", self.version, variant, self.n_events, self.provider)
 
@@ -249,6 +249,7 @@ class OnnxUserModel:
                     for s in range(0, rows.shape[0], 8192)
                 ]
                 self._table, self._table_key = np.concatenate(parts).astype(np.float32, copy=False), key
+                self._table_source = matrix  # held, so that its id cannot name another array meanwhile
             return self._table
 
     def contexts(
