@@ -392,15 +392,20 @@ class _ResultsReader:
         self.consumer.close()
 
 
-def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float], float]]:
-    """``streamrec_stage_seconds`` of a worker's /metrics: stage → (upper bounds, cumulative counts, sum)."""
+def _metric_families(metrics_port: int) -> list[Any]:
+    """The parsed families of a worker's /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return list(text_string_to_metric_families(text))
+
+
+def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float], float]]:
+    """``streamrec_stage_seconds`` of a worker's /metrics: stage → (upper bounds, cumulative counts, sum)."""
     out: dict[str, tuple[list[float], list[float], float]] = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in _metric_families(metrics_port):
         if fam.name != "streamrec_stage_seconds":
             continue
         for smp in fam.samples:
@@ -416,20 +421,11 @@ def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float
 
 def _scrape_lag(metrics_port: int) -> float | None:
     """A worker's total ``streamrec_consumer_lag`` (events not yet processed), None if it has none."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        families = _metric_families(metrics_port)
     except OSError:
         return None
-    values = [
-        smp.value
-        for fam in text_string_to_metric_families(text)
-        if fam.name == "streamrec_consumer_lag"
-        for smp in fam.samples
-    ]
+    values = [smp.value for fam in families if fam.name == "streamrec_consumer_lag" for smp in fam.samples]
     return float(sum(values)) if values else None
 
 

@@ -162,6 +162,14 @@ def encode_feeds(
     }
 
 
+def project_catalog(projection: Any, matrix: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """The item projection's ONNX Runtime ``session`` over the catalog vectors, plus its output
+    for a zero vector (the bias) as the last row: the ``table`` of :func:`encode_feeds`."""
+    rows = np.vstack([matrix, np.zeros((1, matrix.shape[1]), matrix.dtype)]).astype(np.float32, copy=False)
+    parts = [projection.run(None, {"items": rows[s : s + chunk]})[0] for s in range(0, rows.shape[0], chunk)]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
 def graphs_version(files: Mapping[str, str]) -> str:
     """``user-<12 hex>`` from the sha256 of the graphs a folder serves (fp32 encoder + projection)."""
     digest = files[VARIANT_FILES["fp32"]]
@@ -243,12 +251,7 @@ class OnnxUserModel:
         key = (id(matrix), matrix.shape, revision)
         with self._table_lock:
             if self._table is None or self._table_key != key:
-                rows = np.vstack([matrix, np.zeros((1, matrix.shape[1]), matrix.dtype)])
-                parts = [
-                    self.projection.run(None, {"items": np.asarray(rows[s : s + 8192], np.float32)})[0]
-                    for s in range(0, rows.shape[0], 8192)
-                ]
-                self._table, self._table_key = np.concatenate(parts).astype(np.float32, copy=False), key
+                self._table, self._table_key = project_catalog(self.projection, matrix), key
                 self._table_source = matrix  # held, so that its id cannot name another array meanwhile
             return self._table
 

@@ -51,6 +51,7 @@ from inference.user_model import (
     encode_feeds,
     event_arrays,
     graphs_version,
+    project_catalog,
 )
 from streamrec.datasets import SPLITS, Dataset
 
@@ -571,11 +572,7 @@ def export_graphs(tower: UserTower, out: Path, dim: int, n_events: int, variants
     torch.onnx.export(_ProjectGraph(tower), (torch.as_tensor(catalog),), str(proj), input_names=["items"],
                       output_names=["x"], dynamic_axes={"items": {0: "items"}, "x": {0: "items"}}, **opts)  # fmt: skip
     fp32 = out / VARIANT_FILES["fp32"]
-    table = np.zeros((v + 1, tower.inp.out_features), np.float32)
-    table[:v] = ort.InferenceSession(str(proj), providers=["CPUExecutionProvider"]).run(
-        None, {"items": catalog}
-    )[0]
-    table[v] = tower.inp.bias.detach().numpy()
+    table = project_catalog(ort.InferenceSession(str(proj), providers=["CPUExecutionProvider"]), catalog)
     feeds = encode_feeds(table, catalog, arrays, query, qmask)
     args = tuple(torch.as_tensor(feeds[k]) for k in ENCODE_INPUTS)
     dyn = {k: {0: "batch"} for k in ENCODE_INPUTS} | {"p": {0: "batch"}}
