@@ -87,12 +87,50 @@ class UserModelConfig:
 
 
 # -- the module ----------------------------------------------------------------------------
+_MASKED = -1e4  # the attention logit of a padded slot (also ONNX Runtime's Attention default)
+
+
+def _self_attention(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """Multi-head self-attention of the normalised tokens ``h`` (B, T, d) with the packed
+    q/k/v weight ``w`` (3d, d) and bias ``b``; ``keep`` (B, T) is 1 for real tokens."""
+    bsz, t, d = h.shape
+    qkv = nn.functional.linear(h, w, b).reshape(bsz, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    bias = ((1.0 - keep) * _MASKED)[:, None, None, :]
+    a = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
+    return (a @ v).transpose(1, 2).reshape(bsz, t, d)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """:func:`_self_attention` in torch, exported as ONNX Runtime's fused ``com.microsoft``
+    ``Attention`` operator (its q/k/v product, per-head softmax and output in one kernel; the
+    int8 export makes it ``QAttention``). Export only: the graph's parity with the plain torch
+    module is checked on every export."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, keep, heads, scale):  # noqa: ANN001, ANN205
+        return _self_attention(h, w, b, keep, heads, scale)
+
+    @staticmethod
+    def symbolic(g, h, w, b, keep, heads, scale):  # noqa: ANN001, ANN205
+        mask = g.op("Cast", keep, to_i=6)  # int32: 1 = attend, 0 = padded
+        weight = g.op("Transpose", w, perm_i=[1, 0])  # (d, 3d), folded into a constant at export
+        out = g.op(
+            "com.microsoft::Attention", h, weight, b, mask,
+            num_heads_i=heads, scale_f=scale, mask_filter_value_f=_MASKED,
+        )  # fmt: skip
+        out.setType(h.type())
+        return out
+
+
 class _Block(nn.Module):
     """Pre-norm self-attention + feed-forward, written with plain ops (clean ONNX export)."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.h = heads
+        self.h, self.d = heads, d  # Python ints: weight slices stay constants in the ONNX graph
         self.scale = 1.0 / math.sqrt(d // heads)
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
@@ -100,28 +138,30 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor, first_only: bool = False, fused: bool = False
+    ) -> torch.Tensor:
         """The block over every token, or (``first_only``) only the first token's output: the
         same numbers for that token, with its query, projection and feed-forward alone (the
-        last block of the tower, whose other outputs nobody reads: 30 % of its work)."""
-        b, t, d = x.shape
-        hd = d // self.h
+        last block of the tower, whose other outputs nobody reads: 30 % of its work).
+        ``keep`` (B, T) is 1 for real tokens; ``fused``: the ONNX export's attention operator."""
+        b, t, _ = x.shape
+        d = self.d  # not x.shape: a slice bound traced from a shape keeps the slice (and its
+        hd = d // self.h  # un-quantised fp32 matmul) in the exported graph
         h = self.n1(x)
         w, bias_qkv = self.qkv.weight, self.qkv.bias
         if first_only:
-            q = nn.functional.linear(h[:, :1], w[:d], bias_qkv[:d]).reshape(b, 1, self.h, hd).transpose(1, 2)
-            kv = (
-                nn.functional.linear(h, w[d:], bias_qkv[d:])
-                .reshape(b, t, 2, self.h, hd)
-                .permute(2, 0, 3, 1, 4)
-            )
-            k, v = kv[0], kv[1]
-            x, t = x[:, :1], 1
+            # One query: products and sums over (B, T, H, hd) without transposes. Batched
+            # matmuls of 1-row matrices behind a transpose were 16 % of the int8 graph's time.
+            q = nn.functional.linear(h[:, 0], w[:d], bias_qkv[:d]).reshape(b, 1, self.h, hd)
+            kv = nn.functional.linear(h, w[d:], bias_qkv[d:]).reshape(b, t, 2, self.h, hd)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+            s = (k * q).sum(-1) * self.scale + ((1.0 - keep) * _MASKED).unsqueeze(-1)  # (B, T, H)
+            a = torch.softmax(s, dim=1).unsqueeze(-1)  # over the keys
+            x = x[:, :1] + self.drop(self.proj((a * v).sum(1).reshape(b, 1, d)))
         else:
-            qkv = self.qkv(h).reshape(b, t, 3, self.h, hd).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-        a = torch.softmax(q @ k.transpose(-1, -2) * self.scale + bias, dim=-1)
-        x = x + self.drop(self.proj((a @ v).transpose(1, 2).reshape(b, t, d)))
+            attend = _FusedAttention.apply if fused else _self_attention
+            x = x + self.drop(self.proj(attend(h, w, bias_qkv, keep, self.h, self.scale)))
         return x + self.drop(self.ff(self.n2(x)))
 
 
@@ -150,19 +190,19 @@ class UserTower(nn.Module):
         mean = (items * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
         return self.encode(self.inp(items), mean, types, age, mask, query, qmask)
 
-    def encode(self, x, mean, types, age, mask, query, qmask):  # noqa: ANN001 (traced by ONNX export)
+    def encode(self, x, mean, types, age, mask, query, qmask, fused: bool = False):  # noqa: ANN001 (traced by ONNX export)
         """The tower after its item projection: ``x`` = inp(item vectors) (inp's bias where
         padded), ``mean`` = the masked mean of the item vectors. The exported graph starts here:
-        serving projects the whole catalog once and gathers rows (``inference.user_model``)."""
+        serving projects the whole catalog once and gathers rows (``inference.user_model``).
+        ``fused``: the full blocks' attention as ONNX Runtime's operator (the export)."""
         n = x.shape[1]
         x = x + self.type_emb(types) + self.pos[:n] + self.age(age.unsqueeze(-1))
         q = self.q_in(query) * qmask + self.no_query * (1.0 - qmask)
         tok = self.drop(torch.cat([q.unsqueeze(1), x], 1))
         keep = torch.cat([torch.ones_like(qmask), mask], 1)
-        bias = ((1.0 - keep) * -1e4).unsqueeze(1).unsqueeze(1)
         last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            tok = blk(tok, bias, first_only=i == last)  # only the query token's output is read
+        for i, blk in enumerate(self.blocks):  # only the query token's output is read
+            tok = blk(tok, keep, first_only=i == last, fused=fused)
         p = self.out(self.norm(tok[:, 0])) + self.w_mean * mean + self.w_query * query * qmask
         return p / p.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
@@ -530,7 +570,7 @@ class _EncodeGraph(nn.Module):
         self.tower = tower
 
     def forward(self, x, mean, types, age, mask, query, qmask):  # noqa: ANN001
-        return self.tower.encode(x, mean, types, age, mask, query, qmask)
+        return self.tower.encode(x, mean, types, age, mask, query, qmask, fused=True)
 
 
 class _ProjectGraph(nn.Module):
@@ -577,7 +617,7 @@ def export_graphs(tower: UserTower, out: Path, dim: int, n_events: int, variants
     args = tuple(torch.as_tensor(feeds[k]) for k in ENCODE_INPUTS)
     dyn = {k: {0: "batch"} for k in ENCODE_INPUTS} | {"p": {0: "batch"}}
     torch.onnx.export(_EncodeGraph(tower), args, str(fp32), input_names=list(ENCODE_INPUTS), output_names=["p"],
-                      dynamic_axes=dyn, **opts)  # fmt: skip
+                      dynamic_axes=dyn, custom_opsets={"com.microsoft": 1}, **opts)  # fmt: skip
     parity: dict[str, float] = {}
     for variant in variants:
         if variant == "int8":

@@ -47,10 +47,10 @@ def test_last_block_computes_only_the_first_token_with_the_same_numbers() -> Non
     torch.manual_seed(0)
     blk = _Block(32, 4, 0.0).eval()
     x = torch.randn(5, 7, 32)
-    bias = torch.zeros(5, 1, 1, 7)
-    bias[1, ..., 4:] = -1e4  # padded slots
-    full = blk(x, bias)
-    first = blk(x, bias, first_only=True)
+    keep = torch.ones(5, 7)
+    keep[1, 4:] = 0.0  # padded slots
+    full = blk(x, keep)
+    first = blk(x, keep, first_only=True)
     assert first.shape == (5, 1, 32)
     torch.testing.assert_close(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
     (g_full,) = torch.autograd.grad(full[:, 0].sum(), blk.qkv.weight)
@@ -81,7 +81,7 @@ def user_model_dir(tmp_path_factory) -> tuple[Path, CatalogIndex]:
     )
 
     cat = _catalog()
-    cfg = UserModelConfig(n_events=6, d_model=32, layers=1, heads=2)
+    cfg = UserModelConfig(n_events=6, d_model=32, layers=2, heads=2)
     warm = np.zeros(len(cat.ids), np.float32)
     warm[:10] = 1.0
     table = ItemTable(cat.matrix, warm, "text+id", 0)
@@ -114,6 +114,20 @@ def test_export_matches_torch_and_residuals_move_only_warm_items(user_model_dir)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     int8 = OnnxUserModel(folder / "user", variant="int8")
     assert (int8.contexts(cat.matrix, a, q, hq) * got).sum(1).min() > 0.95
+
+
+def test_full_blocks_export_as_the_fused_attention_operator(user_model_dir) -> None:
+    """The first block's attention is ONNX Runtime's one-kernel operator (int8: QAttention), the
+    last block's query-only attention plain ops; the graph still equals torch (previous test)."""
+    onnx = pytest.importorskip("onnx")
+    folder, _ = user_model_dir
+
+    def ops(name: str) -> list[tuple[str, str]]:
+        graph = onnx.load(str(folder / "user" / name)).graph
+        return [(n.domain, n.op_type) for n in graph.node if "Attention" in n.op_type]
+
+    assert ops("user_model.onnx") == [("com.microsoft", "Attention")]
+    assert ops("user_model.int8.onnx") == [("com.microsoft", "QAttention")]
 
 
 def test_scorer_takes_p_from_the_user_model_and_falls_back_to_the_blend(user_model_dir) -> None:
