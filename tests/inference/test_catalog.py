@@ -84,14 +84,17 @@ def test_upsert_adds_and_changes_without_rebuild() -> None:
     m = _random(50)
     cat = CatalogIndex.from_arrays([f"i{k}" for k in range(50)], m, "v1")
     new_vec, moved = _random(2, seed=5)
+    before = cat.topk(moved[None], 1)[0][0, 0]  # top-k's transposed copy of the vectors is cached now
     added, changed = cat.upsert(
         ["new", "i3"], np.stack([new_vec, moved]), categories=["c", "d"], available=[True, False]
     )
     assert (added, changed) == (1, 1)
     assert len(cat) == 51 and cat.index_of(["new"]).tolist() == [50]
     assert cat.topk(new_vec[None], 1)[0][0, 0] == 50
-    assert cat.topk(moved[None], 1)[0][0, 0] == 3
+    assert cat.topk(moved[None], 1)[0][0, 0] == 3 != before  # changed in place: seen, not the cached copy
     assert cat.categories[3] == "d" and not cat.available[3] and cat.available[50]
+    cat.replace_vectors(-cat.matrix)
+    assert cat.topk(moved[None], 1)[0][0, 0] != 3
 
 
 def test_ann_above_threshold_recall_exclusion_and_upsert() -> None:
