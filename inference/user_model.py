@@ -59,6 +59,9 @@ MANIFEST = "manifest.json"
 VARIANT_FILES = {"fp32": "user_model.onnx", "int8": "user_model.int8.onnx"}
 PROJECTION_FILE = "user_items.onnx"
 RESIDUALS = "residuals.npz"
+TOWER_FILE = (
+    "tower.safetensors"  # the torch weights (benchmarks, re-export); the worker reads the ONNX graphs
+)
 INPUTS = ("items", "types", "age", "mask", "query", "qmask")  # the torch tower; folders before the split
 ENCODE_INPUTS = ("x", "mean", "types", "age", "mask", "query", "qmask")
 TYPE_CODES = {t.value: k for k, t in enumerate(EventType)}  # profiles.model.EVENT_TYPES order

@@ -45,6 +45,7 @@ from inference.user_model import (
     N_TYPES,
     PROJECTION_FILE,
     RESIDUALS,
+    TOWER_FILE,
     USER_DIR,
     VARIANT_FILES,
     EventArrays,
@@ -632,7 +633,34 @@ def export_graphs(tower: UserTower, out: Path, dim: int, n_events: int, variants
         parity[f"{variant}_min_cosine"] = float((got * ref).sum(1).min())
     if parity["fp32_max_abs_diff"] > 1e-4:
         raise RuntimeError(f"ONNX export of the user model differs from torch: {parity}")
+    save_tower(tower, out / TOWER_FILE)
     return parity
+
+
+def save_tower(tower: UserTower, path: Path) -> None:
+    """The tower's torch weights (safetensors: no pickle), beside the graphs exported from them."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(path))
+
+
+def load_tower(folder: Path) -> UserTower:
+    """The torch tower of an exported user-model folder (``user/``), in eval mode."""
+    from safetensors.torch import load_file
+
+    from inference.user_model import read_user_manifest
+
+    manifest = read_user_manifest(folder)
+    if not (folder / TOWER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {TOWER_FILE} (exported before the torch weights were kept): re-run "
+            "`streamrec train-user` to write one"
+        )
+    fields = UserModelConfig.__dataclass_fields__
+    cfg = UserModelConfig(**{k: v for k, v in manifest.config.items() if k in fields})
+    tower = UserTower(int(manifest.dim), cfg)
+    tower.load_state_dict(load_file(str(folder / TOWER_FILE)))
+    return tower.eval()
 
 
 def export_user_model(

@@ -173,6 +173,7 @@ def test_bench_user_model_writes_users_per_second(user_model_dir, tmp_path) -> N
             "1,8",
             "--repeats",
             "1",
+            "--no-torch",
             "--output",
             str(out),
         ],
@@ -272,8 +273,20 @@ def test_bench_user_model_times_both_variants_and_the_projection(user_model_dir,
     r = CliRunner().invoke(user_model, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert set(res["engines"]) == {"onnx_fp32", "onnx_int8"}
-    for eng in res["engines"].values():
+    assert set(res["engines"]) == {"onnx_fp32", "onnx_int8", "torch"}  # torch: timed in its own process
+    for name, eng in res["engines"].items():
         assert eng["bs1"]["users_per_s"] > 0 and eng["bs4"]["users_per_s"] > 0
-        assert eng["projection_ms"] > 0
+        assert (eng.get("projection_ms", 0) > 0) == name.startswith("onnx")
+    assert res["ratio_onnx_int8_vs_torch_bs4"] > 0 and "ratio_onnx_fp32_vs_torch_bs1" in res
     assert "projection" in r.output
+
+
+def test_export_keeps_the_torch_weights_it_was_exported_from(user_model_dir) -> None:
+    """``user/tower.safetensors`` rebuilds the very tower (the bench's torch engine, re-exports)."""
+    torch = pytest.importorskip("torch")
+    from inference.training.user_model import load_tower
+
+    folder, model = user_model_dir
+    tower = load_tower(folder / "user")
+    for (name, a), b in zip(model.tower.state_dict().items(), tower.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
