@@ -1,4 +1,4 @@
-"""``streamrec bench all``: the encoder, ingest and end-to-end benchmarks into one JSON.
+"""``streamrec bench all``: the encoder, user-model, ingest and end-to-end benchmarks into one JSON.
 
 Each benchmark runs in its own process (ONNX Runtime's spinning threads would otherwise
 disturb the next one's timings) with its fixed seeds and sizes; ``--quick`` passes
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-BENCHES = ("encoder", "ingest", "e2e")
+BENCHES = ("encoder", "user-model", "ingest", "e2e")
 
 
 @click.command("all")

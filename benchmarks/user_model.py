@@ -57,6 +57,7 @@ def _rate(fn, users: int, repeats: int, min_users: int) -> tuple[float, list[flo
     show_default=True,
     help="Also time the torch tower (eager fp32) in a separate process.",
 )
+@click.option("--quick", is_flag=True, help="Batches 1 and 8, one repeat (CI smoke run, not a measurement).")
 @click.option("--engine", type=click.Choice(["torch"]), default=None, hidden=True)  # the torch child
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the results as JSON.")
 def user_model(
@@ -65,19 +66,29 @@ def user_model(
     repeats: int,
     threads: int,
     with_torch: bool,
+    quick: bool,
     engine: str | None,
     output: Path | None,
 ) -> None:
     """User-model throughput (users/s) at several batch sizes: ONNX Runtime fp32 and int8, and torch."""
-    from inference.user_model import OnnxUserModel, read_user_manifest
+    from inference.user_model import MANIFEST, USER_DIR, OnnxUserModel, read_user_manifest
 
     s = get_settings()
     folder = model_dir or s.resolved_model_dir
+    if quick:
+        batches, repeats = "1,8", 1
     sizes = [int(b) for b in batches.split(",")]
     if engine == "torch":
         click.echo(json.dumps(_torch_engine(folder, sizes, repeats, threads)))
         return
-    manifest = read_user_manifest(folder / "user")
+    if not (folder / USER_DIR / MANIFEST).is_file():  # `bench all` on a folder without one: say so
+        why = f"{folder} has no user model (`streamrec train-user --model-dir {folder}` trains one)"
+        click.echo(f"skipped: {why}")
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps({"bench": "user-model", "skipped": why}, indent=2))
+        return
+    manifest = read_user_manifest(folder / USER_DIR)
     cat, arr, q, hq = _inputs(folder, int(manifest.n_events), max(sizes))
     n = int(manifest.n_events)
     res: dict[str, Any] = {

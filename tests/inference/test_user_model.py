@@ -153,7 +153,9 @@ def test_scorer_takes_p_from_the_user_model_and_falls_back_to_the_blend(user_mod
     assert all(len(lst) == 5 for lst in lists)
 
 
-def test_bench_user_model_writes_users_per_second(user_model_dir, tmp_path) -> None:
+def test_bench_user_model_quick_and_a_folder_without_one(user_model_dir, tmp_path) -> None:
+    """``--quick`` (what ``bench all --quick`` passes) times batches 1 and 8 once; a model folder
+    without a user model gets a JSON that says why nothing was timed, not a failure."""
     import json
 
     from click.testing import CliRunner
@@ -162,27 +164,19 @@ def test_bench_user_model_writes_users_per_second(user_model_dir, tmp_path) -> N
 
     folder, _ = user_model_dir
     out = tmp_path / "bench.json"
-    res = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "user-model",
-            "--model-dir",
-            str(folder),
-            "--batches",
-            "1,8",
-            "--repeats",
-            "1",
-            "--no-torch",
-            "--output",
-            str(out),
-        ],
-        catch_exceptions=False,
-    )
+    args = ["bench", "user-model", "--model-dir", str(folder), "--quick", "--no-torch", "--output", str(out)]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert set(data["engines"]) == {"onnx_fp32", "onnx_int8"}
-    assert all(data["engines"][e][f"bs{b}"]["users_per_s"] > 0 for e in data["engines"] for b in (1, 8))
+    for eng in data["engines"].values():
+        assert {k for k in eng if k.startswith("bs")} == {"bs1", "bs8"} and len(eng["bs8"]["repeats"]) == 1
+        assert eng["bs1"]["users_per_s"] > 0 and eng["bs8"]["users_per_s"] > 0
+    bare = tmp_path / "no-user-model"
+    bare.mkdir()
+    res = CliRunner().invoke(main, ["bench", "user-model", "--model-dir", str(bare), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "has no user model" in json.loads(out.read_text())["skipped"]
 
 
 def _torch_contexts(model, matrix: np.ndarray, a, q: np.ndarray, hq: np.ndarray) -> np.ndarray:
