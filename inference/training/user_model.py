@@ -127,7 +127,8 @@ class _FusedAttention(torch.autograd.Function):
 
 
 class _Block(nn.Module):
-    """Pre-norm self-attention + feed-forward, written with plain ops (clean ONNX export)."""
+    """Pre-norm self-attention + feed-forward in plain torch ops; the ONNX export writes the full
+    block's attention as ONNX Runtime's fused operator (``fused``, :class:`_FusedAttention`)."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
