@@ -31,6 +31,9 @@ On disk, ``<model dir>/user/``::
     user_model.onnx      fp32 encoder; user_model.int8.onnx dynamically quantised for the CPU
     residuals.npz        item_ids, vectors: learned per-item offsets (the collaborative part) added
                          to the warm items' text vectors before normalising; new items have none
+    covisit.npz          the co-visitation seed (counts fitted on the training events, the window)
+    tower.safetensors    the torch weights the graphs were exported from (``bench user-model``'s
+                         torch engine, re-exports); never read by the worker
 
 No torch here.
 """

@@ -76,6 +76,7 @@ def test_train_export_index_encode_on_a_generic_dataset(generic_dataset_dir: Pat
             "user_model.int8.onnx",
             "residuals.npz",
             "covisit.npz",
+            "tower.safetensors",  # the torch weights the graphs came from (bench's torch engine)
         }
         # the served model is refit on train + valid for the epochs chosen on valid (no selection on test)
         refit = um["metrics"]["refit"]
