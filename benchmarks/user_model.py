@@ -89,8 +89,8 @@ def user_model(
             output.write_text(json.dumps({"bench": "user-model", "skipped": why}, indent=2))
         return
     manifest = read_user_manifest(folder / USER_DIR)
-    cat, arr, q, hq = _inputs(folder, int(manifest.n_events), max(sizes))
     n = int(manifest.n_events)
+    cat, arr, q, hq = _inputs(folder, n, max(sizes))
     res: dict[str, Any] = {
         "bench": "user-model",
         "model": manifest.version,

@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from inference.derived import Derived
 from inference.manifest import ModelFolderError, sha256_file
 from streamrec.events import EventType
 
@@ -62,9 +62,8 @@ MANIFEST = "manifest.json"
 VARIANT_FILES = {"fp32": "user_model.onnx", "int8": "user_model.int8.onnx"}
 PROJECTION_FILE = "user_items.onnx"
 RESIDUALS = "residuals.npz"
-TOWER_FILE = (
-    "tower.safetensors"  # the torch weights (benchmarks, re-export); the worker reads the ONNX graphs
-)
+# the torch weights (benchmarks, re-export); the worker reads the ONNX graphs
+TOWER_FILE = "tower.safetensors"
 INPUTS = ("items", "types", "age", "mask", "query", "qmask")  # the torch tower; folders before the split
 ENCODE_INPUTS = ("x", "mean", "types", "age", "mask", "query", "qmask")
 TYPE_CODES = {t.value: k for k, t in enumerate(EventType)}  # profiles.model.EVENT_TYPES order
@@ -239,10 +238,7 @@ class OnnxUserModel:
             if "x" in names
             else None
         )
-        self._table: np.ndarray | None = None
-        self._table_key: tuple[Any, ...] | None = None
-        self._table_source: np.ndarray | None = None
-        self._table_lock = threading.Lock()
+        self._projected = Derived(lambda m: project_catalog(self.projection, m))
         log.info("user model %s (%s, %d events) on %s", self.version, variant, self.n_events, self.provider)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -254,12 +250,7 @@ class OnnxUserModel:
         again when ``matrix`` is another array, changes shape, or ``revision`` changes (pass the
         catalog's ``revision`` where its vectors change in place)."""
         assert self.projection is not None
-        key = (id(matrix), matrix.shape, revision)
-        with self._table_lock:
-            if self._table is None or self._table_key != key:
-                self._table, self._table_key = project_catalog(self.projection, matrix), key
-                self._table_source = matrix  # held, so that its id cannot name another array meanwhile
-            return self._table
+        return self._projected.get(matrix, revision)
 
     def contexts(
         self,

@@ -204,14 +204,14 @@ def test_the_catalog_projection_is_computed_once_and_again_after_the_catalog_cha
         return um.contexts(cat.matrix, a, q, hq, revision=cat.revision)
 
     before = served()
-    table = um._table
+    table = um._projected.value
     np.testing.assert_array_equal(served(), before)
-    assert um._table is table  # cached: not recomputed per call
+    assert um._projected.value is table  # cached: not recomputed per call
     new_vec = np.random.default_rng(5).standard_normal(cat.dim).astype(np.float32)
     cat.upsert(["i3", "fresh"], np.stack([new_vec, -new_vec]))
     events[1].insert(0, ["fresh", "view", T0])
     after = served()
-    assert um._table is not table and um._table.shape[0] == len(cat.ids) + 1
+    assert um._projected.value is not table and um._projected.value.shape[0] == len(cat.ids) + 1
     a = event_arrays(events, [T0, T0], cat.index_of, um.n_events)
     assert a.idx[1, 0] == cat.index_of(["fresh"])[0]
     np.testing.assert_allclose(after, _torch_contexts(model, cat.matrix, a, q, hq), atol=1e-5)
