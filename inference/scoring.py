@@ -16,8 +16,8 @@ where f_i is the demand-spike factor of the item or its category (>1 boost, <1 d
 1 without an anomaly), pop_i the shop's recent demand (optional prior) and covisit_i the
 collaborative signal learned from the stream. When bought items may come back
 (``exclude_purchased = false``), u is a mixture: ``repeat_share`` of the mass goes to the
-user's past purchases by recency and frequency (``buy_again``), the rest is the softmax over
-new items (see ``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the
+user's past purchases by recency and frequency, the current context and the shop's recent
+demand for them (``buy_again``), the rest is the softmax over new items (see ``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the
 ranking's probabilities. Candidates come from the catalog's exact top-k (one matrix product for
 the whole batch of users) or its ANN index, plus the bought, co-visited and popular items;
 purchased items (configurable), unavailable items and recently recommended items are
@@ -241,9 +241,13 @@ class Scorer:
         # the user's own purchases in the proportion ``repeat_share`` (see ``_mixture``). Ranking is
         # by log u_i (in cosine units for MMR), so the shown scores are the ranking's probabilities.
         logits = alpha * model + log_fac
+        # Which past purchase comes back: the context (β·logits) and the shop's recent demand (ρ·log pop).
+        rebuy_ctx = self.cfg.repeat_context * np.where(valid, logits, 0.0)
         if log_pop is not None:  # the shop's recent demand as a prior: u_i ∝ exp(α·s_i) · pop_i^w
-            logits = logits + self.cfg.popularity_weight * log_pop[np.maximum(c.idx, 0)]
-        probs = self._mixture(valid, logits, c.bonus)
+            pop_c = log_pop[np.maximum(c.idx, 0)]
+            logits = logits + self.cfg.popularity_weight * pop_c
+            rebuy_ctx = rebuy_ctx + self.cfg.repeat_popularity * pop_c
+        probs = self._mixture(valid, logits, c.bonus, rebuy_ctx)
         rel = np.where(valid & (probs > 0), np.log(np.maximum(probs, 1e-30)) / alpha, -np.inf)
         quota = np.array([int(round(self.cfg.buy_again_share * r.k)) for r in sub], np.int64)
         order = self._mmr_batch(c.idx, rel, k_max, c.bonus > 0, quota)  # (m, k_max), -1 = none
@@ -325,7 +329,7 @@ class Scorer:
         ``popularity_items`` get the last one's), and the ``popularity_candidates`` most popular
         items as extra candidates of every row (merged with ``extra``). (None, extra) when off."""
         cfg = self.cfg
-        if self.popularity is None or cfg.popularity_weight <= 0:
+        if self.popularity is None or not _uses_popularity(cfg):
             return None, extra
         top = self._top_popular(cfg.popularity_items, None, memo)[: cfg.popularity_items]
         if not top:
@@ -338,7 +342,7 @@ class Scorer:
             return None, extra
         log_pop = np.full(len(self.catalog.ids), np.log(rel.min()), np.float32)
         log_pop[idx] = np.log(rel)
-        k = min(cfg.popularity_candidates, idx.size)
+        k = min(cfg.popularity_candidates, idx.size) if cfg.popularity_weight > 0 else 0
         if k <= 0:
             return log_pop, extra
         rows = np.repeat(np.arange(m), k)
@@ -432,24 +436,27 @@ class Scorer:
         first.sort()
         return rows[first], items[first], np.maximum(weight[first], 1e-30).astype(np.float32)
 
-    def _mixture(self, valid: np.ndarray, logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def _mixture(
+        self, valid: np.ndarray, logits: np.ndarray, weight: np.ndarray, rebuy_ctx: np.ndarray
+    ) -> np.ndarray:
         """u_i for every candidate: a two-part mixture, re-buy or discovery.
 
-            u_i = π · q_i                           for the user's past purchases (``weight`` > 0)
-            u_i = (1 - π) · softmax(α·s + log f)_i   over the other candidates
+            u_i = π · q_i                       for the user's past purchases (``weight`` > 0)
+            u_i = (1 - π) · softmax(logits)_i    over the other candidates
 
-        where π = ``repeat_share``, q_i ∝ w_i · exp(β·(α·s_i + log f_i)) (w_i the recency/frequency
-        weight, β = ``repeat_context``: how much the current context decides *which* staple comes
-        back). A row with only one part gives it all the mass; without purchases (or with them
-        filtered) u is the model's softmax alone. Rows sum to 1 over their candidates.
+        where π = ``repeat_share`` and q_i ∝ w_i · exp(rebuy_ctx_i): w_i the recency/frequency
+        weight, rebuy_ctx_i = β·(α·s_i + log f_i) + ρ·log pop_i (β = ``repeat_context``: how much the
+        current context decides *which* staple comes back; ρ = ``repeat_popularity``: how much the
+        shop's recent demand does). A row with only one part gives it all the mass; without
+        purchases (or with them filtered) u is the model's softmax alone. Rows sum to 1 over their
+        candidates.
         """
         rebuy = valid & (weight > 0)
         disc = valid & ~rebuy
         p_new = _softmax_rows(np.where(disc, logits, -np.inf))
         if not rebuy.any():
             return p_new
-        beta = self.cfg.repeat_context
-        ctx = beta * np.where(rebuy, logits, 0.0)
+        ctx = np.where(rebuy, rebuy_ctx, 0.0)
         q = _softmax_rows(np.where(rebuy, np.log(np.maximum(weight, 1e-30)) + ctx, -np.inf))
         share = self.cfg.repeat_share
         pi = np.where(rebuy.any(1), np.where(disc.any(1), share, 1.0), 0.0).astype(np.float32)
@@ -724,6 +731,12 @@ def _split_rows(rows: np.ndarray, items: np.ndarray, m: int) -> list[np.ndarray]
     order = np.argsort(rows, kind="stable")
     counts = np.bincount(rows, minlength=m)
     return np.split(items[order], np.cumsum(counts)[:-1])
+
+
+def _uses_popularity(cfg: ScoringSettings) -> bool:
+    """The shop's recent demand enters the score: as the discoveries' prior, or in buy-again."""
+    rebuy = not cfg.exclude_purchased and cfg.repeat_share > 0 and cfg.repeat_popularity > 0
+    return cfg.popularity_weight > 0 or rebuy
 
 
 def _softmax_rows(z: np.ndarray) -> np.ndarray:

@@ -481,6 +481,13 @@ class ScoringSettings(SettingsGroup):
         "distribution is weight * exp(repeat_context * alpha * h_i.p); 0 = recency and frequency alone. 1 chosen "
         "on Online Retail's valid month.",
     )
+    repeat_popularity: float = Field(
+        0.0,
+        ge=0,
+        le=4,
+        description="How much the shop's recent demand picks which past purchase comes back: the buy-again "
+        "distribution is also multiplied by pop_i^repeat_popularity (pop_i as in popularity_weight); 0 = off.",
+    )
     buy_again_share: float = Field(
         0.9,
         ge=0,
@@ -595,7 +602,11 @@ class ScoringSettings(SettingsGroup):
 #: while on Scientific the prior lowers NDCG@10 from 0.0961 to 0.0858, so it is not a default).
 #: ``eval replay`` and the demo's worker run with it; a shop sets the same variables
 #: (``reorder_shop_env()``).
-REORDER_SHOP_SCORING: dict[str, Any] = {"exclude_purchased": False, "popularity_weight": 1.0}
+REORDER_SHOP_SCORING: dict[str, Any] = {
+    "exclude_purchased": False,
+    "popularity_weight": 1.0,
+    "repeat_popularity": 1.0,
+}
 
 
 def reorder_shop_env() -> dict[str, str]:

@@ -83,15 +83,18 @@ class _Popular:
 @pytest.mark.parametrize("exclude_purchased", [True, False])
 @pytest.mark.parametrize("mmr_lambda", [1.0, 0.8])
 @pytest.mark.parametrize("boosts", [False, True])
-@pytest.mark.parametrize("popularity_weight", [0.0, 0.7])
+# (prior of the discoveries, demand's say in which purchase comes back): the last one reads
+# popularity for buy-again alone.
+@pytest.mark.parametrize("popularity_weight,repeat_popularity", [(0.0, 0.0), (0.7, 0.4), (0.0, 1.5)])
 def test_batched_scorer_equals_the_per_user_reference(
-    catalog, exclude_purchased, mmr_lambda, boosts, popularity_weight
+    catalog, exclude_purchased, mmr_lambda, boosts, popularity_weight, repeat_popularity
 ):
     s = Settings().override(
         scoring={
             "exclude_purchased": exclude_purchased,
             "mmr_lambda": mmr_lambda,
             "popularity_weight": popularity_weight,
+            "repeat_popularity": repeat_popularity,
             "popularity_items": 60,
             "popularity_candidates": 15,
         }

@@ -151,9 +151,11 @@ class ReferenceScorer:
                 where = {int(i): t for t, i in enumerate(idx)}
                 bonus[[where[int(i)] for i in bought]] = b_bonus
             logits = alpha * sim + np.log(np.maximum(fac, 1e-6))
+            rebuy_ctx = self.cfg.repeat_context * logits
             if log_pop is not None:
                 logits = logits + self.cfg.popularity_weight * log_pop[idx]
-            probs = self._mixture(req, logits, bonus)
+                rebuy_ctx = rebuy_ctx + self.cfg.repeat_popularity * log_pop[idx]
+            probs = self._mixture(req, logits, bonus, rebuy_ctx)
             rel = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)) / alpha, -np.inf)
             quota = int(round(self.cfg.buy_again_share * req.k))
             order = self._mmr(idx, rel, req.k, bonus > 0, quota)
@@ -218,7 +220,9 @@ class ReferenceScorer:
 
     def _log_popularity(self) -> np.ndarray | None:
         """log relative popularity per catalog row (the last read one's beyond the top items)."""
-        if self.cfg.popularity_weight <= 0:
+        cfg = self.cfg
+        rebuy = not cfg.exclude_purchased and cfg.repeat_share > 0 and cfg.repeat_popularity > 0
+        if cfg.popularity_weight <= 0 and not rebuy:
             return None
         idx, rel = self._top_popular_rows()
         if not idx.size:
@@ -235,7 +239,9 @@ class ReferenceScorer:
         idx = idx[: self.cfg.popularity_candidates]
         return idx[~np.isin(idx, excluded)]
 
-    def _mixture(self, req: Request, logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def _mixture(
+        self, req: Request, logits: np.ndarray, weight: np.ndarray, rebuy_ctx: np.ndarray
+    ) -> np.ndarray:
         """u = π·q over past purchases + (1 - π)·softmax over the rest (one user)."""
         cfg = self.cfg
         rebuy = weight > 0
@@ -245,7 +251,7 @@ class ReferenceScorer:
         if not rebuy.any():
             return p_new.astype(np.float32)
         q = np.zeros(logits.size, np.float64)
-        q[rebuy] = _softmax(np.log(weight[rebuy]) + cfg.repeat_context * logits[rebuy])
+        q[rebuy] = _softmax(np.log(weight[rebuy]) + rebuy_ctx[rebuy])
         pi = cfg.repeat_share if (~rebuy).any() else 1.0
         return (pi * q + (1.0 - pi) * p_new).astype(np.float32)
 
