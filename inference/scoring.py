@@ -93,6 +93,8 @@ class Scorer:
         self.popularity = popularity
         self.user_model = user_model
         self.covisit = covisit  # the collaborative signal (inference/covisit.py), grown from the stream
+        # The popularity prior's last read: (clock bucket, catalog size) → (log_pop, top rows).
+        self._prior: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -191,7 +193,7 @@ class Scorer:
         # Popularity read once per batch and category, shared by the prior and the cold-start fallback.
         popular: dict[tuple[str | None, int], list[tuple[str, float]]] = {}
         if warm.size:
-            self._score_warm(reqs, warm, P, q_share, out, popular)
+            self._score_warm(reqs, warm, P, q_share, out, popular, now_ms)
         for r in np.flatnonzero(~has).tolist():
             out[r] = self._fallback(reqs[r], popular)
         elapsed = time.perf_counter() - t0
@@ -210,6 +212,7 @@ class Scorer:
         q_share: np.ndarray,
         out: list,
         popular: dict[tuple[str | None, int], list[tuple[str, float]]],
+        now_ms: int,
     ) -> None:
         """Candidates, buy-again, demand factors, softmax, MMR and reasons for the users ``rows``.
 
@@ -227,7 +230,7 @@ class Scorer:
         excl = _split_rows(excl_rows, excl_items, len(sub))
         top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
         S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
-        log_pop, extra = self._popularity_prior(len(sub), extra, popular)
+        log_pop, extra = self._popularity_prior(len(sub), extra, popular, now_ms)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
         fac, trend = self._demand(c.idx, top_idx.shape[1])
         alpha = self.cfg.alpha
@@ -324,31 +327,42 @@ class Scorer:
         m: int,
         extra: tuple[np.ndarray, np.ndarray] | None,
         memo: dict[tuple[str | None, int], list[tuple[str, float]]],
+        now_ms: int,
     ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
         """log of each item's recent popularity relative to the top item (items beyond the top
         ``popularity_items`` get the last one's), and the ``popularity_candidates`` most popular
-        items as extra candidates of every row (merged with ``extra``). (None, extra) when off."""
+        items as extra candidates of every row (merged with ``extra``). (None, extra) when off.
+
+        The top items are read at most once per ``popularity_refresh_ms`` of the batch's clock
+        (event time in replays, so a replay reads them per basket as before)."""
         cfg = self.cfg
         if self.popularity is None or not _uses_popularity(cfg):
             return None, extra
-        top = self._top_popular(cfg.popularity_items, None, memo)[: cfg.popularity_items]
-        if not top:
-            return None, extra
-        idx = self.catalog.index_of([i for i, _ in top])
-        rel = np.array([x for _, x in top], np.float64)
-        ok = (idx >= 0) & (rel > 0)
-        idx, rel = idx[ok], rel[ok]
-        if not idx.size:
-            return None, extra
-        log_pop = np.full(len(self.catalog.ids), np.log(rel.min()), np.float32)
-        log_pop[idx] = np.log(rel)
+        n = len(self.catalog.ids)
+        refresh = cfg.popularity_refresh_ms
+        key = (now_ms // refresh if refresh > 0 else -1, n)
+        cached = self._prior
+        if refresh > 0 and cached is not None and cached[0] == key:
+            log_pop, idx = cached[1], cached[2]
+        else:
+            top = self._top_popular(cfg.popularity_items, None, memo)[: cfg.popularity_items]
+            if not top:
+                return None, extra
+            idx = self.catalog.index_of([i for i, _ in top])
+            rel = np.array([x for _, x in top], np.float64)
+            ok = (idx >= 0) & (rel > 0)
+            idx, rel = idx[ok], rel[ok]
+            if not idx.size:
+                return None, extra
+            log_pop = np.full(n, np.log(rel.min()), np.float32)
+            log_pop[idx] = np.log(rel)
+            self._prior = (key, log_pop, idx)
         k = min(cfg.popularity_candidates, idx.size) if cfg.popularity_weight > 0 else 0
         if k <= 0:
             return log_pop, extra
         rows = np.repeat(np.arange(m), k)
         items = np.tile(idx[:k], m)
         if extra is not None and extra[0].size:
-            n = len(self.catalog.ids)
             keys = np.unique(np.concatenate([extra[0] * n + extra[1], rows * n + items]))
             rows, items = keys // n, keys % n
         return log_pop, (rows, items)

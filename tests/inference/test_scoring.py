@@ -143,6 +143,62 @@ def test_the_popularity_prior_lifts_what_the_shop_sells_now(catalog):
     assert "lantern-3" not in {r.item_id for r in b[:10]}  # popular but unrelated: not pushed in
 
 
+class _CountingPop:
+    """A popularity source whose ranking a test sets, counting its reads."""
+
+    def __init__(self, top: list[tuple[str, float]]) -> None:
+        self.rows, self.reads = top, 0
+
+    def top(self, k, category=None):
+        self.reads += 1
+        return self.rows[:k]
+
+
+def test_buy_again_follows_what_the_shop_sells_now(catalog):
+    # Eight lanterns bought once each, most recent first; the shop now sells lantern-6 most.
+    bought = [f"lantern-{j}" for j in range(8)]
+    prof = _profile(catalog, ["mug-1", "mug-2"], purchased=bought)
+    pop = _CountingPop([("lantern-6", 1.0), ("mug-20", 0.5), ("lantern-2", 0.01)])
+    over = {"exclude_purchased": False, "buy_again_share": 1.0, "repeat_decay": 0.9, "repeat_context": 0.0}
+    over["mmr_lambda"] = 1.0
+
+    def again(rho: float) -> list[str]:
+        s = Settings().override(scoring={**over, "repeat_popularity": rho})
+        [recs] = Scorer(catalog, s.scoring, s.profile, popularity=pop).recommend(
+            [Request("u1", prof, k=12)], now_ms=prof.last_ts
+        )
+        return [r.item_id for r in recs if r.reason == "buy_again"]
+
+    assert again(0.0)[:3] == ["lantern-0", "lantern-1", "lantern-2"]  # recency alone
+    with_demand = again(1.0)
+    assert with_demand[0] == "lantern-6"
+    assert pop.reads == 1  # popularity_weight 0: read for buy-again only, once
+
+
+def test_the_popularity_prior_is_read_once_per_refresh_window(catalog):
+    prof = _profile(catalog, ["mug-1", "bag-1"])
+    pop = _CountingPop([("bag-9", 1.0), ("mug-20", 0.5)])
+    s = Settings().override(
+        scoring={"popularity_weight": 1.5, "mmr_lambda": 1.0, "popularity_refresh_ms": 1000}
+    )
+    scorer = Scorer(catalog, s.scoring, s.profile, popularity=pop)
+    t = 1_700_000_000_000  # a multiple of the window
+    req = [Request("u1", prof, k=10)]
+    [first] = scorer.recommend(req, now_ms=t)
+    pop.rows = [("mug-20", 1.0), ("bag-9", 0.001)]  # demand moves from the bag to a mug
+    [same] = scorer.recommend(req, now_ms=t + 999)
+    assert pop.reads == 1 and [r.item_id for r in same] == [r.item_id for r in first]
+    [later] = scorer.recommend(req, now_ms=t + 1000)
+    assert pop.reads == 2
+    assert first[0].item_id == "bag-9" and later[0].item_id == "mug-20"
+    every = Scorer(
+        catalog, s.override(scoring={"popularity_refresh_ms": 0}).scoring, s.profile, popularity=pop
+    )
+    for dt in (0, 1, 2):
+        every.recommend(req, now_ms=t + dt)
+    assert pop.reads == 5
+
+
 def test_a_fresh_search_query_moves_results_toward_matching_items(catalog):
     prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
     qv, _ = catalog.lookup(["lantern-0", "lantern-1"])
