@@ -17,8 +17,8 @@ where f_i is the demand-spike factor of the item or its category (>1 boost, <1 d
 collaborative signal learned from the stream. When bought items may come back
 (``exclude_purchased = false``), u is a mixture: ``repeat_share`` of the mass goes to the
 user's past purchases by recency and frequency, the current context and the shop's recent
-demand for them (``buy_again``), the rest is the softmax over new items (see ``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the
-ranking's probabilities. Candidates come from the catalog's exact top-k (one matrix product for
+demand for them (``buy_again``), the rest is the softmax over new items (see
+``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the ranking's probabilities. Candidates come from the catalog's exact top-k (one matrix product for
 the whole batch of users) or its ANN index, plus the bought, co-visited and popular items;
 purchased items (configurable), unavailable items and recently recommended items are
 filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
@@ -93,8 +93,8 @@ class Scorer:
         self.popularity = popularity
         self.user_model = user_model
         self.covisit = covisit  # the collaborative signal (inference/covisit.py), grown from the stream
-        # The popularity prior's last read: (clock bucket, catalog size) → (log_pop, top rows).
-        self._prior: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        # The popularity prior's last read: (clock bucket, catalog size, revision) → (log_pop, top rows).
+        self._prior: tuple[tuple[int, int, Any], np.ndarray, np.ndarray] | None = None
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -340,7 +340,7 @@ class Scorer:
             return None, extra
         n = len(self.catalog.ids)
         refresh = cfg.popularity_refresh_ms
-        key = (now_ms // refresh if refresh > 0 else -1, n)
+        key = (now_ms // refresh if refresh > 0 else -1, n, getattr(self.catalog, "revision", None))
         cached = self._prior
         if refresh > 0 and cached is not None and cached[0] == key:
             log_pop, idx = cached[1], cached[2]
