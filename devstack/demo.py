@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -415,8 +415,11 @@ def demo(
         real = [m for m in view.recent if not str(m["user_id"]).startswith(view.synthetic_prefix)]
         if real:
             sample = real[-1]
-            click.secho(f"\nfresh recommendations for user {sample['user_id']}:", bold=True)
-            for x in sample["items"][:10]:
+            items = sample["items"]
+            shares = Counter(str(x["reason"]).split(":")[0] for x in items)
+            mix = ", ".join(f"{n} {r}" for r, n in shares.most_common())
+            click.secho(f"\nfresh recommendations for user {sample['user_id']} ({mix}):", bold=True)
+            for x in items:  # the whole pushed list: re-buys first for a regular, then discoveries
                 click.echo(f"  {x['item_id']:<10} {x['score']:.4f}  {x['reason']}")
         for a in view.alerts[:5]:
             click.echo(f"  alert: {a}")
