@@ -112,7 +112,7 @@ def user_model(
                 times.append(time.perf_counter() - t0)
             out["projection_ms"] = round(1000 * statistics.median(times), 2)
         for bs in sizes:
-            sub = type(arr)(arr.idx[:bs], arr.types[:bs], arr.age[:bs], arr.mask[:bs])
+            sub = arr.rows(slice(bs))
             med, reps = _rate(lambda: um.contexts(cat.matrix, sub, q[:bs], hq[:bs]), bs, repeats, 2048)  # noqa: B023
             out[f"bs{bs}"] = {"users_per_s": round(med, 1), "repeats": reps}
         res["engines"][f"onnx_{variant}"] = out
@@ -191,7 +191,7 @@ def _torch_engine(folder: Path, sizes: list[int], repeats: int, threads: int) ->
         table = tower.inp(torch.from_numpy(rows)).numpy()
     out: dict[str, Any] = {}
     for bs in sizes:
-        sub = type(arr)(arr.idx[:bs], arr.types[:bs], arr.age[:bs], arr.mask[:bs])
+        sub = arr.rows(slice(bs))
 
         def call(sub=sub, bs=bs) -> None:  # noqa: ANN001
             feeds = encode_feeds(table, cat.matrix, sub, q[:bs], hq[:bs])

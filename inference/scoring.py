@@ -42,7 +42,7 @@ import numpy as np
 
 from inference import metrics
 from inference.covisit import CoVisitation
-from inference.user_model import EventArrays, OnnxUserModel, event_arrays
+from inference.user_model import OnnxUserModel, event_arrays
 from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
 
@@ -164,7 +164,7 @@ class Scorer:
         arr = event_arrays(events, refs, self.catalog.index_of, um.n_events)
         use = np.flatnonzero((arr.mask.sum(1) > 0) | has_query)
         if use.size:
-            sub = EventArrays(arr.idx[use], arr.types[use], arr.age[use], arr.mask[use])
+            sub = arr.rows(use)
             P[use] = um.contexts(
                 self.catalog.matrix,
                 sub,
@@ -336,7 +336,7 @@ class Scorer:
         The top items are read at most once per ``popularity_refresh_ms`` of the batch's clock
         (event time in replays, so a replay reads them per basket as before)."""
         cfg = self.cfg
-        if self.popularity is None or not _uses_popularity(cfg):
+        if self.popularity is None or not uses_popularity(cfg):
             return None, extra
         n = len(self.catalog.ids)
         refresh = cfg.popularity_refresh_ms
@@ -747,7 +747,7 @@ def _split_rows(rows: np.ndarray, items: np.ndarray, m: int) -> list[np.ndarray]
     return np.split(items[order], np.cumsum(counts)[:-1])
 
 
-def _uses_popularity(cfg: ScoringSettings) -> bool:
+def uses_popularity(cfg: ScoringSettings) -> bool:
     """The shop's recent demand enters the score: as the discoveries' prior, or in buy-again."""
     rebuy = not cfg.exclude_purchased and cfg.repeat_share > 0 and cfg.repeat_popularity > 0
     return cfg.popularity_weight > 0 or rebuy

@@ -107,6 +107,10 @@ class EventArrays:
     age: np.ndarray  # (B, N) float32
     mask: np.ndarray  # (B, N) float32
 
+    def rows(self, sel: Any) -> EventArrays:
+        """The users ``sel`` (an index array, mask or slice) of these arrays."""
+        return EventArrays(self.idx[sel], self.types[sel], self.age[sel], self.mask[sel])
+
 
 def event_arrays(
     events: Sequence[Sequence[Sequence[Any]]],
@@ -268,7 +272,7 @@ class OnnxUserModel:
         table = self.table(matrix, revision) if self.projection is not None else None
         for s in range(0, b, max_batch):
             sl = slice(s, min(b, s + max_batch))
-            part = EventArrays(arrays.idx[sl], arrays.types[sl], arrays.age[sl], arrays.mask[sl])
+            part = arrays.rows(sl)
             if table is not None:
                 out[sl] = self.run(encode_feeds(table, matrix, part, query[sl], has_query[sl]))
                 continue

@@ -541,7 +541,7 @@ def _state(model: TrainedUserModel) -> dict[str, Any]:
 def _take(ex: Examples, idx: np.ndarray) -> Examples:
     a = ex.arrays
     return Examples(
-        EventArrays(a.idx[idx], a.types[idx], a.age[idx], a.mask[idx]),
+        a.rows(idx),
         ex.targets[idx],
         [ex.history[i] for i in idx],
         ex.query[idx],

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.scoring import Request, ScoredItem
+from inference.scoring import Request, ScoredItem, uses_popularity
 from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
 
@@ -220,9 +220,7 @@ class ReferenceScorer:
 
     def _log_popularity(self) -> np.ndarray | None:
         """log relative popularity per catalog row (the last read one's beyond the top items)."""
-        cfg = self.cfg
-        rebuy = not cfg.exclude_purchased and cfg.repeat_share > 0 and cfg.repeat_popularity > 0
-        if cfg.popularity_weight <= 0 and not rebuy:
+        if not uses_popularity(self.cfg):
             return None
         idx, rel = self._top_popular_rows()
         if not idx.size:
