@@ -104,8 +104,9 @@ def _register_lifecycle(
             state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()
         metrics.worker_up.set(1)
-        if ctx.push is not None:  # users changed before a crash and never pushed get theirs now
-            await ctx.push.pusher.recover()
+        if ctx.push is not None and state.assigned is not None:
+            # users of our partitions changed before a crash and never pushed get theirs now
+            await ctx.push.pusher.recover(state.assigned)
         log.info(
             "worker ready: items %s (dim %s, model %s), encoder %s, %d hooks",
             type(ctx.items).__name__,
@@ -118,11 +119,21 @@ def _register_lifecycle(
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
     async def on_assigned(sender: Any = None, assigned: Any = None, **kwargs: Any) -> None:
         metrics.rebalances.inc()
+        state.assigned = {
+            f"{tp.topic}:{tp.partition}" for tp in (assigned or ()) if tp.topic == s.topics.events
+        }
         if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
             state.ctx.dead_letters.forget()
-            if state.ctx.push is not None:  # and push what a previous owner left owed
-                await state.ctx.push.pusher.recover()
+            if state.ctx.push is not None:  # and push what a previous owner of ours left owed
+                await state.ctx.push.pusher.recover(state.assigned)
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
+    async def on_revoked(sender: Any = None, revoked: Any = None, **kwargs: Any) -> None:
+        # Only a partition's owner pushes its users: what is not pushed yet goes to the next owner.
+        state.assigned = set()
+        if state.ctx is not None and state.ctx.push is not None:
+            await state.ctx.push.pusher.revoke()
 
     @app.timer(s.stream.lag_interval_s)
     async def update_lag() -> None:
@@ -159,7 +170,7 @@ async def probe(state: WorkerState, s: Settings) -> None:
             # delivery confirmation could not clear it, a profile write cut off mid-pipeline
             # (its retry skips the users already written, so no hook names them again).
             try:
-                await state.ctx.push.pusher.recover()
+                await state.ctx.push.pusher.recover(state.assigned or set())
             except Exception:
                 log.exception(
                     "owed pushes not recovered after the Redis outage; they are at the next restart"

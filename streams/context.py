@@ -139,6 +139,8 @@ class WorkerState:
         # Backoff (the agent's, the pusher's), each "Redis at ... (STREAMREC_REDIS_URL)" or None.
         self.waits: dict[str, str] = {}
         self.backoffs: list[Backoff] = []
+        # "topic:partition" of the events topic owned now (None until the first assignment).
+        self.assigned: set[str] | None = None
 
     def waiting_for(self) -> list[str]:
         """The services the worker waits for now (``/readyz``), each with the setting naming it."""

@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,7 @@ class RecommendationPusher:
         publish: Callable[[str, bytes], None],
         flush: Callable[[], object] | None = None,
         confirm: Callable[[Sequence[tuple[str, int]]], object] | None = None,
+        drain: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -176,6 +177,8 @@ class RecommendationPusher:
         self._confirming: set[asyncio.Task] = set()
         self.publish = publish  # (key, value) -> None; e.g. KafkaProducer.produce on the results topic
         self._flush_producer = flush
+        self._drain = drain  # blocks until every published list is at the broker (revocation)
+        self._generation = 0  # bumped on revocation: a round scored before it publishes nothing
         self.pending: dict[str, _Pending] = {}
         self.max_window_s = settings.scoring.coalesce_ms / 1000.0
         self._round_s = 0.0  # moving average of a scoring round's duration
@@ -231,11 +234,13 @@ class RecommendationPusher:
         except Exception:  # they stay owed: pushed again after a restart
             log.exception("delivery of %d pushed lists not confirmed; they stay owed", len(pushed))
 
-    async def recover(self) -> int:
+    async def recover(self, partitions: Collection[str] | None = None) -> int:
         """Owe a push to every user whose profile changed without a delivered push (after a crash).
 
-        The owed set is shared by the group: with several workers each recovers all of it, so a
-        user may get one extra push (at least once, never none).
+        ``partitions`` ("topic:partition" of the events topic) limits it to the users whose events
+        this worker owns now: only a user's owner pushes them, so a recovered list cannot land
+        after the owner's fresher one. ``None`` recovers the whole owed set (one worker). A profile
+        that names no partition of the events topic is recovered by every worker (at least once).
         """
         store = self.service.store
         loop = asyncio.get_running_loop()
@@ -243,16 +248,42 @@ class RecommendationPusher:
         users = [u for u, _ in owed if u not in self.pending]
         profiles = await loop.run_in_executor(None, store.get_profiles, users) if users else {}
         now = time.monotonic()
+        mine = 0
         for u in users:
             prof = profiles.get(u)
-            if prof is not None:
-                self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
-        if users:
-            log.info("owed pushes recovered: %d users", len(users))
+            if prof is None or (partitions is not None and not self._owns(prof.offsets, partitions)):
+                continue
+            self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
+            mine += 1
+        if mine:
+            log.info("owed pushes recovered: %d users", mine)
             self._wake.set()
             if self._task is None:
                 self.start()
-        return len(users)
+        return mine
+
+    def _owns(self, offsets: Mapping[str, int], partitions: Collection[str]) -> bool:
+        prefix = self.settings.topics.events + ":"
+        tps = [tp for tp in offsets if tp.startswith(prefix)]
+        return not tps or any(tp in partitions for tp in tps)
+
+    async def revoke(self) -> None:
+        """Partitions revoked (a rebalance): forget the users not pushed yet and drain the producer.
+
+        They stay owed in Redis, so whoever owns their partitions next (this worker too) recovers
+        them; a round scored before the revocation publishes nothing; the lists already published
+        reach the broker before the rebalance ends, ahead of anything the next owner pushes.
+        """
+        self._generation += 1
+        dropped = len(self.pending)
+        self.pending.clear()
+        if self._drain is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._drain)
+            except Exception:  # they stay owed: the partitions' next owner pushes them again
+                log.exception("published lists not confirmed at revocation; they stay owed")
+        if dropped:
+            log.info("partitions revoked: %d users not pushed yet are left to their next owner", dropped)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -266,7 +297,9 @@ class RecommendationPusher:
             wait = self._next_due_in()
             if wait is None or wait > 0:
                 self._wake.clear()
-                if self._next_due_in() != 0.0:  # nothing became due while clearing
+                # nothing became due, and no stop() came while the round ran (its wake-up was
+                # just cleared)
+                if self._next_due_in() != 0.0 and not self._stopping:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=wait)
                     except TimeoutError:
@@ -315,6 +348,7 @@ class RecommendationPusher:
             stage.labels("push_wait").observe(started - p.since)
         versions: dict[str, int] = {}
         done = 0
+        generation = self._generation
         try:
             for start in range(0, len(due), batch):
                 users, ps = due[start : start + batch], pend[start : start + batch]
@@ -332,6 +366,10 @@ class RecommendationPusher:
                 )
                 t1 = time.perf_counter()
                 stage.labels("score").observe(t1 - t0)
+                if generation != self._generation:  # revoked meanwhile: the next owners push them
+                    versions.clear()
+                    done = len(due)
+                    break
                 self._publish(users, ps, lists)
                 stage.labels("publish").observe(time.perf_counter() - t1)
                 done = start + len(users)
@@ -441,7 +479,10 @@ def build_push_path(
         producer.flush(30.0, topic=topic)  # raises when some were not delivered
         store.clear_pending(pushed)
 
-    pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm)
+    def drain() -> None:
+        producer.flush(10.0, topic=topic)
+
+    pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm, drain=drain)
     covisit = CoVisitHook(backend) if s.scoring.covisit_weight > 0 else None
     popularity = PopularityRecorder(RedisPopularity(s, redis_client), item_category)
     return PushPath(service, pusher, popularity, batcher, covisit)

@@ -177,3 +177,101 @@ def test_a_failed_round_is_retried_and_readiness_says_what_it_waits_for(settings
 
     asyncio.run(run())
     assert store.pending_pushes() == []
+
+
+def test_a_worker_recovers_only_the_users_of_the_partitions_it_owns(settings, redis_client):
+    """With several workers, only a user's owner pushes them after a rebalance: a recovered list
+    from another worker could land after the owner's fresher one."""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    topic = settings.topics.events
+    for k, u in enumerate(["p0", "p1", "p2"]):
+        store.apply_batch([make_event("view", u, item_id=f"i{k}", ts=T0)], positions=[Position(topic, k, 7)])
+    _apply(store, [make_event("view", "elsewhere", item_id="i9", ts=T0)], 0)  # no partition of ours
+
+    async def recovered(partitions) -> list[str]:
+        pusher = _pusher(settings, store, catalog, [])
+        n = await pusher.recover(partitions)
+        assert n == len(pusher.pending)
+        return sorted(pusher.pending)
+
+    assert asyncio.run(recovered({f"{topic}:1"})) == ["elsewhere", "p1"]
+    assert asyncio.run(recovered({f"{topic}:0", f"{topic}:2"})) == ["elsewhere", "p0", "p2"]
+    assert asyncio.run(recovered(set())) == ["elsewhere"]
+    assert asyncio.run(recovered(None)) == ["elsewhere", "p0", "p1", "p2"]
+
+
+def test_a_round_scored_before_a_revocation_publishes_nothing_and_stays_owed(settings, redis_client):
+    """Partitions revoked while a round is being scored: its lists are not published (the next
+    owner pushes them), the pending users are forgotten, the producer is drained, and every user
+    stays owed until the next owner's push is delivered."""
+    import threading
+
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(store, [make_event("view", u, item_id="i5", ts=T0) for u in ("r1", "r2", "r3")], 0)
+    release, scoring = threading.Event(), threading.Event()
+    drained: list[int] = []
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        pusher._drain = lambda: drained.append(len(published))
+        score = pusher.service.recommend_many
+
+        def slow(*args, **kwargs):
+            scoring.set()
+            release.wait(10)
+            return score(*args, **kwargs)
+
+        pusher.service.recommend_many = slow  # type: ignore[method-assign]
+        await pusher.recover()
+        assert sorted(pusher.pending) == ["r1", "r2", "r3"]
+        round_ = asyncio.ensure_future(pusher.flush_due(force=True))
+        while not scoring.is_set():
+            await asyncio.sleep(0.01)
+        await pusher.recover()  # the round's users are owed still: pending again meanwhile
+        await pusher.revoke()
+        release.set()
+        await round_
+        assert pusher.pending == {}
+        await pusher.stop()
+        return published
+
+    assert asyncio.run(run()) == []
+    assert drained == [0]
+    assert sorted(u for u, _ in store.pending_pushes()) == ["r1", "r2", "r3"]
+
+
+def test_stop_while_a_round_is_scored_returns_and_publishes_it(settings, redis_client):
+    """A worker's shutdown (SIGTERM) during a scoring round: the round publishes and stop()
+    returns (its wake-up is not lost when the round ends)."""
+    import threading
+
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(store, [make_event("view", "s1", item_id="i6", ts=T0)], 0)
+    release, scoring = threading.Event(), threading.Event()
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        score = pusher.service.recommend_many
+
+        def slow(*args, **kwargs):
+            scoring.set()
+            release.wait(10)
+            return score(*args, **kwargs)
+
+        pusher.service.recommend_many = slow  # type: ignore[method-assign]
+        await pusher.recover()  # starts the pusher's loop, which takes s1 into a round
+        while not scoring.is_set():
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(pusher.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        return published
+
+    assert asyncio.run(run()) == ["s1"]
+    assert store.pending_pushes() == []
