@@ -8,6 +8,7 @@ delivered. A worker that died in between leaves the marks, and the next one push
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import orjson
@@ -201,38 +202,46 @@ def test_a_worker_recovers_only_the_users_of_the_partitions_it_owns(settings, re
     assert asyncio.run(recovered(None)) == ["elsewhere", "p0", "p1", "p2"]
 
 
+class _HeldRound:
+    """Holds the pusher's scoring inside its worker thread until released (a round in flight)."""
+
+    def __init__(self, pusher: RecommendationPusher) -> None:
+        self.scoring, self.release = threading.Event(), threading.Event()
+        score = pusher.service.recommend_many
+
+        def held(*args, **kwargs):
+            self.scoring.set()
+            self.release.wait(10)
+            return score(*args, **kwargs)
+
+        pusher.service.recommend_many = held  # type: ignore[method-assign]
+
+    async def started(self) -> None:
+        while not self.scoring.is_set():
+            await asyncio.sleep(0.01)
+
+
 def test_a_round_scored_before_a_revocation_publishes_nothing_and_stays_owed(settings, redis_client):
     """Partitions revoked while a round is being scored: its lists are not published (the next
     owner pushes them), the pending users are forgotten, the producer is drained, and every user
     stays owed until the next owner's push is delivered."""
-    import threading
-
     catalog = _catalog()
     store = ProfileStore(redis_client, settings, items=catalog)
     _apply(store, [make_event("view", u, item_id="i5", ts=T0) for u in ("r1", "r2", "r3")], 0)
-    release, scoring = threading.Event(), threading.Event()
     drained: list[int] = []
 
     async def run() -> list[str]:
         published: list[str] = []
         pusher = _pusher(settings, store, catalog, published)
         pusher._drain = lambda: drained.append(len(published))
-        score = pusher.service.recommend_many
-
-        def slow(*args, **kwargs):
-            scoring.set()
-            release.wait(10)
-            return score(*args, **kwargs)
-
-        pusher.service.recommend_many = slow  # type: ignore[method-assign]
+        held = _HeldRound(pusher)
         await pusher.recover()
         assert sorted(pusher.pending) == ["r1", "r2", "r3"]
         round_ = asyncio.ensure_future(pusher.flush_due(force=True))
-        while not scoring.is_set():
-            await asyncio.sleep(0.01)
+        await held.started()
         await pusher.recover()  # the round's users are owed still: pending again meanwhile
         await pusher.revoke()
-        release.set()
+        held.release.set()
         await round_
         assert pusher.pending == {}
         await pusher.stop()
@@ -246,30 +255,19 @@ def test_a_round_scored_before_a_revocation_publishes_nothing_and_stays_owed(set
 def test_stop_while_a_round_is_scored_returns_and_publishes_it(settings, redis_client):
     """A worker's shutdown (SIGTERM) during a scoring round: the round publishes and stop()
     returns (its wake-up is not lost when the round ends)."""
-    import threading
-
     catalog = _catalog()
     store = ProfileStore(redis_client, settings, items=catalog)
     _apply(store, [make_event("view", "s1", item_id="i6", ts=T0)], 0)
-    release, scoring = threading.Event(), threading.Event()
 
     async def run() -> list[str]:
         published: list[str] = []
         pusher = _pusher(settings, store, catalog, published)
-        score = pusher.service.recommend_many
-
-        def slow(*args, **kwargs):
-            scoring.set()
-            release.wait(10)
-            return score(*args, **kwargs)
-
-        pusher.service.recommend_many = slow  # type: ignore[method-assign]
+        held = _HeldRound(pusher)
         await pusher.recover()  # starts the pusher's loop, which takes s1 into a round
-        while not scoring.is_set():
-            await asyncio.sleep(0.01)
+        await held.started()
         stopping = asyncio.ensure_future(pusher.stop())
         await asyncio.sleep(0.05)
-        release.set()
+        held.release.set()
         await asyncio.wait_for(stopping, 10)
         return published
 
