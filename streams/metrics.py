@@ -44,6 +44,14 @@ scoring_process_restarts = Counter(
     "streamrec_scoring_process_restarts",
     "Scoring child processes started again after one died (streams/scoring_backend.py).",
 )
+pushes_recovered = Counter(
+    "streamrec_pushes_recovered",
+    "Users owed a push (changed, no delivered list) taken up at start, rebalance or Redis's return.",
+)
+pushes_handed_over = Counter(
+    "streamrec_pushes_handed_over",
+    "Users not pushed yet at a partition revocation, left (still owed) to the partitions' next owner.",
+)
 results_published = Counter(
     "streamrec_results_published", "Recommendation lists published to the results topic."
 )

@@ -256,6 +256,7 @@ class RecommendationPusher:
             self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
             mine += 1
         if mine:
+            metrics.pushes_recovered.inc(mine)
             log.info("owed pushes recovered: %d users", mine)
             self._wake.set()
             if self._task is None:
@@ -283,6 +284,7 @@ class RecommendationPusher:
             except Exception:  # they stay owed: the partitions' next owner pushes them again
                 log.exception("published lists not confirmed at revocation; they stay owed")
         if dropped:
+            metrics.pushes_handed_over.inc(dropped)
             log.info("partitions revoked: %d users not pushed yet are left to their next owner", dropped)
 
     async def _run(self) -> None:

@@ -45,6 +45,8 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "streamrec_dependency_up": ("gauge", ("dependency",)),
     "streamrec_rebalances": ("counter", ()),
     "streamrec_results_published": ("counter", ()),
+    "streamrec_pushes_recovered": ("counter", ()),
+    "streamrec_pushes_handed_over": ("counter", ()),
     "streamrec_scoring_process_restarts": ("counter", ()),
     "streamrec_event_to_result_seconds": ("histogram", ()),
     "streamrec_stage_seconds": ("histogram", ("stage",)),

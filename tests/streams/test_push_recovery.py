@@ -17,6 +17,7 @@ from inference.catalog import CatalogIndex
 from inference.scoring import Scorer
 from profiles.store import Position, ProfileStore
 from streamrec.events import make_event
+from streams import metrics
 from streams.recommend import RecommendationPusher, RecommendationService
 from streams.scoring_backend import LocalScoring
 
@@ -196,7 +197,9 @@ def test_a_worker_recovers_only_the_users_of_the_partitions_it_owns(settings, re
         assert n == len(pusher.pending)
         return sorted(pusher.pending)
 
+    before = metrics.pushes_recovered._value.get()
     assert asyncio.run(recovered({f"{topic}:1"})) == ["elsewhere", "p1"]
+    assert metrics.pushes_recovered._value.get() - before == 2
     assert asyncio.run(recovered({f"{topic}:0", f"{topic}:2"})) == ["elsewhere", "p0", "p2"]
     assert asyncio.run(recovered(set())) == ["elsewhere"]
     assert asyncio.run(recovered(None)) == ["elsewhere", "p0", "p1", "p2"]
@@ -240,7 +243,9 @@ def test_a_round_scored_before_a_revocation_publishes_nothing_and_stays_owed(set
         round_ = asyncio.ensure_future(pusher.flush_due(force=True))
         await held.started()
         await pusher.recover()  # the round's users are owed still: pending again meanwhile
+        handed = metrics.pushes_handed_over._value.get()
         await pusher.revoke()
+        assert metrics.pushes_handed_over._value.get() - handed == 3
         held.release.set()
         await round_
         assert pusher.pending == {}
