@@ -4,7 +4,9 @@ A real replay (Online Retail, 100,000 events by default) with malformed records 
 flows into a 12-partition topic while three ``streamrec worker`` processes in one group are
 killed with SIGKILL and restarted, one leaves gracefully and comes back, the Kafka broker is
 killed with SIGKILL and restarted, and Redis (AOF, fsync always) is killed and restarted from
-its AOF. The servers are private (``devstack.private``): the user's stack is not touched.
+its AOF. The servers are private (``devstack.private``): the user's stack is not touched. A
+worker that stops by itself (one started while the broker or Redis is down stops at its
+preflight check) is restarted, as its pod would be, and listed in ``worker_exits``.
 
 Afterwards it compares with a clean single-process run of the same valid events through the
 profile store (profiles are a function of the events whatever the batching) and reports:
@@ -242,10 +244,27 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
 
     workers = [_Worker(s, n, root) for n in (1, 2, 3)]
     faults_done: list[dict[str, Any]] = []
+    exits: list[dict[str, Any]] = []  # workers that stopped by themselves (restarted, as a pod would be)
+    lock = threading.Lock()  # the supervisor and the fault injector never touch a worker at once
+    stopping = threading.Event()
     t_start = time.monotonic()
+
+    def supervise() -> None:
+        while not stopping.wait(0.5):
+            with lock:
+                for w in workers:
+                    if w.proc is not None and not w.alive():
+                        code = w.proc.returncode
+                        exits.append(
+                            {"at_s": round(time.monotonic() - t_start, 1), "worker": w.n, "exit_code": code}
+                        )
+                        click.echo(f"  worker {w.n} exited by itself (code {code}): restarted")
+                        w.start()
+
     try:
         for w in workers:
             w.start()
+        threading.Thread(target=supervise, daemon=True).start()
         _wait(lambda: all(w.ready() for w in workers), 120, "three workers ready")
 
         def feed() -> None:
@@ -269,11 +288,12 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
             t0 = time.monotonic()
             if kind in ("kill", "leave"):
                 w = rng.choice(workers)
-                if kind == "kill":
-                    w.kill()
-                else:
-                    w.stop()
-                w.start()
+                with lock:
+                    if kind == "kill":
+                        w.kill()
+                    else:
+                        w.stop()
+                    w.start()
                 what = f"worker {w.n}"
             else:
                 stack.kill("kafka" if kind == "broker" else "redis")
@@ -330,7 +350,10 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
             "graceful_leaves": sum(f["fault"] == "leave" for f in faults_done),
             "broker_restarts": sum(f["fault"] == "broker" for f in faults_done),
             "redis_restarts": sum(f["fault"] == "redis" for f in faults_done),
-            "membership_changes": 3 + 2 * sum(f["fault"] in ("kill", "leave") for f in faults_done),
+            "membership_changes": 3
+            + 2 * sum(f["fault"] in ("kill", "leave") for f in faults_done)
+            + 2 * len(exits),
+            "worker_exits": exits,
             "users": len(ref_users),
             "mismatching_profiles": len(mismatched),
             "mismatch_fields": dict(list(mismatched.items())[:10]),
@@ -347,8 +370,10 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
             "seconds": round(time.monotonic() - t_start, 1),
         }
     finally:
-        for w in workers:
-            w.kill()
+        stopping.set()
+        with lock:
+            for w in workers:
+                w.kill()
         try:
             for pattern in (f"*{run}*",):
                 keys = list(redis.scan_iter(match=pattern, count=5000))

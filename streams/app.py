@@ -104,9 +104,9 @@ def _register_lifecycle(
             state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()
         metrics.worker_up.set(1)
-        if ctx.push is not None and state.assigned is not None:
+        if state.assigned is not None:
             # users of our partitions changed before a crash and never pushed get theirs now
-            await ctx.push.pusher.recover(state.assigned)
+            await recover_owed(state)
         log.info(
             "worker ready: items %s (dim %s, model %s), encoder %s, %d hooks",
             type(ctx.items).__name__,
@@ -124,8 +124,7 @@ def _register_lifecycle(
         }
         if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
             state.ctx.dead_letters.forget()
-            if state.ctx.push is not None:  # and push what a previous owner of ours left owed
-                await state.ctx.push.pusher.recover(state.assigned)
+            await recover_owed(state)  # and push what a previous owner of ours left owed
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's stubs: sync signature only
@@ -165,17 +164,31 @@ async def probe(state: WorkerState, s: Settings) -> None:
         return
     if state.waits.pop("redis", None) is not None:
         log.warning("Redis answers PING again")
-        if state.ctx.push is not None:
-            # What the outage left owed gets its push now, not at the next restart: a push whose
-            # delivery confirmation could not clear it, a profile write cut off mid-pipeline
-            # (its retry skips the users already written, so no hook names them again).
-            try:
-                await state.ctx.push.pusher.recover(state.assigned or set())
-            except Exception:
-                log.exception(
-                    "owed pushes not recovered after the Redis outage; they are at the next restart"
-                )
+        # What the outage left owed gets its push now, not at the next restart: a push whose
+        # delivery confirmation could not clear it, a profile write cut off mid-pipeline
+        # (its retry skips the users already written, so no hook names them again).
+        state.recovery_due = True
+    if state.recovery_due:
+        await recover_owed(state)
     metrics.dependency_up.labels(REDIS).set(1)
+
+
+async def recover_owed(state: WorkerState) -> None:
+    """Take up the owed pushes of the partitions this worker owns (``pusher.recover``). Redis
+    down at that moment (a rebalance during an outage) does not stop the worker: the probe
+    tries again each second until it goes through."""
+    if state.ctx is None or state.ctx.push is None:
+        return
+    try:
+        await state.ctx.push.pusher.recover(state.assigned or set())
+    except Exception as exc:
+        if not state.recovery_due:
+            log.warning(
+                "owed pushes not taken up yet (%s: %s); retried every second", type(exc).__name__, exc
+            )
+        state.recovery_due = True
+    else:
+        state.recovery_due = False
 
 
 def update_consumer_lag(app: faust.App, state: WorkerState) -> None:

@@ -141,6 +141,7 @@ class WorkerState:
         self.backoffs: list[Backoff] = []
         # "topic:partition" of the events topic owned now (None until the first assignment).
         self.assigned: set[str] | None = None
+        self.recovery_due = False  # owed pushes not taken up yet (Redis was down): the probe retries
 
     def waiting_for(self) -> list[str]:
         """The services the worker waits for now (``/readyz``), each with the setting naming it."""

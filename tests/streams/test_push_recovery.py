@@ -278,3 +278,39 @@ def test_stop_while_a_round_is_scored_returns_and_publishes_it(settings, redis_c
 
     assert asyncio.run(run()) == ["s1"]
     assert store.pending_pushes() == []
+
+
+def test_a_rebalance_during_a_redis_outage_does_not_stop_the_worker(settings, redis_client):
+    """Taking up the owed pushes at a rebalance while Redis is down must not crash the worker
+    (faust stops an app whose rebalance callback raises): it is retried until it goes through."""
+    from types import SimpleNamespace
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from streams.app import recover_owed
+    from streams.context import WorkerState
+
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    topic = settings.topics.events
+    store.apply_batch([make_event("view", "o1", item_id="i7", ts=T0)], positions=[Position(topic, 3, 0)])
+
+    async def run() -> None:
+        pusher = _pusher(settings, store, catalog, [])
+        state = WorkerState()
+        state.ctx = SimpleNamespace(push=SimpleNamespace(pusher=pusher))  # type: ignore[assignment]
+        state.assigned = {f"{topic}:3"}
+        owed = store.pending_pushes
+
+        def down(*args, **kwargs):
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        store.pending_pushes = down  # type: ignore[method-assign]
+        await recover_owed(state)  # raised into faust before
+        assert state.recovery_due and pusher.pending == {}
+        store.pending_pushes = owed  # type: ignore[method-assign]
+        await recover_owed(state)  # the probe's next look, Redis back
+        assert not state.recovery_due and list(pusher.pending) == ["o1"]
+        await pusher.stop()
+
+    asyncio.run(run())
