@@ -173,6 +173,13 @@ def _same(a: Any, b: Any) -> list[str]:
     return diff
 
 
+def _behind(events: list[str], event_id: str | None) -> int | None:
+    """How many of the user's events came after ``event_id`` (0 = it is their newest)."""
+    if event_id not in events:
+        return None
+    return len(events) - 1 - max(i for i, e in enumerate(events) if e == event_id)
+
+
 @click.command()
 @click.option("--dataset", default="online-retail", show_default=True, help="Dataset name or folder.")
 @click.option(
@@ -328,10 +335,25 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
         }
         pushes = _read_all(s, s.topics.results)
         newest: dict[str, str] = {}
+        history: dict[str, list[tuple[int, int, str | None, int]]] = {}
         for m in pushes:
             body = orjson.loads(m.value())
             newest[body["user_id"]] = body.get("source_event_id")
+            history.setdefault(body["user_id"], []).append(
+                (m.partition(), m.offset(), body.get("source_event_id"), body.get("generated_at", 0))
+            )
         stale = [u for u in ref_users if newest.get(u) != ref[u].last_event_id]
+        # What a stale user was sent, oldest first: which of their events each list followed
+        # (1 = the newest), when it was generated (s after the drill began) and where it landed.
+        by_user: dict[str, list[str]] = {}
+        for e in valid.events:
+            by_user.setdefault(e.user_id, []).append(e.event_id)
+        wall0 = time.time() - (time.monotonic() - t_start)
+        stale_detail = {
+            u: [{"partition": p, "offset": o, "events_behind": _behind(by_user.get(u, []), eid),
+                 "generated_at_s": round(g / 1000 - wall0, 2)} for p, o, eid, g in history.get(u, [])[-4:]]
+            for u in stale[:5]
+        }  # fmt: skip
         from benchmarks.sizing import _measure
 
         counts = {u: ref[u].total_events for u in ref_users}
@@ -364,6 +386,7 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
             "dead_letters_expected": len(bad),
             "users_without_fresh_push": len(stale),
             "users_still_owed": len(store.pending_pushes()),
+            "stale_pushes": stale_detail,
             "longest_resume_s": max(resumes) if resumes else None,
             "median_resume_s": float(np.median(resumes)) if resumes else None,
             "bytes_per_profile": size["user_bytes"],

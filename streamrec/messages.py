@@ -58,9 +58,10 @@ class RecommendedItem(msgspec.Struct, frozen=True):
 class ResultMessage(msgspec.Struct, frozen=True, kw_only=True):
     """Fresh top-K recommendations for one user.
 
-    ``generated_at`` is epoch ms (wall clock). ``source_event_id`` is the newest event of the
-    burst that triggered the recomputation and ``event_to_result_ms`` the time from that event's
-    ``ts`` to ``generated_at``; both are null on the pull endpoint. ``v`` is the message version.
+    ``generated_at`` is epoch ms (wall clock). ``source_event_id`` is the user's newest event in
+    the profile the list was computed from (a user's newest list names their newest event) and
+    ``event_to_result_ms`` the time from that event's ``ts`` to ``generated_at``; both are null
+    on the pull endpoint. ``v`` is the message version.
     """
 
     user_id: Annotated[str, msgspec.Meta(min_length=1)]

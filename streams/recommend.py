@@ -103,8 +103,10 @@ class RecommendationService:
         ref_ms: Sequence[int | None] | None = None,
         now_ms: int | None = None,
         versions: dict[str, int] | None = None,
+        sources: dict[str, tuple[str | None, int | None]] | None = None,
     ) -> list[list[ScoredItem]]:
-        """Top-k lists of the users; ``versions`` (if given) receives the profile versions read."""
+        """Top-k lists of the users; ``versions`` (if given) receives the profile versions read,
+        ``sources`` each profile's newest event (id, time): what the list was computed from."""
         batch = ScoreBatch(
             list(user_ids),
             k,
@@ -116,6 +118,8 @@ class RecommendationService:
         out = self.backend.score(batch)
         if versions is not None:
             versions.update(out.versions)
+        if sources is not None:
+            sources.update(out.sources)
         return out.lists
 
     async def recommend_one(self, user_id: str, k: int | None = None, q: str | None = None) -> dict[str, Any]:
@@ -141,7 +145,7 @@ class RecommendationService:
 @dataclass
 class _Pending:
     since: float  # monotonic seconds when the user's profile first changed after their last push
-    event_id: str  # the newest applied event (the result's source_event_id)
+    event_id: str  # the newest event seen for the user (the scored profile's own comes first)
     event_ts: int
     category: str | None
 
@@ -188,12 +192,15 @@ class RecommendationPusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._closed = False  # stop() ran: no new round ever starts
         self.rounds = 0
         # Called with every pushed message (user id, message dict), e.g. the explorer's live feed.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     async def __call__(self, events: Sequence[Event], changed_users: set[str]) -> None:
         """Hook entry: remember which users need fresh recommendations, wake the loop."""
+        if self._closed:  # shutting down: the changes stay owed in Redis for the next owner
+            return
         now = time.monotonic()
         latest: dict[str, Event] = {}
         for ev in events:
@@ -213,11 +220,17 @@ class RecommendationPusher:
             self.start()
 
     def start(self) -> None:
+        if self._closed:
+            return
         if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recommendation-pusher")
 
     async def stop(self) -> None:
+        """Push what is pending and stop for good (worker shutdown): a batch that finishes after
+        this leaves its users owed in Redis instead of restarting the loop, so no list is pushed
+        once the partitions may already belong to another worker."""
+        self._closed = True
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -251,7 +264,9 @@ class RecommendationPusher:
         mine = 0
         for u in users:
             prof = profiles.get(u)
-            if prof is None or (partitions is not None and not self._owns(prof.offsets, partitions)):
+            if prof is None or u in self.pending:  # gone, or a hook named them while we read
+                continue
+            if partitions is not None and not self._owns(prof.offsets, partitions):
                 continue
             self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
             mine += 1
@@ -349,6 +364,7 @@ class RecommendationPusher:
         for p in pend:
             stage.labels("push_wait").observe(started - p.since)
         versions: dict[str, int] = {}
+        sources: dict[str, tuple[str | None, int | None]] = {}
         done = 0
         generation = self._generation
         try:
@@ -364,6 +380,7 @@ class RecommendationPusher:
                         category_hints=[p.category for p in ps],
                         ref_ms=[p.event_ts for p in ps],
                         versions=versions,
+                        sources=sources,
                     ),
                 )
                 t1 = time.perf_counter()
@@ -372,7 +389,7 @@ class RecommendationPusher:
                     versions.clear()
                     done = len(due)
                     break
-                self._publish(users, ps, lists)
+                self._publish(users, ps, lists, sources)
                 stage.labels("publish").observe(time.perf_counter() - t1)
                 done = start + len(users)
         except BaseException:
@@ -398,19 +415,29 @@ class RecommendationPusher:
                 cur.since = min(cur.since, p.since)
 
     def _publish(
-        self, users: Sequence[str], ps: Sequence[_Pending], lists: Sequence[list[ScoredItem]]
+        self,
+        users: Sequence[str],
+        ps: Sequence[_Pending],
+        lists: Sequence[list[ScoredItem]],
+        sources: Mapping[str, tuple[str | None, int | None]],
     ) -> None:
+        """Publish the lists. A list names the newest event of the profile it was computed from
+        (``sources``), not the event that made the user pending: a user recovered from a profile
+        read a moment ago, or changed again while the round ran, is labelled with what was scored."""
         version = self.service.model_version
         now_ms = int(time.time() * 1000)
         now = time.monotonic()
         for u, p, items in zip(users, ps, lists, strict=True):
-            msg = result_message(u, items, version, p.event_id, p.event_ts, now_ms)
+            event_id, event_ts = sources.get(u, (None, None))
+            if event_id is None or event_ts is None:
+                event_id, event_ts = p.event_id, p.event_ts
+            msg = result_message(u, items, version, event_id, event_ts, now_ms)
             self.publish(u, orjson.dumps(msg))
             for listener in self.listeners:
                 listener(u, msg)
             self._last_push[u] = now
             self._push_log.append((now, u))
-            lag_s = (now_ms - p.event_ts) / 1000.0
+            lag_s = (now_ms - event_ts) / 1000.0
             if 0 <= lag_s < 3600:  # replays of historic data would swamp the histogram
                 metrics.event_to_result_seconds.observe(lag_s)
         metrics.results_published.inc(len(users))

@@ -86,12 +86,14 @@ class ScoreBatch:
 
 @dataclass
 class Scored:
-    """A batch's lists (one per user, in order), the profile versions read, and the timings in
-    seconds: ``profiles_read``, ``user_model`` (when there is one), ``scoring`` (the scorer)."""
+    """A batch's lists (one per user, in order), the profile versions read, each profile's
+    newest event (id, time) the list was computed from, and the timings in seconds:
+    ``profiles_read``, ``user_model`` (when there is one), ``scoring`` (the scorer)."""
 
     lists: list[list[ScoredItem]]
     versions: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
 
 
 class ScoringBackend(Protocol):
@@ -165,7 +167,12 @@ class LocalScoring:
         profiles = self.store.get_profiles(batch.user_ids)
         read_s = time.perf_counter() - t0
         metrics.stage_seconds.labels("score_read").observe(read_s)
-        out = Scored([], {u: p.version for u, p in profiles.items()}, {"profiles_read": read_s})
+        out = Scored(
+            [],
+            {u: p.version for u, p in profiles.items()},
+            {"profiles_read": read_s},
+            {u: (p.last_event_id, p.last_ts) for u, p in profiles.items()},
+        )
         out.lists = self.scorer.recommend(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
         return out
 
@@ -215,7 +222,7 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
                 backend.record(msg[1], msg[2])
             elif kind == "score":
                 out = backend.score(msg[1])
-                conn.send(("ok", [_pack(x) for x in out.lists], out.versions, out.timings))
+                conn.send(("ok", [_pack(x) for x in out.lists], out.versions, out.timings, out.sources))
         except Exception as exc:
             if kind == "score":  # the worker's retry and /readyz name the service that failed here
                 conn.send(("error", traceback.format_exc(limit=8), dependency_of(exc)))
@@ -345,9 +352,9 @@ class ProcessScoring:
             # An outage is one line per retry (the error itself); a bug keeps its traceback.
             detail = f" {trace.strip().splitlines()[-1]}" if dependency else f"\n{trace}"
             raise DependencyError(f"scoring {n} users failed in the scoring process:{detail}", dependency)
-        _, packed, versions, timings = reply
+        _, packed, versions, timings, sources = reply
         observe_timings(timings, n)
-        return Scored([_unpack(p) for p in packed], versions, timings)
+        return Scored([_unpack(p) for p in packed], versions, timings, sources)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if not len(user_ids) or self._closed:  # at shutdown the counts die with the child anyway

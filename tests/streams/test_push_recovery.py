@@ -314,3 +314,49 @@ def test_a_rebalance_during_a_redis_outage_does_not_stop_the_worker(settings, re
         await pusher.stop()
 
     asyncio.run(run())
+
+
+def test_a_pushed_list_names_the_newest_event_of_the_profile_it_was_computed_from(settings, redis_client):
+    """The label is what was scored: a user made pending by one event (or recovered from a profile
+    read earlier) whose profile has a newer event when the round reads it is pushed with that
+    newer event (a recovered label lagging the profile left a stale newest list in the chaos drill)."""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    first = make_event("view", "n1", item_id="i1", ts=T0)
+    newer = make_event("view", "n1", item_id="i2", ts=T0 + 5)
+    _apply(store, [first], 0)
+
+    async def run() -> list[dict]:
+        sent: list[dict] = []
+        pusher = _pusher(settings, store, catalog, [])
+        pusher.publish = lambda user, value: sent.append(orjson.loads(value))
+        await pusher([first], {"n1"})
+        _apply(store, [newer], 1)  # applied before the round reads the profile; its hook comes later
+        await pusher.flush_due(force=True)
+        await pusher.stop()
+        return sent
+
+    sent = asyncio.run(run())
+    assert [m["source_event_id"] for m in sent] == [newer.event_id]
+    assert store.pending_pushes() == []
+
+
+def test_after_stop_a_late_batch_leaves_its_users_owed_instead_of_pushing(settings, redis_client):
+    """A batch that finishes after the pusher stopped (worker shutdown) does not restart it: its
+    partitions may already belong to another worker, which recovers the owed users."""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    late = make_event("view", "z1", item_id="i8", ts=T0)
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        await pusher.stop()
+        _apply(store, [late], 0)
+        await pusher([late], {"z1"})
+        assert pusher.pending == {} and pusher._task is None
+        await asyncio.sleep(0.05)
+        return published
+
+    assert asyncio.run(run()) == []
+    assert [u for u, _ in store.pending_pushes()] == ["z1"]
