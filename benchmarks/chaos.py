@@ -259,6 +259,8 @@ def chaos(dataset: str, n_events: int, rate: float, faults: int, seed: int, outp
     def supervise() -> None:
         while not stopping.wait(0.5):
             with lock:
+                if stopping.is_set():
+                    return
                 for w in workers:
                     if w.proc is not None and not w.alive():
                         code = w.proc.returncode

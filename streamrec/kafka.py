@@ -144,6 +144,11 @@ class KafkaProducer:
                 "STREAMREC_KAFKA_BOOTSTRAP_SERVERS answer (`streamrec status`)"
             )
 
+    def wait_delivered(self, timeout: float = 30.0) -> int:
+        """Wait until every queued record is delivered or failed; the records still queued after
+        ``timeout``. Delivery errors are left for :meth:`flush` callers (whose records they are)."""
+        return int(self._producer.flush(timeout))
+
     def __len__(self) -> int:
         """Records queued and not yet delivered."""
         return len(self._producer)

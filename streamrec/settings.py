@@ -401,6 +401,14 @@ class StreamSettings(SettingsGroup):
         description="faust commits acknowledged offsets this often (only processed events are acknowledged).",
     )
     max_poll_records: int = Field(2000, ge=1, description="Records fetched per poll by the consumer.")
+    owed_sweep_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Every this many seconds a worker pushes the users of its partitions still owed a push "
+        "(profile changed, no list delivered) that it is not pushing already: a safety net for a change no hook "
+        "named (a batch written by a worker that stopped before its hooks ran).",
+    )
     failure_retry_s: float = Field(
         60.0,
         ge=0,

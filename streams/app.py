@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import faust
@@ -104,6 +105,8 @@ def _register_lifecycle(
             state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()
         metrics.worker_up.set(1)
+        if ctx.push is not None:
+            ctx.push.pusher.owned = state.assigned
         if state.assigned is not None:
             # users of our partitions changed before a crash and never pushed get theirs now
             await recover_owed(state)
@@ -124,6 +127,8 @@ def _register_lifecycle(
         }
         if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
             state.ctx.dead_letters.forget()
+            if state.ctx.push is not None:
+                state.ctx.push.pusher.owned = state.assigned
             await recover_owed(state)  # and push what a previous owner of ours left owed
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
 
@@ -168,19 +173,21 @@ async def probe(state: WorkerState, s: Settings) -> None:
         # delivery confirmation could not clear it, a profile write cut off mid-pipeline
         # (its retry skips the users already written, so no hook names them again).
         state.recovery_due = True
-    if state.recovery_due:
+    if state.recovery_due or time.monotonic() - state.last_sweep >= s.stream.owed_sweep_s:
         await recover_owed(state)
     metrics.dependency_up.labels(REDIS).set(1)
 
 
 async def recover_owed(state: WorkerState) -> None:
-    """Take up the owed pushes of the partitions this worker owns (``pusher.recover``). Redis
-    down at that moment (a rebalance during an outage) does not stop the worker: the probe
-    tries again each second until it goes through."""
-    if state.ctx is None or state.ctx.push is None:
+    """Take up the owed pushes of the partitions this worker owns (``pusher.recover``): at
+    start, at each assignment, when Redis answers again, and every ``stream.owed_sweep_s`` (a
+    safety net for a change no hook named). Redis down at that moment (a rebalance during an
+    outage) does not stop the worker: the probe tries again each second until it goes through."""
+    if state.ctx is None or state.ctx.push is None or state.assigned is None:
         return
+    state.last_sweep = time.monotonic()
     try:
-        await state.ctx.push.pusher.recover(state.assigned or set())
+        await state.ctx.push.pusher.recover(state.assigned)
     except Exception as exc:
         if not state.recovery_due:
             log.warning(

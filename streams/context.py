@@ -142,6 +142,7 @@ class WorkerState:
         # "topic:partition" of the events topic owned now (None until the first assignment).
         self.assigned: set[str] | None = None
         self.recovery_due = False  # owed pushes not taken up yet (Redis was down): the probe retries
+        self.last_sweep = 0.0  # monotonic time owed pushes were last taken up
 
     def waiting_for(self) -> list[str]:
         """The services the worker waits for now (``/readyz``), each with the setting naming it."""

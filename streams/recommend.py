@@ -19,8 +19,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from inference.scoring import ScoredItem
 from profiles.store import ProfileStore
 from streamrec.events import Event
 from streamrec.interfaces import BlockingHook, Catalog, Hook, TextEncoder
-from streamrec.kafka import KafkaProducer
+from streamrec.kafka import KafkaProducer, ProduceError
 from streamrec.settings import Settings
 from streams import metrics
 from streams.faults import Backoff
@@ -104,9 +104,11 @@ class RecommendationService:
         now_ms: int | None = None,
         versions: dict[str, int] | None = None,
         sources: dict[str, tuple[str | None, int | None]] | None = None,
+        partitions: dict[str, list[str]] | None = None,
     ) -> list[list[ScoredItem]]:
         """Top-k lists of the users; ``versions`` (if given) receives the profile versions read,
-        ``sources`` each profile's newest event (id, time): what the list was computed from."""
+        ``sources`` each profile's newest event (id, time): what the list was computed from,
+        ``partitions`` the "topic:partition" its events were read from."""
         batch = ScoreBatch(
             list(user_ids),
             k,
@@ -120,6 +122,8 @@ class RecommendationService:
             versions.update(out.versions)
         if sources is not None:
             sources.update(out.sources)
+        if partitions is not None:
+            partitions.update(out.partitions)
         return out.lists
 
     async def recommend_one(self, user_id: str, k: int | None = None, q: str | None = None) -> dict[str, Any]:
@@ -183,6 +187,11 @@ class RecommendationPusher:
         self._flush_producer = flush
         self._drain = drain  # blocks until every published list is at the broker (revocation)
         self._generation = 0  # bumped on revocation: a round scored before it publishes nothing
+        # "topic:partition" of the events topic this worker owns (None: no group, push everyone).
+        # Checked when a list is about to be published, so nothing is pushed for a user whose
+        # partition is another worker's (a late batch after a revocation, a retried round).
+        self.owned: Collection[str] | None = None
+        self._unconfirmed: Counter[str] = Counter()  # published users whose delivery is not confirmed yet
         self.pending: dict[str, _Pending] = {}
         self.max_window_s = settings.scoring.coalesce_ms / 1000.0
         self._round_s = 0.0  # moving average of a scoring round's duration
@@ -244,8 +253,13 @@ class RecommendationPusher:
         assert self._confirm is not None
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._confirm, pushed)
-        except Exception:  # they stay owed: pushed again after a restart
+        except Exception:  # they stay owed: the next sweep or owner pushes them again
             log.exception("delivery of %d pushed lists not confirmed; they stay owed", len(pushed))
+        finally:
+            self._unconfirmed.subtract(u for u, _ in pushed)
+            for u, _ in pushed:
+                if self._unconfirmed[u] <= 0:
+                    del self._unconfirmed[u]
 
     async def recover(self, partitions: Collection[str] | None = None) -> int:
         """Owe a push to every user whose profile changed without a delivered push (after a crash).
@@ -257,15 +271,18 @@ class RecommendationPusher:
         """
         store = self.service.store
         loop = asyncio.get_running_loop()
+        generation = self._generation
         owed = await loop.run_in_executor(None, store.pending_pushes)
         users = [u for u, _ in owed if u not in self.pending]
         profiles = await loop.run_in_executor(None, store.get_profiles, users) if users else {}
+        if generation != self._generation:  # revoked while reading: the new owners take them up
+            return 0
         now = time.monotonic()
         mine = 0
         for u in users:
             prof = profiles.get(u)
-            if prof is None or u in self.pending:  # gone, or a hook named them while we read
-                continue
+            if prof is None or u in self.pending or u in self._unconfirmed:
+                continue  # gone, named by a hook while we read, or a list of theirs is on its way
             if partitions is not None and not self._owns(prof.offsets, partitions):
                 continue
             self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
@@ -278,10 +295,13 @@ class RecommendationPusher:
                 self.start()
         return mine
 
-    def _owns(self, offsets: Mapping[str, int], partitions: Collection[str]) -> bool:
+    def _owns(self, tps: Iterable[str], partitions: Collection[str]) -> bool:
+        """A profile whose events came from ``tps`` belongs to the owner of one of them (one
+        partition per user: events are keyed by user id); one with none of the events topic is
+        everyone's."""
         prefix = self.settings.topics.events + ":"
-        tps = [tp for tp in offsets if tp.startswith(prefix)]
-        return not tps or any(tp in partitions for tp in tps)
+        mine = [tp for tp in tps if tp.startswith(prefix)]
+        return not mine or any(tp in partitions for tp in mine)
 
     async def revoke(self) -> None:
         """Partitions revoked (a rebalance): forget the users not pushed yet and drain the producer.
@@ -291,6 +311,7 @@ class RecommendationPusher:
         reach the broker before the rebalance ends, ahead of anything the next owner pushes.
         """
         self._generation += 1
+        self.owned = set()  # until the next assignment
         dropped = len(self.pending)
         self.pending.clear()
         if self._drain is not None:
@@ -365,6 +386,7 @@ class RecommendationPusher:
             stage.labels("push_wait").observe(started - p.since)
         versions: dict[str, int] = {}
         sources: dict[str, tuple[str | None, int | None]] = {}
+        partitions: dict[str, list[str]] = {}
         done = 0
         generation = self._generation
         try:
@@ -381,6 +403,7 @@ class RecommendationPusher:
                         ref_ms=[p.event_ts for p in ps],
                         versions=versions,
                         sources=sources,
+                        partitions=partitions,
                     ),
                 )
                 t1 = time.perf_counter()
@@ -389,15 +412,30 @@ class RecommendationPusher:
                     versions.clear()
                     done = len(due)
                     break
+                n_scored = len(users)
+                if self.owned is not None:  # another worker's users now: they stay owed for it
+                    owned = self.owned
+                    keep = [j for j, u in enumerate(users) if self._owns(partitions.get(u, ()), owned)]
+                    if len(keep) < len(users):
+                        for u in set(users).difference(users[j] for j in keep):
+                            versions.pop(u, None)
+                        metrics.pushes_handed_over.inc(len(users) - len(keep))
+                        users, ps, lists = (
+                            [users[j] for j in keep],
+                            [ps[j] for j in keep],
+                            [lists[j] for j in keep],
+                        )
                 self._publish(users, ps, lists, sources)
                 stage.labels("publish").observe(time.perf_counter() - t1)
-                done = start + len(users)
+                done = start + n_scored
         except BaseException:
-            self._restore(due[done:], pend[done:])  # not pushed: they stay pending, retried next round
+            if generation == self._generation:  # not pushed: they stay pending, retried next round
+                self._restore(due[done:], pend[done:])
             raise
         if self._flush_producer is not None:
             self._flush_producer()
         if self._confirm is not None and versions:
+            self._unconfirmed.update(versions)
             task = loop.create_task(self._confirm_delivery(list(versions.items())))
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)
@@ -509,7 +547,9 @@ def build_push_path(
         store.clear_pending(pushed)
 
     def drain() -> None:
-        producer.flush(10.0, topic=topic)
+        left = producer.wait_delivered(10.0)  # errors stay for the confirmations that own them
+        if left:
+            raise ProduceError(f"{left} record(s) still queued after 10s at a partition revocation")
 
     pusher = RecommendationPusher(s, service, publish, flush=producer.poll, confirm=confirm, drain=drain)
     covisit = CoVisitHook(backend) if s.scoring.covisit_weight > 0 else None

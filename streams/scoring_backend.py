@@ -94,6 +94,9 @@ class Scored:
     versions: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
+    partitions: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # "topic:partition" of each profile's events
 
 
 class ScoringBackend(Protocol):
@@ -172,6 +175,7 @@ class LocalScoring:
             {u: p.version for u, p in profiles.items()},
             {"profiles_read": read_s},
             {u: (p.last_event_id, p.last_ts) for u, p in profiles.items()},
+            {u: list(p.offsets) for u, p in profiles.items()},
         )
         out.lists = self.scorer.recommend(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
         return out
@@ -222,7 +226,16 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
                 backend.record(msg[1], msg[2])
             elif kind == "score":
                 out = backend.score(msg[1])
-                conn.send(("ok", [_pack(x) for x in out.lists], out.versions, out.timings, out.sources))
+                conn.send(
+                    (
+                        "ok",
+                        [_pack(x) for x in out.lists],
+                        out.versions,
+                        out.timings,
+                        out.sources,
+                        out.partitions,
+                    )
+                )
         except Exception as exc:
             if kind == "score":  # the worker's retry and /readyz name the service that failed here
                 conn.send(("error", traceback.format_exc(limit=8), dependency_of(exc)))
@@ -352,9 +365,9 @@ class ProcessScoring:
             # An outage is one line per retry (the error itself); a bug keeps its traceback.
             detail = f" {trace.strip().splitlines()[-1]}" if dependency else f"\n{trace}"
             raise DependencyError(f"scoring {n} users failed in the scoring process:{detail}", dependency)
-        _, packed, versions, timings, sources = reply
+        _, packed, versions, timings, sources, partitions = reply
         observe_timings(timings, n)
-        return Scored([_unpack(p) for p in packed], versions, timings, sources)
+        return Scored([_unpack(p) for p in packed], versions, timings, sources, partitions)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if not len(user_ids) or self._closed:  # at shutdown the counts die with the child anyway

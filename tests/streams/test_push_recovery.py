@@ -18,7 +18,7 @@ from inference.scoring import Scorer
 from profiles.store import Position, ProfileStore
 from streamrec.events import make_event
 from streams import metrics
-from streams.recommend import RecommendationPusher, RecommendationService
+from streams.recommend import RecommendationPusher, RecommendationService, _Pending
 from streams.scoring_backend import LocalScoring
 
 T0 = 1_700_000_000_000
@@ -360,3 +360,59 @@ def test_after_stop_a_late_batch_leaves_its_users_owed_instead_of_pushing(settin
 
     assert asyncio.run(run()) == []
     assert [u for u, _ in store.pending_pushes()] == ["z1"]
+
+
+def test_lists_of_users_whose_partition_is_another_workers_are_not_published(settings, redis_client):
+    """Checked when a list is about to go out: a late batch after a revocation or a retried round
+    must not push a user whose partition another worker owns now; the user stays owed for it."""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    topic = settings.topics.events
+    for k, u in enumerate(["q0", "q1"]):
+        store.apply_batch([make_event("view", u, item_id=f"i{k}", ts=T0)], positions=[Position(topic, k, 9)])
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        pusher.owned = {f"{topic}:1"}
+        pusher.pending.update({u: _Pending(0.0, "e", T0, None) for u in ("q0", "q1")})
+        handed = metrics.pushes_handed_over._value.get()
+        await pusher.flush_due(force=True)
+        assert metrics.pushes_handed_over._value.get() - handed == 1
+        await pusher.stop()
+        return published
+
+    assert asyncio.run(run()) == ["q1"]
+    assert [u for u, _ in store.pending_pushes()] == ["q0"]
+
+
+def test_the_probe_sweeps_owed_pushes_of_owned_partitions_periodically(settings, redis_client):
+    """A change no hook named (a batch written by a worker that stopped before its hooks ran)
+    is pushed by the partition's owner within ``stream.owed_sweep_s``, not at the next rebalance."""
+    from types import SimpleNamespace
+
+    from streams.app import probe
+    from streams.context import WorkerState
+
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    topic = settings.topics.events
+
+    async def run() -> None:
+        pusher = _pusher(settings, store, catalog, [])
+        pusher._task = asyncio.get_running_loop().create_future()  # no loop: watch pending only
+        state = WorkerState()
+        state.ctx = SimpleNamespace(push=SimpleNamespace(pusher=pusher), store=store)  # type: ignore[assignment]
+        state.assigned = {f"{topic}:2"}
+        store.apply_batch([make_event("view", "w1", item_id="i3", ts=T0)], positions=[Position(topic, 2, 0)])
+        await probe(state, settings)  # first look: a sweep
+        assert list(pusher.pending) == ["w1"]
+        store.apply_batch([make_event("view", "w2", item_id="i4", ts=T0)], positions=[Position(topic, 2, 1)])
+        await probe(state, settings)  # within owed_sweep_s of the last one: no sweep
+        assert list(pusher.pending) == ["w1"]
+        state.last_sweep -= settings.stream.owed_sweep_s
+        await probe(state, settings)
+        assert sorted(pusher.pending) == ["w1", "w2"]
+        pusher._task.cancel()
+
+    asyncio.run(run())
