@@ -414,17 +414,7 @@ class RecommendationPusher:
                     break
                 n_scored = len(users)
                 if self.owned is not None:  # another worker's users now: they stay owed for it
-                    owned = self.owned
-                    keep = [j for j, u in enumerate(users) if self._owns(partitions.get(u, ()), owned)]
-                    if len(keep) < len(users):
-                        for u in set(users).difference(users[j] for j in keep):
-                            versions.pop(u, None)
-                        metrics.pushes_handed_over.inc(len(users) - len(keep))
-                        users, ps, lists = (
-                            [users[j] for j in keep],
-                            [ps[j] for j in keep],
-                            [lists[j] for j in keep],
-                        )
+                    users, ps, lists = self._owned_only(users, ps, lists, partitions, versions)
                 self._publish(users, ps, lists, sources)
                 stage.labels("publish").observe(time.perf_counter() - t1)
                 done = start + n_scored
@@ -441,6 +431,24 @@ class RecommendationPusher:
             task.add_done_callback(self._confirming.discard)
         self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)
         return len(due)
+
+    def _owned_only(
+        self,
+        users: Sequence[str],
+        ps: Sequence[_Pending],
+        lists: Sequence[list[ScoredItem]],
+        partitions: Mapping[str, list[str]],
+        versions: dict[str, int],
+    ) -> tuple[list[str], list[_Pending], list[list[ScoredItem]]]:
+        """The users (and their pending entries and lists) whose partition this worker owns now;
+        the others lose their version (no confirmation: they stay owed for their owner)."""
+        owned = self.owned if self.owned is not None else ()
+        keep = [j for j, u in enumerate(users) if self._owns(partitions.get(u, ()), owned)]
+        if len(keep) < len(users):
+            for j in set(range(len(users))).difference(keep):
+                versions.pop(users[j], None)
+            metrics.pushes_handed_over.inc(len(users) - len(keep))
+        return [users[j] for j in keep], [ps[j] for j in keep], [lists[j] for j in keep]
 
     def _restore(self, users: Sequence[str], pend: Sequence[_Pending]) -> None:
         """Put users whose round failed back into the pending set (a newer change keeps its
