@@ -18,8 +18,9 @@ collaborative signal learned from the stream. When bought items may come back
 (``exclude_purchased = false``), u is a mixture: ``repeat_share`` of the mass goes to the
 user's past purchases by recency and frequency, the current context and the shop's recent
 demand for them (``buy_again``), the rest is the softmax over new items (see
-``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the ranking's probabilities. Candidates come from the catalog's exact top-k (one matrix product for
-the whole batch of users) or its ANN index, plus the bought, co-visited and popular items;
+``Scorer._mixture``); lists are ranked by u_i, so the scores shown are the ranking's
+probabilities. Candidates come from the catalog's exact top-k (one matrix product for the whole
+batch of users) or its ANN index, plus the bought, co-visited and popular items;
 purchased items (configurable), unavailable items and recently recommended items are
 filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
 

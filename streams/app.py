@@ -105,8 +105,6 @@ def _register_lifecycle(
             state.backoffs.append(ctx.push.pusher.backoff)  # /readyz shows what a failing push waits for
         state.loaded.set()
         metrics.worker_up.set(1)
-        if ctx.push is not None:
-            ctx.push.pusher.owned = state.assigned
         if state.assigned is not None:
             # users of our partitions changed before a crash and never pushed get theirs now
             await recover_owed(state)
@@ -127,8 +125,6 @@ def _register_lifecycle(
         }
         if state.ctx is not None:  # ownership changed: re-read the dead-letter high-water marks
             state.ctx.dead_letters.forget()
-            if state.ctx.push is not None:
-                state.ctx.push.pusher.owned = state.assigned
             await recover_owed(state)  # and push what a previous owner of ours left owed
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in (assigned or ())))
 
@@ -186,8 +182,10 @@ async def recover_owed(state: WorkerState) -> None:
     if state.ctx is None or state.ctx.push is None or state.assigned is None:
         return
     state.last_sweep = time.monotonic()
+    pusher = state.ctx.push.pusher
+    pusher.owned = state.assigned  # what its lists are checked against when published
     try:
-        await state.ctx.push.pusher.recover(state.assigned)
+        await pusher.recover()
     except Exception as exc:
         if not state.recovery_due:
             log.warning(

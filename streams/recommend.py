@@ -261,19 +261,19 @@ class RecommendationPusher:
                 if self._unconfirmed[u] <= 0:
                     del self._unconfirmed[u]
 
-    async def recover(self, partitions: Collection[str] | None = None) -> int:
+    async def recover(self) -> int:
         """Owe a push to every user whose profile changed without a delivered push (after a crash).
 
-        ``partitions`` ("topic:partition" of the events topic) limits it to the users whose events
-        this worker owns now: only a user's owner pushes them, so a recovered list cannot land
-        after the owner's fresher one. ``None`` recovers the whole owed set (one worker). A profile
-        that names no partition of the events topic is recovered by every worker (at least once).
+        With ``owned`` set, only the users whose events partition this worker owns now: only a
+        user's owner pushes them, so a recovered list cannot land after the owner's fresher one.
+        ``None`` recovers the whole owed set (one worker). A profile that names no partition of the
+        events topic is recovered by every worker (at least once).
         """
         store = self.service.store
         loop = asyncio.get_running_loop()
         generation = self._generation
         owed = await loop.run_in_executor(None, store.pending_pushes)
-        users = [u for u, _ in owed if u not in self.pending]
+        users = [u for u, _ in owed if u not in self.pending and u not in self._unconfirmed]
         profiles = await loop.run_in_executor(None, store.get_profiles, users) if users else {}
         if generation != self._generation:  # revoked while reading: the new owners take them up
             return 0
@@ -283,7 +283,7 @@ class RecommendationPusher:
             prof = profiles.get(u)
             if prof is None or u in self.pending or u in self._unconfirmed:
                 continue  # gone, named by a hook while we read, or a list of theirs is on its way
-            if partitions is not None and not self._owns(prof.offsets, partitions):
+            if self.owned is not None and not self._owns(prof.offsets, self.owned):
                 continue
             self.pending[u] = _Pending(now, prof.last_event_id or "", prof.last_ts or 0, None)
             mine += 1
