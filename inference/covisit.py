@@ -170,7 +170,19 @@ class CoVisitation:
     def scores(self, rows: np.ndarray, items: np.ndarray, m: int, n: int | None = None) -> np.ndarray:
         """(m, n) float32: for each of ``m`` users, the summed similarity rows of their distinct
         recent items, given as (user row, catalog row) pairs; ``n`` columns (default: the rows
-        counted so far; rows beyond them have no counts yet).
+        counted so far; rows beyond them have no counts yet). The dense form of :meth:`scores_csr`."""
+        out = self.scores_csr(rows, items, m, canonical=False).toarray()
+        k = out.shape[1]
+        n = k if n is None else n
+        return out[:, :n] if n <= k else np.pad(out, ((0, 0), (0, n - k)))
+
+    def scores_csr(
+        self, rows: np.ndarray, items: np.ndarray, m: int, canonical: bool = True
+    ) -> sp.csr_matrix:
+        """The users' scores as a sparse (m, rows counted so far) float32 matrix: only the items
+        met with theirs are stored, so a round costs what the users' neighbourhoods hold, not
+        m x catalog size. ``canonical``: sorted column indices, no duplicates (else as the
+        product gives them, for a caller that densifies it).
 
         s_u(j) = Σ_i C_ij / sqrt(n_i n_j): the users' items weighted by 1/sqrt(n_i), one sparse
         product with the counts, the columns scaled by 1/sqrt(n_j)."""
@@ -182,10 +194,11 @@ class CoVisitation:
         prod = w @ st.base
         if st.delta.nnz:
             prod = prod + w @ st.delta
-        out = np.asarray(prod.todense(), np.float32)
-        out *= st.inv[None, :]
-        n = k if n is None else n
-        return out[:, :n] if n <= k else np.pad(out, ((0, 0), (0, n - k)))
+        prod = sp.csr_matrix(prod, dtype=np.float32)
+        if canonical:
+            prod.sum_duplicates()  # also sorts the indices
+        prod.data *= st.inv[prod.indices]
+        return prod
 
     @property
     def nnz(self) -> int:

@@ -73,6 +73,12 @@ class Request:
     ref_ms: int | None = None
 
 
+#: Co-visitation scores are kept dense when their non-zeros fill at least 1 / this of the
+#: (users x catalog) array: on Online Retail (3,659 items) a round's neighbourhoods cover most of
+#: the catalog and the dense array is fastest; on a 100,000-item catalog they cover ~1 % of it.
+DENSE_COVISIT_FILL = 8
+
+
 class Scorer:
     """Scores batches of users against the catalog. Thread-compatible, no I/O of its own
     except through the adjustments and popularity sources it is given."""
@@ -239,7 +245,7 @@ class Scorer:
         log_fac = np.log(np.maximum(fac, 1e-6))
         model = c.sim
         if S is not None:  # u_i's score: cosine + the co-visitation feature (row max 1)
-            gathered = np.take_along_axis(S, np.maximum(c.idx, 0), 1)
+            gathered = S.gather(c.idx)
             model = c.sim + self.cfg.covisit_weight * np.where(valid, gathered, 0.0).astype(np.float32)
         # u_i: the model's softmax over the discoveries, mixed with the buy-again distribution over
         # the user's own purchases in the proportion ``repeat_share`` (see ``_mixture``). Ranking is
@@ -302,26 +308,74 @@ class Scorer:
 
     def _covisit(
         self, sub: Sequence[Request], excl_rows: np.ndarray, excl_items: np.ndarray, unavailable: np.ndarray
-    ) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
-        """Co-visitation scores (m, n) of the users' recent items, each row scaled to max 1, and
-        each row's best ``covisit_candidates`` items (row, catalog row) as extra candidates."""
+    ) -> tuple[_DenseScores | _SparseScores | None, tuple[np.ndarray, np.ndarray] | None]:
+        """Co-visitation scores of the users' recent items, each row scaled to max 1, and each
+        row's best ``covisit_candidates`` items (row, catalog row) as extra candidates:
+        co-visited, not excluded, available.
+
+        Vectorised over the batch either way: as a dense (m, n) array when the users'
+        neighbourhoods cover much of the catalog (a small one), else sparse, only the co-visited
+        items stored, so that a round on a large catalog costs what the neighbourhoods hold and
+        not m x catalog size. Both give the same scores and candidates."""
         cv, cfg = self.covisit, self.cfg
         if cv is None or cfg.covisit_weight <= 0:
             return None, None
         lists = [[e[0] for e in (getattr(r.profile, "recent_events", None) or [])] for r in sub]
         rows, items, _, _ = self._flat_index(lists)
-        S = cv.scores(rows, items, len(sub), len(self.catalog.ids))
-        S /= np.maximum(S.max(1, keepdims=True), 1e-12)
-        k = min(cfg.covisit_candidates, S.shape[1])
+        m, n = len(sub), len(self.catalog.ids)
+        S = cv.scores_csr(rows, items, m, canonical=False)
+        if S.nnz * DENSE_COVISIT_FILL >= m * n:
+            return self._covisit_dense(S, excl_rows, excl_items, unavailable)
+        S.sum_duplicates()  # sorted columns: the keys below come out ascending
+        counts = np.diff(S.indptr)
+        nonempty = np.flatnonzero(counts)
+        row_max = np.zeros(m, np.float32)
+        if nonempty.size:
+            row_max[nonempty] = np.maximum.reduceat(S.data, S.indptr[nonempty])
+        r_of = np.repeat(np.arange(m, dtype=np.int64), counts)
+        vals = (S.data / np.maximum(row_max, 1e-12)[r_of]).astype(np.float32)
+        cols = S.indices.astype(np.int64)
+        scores = _SparseScores(r_of * n + cols, vals, n)  # keys ascending: CSR rows, sorted columns
+        k = cfg.covisit_candidates
         if k <= 0:
-            return S, None
+            return scores, None
+        ok = vals > 0
+        if excl_rows.size:
+            ok &= ~np.isin(scores.keys, excl_rows * n + excl_items)
+        if unavailable.size:
+            ok &= ~np.isin(cols, unavailable)
+        sel = np.flatnonzero(ok)
+        order = sel[np.lexsort((-vals[sel], r_of[sel]))]  # by row, best first
+        r_sorted = r_of[order]
+        starts = np.searchsorted(r_sorted, np.arange(m))
+        best = order[np.arange(order.size) - starts[r_sorted] < k]
+        best.sort()  # by row, then item
+        return scores, (r_of[best], cols[best])
+
+    def _covisit_dense(
+        self, S_csr: Any, excl_rows: np.ndarray, excl_items: np.ndarray, unavailable: np.ndarray
+    ) -> tuple[_DenseScores, tuple[np.ndarray, np.ndarray] | None]:
+        """:meth:`_covisit` on a dense (m, n) array (the catalog's rows beyond the counted ones: 0)."""
+        m, n = S_csr.shape[0], len(self.catalog.ids)
+        S = np.zeros((m, n), np.float32)
+        w = min(n, S_csr.shape[1])
+        S[:, :w] = S_csr[:, :w].toarray()
+        S /= np.maximum(S.max(1, keepdims=True), 1e-12)
+        k = min(self.cfg.covisit_candidates, n)
+        if k <= 0:
+            return _DenseScores(S), None
         masked = S.copy()
         masked[excl_rows, excl_items] = 0.0
         masked[:, unavailable] = 0.0
-        top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
-        keep = np.take_along_axis(masked, top, 1) > 0
-        r_idx = np.broadcast_to(np.arange(len(sub))[:, None], top.shape)
-        return S, (r_idx[keep], top[keep])
+        # The k best of each row, ties at the k-th value broken by the lowest catalog row (as the
+        # sparse form's stable sort does): every value above the k-th, then its equals in order.
+        kth = -np.partition(-masked, k - 1, axis=1)[:, k - 1 : k]
+        above = masked > kth
+        tied = (masked == kth) & (masked > 0)
+        need = k - above.sum(1, keepdims=True)
+        take = (above | (tied & (np.cumsum(tied, axis=1) <= need))) & (masked > 0)
+        rows, cols = np.nonzero(take)  # by row, then item
+        return _DenseScores(S), (rows.astype(np.int64), cols.astype(np.int64))
 
     def _popularity_prior(
         self,
@@ -764,3 +818,36 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.where(n > 1e-12, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _DenseScores:
+    """Per-user scores as a dense (m, n) array."""
+
+    values: np.ndarray
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """(m, c) scores at the catalog rows ``idx`` (m, c); rows < 0 read column 0 (callers mask them)."""
+        return np.take_along_axis(self.values, np.maximum(idx, 0), 1)
+
+
+@dataclass(frozen=True)
+class _SparseScores:
+    """Per-user scores stored only where they are non-zero: ``keys`` = row · n + catalog row,
+    ascending, with their ``values``."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    n: int
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """(m, c) float32 scores at the catalog rows ``idx`` (m, c) of each row; 0 where none is
+        stored or idx < 0."""
+        out = np.zeros(idx.shape, np.float32)
+        if not self.keys.size:
+            return out
+        q = np.arange(idx.shape[0], dtype=np.int64)[:, None] * self.n + np.maximum(idx, 0)
+        pos = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+        hit = (idx >= 0) & (self.keys[pos] == q)
+        out[hit] = self.values[pos[hit]]
+        return out

@@ -144,3 +144,25 @@ def test_build_catalog_with_real_encoder_and_load_catalog(
     (model / "catalog" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CatalogError, match="re-embed"):
         load_catalog(s)
+
+
+def test_ivf_probes_the_fewest_lists_that_reach_the_recall_target() -> None:
+    n = 6000  # clustered: 60 product families, queries of 1-5 items as in calibration
+    centers = _random(60, dim=32, seed=5)
+    m = centers[np.arange(n) % 60] + 0.9 * _random(n, dim=32, seed=6)
+    ids = [f"i{k}" for k in range(n)]
+    loose = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.8)
+    strict = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.99)
+    for cat, target in ((loose, 0.8), (strict, 0.99)):
+        cal = cat.ann_calibration
+        assert cal is not None and cal["recall_at_20"] >= target
+        assert cal["nprobe"] == 8 or cal["nprobe"] < cal["nlist"]  # not a full scan
+    assert strict.ann_calibration["nprobe"] >= loose.ann_calibration["nprobe"]  # type: ignore[index]
+    # fresh queries (another seed) keep roughly the calibrated recall
+    g = np.random.default_rng(9)
+    q = strict.matrix[g.integers(0, n, (100, 3))].sum(1)
+    assert strict.ann_recall(q, 20) >= 0.95
+    # excluded rows never come back, and a query excluding more than the index returns pads with -1
+    idx, sc = strict.topk(q[:2], 5, exclude=[np.arange(n), np.array([], np.int64)])
+    assert (idx[0] == -1).all() and np.isneginf(sc[0]).all()
+    assert (idx[1] >= 0).all() and (np.diff(sc[1]) <= 1e-6).all()

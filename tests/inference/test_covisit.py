@@ -201,3 +201,52 @@ def test_folds_cost_what_is_new_and_give_the_counts_of_one_fold() -> None:
     sim = c / np.sqrt(np.outer(np.maximum(users, 1), np.maximum(users, 1)))
     want = sim[np.unique(items[:3])].sum(0)
     np.testing.assert_allclose(whole.scores(rows[:3], items[:3], 1)[0], want, rtol=1e-5)
+
+
+def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None:
+    """A round's co-visitation scores are dense on a small catalog and sparse on a large one
+    (inference.scoring.DENSE_COVISIT_FILL): both forms must rank every user the same, with
+    exclusions, unavailable items and users without co-visited items in the batch."""
+    import inference.scoring as scoring
+
+    n = 400
+    cat = _catalog(n, 16, seed=3)
+    g = np.random.default_rng(5)
+    seqs = [list(g.choice(n, 12, replace=False)) for _ in range(300)]
+    cv = CoVisitation.fit(n, seqs, window=4)
+    cat.upsert(["i7", "i8"], cat.matrix[[7, 8]], available=[False, False])
+    reqs = []
+    for u in range(24):
+        recent = [] if u % 6 == 5 else [f"i{k}" for k in g.choice(n, 1 + u % 5, replace=False)]
+        vec = cat.matrix[g.integers(n)]
+        prof = Profile(
+            f"u{u}",
+            long_term=vec,
+            long_term_weight=1.0,
+            last_ts=T0,
+            recent_events=[[i, "view", T0] for i in recent],
+        )
+        reqs.append(Request(f"u{u}", prof, k=10, ref_ms=T0, exclude_ids=tuple(recent[:1])))
+    s = Settings()
+    scorer = Scorer(
+        cat,
+        s.scoring.model_copy(update={"covisit_weight": 1.0, "covisit_candidates": 15}),
+        s.profile,
+        covisit=cv,
+    )
+
+    def lists(fill: int) -> list[list[tuple[str, float, str]]]:
+        monkeypatch.setattr(scoring, "DENSE_COVISIT_FILL", fill)
+        out = scorer.recommend(reqs, now_ms=T0)
+        return [[(it.item_id, round(float(it.score), 6), it.reason) for it in lst] for lst in out]
+
+    dense, sparse = lists(10**9), lists(0)
+    assert dense == sparse
+    shown = {i for lst in dense for i, _, _ in lst}
+    assert not shown & {"i7", "i8"}  # unavailable
+    # the co-visited candidates matter: without the feature the lists differ
+    monkeypatch.setattr(scoring, "DENSE_COVISIT_FILL", 0)
+    plain = Scorer(cat, s.scoring.model_copy(update={"covisit_weight": 0.0}), s.profile, covisit=cv)
+    assert [[it.item_id for it in lst] for lst in plain.recommend(reqs, now_ms=T0)] != [
+        [i for i, _, _ in lst] for lst in dense
+    ]
