@@ -75,7 +75,7 @@ class Request:
 
 #: Co-visitation scores are kept dense when their non-zeros fill at least 1 / this of the
 #: (users x catalog) array: on Online Retail (3,659 items) a round's neighbourhoods cover most of
-#: the catalog and the dense array is fastest; on a 100,000-item catalog they cover ~1 % of it.
+#: the catalog and the dense array is fastest; on a 100,000-item catalog they cover a small share.
 DENSE_COVISIT_FILL = 8
 
 
@@ -324,6 +324,8 @@ class Scorer:
         rows, items, _, _ = self._flat_index(lists)
         m, n = len(sub), len(self.catalog.ids)
         S = cv.scores_csr(rows, items, m, canonical=False)
+        if S.shape[1] > n:  # rows counted beyond the catalog score nothing
+            S = S[:, :n]
         if S.nnz * DENSE_COVISIT_FILL >= m * n:
             return self._covisit_dense(S, excl_rows, excl_items, unavailable)
         S.sum_duplicates()  # sorted columns: the keys below come out ascending
