@@ -530,7 +530,7 @@ def loo(
         f"{LIST_K} count as misses (MRR is MRR@{LIST_K})",
         "served rows (`streamrec`, `text only`, comparisons) are the worker's path: the history replayed as "
         "events into profiles on Redis (profiles/store.py), scored by inference/scoring.py with its settings "
-        "(MMR included), history passed as exclude_ids",
+        f"(MMR λ {s.scoring.mmr_lambda:g}), history passed as exclude_ids",
         *[f"{k}: {v}" for k, v in versions.items()],
         f"run time {time.time() - t0:.0f}s",
     ]
