@@ -261,7 +261,12 @@ def index(dataset: str, model_dir: Path | None, variant: str | None, batch_size:
     ds = load_dataset(dataset, s.data_dir)
     t0 = time.perf_counter()
     cat = build_catalog(
-        enc, ds, folder / "catalog", batch_size=batch_size, ann_threshold=s.scoring.ann_threshold
+        enc,
+        ds,
+        folder / "catalog",
+        batch_size=batch_size,
+        ann_threshold=s.scoring.ann_threshold,
+        ann_recall_target=s.scoring.ann_recall_target,
     )
     dt = time.perf_counter() - t0
     click.echo(f"embedded {len(cat)} items of {ds.name} with {enc.model_version} ({enc.variant}, {enc.provider}) "
@@ -269,7 +274,11 @@ def index(dataset: str, model_dir: Path | None, variant: str | None, batch_size:
     if cat.uses_ann:
         rng = np.random.default_rng(0)
         q = cat.matrix[rng.choice(len(cat), size=min(500, len(cat)), replace=False)]
-        click.echo(f"ANN index (faiss IVF): recall@10 vs exact = {cat.ann_recall(q, 10):.4f}")
+        cal = cat.ann_calibration or {}
+        click.echo(
+            f"ANN index (faiss IVF, {cal.get('nlist')} lists, {cal.get('nprobe')} probed): "
+            f"recall@10 vs exact = {cat.ann_recall(q, 10):.4f}"
+        )
     else:
         click.echo(f"exact top-k (catalog <= {cat.ann_threshold} items)")
 

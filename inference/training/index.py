@@ -19,6 +19,7 @@ def build_catalog(
     out_dir: Path | str | None = None,
     batch_size: int = 256,
     ann_threshold: int | None = None,
+    ann_recall_target: float | None = None,
 ) -> CatalogIndex:
     """Embed every item text of ``dataset`` (a streamrec Dataset) with ``encoder`` (batched, progress
     bar) into a CatalogIndex tagged with the encoder's model version; saved to ``out_dir`` if given."""
@@ -39,6 +40,7 @@ def build_catalog(
         categories=items["category"].tolist(),
         available=items["available"].to_numpy(bool),
         ann_threshold=ann_threshold,
+        ann_recall_target=ann_recall_target,
     )
     if out_dir is not None:
         cat.save(out_dir)
