@@ -153,11 +153,12 @@ def test_ivf_probes_the_fewest_lists_that_reach_the_recall_target() -> None:
     ids = [f"i{k}" for k in range(n)]
     loose = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.8)
     strict = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.99)
-    for cat, target in ((loose, 0.8), (strict, 0.99)):
-        cal = cat.ann_calibration
-        assert cal is not None and cal["recall_at_20"] >= target
-        assert cal["nprobe"] == 8 or cal["nprobe"] < cal["nlist"]  # not a full scan
-    assert strict.ann_calibration["nprobe"] >= loose.ann_calibration["nprobe"]  # type: ignore[index]
+    lo, hi = loose.ann_calibration, strict.ann_calibration
+    assert lo is not None and hi is not None
+    assert lo["recall_at_20"] >= 0.8 and hi["recall_at_20"] >= 0.99
+    # the looser target stops at the first step; the stricter one probes more lists, not all of them
+    assert lo["nprobe"] == 8 < hi["nprobe"] < hi["nlist"]
+    assert loose._ann.nprobe == 8 and strict._ann.nprobe == hi["nprobe"]  # what the searches use
     # fresh queries (another seed) keep roughly the calibrated recall
     g = np.random.default_rng(9)
     q = strict.matrix[g.integers(0, n, (100, 3))].sum(1)
