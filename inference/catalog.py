@@ -99,9 +99,9 @@ class CatalogIndex:
         # exact top-k's transposed copy of the vectors (a second copy: catalogs below the ANN threshold)
         self._columns = Derived(lambda m: np.ascontiguousarray(m.T))
         self._lock = threading.RLock()
+        # The IVF index is built on first use (or by prepare()): a process that only looks vectors
+        # up (the worker's consumer, validation) never holds a second copy of the catalog in it.
         self._ann: Any | None = None
-        if self.uses_ann:
-            self._build_ann()
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -181,7 +181,7 @@ class CatalogIndex:
         return folder
 
     def replace_vectors(self, matrix: np.ndarray) -> None:
-        """New vectors for every item (same rows; normalised); the ANN index is rebuilt."""
+        """New vectors for every item (same rows; normalised); an ANN index already built is rebuilt."""
         matrix = np.asarray(matrix, np.float32)
         if matrix.shape != self.matrix.shape:
             raise CatalogError(
@@ -189,7 +189,7 @@ class CatalogIndex:
             )
         with self._lock:
             self.matrix = _unit_rows(matrix)
-            if self.uses_ann:
+            if self._ann is not None:
                 self._build_ann()
             self.revision += 1
 
@@ -221,7 +221,8 @@ class CatalogIndex:
         """(indices (m, k) int64, scores (m, k) float32) by inner product, best first; the rows in
         ``exclude[r]`` are never returned for query r. Missing slots are -1 / -inf."""
         q = np.atleast_2d(np.asarray(queries, np.float32))
-        if self.uses_ann and self._ann is not None:
+        if self.uses_ann:
+            self.prepare()
             return self._topk_ann(q, k, exclude)
         return self._topk_exact(q, k, exclude)
 
@@ -286,6 +287,14 @@ class CatalogIndex:
         sc[:, :w] = np.where(kept, np.take_along_axis(dist, order, 1), -np.inf)
         return idx, sc
 
+    def prepare(self) -> None:
+        """Build the ANN index now if this catalog ranks with one (else it is built by the first
+        top-k): a scoring process calls it at start, so its first round does not pay for it."""
+        if self.uses_ann and self._ann is None:
+            with self._lock:
+                if self._ann is None:
+                    self._build_ann()
+
     def _build_ann(self) -> None:
         import faiss
 
@@ -341,8 +350,9 @@ class CatalogIndex:
 
     def ann_recall(self, queries: np.ndarray, k: int = 10) -> float:
         """Recall@k of the ANN index against the exact product for ``queries`` (1.0 without ANN)."""
-        if self._ann is None:
+        if not self.uses_ann:
             return 1.0
+        self.prepare()
         q = np.atleast_2d(np.asarray(queries, np.float32))
         exact, _ = self._topk_exact(q, k, None)
         approx, _ = self._topk_ann(q, k, None)
@@ -393,10 +403,8 @@ class CatalogIndex:
                 self.available = np.concatenate(
                     [self.available, avail[new] if avail is not None else np.ones(len(new), bool)]
                 )
-                if self._ann is not None:
+                if self._ann is not None:  # (a catalog that grows past the threshold builds it on first use)
                     self._ann.add_with_ids(vecs[new], rows)
-                elif self.uses_ann:
-                    self._build_ann()
             self.revision += 1  # last: a reader that saw the old revision recomputes next time
         return len(new), len(existing)
 

@@ -121,6 +121,8 @@ def build_scorer(
     from alerts.effects import RedisDemandAdjustments
 
     s = settings
+    if isinstance(catalog, CatalogIndex):
+        catalog.prepare()  # a large catalog's ANN index, before the first round rather than in it
     user_model = None
     if s.scoring.user_model and isinstance(catalog, CatalogIndex):
         # the catalog plug-in (inference.catalog.load_catalog) already added the residuals

@@ -153,6 +153,9 @@ def test_ivf_probes_the_fewest_lists_that_reach_the_recall_target() -> None:
     ids = [f"i{k}" for k in range(n)]
     loose = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.8)
     strict = CatalogIndex.from_arrays(ids, m, "v1", ann_threshold=1000, ann_recall_target=0.99)
+    assert loose.ann_calibration is None and loose._ann is None  # built on first use, not on load
+    loose.prepare()
+    strict.topk(m[:1], 5)
     lo, hi = loose.ann_calibration, strict.ann_calibration
     assert lo is not None and hi is not None
     assert lo["recall_at_20"] >= 0.8 and hi["recall_at_20"] >= 0.99
