@@ -863,6 +863,7 @@ def _ann_recall(model_dir: Path, settings: Settings, n: int = 200, k: int = 20) 
     out: dict[str, Any] = {"index": "ivf" if cat.uses_ann else "exact", "items": len(cat.ids)}
     if not cat.uses_ann:
         return out
+    cat.prepare()  # built as the scoring process builds it, so its calibration can be reported
     rng = np.random.default_rng(1)
     rows = rng.choice(len(cat.ids), n, replace=False)
     near = cat.matrix[rows] + 0.05 * rng.normal(size=(n, cat.dim)).astype(np.float32)
