@@ -617,8 +617,9 @@ class ScoringSettings(SettingsGroup):
         description="Catalogs above this size use the ANN index (faiss IVF) instead of an exact matrix product. "
         "Measured on 2 cores, one scoring thread, a round's top-80 on clustered synthetic catalogs: the calibrated "
         "IVF index is 3-4x faster than the exact product at 10,000 items, 5-7x at 20,000-30,000 and 13-21x at "
-        "100,000 (recall@20 0.988-1.0); at 20,000 and below the exact product costs at most ~0.5 ms per user "
-        "and loses nothing, so both public catalogs (3,659 and 4,385 items) rank exactly.",
+        "100,000 (recall@20 0.988-1.0); at 20,000 items the exact product costs ~0.5 ms per user in a 160-user "
+        "round and ~2 ms for one user, and loses nothing, so both public catalogs (3,659 and 4,385 items) rank "
+        "exactly.",
     )
     ann_recall_target: float = Field(
         0.95,
