@@ -322,7 +322,8 @@ E2E_RATES = (100, 1000, 5000, 10000)
 E2E_SECONDS = 15.0
 # A load level counts as sustained when results stop within this long after the last event.
 DRAIN_BOUND_S = 5.0
-# How often the drain wait reads the worker's lag gauge (its update interval in the bench).
+# How often the drain wait reads the worker's lag gauge, and the gauge's update interval in the
+# bench's worker (drain_s is as precise as this).
 LAG_POLL_S = 0.5
 
 
@@ -678,7 +679,7 @@ def _run_e2e_catalog(
         "STREAMREC_METRICS_PORT": str(s.metrics_port),
         "STREAMREC_STATE_DIR": str(log_dir / tag),
         "STREAMREC_LOG_LEVEL": "WARNING",
-        "STREAMREC_STREAM_LAG_INTERVAL_S": "0.5",  # the drain wait reads the lag gauge
+        "STREAMREC_STREAM_LAG_INTERVAL_S": str(LAG_POLL_S),  # the drain wait reads the lag gauge
     }
     log = log_dir / f"worker-{tag}.log"
     proc = subprocess.Popen(

@@ -7,8 +7,9 @@ availability, and the version of the model that embedded them (implements
 (inner product) above it; ``upsert`` adds or changes items without a rebuild, the ANN index
 included (IVF supports removal and addition by id). ``ann_recall`` measures the ANN index's
 recall@k against the exact product. The IVF index probes as few lists as reach
-``ann_recall_target`` recall@20 on calibration queries (mixtures of 1-5 catalog items, like the
-profile and user-model vectors it serves), chosen when it is built (``ann_calibration``).
+``ann_recall_target`` recall@20 on calibration queries (mixtures of 2-5 catalog items, like the
+profile and user-model vectors it serves), chosen when it is built (``ann_calibration``); it is
+built on first use or by ``prepare()``, and rebuilt when the catalog has doubled since.
 
 On disk (``save``/``load``)::
 
@@ -102,6 +103,8 @@ class CatalogIndex:
         # The IVF index is built on first use (or by prepare()): a process that only looks vectors
         # up (the worker's consumer, validation) never holds a second copy of the catalog in it.
         self._ann: Any | None = None
+        self._prepared = False  # prepare() was called: this catalog serves top-k queries
+        self._ann_items = 0
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -262,13 +265,13 @@ class CatalogIndex:
         self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None
     ) -> tuple[np.ndarray, np.ndarray]:
         m = q.shape[0]
-        n = len(self.ids)
         lens = [len(e) for e in exclude] if exclude is not None else []
         extra = max(lens, default=0)
-        kk = min(k + extra, n)
-        ann = self._ann
-        assert ann is not None
-        with self._lock:
+        with self._lock:  # the size and the index together: an upsert may grow both meanwhile
+            n = len(self.ids)
+            kk = min(k + extra, n)
+            ann = self._ann
+            assert ann is not None
             dist, lab = ann.search(np.ascontiguousarray(q), kk)
         keep = lab >= 0
         if extra and exclude is not None:  # drop excluded rows, all queries at once: keys row * n + item
@@ -289,7 +292,9 @@ class CatalogIndex:
 
     def prepare(self) -> None:
         """Build the ANN index now if this catalog ranks with one (else it is built by the first
-        top-k): a scoring process calls it at start, so its first round does not pay for it."""
+        top-k): a scoring process calls it at start, so its first round does not pay for it. A
+        prepared catalog that an upsert grows past the threshold builds its index in that upsert."""
+        self._prepared = True
         if self.uses_ann and self._ann is None:
             with self._lock:
                 if self._ann is None:
@@ -317,6 +322,7 @@ class CatalogIndex:
             index.nprobe, recall = self._calibrate(index, nlist)
             self.ann_calibration = {"nlist": nlist, "nprobe": index.nprobe, "recall_at_20": round(recall, 4)}
         self._ann = index
+        self._ann_items = n  # the catalog's size when built and calibrated
         log.info(
             "catalog: faiss IVF index over %d items (nlist %d, nprobe %d, calibration recall@%d %s)",
             n,
@@ -328,11 +334,12 @@ class CatalogIndex:
 
     def _calibrate(self, index: Any, nlist: int) -> tuple[int, float]:
         """The fewest probed lists (8, 16, 32, ... nlist) whose recall@20 against the exact product
-        reaches ``ann_recall_target`` on calibration queries: unit means of 1-5 random catalog
-        items (fixed seed), like the profile and user-model vectors the index serves."""
+        reaches ``ann_recall_target`` on calibration queries: unit means of 2-5 random catalog
+        items (fixed seed), blends like the profile and user-model vectors the index serves (a
+        single item's own vector sits in its own list and would flatter the index)."""
         n = len(self.ids)
         rng = np.random.default_rng(0)
-        sizes = 1 + np.arange(CALIBRATION_QUERIES) % 5
+        sizes = 2 + np.arange(CALIBRATION_QUERIES) % 4
         picks = rng.integers(0, n, (CALIBRATION_QUERIES, 5))
         use = (np.arange(5)[None, :] < sizes[:, None]).astype(np.float32)
         q = _unit_rows((self.matrix[picks] * use[..., None]).sum(1))
@@ -350,7 +357,8 @@ class CatalogIndex:
             nprobe *= 2
 
     def ann_recall(self, queries: np.ndarray, k: int = 10) -> float:
-        """Recall@k of the ANN index against the exact product for ``queries`` (1.0 without ANN)."""
+        """Recall@k of the ANN index against the exact product for ``queries`` (1.0 without ANN);
+        builds the index first if it is not built yet."""
         if not self.uses_ann:
             return 1.0
         self.prepare()
@@ -404,8 +412,12 @@ class CatalogIndex:
                 self.available = np.concatenate(
                     [self.available, avail[new] if avail is not None else np.ones(len(new), bool)]
                 )
-                if self._ann is not None:  # (a catalog that grows past the threshold builds it on first use)
+                if self._ann is not None and len(self.ids) >= 2 * self._ann_items:
+                    self._build_ann()  # twice the items it was built and calibrated for: lists and probes anew
+                elif self._ann is not None:
                     self._ann.add_with_ids(vecs[new], rows)
+                elif self._prepared and self.uses_ann:  # grown past the threshold while serving
+                    self._build_ann()
             self.revision += 1  # last: a reader that saw the old revision recomputes next time
         return len(new), len(existing)
 

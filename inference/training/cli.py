@@ -274,6 +274,7 @@ def index(dataset: str, model_dir: Path | None, variant: str | None, batch_size:
     if cat.uses_ann:
         rng = np.random.default_rng(0)
         q = cat.matrix[rng.choice(len(cat), size=min(500, len(cat)), replace=False)]
+        cat.prepare()
         cal = cat.ann_calibration or {}
         click.echo(
             f"ANN index (faiss IVF, {cal.get('nlist')} lists, {cal.get('nprobe')} probed): "

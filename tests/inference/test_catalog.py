@@ -170,3 +170,26 @@ def test_ivf_probes_the_fewest_lists_that_reach_the_recall_target() -> None:
     idx, sc = strict.topk(q[:2], 5, exclude=[np.arange(n), np.array([], np.int64)])
     assert (idx[0] == -1).all() and np.isneginf(sc[0]).all()
     assert (idx[1] >= 0).all() and (np.diff(sc[1]) <= 1e-6).all()
+
+
+def test_ivf_index_follows_a_growing_catalog() -> None:
+    """A serving (prepared) catalog that grows past the threshold builds its index in that
+    upsert, and one that doubles is rebuilt and calibrated anew; partial exclusions hold."""
+    base = _random(900, dim=16, seed=21)
+    cat = CatalogIndex.from_arrays([f"i{k}" for k in range(900)], base, "v1", ann_threshold=1000)
+    cat.prepare()
+    assert not cat.uses_ann and cat._ann is None
+    more = _random(300, dim=16, seed=22)
+    cat.upsert([f"j{k}" for k in range(300)], more)
+    assert cat.uses_ann and cat._ann is not None  # built in the upsert, not in a scoring round
+    first = dict(cat.ann_calibration or {})
+    assert cat.ids[cat.topk(more[5][None], 1)[0][0, 0]] == "j5"
+    cat.upsert([f"h{k}" for k in range(1300)], _random(1300, dim=16, seed=23))
+    assert len(cat) == 2500 and cat.ann_calibration is not None
+    assert cat.ann_calibration["nlist"] > first["nlist"]  # rebuilt for twice the items
+    q = cat.matrix[:4]
+    full, _ = cat.topk(q, 6)
+    idx, sc = cat.topk(q, 6, exclude=[full[0, :2], np.array([], np.int64), full[2, :1], np.array([3])])
+    assert not set(full[0, :2]) & set(idx[0]) and list(idx[0][:4]) == list(full[0][2:6])
+    assert list(idx[1]) == list(full[1]) and 3 not in idx[3]
+    assert (idx >= 0).all() and np.isfinite(sc).all()

@@ -244,8 +244,23 @@ def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None
     assert dense == sparse
     shown = {i for lst in dense for i, _, _ in lst}
     assert not shown & {"i7", "i8"}  # unavailable
-    # the co-visited candidates matter: without the feature the lists differ
+    # the two forms themselves: the same score at every catalog row, the same extra candidates
+    ex_rows = np.array([0, 1, 2], np.int64)
+    ex_items = np.array([int(r.exclude_ids[0][1:]) if r.exclude_ids else 0 for r in reqs[:3]], np.int64)
+    unavailable = np.array([7, 8], np.int64)
+    everywhere = np.tile(np.arange(n), (len(reqs), 1))
+    monkeypatch.setattr(scoring, "DENSE_COVISIT_FILL", 10**9)
+    d_scores, d_cand = scorer._covisit(reqs, ex_rows, ex_items, unavailable)
     monkeypatch.setattr(scoring, "DENSE_COVISIT_FILL", 0)
+    s_scores, s_cand = scorer._covisit(reqs, ex_rows, ex_items, unavailable)
+    assert type(d_scores).__name__ == "_DenseScores" and type(s_scores).__name__ == "_SparseScores"
+    np.testing.assert_array_equal(d_scores.gather(everywhere), s_scores.gather(everywhere))
+    assert d_cand is not None and s_cand is not None
+    np.testing.assert_array_equal(d_cand[0], s_cand[0])
+    np.testing.assert_array_equal(d_cand[1], s_cand[1])
+    assert not np.isin(s_cand[1], unavailable).any()
+    assert np.bincount(s_cand[0], minlength=len(reqs)).max() <= 15
+    # the co-visited candidates matter: without the feature the lists differ
     plain = Scorer(cat, s.scoring.model_copy(update={"covisit_weight": 0.0}), s.profile, covisit=cv)
     assert [[it.item_id for it in lst] for lst in plain.recommend(reqs, now_ms=T0)] != [
         [i for i, _, _ in lst] for lst in dense
