@@ -626,7 +626,7 @@ class ScoringSettings(SettingsGroup):
         ge=0.5,
         le=1.0,
         description="The IVF index probes the fewest lists (8, 16, 32, ...) whose recall@20 against the exact "
-        "product reaches this on calibration queries (means of 1-5 catalog items), chosen when it is built.",
+        "product reaches this on calibration queries (means of 2-5 catalog items), chosen when it is built.",
     )
 
 
