@@ -219,18 +219,24 @@ class CatalogIndex:
         return len(self.ids) > self.ann_threshold
 
     def topk(
-        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[np.ndarray] | None = None,
+        available_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices (m, k) int64, scores (m, k) float32) by inner product, best first; the rows in
-        ``exclude[r]`` are never returned for query r. Missing slots are -1 / -inf."""
+        ``exclude[r]`` are never returned for query r, nor with ``available_only`` the unavailable
+        items (one mask for every query: inside the ANN search, so it does not widen it). Missing
+        slots are -1 / -inf."""
         q = np.atleast_2d(np.asarray(queries, np.float32))
         if self.uses_ann:
             self.prepare()
-            return self._topk_ann(q, k, exclude)
-        return self._topk_exact(q, k, exclude)
+            return self._topk_ann(q, k, exclude, available_only)
+        return self._topk_exact(q, k, exclude, available_only)
 
     def _topk_exact(
-        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None
+        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None, available_only: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         m, n = q.shape[0], len(self.ids)
         idx = np.full((m, k), -1, np.int64)
@@ -238,6 +244,8 @@ class CatalogIndex:
         if n == 0 or k <= 0:
             return idx, sc
         scores = q @ self.columns()
+        if available_only and not self.available.all():
+            scores[:, ~self.available] = -np.inf
         if exclude is not None:
             for r, ex in enumerate(exclude):
                 ex = np.asarray(ex, np.int64)
@@ -262,7 +270,7 @@ class CatalogIndex:
         return self._columns.get(self.matrix, self.revision)
 
     def _topk_ann(
-        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None
+        self, q: np.ndarray, k: int, exclude: list[np.ndarray] | None, available_only: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         m = q.shape[0]
         lens = [len(e) for e in exclude] if exclude is not None else []
@@ -272,7 +280,17 @@ class CatalogIndex:
             kk = min(k + extra, n)
             ann = self._ann
             assert ann is not None
-            dist, lab = ann.search(np.ascontiguousarray(q), kk)
+            if available_only and not self.available.all():
+                import faiss
+
+                # The search itself skips unavailable items (a bitmap of the available rows).
+                bits = np.packbits(self.available, bitorder="little")
+                params = faiss.SearchParametersIVF(
+                    sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)), nprobe=ann.nprobe
+                )
+                dist, lab = ann.search(np.ascontiguousarray(q), kk, params=params)
+            else:
+                dist, lab = ann.search(np.ascontiguousarray(q), kk)
         keep = lab >= 0
         if extra and exclude is not None:  # drop excluded rows, all queries at once: keys row * n + item
             ex_rows = np.repeat(np.arange(m, dtype=np.int64), lens)

@@ -235,7 +235,7 @@ class Scorer:
         excl_rows, excl_items = self._exclusions(sub)
         unavailable = np.flatnonzero(~np.asarray(cat.available, bool))
         excl = _split_rows(excl_rows, excl_items, len(sub))
-        top_idx, top_sim = cat.topk(Pw, n_cand, exclude=[np.concatenate([e, unavailable]) for e in excl])
+        top_idx, top_sim = cat.topk(Pw, n_cand, exclude=excl, available_only=True)
         S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
         log_pop, extra = self._popularity_prior(len(sub), extra, popular, now_ms)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)

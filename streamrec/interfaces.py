@@ -67,9 +67,14 @@ class Catalog(ItemVectors, Protocol):
         ...
 
     def topk(
-        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[np.ndarray] | None = None,
+        available_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (n, k), scores (n, k)) of the best items per query row, ``exclude[i]`` rows left out."""
+        """(rows (n, k), scores (n, k)) of the best items per query row, ``exclude[i]`` rows left
+        out, and with ``available_only`` the unavailable items too."""
         ...
 
 

@@ -193,3 +193,30 @@ def test_ivf_index_follows_a_growing_catalog() -> None:
     assert not set(full[0, :2]) & set(idx[0]) and list(idx[0][:4]) == list(full[0][2:6])
     assert list(idx[1]) == list(full[1]) and 3 not in idx[3]
     assert (idx >= 0).all() and np.isfinite(sc).all()
+
+
+def test_unavailable_items_are_masked_inside_the_search_not_by_widening_it() -> None:
+    """``available_only`` leaves out unavailable items for every query at once: the exact product
+    gives what per-row exclusions of them gave, and the ANN index skips them while searching,
+    still returning k items per query."""
+    n = 3000
+    centers = _random(30, dim=16, seed=31)
+    m = centers[np.arange(n) % 30] + 0.7 * _random(n, dim=16, seed=32)
+    ids = [f"i{k}" for k in range(n)]
+    avail = np.ones(n, bool)
+    avail[::3] = False  # a third of the catalog out of stock
+    q = m[:40] + 0.05 * _random(40, dim=16, seed=33)
+    hist = [np.array([k + 1]) for k in range(40)]
+    exact = CatalogIndex.from_arrays(ids, m, "v1", available=avail)
+    masked, _ = exact.topk(q, 20, exclude=hist, available_only=True)
+    gone = np.flatnonzero(~avail)
+    per_row, _ = exact.topk(q, 20, exclude=[np.concatenate([h, gone]) for h in hist])
+    np.testing.assert_array_equal(masked, per_row)
+    ann = CatalogIndex.from_arrays(ids, m, "v1", available=avail, ann_threshold=1000)
+    got, sc = ann.topk(q, 20, exclude=hist, available_only=True)
+    assert (got >= 0).all() and np.isfinite(sc).all()
+    assert avail[got].all() and not any(h[0] in row for h, row in zip(hist, got, strict=True))
+    hits = sum(len(set(a) & set(b)) for a, b in zip(got, masked, strict=True))
+    assert hits / masked.size >= 0.9
+    everything, _ = ann.topk(q, 20)
+    assert not avail[everything].all()  # without the flag the unavailable ones rank as before
