@@ -285,9 +285,10 @@ class CatalogIndex:
 
                 # The search itself skips unavailable items (a bitmap of the available rows).
                 bits = np.packbits(self.available, bitorder="little")
-                params = faiss.SearchParametersIVF(
-                    sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)), nprobe=ann.nprobe
-                )
+                selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
+                params = faiss.SearchParametersIVF()
+                params.sel = selector
+                params.nprobe = ann.nprobe
                 dist, lab = ann.search(np.ascontiguousarray(q), kk, params=params)
             else:
                 dist, lab = ann.search(np.ascontiguousarray(q), kk)
