@@ -855,6 +855,7 @@ def _ann_recall(model_dir: Path, settings: Settings, n: int = 200, k: int = 20) 
     index's lists and probes, and its recall@k against the exact product on queries it was not
     calibrated on (other seed): catalog items with a little noise, and means of 2-5 random items."""
     from inference.catalog import CatalogIndex
+    from inference.catalog import _unit_rows as unit_rows
 
     cat = CatalogIndex.load(
         model_dir / "catalog",
@@ -871,10 +872,9 @@ def _ann_recall(model_dir: Path, settings: Settings, n: int = 200, k: int = 20) 
     picks = rng.integers(0, len(cat.ids), (n, 5))
     use = (np.arange(5)[None, :] < (2 + np.arange(n) % 4)[:, None]).astype(np.float32)
     mixed = (cat.matrix[picks] * use[..., None]).sum(1)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     out.update(cat.ann_calibration or {})
-    out["recall_at_20_near_items"] = round(float(cat.ann_recall(unit(near), k=k)), 4)
-    out["recall_at_20_item_mixtures"] = round(float(cat.ann_recall(unit(mixed), k=k)), 4)
+    out["recall_at_20_near_items"] = round(float(cat.ann_recall(unit_rows(near), k=k)), 4)
+    out["recall_at_20_item_mixtures"] = round(float(cat.ann_recall(unit_rows(mixed), k=k)), 4)
     out["recall_at_20"] = min(out["recall_at_20_near_items"], out["recall_at_20_item_mixtures"])
     return out
 

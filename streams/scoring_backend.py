@@ -94,9 +94,8 @@ class Scored:
     versions: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
-    partitions: dict[str, list[str]] = field(
-        default_factory=dict
-    )  # "topic:partition" of each profile's events
+    # "topic:partition" of each profile's events (the pusher's ownership check)
+    partitions: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ScoringBackend(Protocol):
