@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MAX_K = 200
 MAX_QUERY_CHARS = 512
+# seconds before the users of a round whose delivery was not acknowledged are pushed again
+CONFIRM_RETRY_S = 1.0
 
 
 def result_message(
@@ -249,17 +251,44 @@ class RecommendationPusher:
         if self._confirming:
             await asyncio.gather(*self._confirming, return_exceptions=True)
 
-    async def _confirm_delivery(self, pushed: list[tuple[str, int]]) -> None:
+    async def _confirm_delivery(self, pushed: list[tuple[str, int]], pend: dict[str, _Pending]) -> None:
+        """Wait for the broker to acknowledge a round's lists; on failure push those users again.
+
+        A list not acknowledged leaves its user owed in Redis. Its owner pushes it again after
+        ``CONFIRM_RETRY_S`` (unless a newer push is on its way or the partitions moved), not at
+        the next owed sweep, so a broker restart costs the users seconds, not a sweep period.
+        """
         assert self._confirm is not None
+        generation = self._generation
+        failed = False
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._confirm, pushed)
-        except Exception:  # they stay owed: the next sweep or owner pushes them again
-            log.exception("delivery of %d pushed lists not confirmed; they stay owed", len(pushed))
+        except Exception:
+            failed = True
+            log.exception(
+                "delivery of %d pushed lists not confirmed; pushed again in %.0fs",
+                len(pushed),
+                CONFIRM_RETRY_S,
+            )
         finally:
             self._unconfirmed.subtract(u for u, _ in pushed)
             for u, _ in pushed:
                 if self._unconfirmed[u] <= 0:
                     del self._unconfirmed[u]
+        if not failed or self._closed:
+            return
+        await asyncio.sleep(CONFIRM_RETRY_S)  # spacing: a producer that fails at once is not spun on
+        if self._closed or generation != self._generation:
+            return  # shutting down or revoked: the users stay owed for their next owner
+        again = [u for u, _ in pushed if u not in self.pending and u not in self._unconfirmed]
+        now = time.monotonic()
+        for u in again:
+            p = pend[u]
+            self.pending[u] = _Pending(now, p.event_id, p.event_ts, p.category)
+        if again:
+            metrics.pushes_recovered.inc(len(again))
+            self._wake.set()
+            self.start()
 
     async def recover(self) -> int:
         """Owe a push to every user whose profile changed without a delivered push (after a crash).
@@ -426,7 +455,10 @@ class RecommendationPusher:
             self._flush_producer()
         if self._confirm is not None and versions:
             self._unconfirmed.update(versions)
-            task = loop.create_task(self._confirm_delivery(list(versions.items())))
+            by_user = dict(zip(due, pend, strict=True))
+            task = loop.create_task(
+                self._confirm_delivery(list(versions.items()), {u: by_user[u] for u in versions})
+            )
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)
         self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)

@@ -105,6 +105,46 @@ def test_a_push_that_was_not_delivered_stays_owed(settings, redis_client):
     assert [u for u, _ in store.pending_pushes()] == ["b"]
 
 
+def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sweep(
+    settings, redis_client, monkeypatch
+):
+    """The broker did not acknowledge a round (restarted mid-flush): its users are pushed again
+    a moment later by the running pusher, and the second, delivered push clears what they owe."""
+    import streams.recommend as recommend
+
+    monkeypatch.setattr(recommend, "CONFIRM_RETRY_S", 0.05)
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(
+        store, [make_event("view", "b", item_id="i3", ts=T0), make_event("view", "c", item_id="i4", ts=T0)], 0
+    )
+    attempts: list[list[str]] = []
+
+    def flaky(pushed):
+        attempts.append(sorted(u for u, _ in pushed))
+        if len(attempts) == 1:
+            raise RuntimeError("broker restarted: 2 messages timed out")
+        store.clear_pending(pushed)
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published, confirm=False)
+        pusher._confirm = flaky
+        await pusher.recover()
+        pusher.start()
+        for _ in range(400):  # the loop runs on its own: no sweep, no further hook call
+            if store.pending_pushes() == [] and not pusher._confirming:
+                break
+            await asyncio.sleep(0.025)
+        await pusher.stop()
+        return published
+
+    published = asyncio.run(run())
+    assert attempts == [["b", "c"], ["b", "c"]]
+    assert sorted(published) == ["b", "b", "c", "c"]
+    assert store.pending_pushes() == []
+
+
 def test_a_restarted_worker_pushes_what_a_killed_one_owed(settings, topics, worker, redis_client):
     """Worker 1 writes profiles but has no push path (as if it died before pushing); it is killed
     with SIGKILL. Worker 2 (same group, pushing) must publish a fresh list for every such user,
