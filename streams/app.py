@@ -25,7 +25,7 @@ import faust
 
 from streamrec.runtime import settle_heap
 from streamrec.settings import Settings
-from streams import metrics
+from streams import metrics, transport
 from streams.agents import register_agents
 from streams.context import DEFAULT_ENCODER, DEFAULT_ITEMS, WorkerState, build_context
 from streams.faults import REDIS, describe
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _faust_app(s: Settings) -> faust.App:
-    return faust.App(
+    return transport.App(
         s.kafka.consumer_group,
         broker=s.kafka.faust_broker_url(),
         broker_credentials=s.kafka.faust_broker_credentials(),
