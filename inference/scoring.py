@@ -538,8 +538,8 @@ class Scorer:
         top-k candidates, in one lookup; bought columns get 1 and None."""
         fac = np.ones(idx.shape, np.float32)
         trend = np.full(idx.shape, None, object)
-        if self.adjustments is None:
-            return fac, trend
+        if self.adjustments is None or not self.adjustments.any_active():
+            return fac, trend  # no alert: no per-candidate lookup (the common case)
         top = idx[:, :n_top]
         valid = top >= 0
         if valid.any():

@@ -52,6 +52,11 @@ class DemandAdjustments(Protocol):
         """(multiplier per item, shape (n,), 1.0 when none; reason per item, e.g. 'trending_in:lantern')."""
         ...
 
+    def any_active(self) -> bool:
+        """False when certainly no adjustment applies now: the scorer then skips the per-item
+        lookup (one cheap check per round instead of a lookup of every candidate)."""
+        ...
+
 
 @runtime_checkable
 class Catalog(ItemVectors, Protocol):

@@ -27,6 +27,7 @@ def test_boosts_never_surface_unavailable_items() -> None:
         Request(f"u{j}", SimpleNamespace(long_term=vecs[j % 10] + 0.1 * rng.normal(size=8)), k=10)
         for j in range(20)
     ]
+    assert adj.any_active() and not StaticDemandAdjustments().any_active()
     for adjustments in (adj, None):
         lists = Scorer(catalog, s.scoring, s.profile, adjustments=adjustments).recommend(users, now_ms=0)
         assert all("it0" not in [x.item_id for x in lst] for lst in lists)
@@ -45,11 +46,13 @@ def test_factors_in_redis_lapse_clear_and_cost_one_read_whatever_the_candidates(
     from alerts.effects import DemandEffectWriter, RedisDemandAdjustments, effects_key
 
     writer, reader = DemandEffectWriter(settings), RedisDemandAdjustments(settings, redis_client)
+    assert not reader.any_active()  # the scorer skips the per-candidate lookup
     now = 1_800_000_000_000
     ttl_ms = 1000 * settings.alerts.effect_ttl_s
     pipe = redis_client.pipeline(transaction=True)
     writer.queue(pipe, [("i:A", SURGE), ("c:lamps", SURGE), ("i:B", DROP)], [], now_ms=now)
     pipe.execute()
+    assert reader.any_active()
     items, cats = reader.active(now_ms=now + 1)
     assert items == {"A": settings.alerts.boost, "B": settings.alerts.damping}
     assert cats == {"lamps": settings.alerts.boost}
@@ -65,3 +68,5 @@ def test_factors_in_redis_lapse_clear_and_cost_one_read_whatever_the_candidates(
     pipe.execute()
     assert reader.active(now_ms=now + ttl_ms + 1) == ({"A": settings.alerts.boost}, {})
     assert set(redis_client.hkeys(effects_key(settings.redis.prefix))) == {b"i:A"}
+    redis_client.delete(effects_key(settings.redis.prefix))
+    assert not reader.any_active()

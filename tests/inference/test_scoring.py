@@ -221,6 +221,9 @@ class _Boosts:
     def __init__(self, by_category: dict[str, float]):
         self.by_category = by_category
 
+    def any_active(self):
+        return True
+
     def factors(self, item_ids, categories):
         f = np.array([self.by_category.get(c, 1.0) for c in categories], np.float32)
         return f, [f"trending_in:{c}" if c in self.by_category else None for c in categories]
@@ -249,6 +252,9 @@ class _ItemBoosts:
 
     def __init__(self, by_item: dict[str, float]):
         self.by_item = by_item
+
+    def any_active(self):
+        return True
 
     def factors(self, item_ids, categories):
         f = np.array([self.by_item.get(i, 1.0) for i in item_ids], np.float32)
