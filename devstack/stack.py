@@ -177,6 +177,11 @@ class LocalStack:
     def redis_log(self) -> Path:
         return self.redis_dir / "redis.log"
 
+    def pids(self) -> dict[str, int]:
+        """The running broker's and Redis server's process ids ("kafka", "redis"), those running."""
+        found = {"kafka": self._read_pid(self.kafka_pidfile), "redis": self._read_pid(self.redis_pidfile)}
+        return {name: pid for name, pid in found.items() if pid is not None}
+
     def _read_pid(self, pidfile: Path) -> int | None:
         try:
             pid = int(pidfile.read_text().strip())

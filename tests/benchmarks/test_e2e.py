@@ -21,5 +21,9 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
     # drained: the worker's consumer lag (its metrics) reached 0 before the bench's 60 s deadline
     assert level["drain_s"] < 60.0, level
     assert {"kafka_to_batch", "profiles", "score", "publish"} <= set(level["stages"])
+    # the CPU beside the worker on the same cores: the stack's broker and Redis, the bench itself
+    cores = level["cpu_cores"]
+    assert {"worker", "scoring_process", "kafka", "redis", "bench_client"} <= set(cores), cores
+    assert cores["worker"] > 0 and cores["kafka"] > 0 and cores["bench_client"] > 0
     assert res["kafka_floor"][0]["p50_ms"] > 0 and level["ratio_p50_vs_floor"] > 1
     assert (tmp_path / "e2e.png").is_file()
