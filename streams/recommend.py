@@ -251,22 +251,23 @@ class RecommendationPusher:
         if self._confirming:
             await asyncio.gather(*self._confirming, return_exceptions=True)
 
-    async def _confirm_delivery(self, pushed: list[tuple[str, int]], pend: dict[str, _Pending]) -> None:
-        """Wait for the broker to acknowledge a round's lists; on failure push those users again.
+    async def _confirm_delivery(self, pushed: list[tuple[str, int]], generation: int) -> None:
+        """Wait for the broker to acknowledge a round's lists; on failure take up the owed pushes.
 
-        A list not acknowledged leaves its user owed in Redis. Its owner pushes it again after
-        ``CONFIRM_RETRY_S`` (unless a newer push is on its way or the partitions moved), not at
-        the next owed sweep, so a broker restart costs the users seconds, not a sweep period.
+        A list not acknowledged leaves its user owed in Redis. ``CONFIRM_RETRY_S`` later the
+        owner takes up what is still owed (:meth:`recover`: only users whose push was not
+        delivered meanwhile, scored from their newest profile), not at the next owed sweep, so a
+        broker restart costs the users seconds, not a sweep period. Delivery is at least once: a
+        list that was only late (still queued when the flush gave up) may arrive besides the new one.
         """
         assert self._confirm is not None
-        generation = self._generation
         failed = False
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._confirm, pushed)
         except Exception:
             failed = True
             log.exception(
-                "delivery of %d pushed lists not confirmed; pushed again in %.0fs",
+                "delivery of %d pushed lists not confirmed; owed pushes taken up in %.0fs",
                 len(pushed),
                 CONFIRM_RETRY_S,
             )
@@ -280,15 +281,10 @@ class RecommendationPusher:
         await asyncio.sleep(CONFIRM_RETRY_S)  # spacing: a producer that fails at once is not spun on
         if self._closed or generation != self._generation:
             return  # shutting down or revoked: the users stay owed for their next owner
-        again = [u for u, _ in pushed if u not in self.pending and u not in self._unconfirmed]
-        now = time.monotonic()
-        for u in again:
-            p = pend[u]
-            self.pending[u] = _Pending(now, p.event_id, p.event_ts, p.category)
-        if again:
-            metrics.pushes_recovered.inc(len(again))
-            self._wake.set()
-            self.start()
+        try:
+            await self.recover()
+        except Exception:  # Redis down too: the owed sweep takes them up once it answers
+            log.exception("owed pushes not taken up after an unconfirmed delivery; left to the sweep")
 
     async def recover(self) -> int:
         """Owe a push to every user whose profile changed without a delivered push (after a crash).
@@ -455,10 +451,7 @@ class RecommendationPusher:
             self._flush_producer()
         if self._confirm is not None and versions:
             self._unconfirmed.update(versions)
-            by_user = dict(zip(due, pend, strict=True))
-            task = loop.create_task(
-                self._confirm_delivery(list(versions.items()), {u: by_user[u] for u in versions})
-            )
+            task = loop.create_task(self._confirm_delivery(list(versions.items()), generation))
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)
         self._round_s = 0.8 * self._round_s + 0.2 * (time.monotonic() - started)

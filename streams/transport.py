@@ -39,13 +39,15 @@ class _Resume:
     cancellation) back into the coroutine.
     """
 
-    __slots__ = ("coro", "pending")
+    __slots__ = ("coro", "pending", "started")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
         self.coro = coro
         self.pending = pending
+        self.started = False  # a task awaits this: it owns the coroutine from here on
 
     def __await__(self) -> Generator[Any, None, Any]:
+        self.started = True
         pending = self.pending
         while True:
             try:
@@ -89,7 +91,12 @@ class Consumer(faust_aiokafka.Consumer):
         except BaseException:
             _close(coros[1:])
             raise
-        return await super().wait_first(_Resume(first, pending), *coros[1:])
+        resume = _Resume(first, pending)
+        try:
+            return await super().wait_first(resume, *coros[1:])
+        finally:
+            if not resume.started:  # its task was cancelled before its first step: end the callback
+                first.close()  # (GeneratorExit at its await: a queue putter is removed, a lock released)
 
 
 class Transport(faust_aiokafka.Transport):

@@ -145,6 +145,53 @@ def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sw
     assert store.pending_pushes() == []
 
 
+def test_after_a_failed_delivery_only_what_is_still_owed_is_pushed_again(settings, redis_client, monkeypatch):
+    """c's list was delivered meanwhile (a newer push, the sweep): only b is pushed again; and a
+    revocation during the wait leaves the users to their next owner."""
+    import streams.recommend as recommend
+
+    monkeypatch.setattr(recommend, "CONFIRM_RETRY_S", 0.05)
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+    _apply(
+        store, [make_event("view", "b", item_id="i3", ts=T0), make_event("view", "c", item_id="i4", ts=T0)], 0
+    )
+    attempts: list[list[str]] = []
+
+    def flaky(pushed):
+        attempts.append(sorted(u for u, _ in pushed))
+        if len(attempts) == 1:
+            store.clear_pending([(u, v) for u, v in pushed if u == "c"])  # c delivered by another push
+            raise RuntimeError("broker restarted: 2 messages timed out")
+        store.clear_pending(pushed)
+
+    async def run(revoke: bool) -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published, confirm=False)
+        pusher._confirm = flaky
+        await pusher.recover()
+        pusher.start()
+        for _ in range(400):
+            if attempts and revoke:
+                await pusher.revoke()  # the partitions moved while the retry waits
+                await asyncio.sleep(0.3)
+                break
+            if store.pending_pushes() == [] and not pusher._confirming:
+                break
+            await asyncio.sleep(0.025)
+        await pusher.stop()
+        return published
+
+    assert sorted(asyncio.run(run(revoke=False))) == ["b", "b", "c"]
+    assert attempts == [["b", "c"], ["b"]] and store.pending_pushes() == []
+
+    attempts.clear()
+    _apply(store, [make_event("view", "b", item_id="i5", ts=T0 + 5)], 2)
+    assert sorted(asyncio.run(run(revoke=True))) == ["b"]
+    assert attempts == [["b"]]
+    assert [u for u, _ in store.pending_pushes()] == ["b"]  # still owed, for the next owner
+
+
 def test_a_restarted_worker_pushes_what_a_killed_one_owed(settings, topics, worker, redis_client):
     """Worker 1 writes profiles but has no push path (as if it died before pushing); it is killed
     with SIGKILL. Worker 2 (same group, pushing) must publish a fresh list for every such user,

@@ -120,3 +120,59 @@ def test_a_suspended_flow_takes_faust_s_path_from_the_start():
 
     result = asyncio.run(run())
     assert result.results == [True]  # returned on the event, the delivery was cancelled
+
+
+def test_a_delivery_that_raises_raises_and_one_that_only_yields_returns():
+    async def run():
+        consumer = _consumer()
+
+        async def broken() -> None:
+            raise ValueError("bad record")
+
+        async def yields() -> int:
+            await asyncio.sleep(0)  # a bare yield to the loop, no future
+            return 5
+
+        suspend = consumer.suspend_flow.wait()
+        try:
+            await consumer.wait_first(broken(), suspend)
+        except ValueError as exc:
+            raised = str(exc)
+        result = await consumer.wait_first(yields(), consumer.suspend_flow.wait())
+        return raised, suspend.cr_frame, result.results
+
+    raised, suspend_frame, results = asyncio.run(run())
+    assert raised == "bad record" and suspend_frame is None
+    assert results == [5]
+
+
+def test_a_drain_cancelled_while_a_delivery_waits_ends_the_delivery_at_once():
+    """The consumer stopping mid-delivery (its drain task cancelled), before or after the waiting
+    delivery's task first ran: the delivery ends and leaves no putter in the queue."""
+
+    async def run(turns: int) -> tuple[list[str], int]:
+        consumer = _consumer()
+        queue: asyncio.Queue[int] = asyncio.Queue(1)
+        queue.put_nowait(0)
+        seen: list[str] = []
+
+        async def deliver() -> None:
+            try:
+                await queue.put(1)
+            finally:
+                seen.append("ended")
+
+        drain = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        drain.cancel()
+        try:
+            await drain
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.01)
+        return seen, len(queue._putters)
+
+    for turns in (1, 5):
+        seen, putters = asyncio.run(run(turns))
+        assert seen == ["ended"] and putters == 0, turns
