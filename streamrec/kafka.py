@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from streamrec.settings import Settings
+
+# Delivery errors kept per topic until a flush takes them (beyond: dropped, the flush still raises
+# on what it waited for)
+MAX_KEPT_ERRORS = 10_000
 
 __all__ = [
     "KafkaProducer",
@@ -72,7 +76,7 @@ class KafkaProducer:
         self._producer = Producer(producer_config(settings, **overrides))
         self._lock = threading.Lock()
         self.delivered = 0
-        self._errors: dict[str, list[str]] = {}
+        self._errors: dict[str, list[tuple[bytes | None, str]]] = {}  # topic -> (record key, error)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
@@ -80,8 +84,8 @@ class KafkaProducer:
             return
         with self._lock:
             errs = self._errors.setdefault(msg.topic() or "?", [])
-            if len(errs) < 100:
-                errs.append(str(err))
+            if len(errs) < MAX_KEPT_ERRORS:
+                errs.append((msg.key(), str(err)))
 
     def produce(
         self,
@@ -120,22 +124,34 @@ class KafkaProducer:
         """Serve delivery callbacks; returns how many were served."""
         return int(self._producer.poll(timeout))
 
-    def take_errors(self, topic: str | None = None) -> list[str]:
-        """Delivery errors seen so far (of ``topic``, or all), cleared by the call."""
+    def take_errors(self, topic: str | None = None, keys: Collection[bytes] | None = None) -> list[str]:
+        """Delivery errors seen so far (of ``topic``, or all; of the records keyed ``keys``, or
+        all), cleared by the call; the others stay for their owners."""
         with self._lock:
-            if topic is None:
-                errs = [e for es in self._errors.values() for e in es]
-                self._errors.clear()
-                return errs
-            return self._errors.pop(topic, [])
+            topics = list(self._errors) if topic is None else [topic]
+            taken: list[str] = []
+            for t in topics:
+                errs = self._errors.pop(t, [])
+                if keys is None:
+                    taken += [e for _, e in errs]
+                    continue
+                rest = [(k, e) for k, e in errs if k not in keys]
+                taken += [e for k, e in errs if k in keys]
+                if rest:
+                    self._errors[t] = rest
+            return taken
 
-    def flush(self, timeout: float = 30.0, topic: str | None = None) -> None:
+    def flush(
+        self, timeout: float = 30.0, topic: str | None = None, keys: Collection[bytes] | None = None
+    ) -> None:
         """Wait until every queued record is delivered; raise :class:`ProduceError` otherwise.
 
-        With ``topic`` only that topic's delivery errors raise (others stay for their owner).
+        With ``topic`` only that topic's delivery errors raise, with ``keys`` only those of the
+        records with these keys (e.g. one round's users): the others stay for their owner.
+        Records still queued at the timeout always raise (they may be anyone's).
         """
         left = int(self._producer.flush(timeout))
-        errors = self.take_errors(topic)
+        errors = self.take_errors(topic, keys)
         if left or errors:
             where = f"to {topic!r}" if topic else "to Kafka"
             raise ProduceError(

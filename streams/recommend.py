@@ -576,7 +576,8 @@ def build_push_path(
         producer.produce(topic, value, key.encode())
 
     def confirm(pushed: Sequence[tuple[str, int]]) -> None:
-        producer.flush(30.0, topic=topic)  # raises when some were not delivered
+        # raises when some are still queued or one of these users' lists failed (not another round's)
+        producer.flush(30.0, topic=topic, keys={u.encode() for u, _ in pushed})
         store.clear_pending(pushed)
 
     def drain() -> None:
