@@ -227,8 +227,7 @@ class RecommendationPusher:
                 p.event_id, p.event_ts, p.category = ev.event_id, ev.ts, ev.category or p.category
         if latest:
             self._wake.set()
-        if self._task is None:
-            self.start()
+        self.start()  # also revives a loop that ended (see _loop_ended): pending users are never stranded
 
     def start(self) -> None:
         if self._closed:
@@ -236,6 +235,20 @@ class RecommendationPusher:
         if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recommendation-pusher")
+            self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The push loop ends only in :meth:`stop`; anything else is logged, and the next change or
+        owed-push recovery starts it again."""
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error(
+            "the recommendation push loop ended unexpectedly (%s); %d users pending, restarted by the next change",
+            "cancelled" if task.cancelled() else f"{type(exc).__name__}: {exc}",
+            len(self.pending),
+            exc_info=exc,
+        )
 
     async def stop(self) -> None:
         """Push what is pending and stop for good (worker shutdown): a batch that finishes after
@@ -245,7 +258,7 @@ class RecommendationPusher:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # a loop that died was logged
             self._task = None
         await self.flush_due(force=True)
         if self._confirming:
@@ -315,9 +328,9 @@ class RecommendationPusher:
         if mine:
             metrics.pushes_recovered.inc(mine)
             log.info("owed pushes recovered: %d users", mine)
+        if self.pending:  # recovered, or pending already: make sure a live loop pushes them
             self._wake.set()
-            if self._task is None:
-                self.start()
+            self.start()
         return mine
 
     def _owns(self, tps: Iterable[str], partitions: Collection[str]) -> bool:
@@ -450,7 +463,7 @@ class RecommendationPusher:
         if self._flush_producer is not None:
             self._flush_producer()
         if self._confirm is not None and versions:
-            self._unconfirmed.update(versions)
+            self._unconfirmed.update(versions.keys())  # one count per user and round (not the version)
             task = loop.create_task(self._confirm_delivery(list(versions.items()), generation))
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)

@@ -192,6 +192,73 @@ def test_after_a_failed_delivery_only_what_is_still_owed_is_pushed_again(setting
     assert [u for u, _ in store.pending_pushes()] == ["b"]  # still owed, for the next owner
 
 
+def test_a_push_loop_that_ended_is_restarted_by_the_next_change_or_the_owed_sweep(settings, redis_client):
+    """The loop should only end in stop(); if it ends otherwise (here: cancelled), its pending
+    users must not be stranded: the next change restarts it, and so does the owed sweep."""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+
+    async def wait_for(published: list[str], n: int) -> None:
+        for _ in range(400):
+            if len(published) >= n:
+                return
+            await asyncio.sleep(0.025)
+
+    async def run() -> tuple[list[str], list[str]]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        pusher.start()
+        assert pusher._task is not None
+        pusher._task.cancel()
+        await asyncio.sleep(0.01)
+        ev = make_event("view", "d", item_id="i7", ts=T0)
+        _apply(store, [ev], 0)
+        await pusher([ev], {"d"})  # the next change
+        await wait_for(published, 1)
+        after_change = list(published)
+        assert pusher._task is not None
+        pusher._task.cancel()
+        await asyncio.sleep(0.01)
+        pusher.pending["e"] = _Pending(0.0, "x", T0, None)  # pending when the loop died
+        _apply(store, [make_event("view", "e", item_id="i8", ts=T0)], 1)
+        await pusher.recover()  # the owed sweep
+        await wait_for(published, 2)
+        await pusher.stop()
+        return after_change, published
+
+    after_change, published = asyncio.run(run())
+    assert after_change == ["d"]
+    assert published == ["d", "e"]
+
+
+def test_a_confirmed_user_is_recovered_again_when_a_later_change_stays_owed(settings, redis_client):
+    """Once a user's push is confirmed, nothing of it may keep them out of the owed sweep: a later
+    change whose push was handed over (a revocation) is recovered by the next sweep. (The in-flight
+    set once counted the profile version per push instead of one, so confirmed users stayed in it
+    and the sweep skipped them for good: the broker-restart fault test's stray owed push.)"""
+    catalog = _catalog()
+    store = ProfileStore(redis_client, settings, items=catalog)
+
+    async def run() -> list[str]:
+        published: list[str] = []
+        pusher = _pusher(settings, store, catalog, published)
+        for k in range(3):  # three confirmed pushes: profile versions 1, 2, 3
+            ev = make_event("view", "f", item_id=f"i{k}", ts=T0 + k)
+            _apply(store, [ev], k)
+            await pusher([ev], {"f"})
+            await pusher.flush_due(force=True)
+            await asyncio.gather(*pusher._confirming)
+        assert store.pending_pushes() == [] and "f" not in pusher._unconfirmed
+        _apply(store, [make_event("view", "f", item_id="i9", ts=T0 + 9)], 9)  # owed, push handed over
+        assert await pusher.recover() == 1
+        await pusher.flush_due(force=True)
+        await pusher.stop()
+        return published
+
+    assert asyncio.run(run()) == ["f", "f", "f", "f"]
+    assert store.pending_pushes() == []
+
+
 def test_a_restarted_worker_pushes_what_a_killed_one_owed(settings, topics, worker, redis_client):
     """Worker 1 writes profiles but has no push path (as if it died before pushing); it is killed
     with SIGKILL. Worker 2 (same group, pushing) must publish a fresh list for every such user,
