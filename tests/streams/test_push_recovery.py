@@ -105,11 +105,10 @@ def test_a_push_that_was_not_delivered_stays_owed(settings, redis_client):
     assert [u for u, _ in store.pending_pushes()] == ["b"]
 
 
-def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sweep(
-    settings, redis_client, monkeypatch
-):
-    """The broker did not acknowledge a round (restarted mid-flush): its users are pushed again
-    a moment later by the running pusher, and the second, delivered push clears what they owe."""
+def _failing_once(settings, redis_client, monkeypatch, delivered_meanwhile: str | None = None):
+    """Users b and c owed a push, and a confirmation that fails its first call (the broker
+    restarted mid-flush; ``delivered_meanwhile``'s list was delivered by another push then) and
+    clears what it confirms after that. Returns (catalog, store, attempts, confirm)."""
     import streams.recommend as recommend
 
     monkeypatch.setattr(recommend, "CONFIRM_RETRY_S", 0.05)
@@ -123,23 +122,41 @@ def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sw
     def flaky(pushed):
         attempts.append(sorted(u for u, _ in pushed))
         if len(attempts) == 1:
+            store.clear_pending([(u, v) for u, v in pushed if u == delivered_meanwhile])
             raise RuntimeError("broker restarted: 2 messages timed out")
         store.clear_pending(pushed)
 
-    async def run() -> list[str]:
-        published: list[str] = []
-        pusher = _pusher(settings, store, catalog, published, confirm=False)
-        pusher._confirm = flaky
-        await pusher.recover()
-        pusher.start()
-        for _ in range(400):  # the loop runs on its own: no sweep, no further hook call
-            if store.pending_pushes() == [] and not pusher._confirming:
-                break
-            await asyncio.sleep(0.025)
-        await pusher.stop()
-        return published
+    return catalog, store, attempts, flaky
 
-    published = asyncio.run(run())
+
+async def _run_pusher(settings, store, catalog, confirm, until_revoked=None) -> list[str]:
+    """A running pusher over what is owed, until nothing is owed and no confirmation is pending
+    (the loop runs on its own: no sweep, no further hook call); with ``until_revoked``, revoked
+    as soon as that list has an attempt and given the retry's wait. Returns the users published."""
+    published: list[str] = []
+    pusher = _pusher(settings, store, catalog, published, confirm=False)
+    pusher._confirm = confirm
+    await pusher.recover()
+    pusher.start()
+    for _ in range(400):
+        if until_revoked:
+            await pusher.revoke()  # the partitions moved while the retry waits
+            await asyncio.sleep(0.3)
+            break
+        if store.pending_pushes() == [] and not pusher._confirming:
+            break
+        await asyncio.sleep(0.025)
+    await pusher.stop()
+    return published
+
+
+def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sweep(
+    settings, redis_client, monkeypatch
+):
+    """The broker did not acknowledge a round (restarted mid-flush): its users are pushed again
+    a moment later by the running pusher, and the second, delivered push clears what they owe."""
+    catalog, store, attempts, flaky = _failing_once(settings, redis_client, monkeypatch)
+    published = asyncio.run(_run_pusher(settings, store, catalog, flaky))
     assert attempts == [["b", "c"], ["b", "c"]]
     assert sorted(published) == ["b", "b", "c", "c"]
     assert store.pending_pushes() == []
@@ -148,46 +165,15 @@ def test_a_push_whose_delivery_failed_is_pushed_again_without_waiting_for_the_sw
 def test_after_a_failed_delivery_only_what_is_still_owed_is_pushed_again(settings, redis_client, monkeypatch):
     """c's list was delivered meanwhile (a newer push, the sweep): only b is pushed again; and a
     revocation during the wait leaves the users to their next owner."""
-    import streams.recommend as recommend
-
-    monkeypatch.setattr(recommend, "CONFIRM_RETRY_S", 0.05)
-    catalog = _catalog()
-    store = ProfileStore(redis_client, settings, items=catalog)
-    _apply(
-        store, [make_event("view", "b", item_id="i3", ts=T0), make_event("view", "c", item_id="i4", ts=T0)], 0
+    catalog, store, attempts, flaky = _failing_once(
+        settings, redis_client, monkeypatch, delivered_meanwhile="c"
     )
-    attempts: list[list[str]] = []
-
-    def flaky(pushed):
-        attempts.append(sorted(u for u, _ in pushed))
-        if len(attempts) == 1:
-            store.clear_pending([(u, v) for u, v in pushed if u == "c"])  # c delivered by another push
-            raise RuntimeError("broker restarted: 2 messages timed out")
-        store.clear_pending(pushed)
-
-    async def run(revoke: bool) -> list[str]:
-        published: list[str] = []
-        pusher = _pusher(settings, store, catalog, published, confirm=False)
-        pusher._confirm = flaky
-        await pusher.recover()
-        pusher.start()
-        for _ in range(400):
-            if attempts and revoke:
-                await pusher.revoke()  # the partitions moved while the retry waits
-                await asyncio.sleep(0.3)
-                break
-            if store.pending_pushes() == [] and not pusher._confirming:
-                break
-            await asyncio.sleep(0.025)
-        await pusher.stop()
-        return published
-
-    assert sorted(asyncio.run(run(revoke=False))) == ["b", "b", "c"]
+    assert sorted(asyncio.run(_run_pusher(settings, store, catalog, flaky))) == ["b", "b", "c"]
     assert attempts == [["b", "c"], ["b"]] and store.pending_pushes() == []
 
     attempts.clear()
     _apply(store, [make_event("view", "b", item_id="i5", ts=T0 + 5)], 2)
-    assert sorted(asyncio.run(run(revoke=True))) == ["b"]
+    assert sorted(asyncio.run(_run_pusher(settings, store, catalog, flaky, until_revoked=attempts))) == ["b"]
     assert attempts == [["b"]]
     assert [u for u, _ in store.pending_pushes()] == ["b"]  # still owed, for the next owner
 

@@ -25,6 +25,18 @@ def _consumer() -> transport.Consumer:
     )
 
 
+def _full_queue() -> asyncio.Queue[int]:
+    """A stream's queue with no room: a delivery into it waits."""
+    queue: asyncio.Queue[int] = asyncio.Queue(1)
+    queue.put_nowait(0)
+    return queue
+
+
+def _delivering(consumer: transport.Consumer, deliver) -> asyncio.Future:
+    """The drain loop's delivery of one record, as a task of its own."""
+    return asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+
+
 def test_faust_still_delivers_each_record_through_wait_first_with_the_suspend_event():
     """The override relies on the drain loop's one call; a faust upgrade that changes it fails here."""
     src = inspect.getsource(faust_consumer.Consumer._drain_messages)
@@ -58,14 +70,13 @@ def test_a_delivery_that_does_not_wait_returns_at_once_without_tasks():
 def test_a_delivery_that_waits_finishes_when_the_queue_has_room():
     async def run():
         consumer = _consumer()
-        queue: asyncio.Queue[int] = asyncio.Queue(1)
-        queue.put_nowait(0)
+        queue = _full_queue()
 
         async def deliver() -> str:
             await queue.put(1)
             return "delivered"
 
-        waiting = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+        waiting = _delivering(consumer, deliver)
         await asyncio.sleep(0.01)
         assert not waiting.done()
         assert queue.get_nowait() == 0
@@ -83,8 +94,7 @@ def test_a_waiting_delivery_is_cancelled_when_the_flow_is_suspended():
 
     async def run():
         consumer = _consumer()
-        queue: asyncio.Queue[int] = asyncio.Queue(1)
-        queue.put_nowait(0)
+        queue = _full_queue()
         seen: list[str] = []
 
         async def deliver() -> None:
@@ -95,7 +105,7 @@ def test_a_waiting_delivery_is_cancelled_when_the_flow_is_suspended():
                 seen.append("cancelled")
                 raise
 
-        waiting = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+        waiting = _delivering(consumer, deliver)
         await asyncio.sleep(0.01)
         consumer.suspend_flow.set()
         result = await waiting
@@ -152,8 +162,7 @@ def test_a_drain_cancelled_while_a_delivery_waits_ends_the_delivery_at_once():
 
     async def run(turns: int) -> tuple[list[str], int]:
         consumer = _consumer()
-        queue: asyncio.Queue[int] = asyncio.Queue(1)
-        queue.put_nowait(0)
+        queue = _full_queue()
         seen: list[str] = []
 
         async def deliver() -> None:
@@ -162,7 +171,7 @@ def test_a_drain_cancelled_while_a_delivery_waits_ends_the_delivery_at_once():
             finally:
                 seen.append("ended")
 
-        drain = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+        drain = _delivering(consumer, deliver)
         for _ in range(turns):
             await asyncio.sleep(0)
         drain.cancel()
