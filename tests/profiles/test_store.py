@@ -233,6 +233,26 @@ def test_dedupe_horizon_rejects_forgotten_duplicates_as_stale(redis_client, sett
     assert store.get_profile("u").n_events == {"view": 11}
 
 
+def test_applied_event_ids_keep_their_exact_times_and_bytes(store, redis_client, encoder):
+    """The write script gets a user's event ids and times packed in one argument: every id comes
+    back byte for byte, scored by its exact event time (the horizon too), over more than one ZADD
+    chunk of the script."""
+    odd = ["a b", "ü-ünïcode", "x" * 300, "1764859200123", "with\nnewline"]
+    t = 1_764_859_200_123  # millisecond times: 13 digits, exact in a Lua number
+    evs = [make_event("view", "u", item_id=f"i{k % 7}", ts=t + k, event_id=f"e{k}") for k in range(2500)]
+    evs += [make_event("view", "u", item_id="i1", ts=t + 9_000 + k, event_id=e) for k, e in enumerate(odd)]
+    evs.append(make_event("view", "u", item_id="i1", ts=4_102_444_800_999, event_id="year-2100"))
+    res = _apply(store, evs, encoder)
+    assert res.applied == len(evs)
+    keep = store.cfg.dedupe_event_ids
+    stored = redis_client.zrange(store.ids_key("u"), 0, -1, withscores=True)
+    want = sorted(((e.event_id.encode(), float(e.ts)) for e in evs), key=lambda x: (x[1], x[0]))[-keep:]
+    assert stored == want
+    evicted = sorted(e.ts for e in evs)[-keep - 1] if len(evs) > keep else 0
+    assert store.get_profile("u").dedupe_horizon_ts == evicted
+    assert _apply(store, evs[-3:], encoder, start_offset=10_000).skipped == {"duplicate": 3}
+
+
 def test_conflict_between_read_and_write_retries(redis_client, settings, items):
     """Another worker writes a user between this store's read and write (rebalance overlap)."""
     store = ProfileStore(redis_client, settings, items=items)
