@@ -251,6 +251,11 @@ def test_applied_event_ids_keep_their_exact_times_and_bytes(store, redis_client,
     evicted = sorted(e.ts for e in evs)[-keep - 1] if len(evs) > keep else 0
     assert store.get_profile("u").dedupe_horizon_ts == evicted
     assert _apply(store, evs[-3:], encoder, start_offset=10_000).skipped == {"duplicate": 3}
+    # All of them again at new offsets, in one batch: the remembered ones are duplicates, the
+    # forgotten ones older than the horizon stale.
+    again = [e for e in evs if e.ts != evicted]
+    res = _apply(store, again, encoder, start_offset=20_000)
+    assert res.applied == 0 and res.skipped == {"duplicate": keep, "stale": len(again) - keep}
 
 
 def test_conflict_between_read_and_write_retries(redis_client, settings, items):
