@@ -27,13 +27,15 @@ GIL time at 10,000 events/s, py-spy):
 * :class:`Monitor`: faust's monitor sensor keeps per-record statistics (counts by topic and
   stream, in/out times, a runtime deque) for faust's own ``/stats`` pages, which the worker does
   not serve; its Prometheus metrics are its own (``streams/metrics.py``). This monitor keeps
-  faust's other statistics (commits, rebalances, sends) and skips the four per-record calls.
+  faust's other statistics (commits, rebalances, sends) and, of its four per-record calls, only
+  the time each partition's stream last took an event (faust's stalled-stream check reads it).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Generator
+from time import monotonic
 from typing import Any
 
 import faust
@@ -139,6 +141,8 @@ class Monitor(FaustMonitor):
         return None
 
     def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> dict | None:
+        # kept: faust's stalled-stream check reads when each partition's stream last took an event
+        self.stream_inbound_time[tp] = monotonic()
         return None
 
     def on_stream_event_out(
