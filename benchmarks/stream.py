@@ -422,6 +422,19 @@ def _scrape_stages(metrics_port: int) -> dict[str, tuple[list[float], list[float
     return out
 
 
+def _scrape_all_stages(metrics_ports: Sequence[int]) -> dict[str, tuple[list[float], list[float], float]]:
+    """:func:`_scrape_stages` of several workers, their histograms added (same buckets)."""
+    out: dict[str, tuple[list[float], list[float], float]] = {}
+    for port in metrics_ports:
+        for stage, (bounds, counts, total) in _scrape_stages(port).items():
+            if stage not in out:
+                out[stage] = (bounds, counts, total)
+                continue
+            b0, c0, t0 = out[stage]
+            out[stage] = (b0, [a + b for a, b in zip(c0, counts, strict=True)], t0 + total)
+    return out
+
+
 def _scrape_lag(metrics_port: int) -> float | None:
     """A worker's total ``streamrec_consumer_lag`` (events not yet processed), None if it has none."""
     try:
@@ -430,6 +443,13 @@ def _scrape_lag(metrics_port: int) -> float | None:
         return None
     values = [smp.value for fam in families if fam.name == "streamrec_consumer_lag" for smp in fam.samples]
     return float(sum(values)) if values else None
+
+
+def _total_lag(metrics_ports: Sequence[int]) -> float | None:
+    """The lag of all workers together; None while none of them reports one (a worker that owns
+    no partition reports none)."""
+    lags = [lag for lag in map(_scrape_lag, metrics_ports) if lag is not None]
+    return float(sum(lags)) if lags else None
 
 
 def _stage_breakdown(before: dict, after: dict) -> dict[str, dict[str, float]]:
@@ -523,12 +543,12 @@ def _e2e_level(
     n_users: int,
     rng: np.random.Generator,
     sent_ts: dict[str, float],
-    metrics_port: int | None = None,
+    metrics_ports: Sequence[int] = (),
 ) -> dict[str, Any]:
     from streamrec.events import Event, EventType, encode
 
     start_rows = len(reader.rows)
-    before = _scrape_stages(metrics_port) if metrics_port else {}
+    before = _scrape_all_stages(metrics_ports) if metrics_ports else {}
     n = int(rate * seconds)
     users = [f"bu{u}" for u in (rng.zipf(1.3, n) % n_users).tolist()]
     pop = [items[i] for i in (rng.zipf(1.2, n) % len(items)).tolist()]
@@ -558,7 +578,7 @@ def _e2e_level(
     # stuck in a long batch pushes nothing for seconds while its lag is still large.
     last, quiet_since, deadline = len(reader.rows), time.monotonic(), time.monotonic() + 60
     lag_read_at = 0.0
-    caught_up = metrics_port is None
+    caught_up = not metrics_ports
     caught_up_at = sent_at
     while time.monotonic() < deadline and not (caught_up and time.monotonic() - quiet_since >= 2.0):
         time.sleep(0.1)
@@ -570,7 +590,7 @@ def _e2e_level(
         if time.monotonic() - lag_read_at < LAG_POLL_S:
             continue
         lag_read_at = time.monotonic()
-        if not caught_up and metrics_port is not None and _scrape_lag(metrics_port) == 0:
+        if not caught_up and _total_lag(metrics_ports) == 0:
             caught_up, caught_up_at = True, time.monotonic()
     drain_s = max(0.0, max(quiet_since, caught_up_at) - sent_at) if caught_up else time.monotonic() - sent_at
     elapsed = time.monotonic() - t0
@@ -585,8 +605,8 @@ def _e2e_level(
         "drain_s": round(drain_s, 2),
         "sustained": drain_s <= DRAIN_BOUND_S and len(rows) > 0,
     }
-    if metrics_port:
-        out["stages"] = _stage_breakdown(before, _scrape_stages(metrics_port))
+    if metrics_ports:
+        out["stages"] = _stage_breakdown(before, _scrape_all_stages(metrics_ports))
     if lat.size:
         p50, p95, p99 = np.percentile(lat, [50, 95, 99])
         out.update(p50_ms=round(float(p50), 1), p95_ms=round(float(p95), 1), p99_ms=round(float(p99), 1))
@@ -647,6 +667,7 @@ def _run_e2e_catalog(
     log_dir: Path,
     encoder: str,
     overload_s: float = 0.0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     import socket
     import subprocess
@@ -665,33 +686,44 @@ def _run_e2e_catalog(
             sk.bind(("127.0.0.1", 0))
             return sk.getsockname()[1]
 
-    s = s.override(web_port=port(), metrics_port=port())
     ensure_topics(s)
-    env = {
-        **os.environ,
-        "STREAMREC_MODEL_DIR": str(model_dir),
-        "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
-        "STREAMREC_TOPICS_EVENTS": s.topics.events,
-        "STREAMREC_TOPICS_RESULTS": s.topics.results,
-        "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
-        "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
-        "STREAMREC_REDIS_PREFIX": s.redis.prefix,
-        "STREAMREC_WEB_PORT": str(s.web_port),
-        "STREAMREC_METRICS_PORT": str(s.metrics_port),
-        "STREAMREC_STATE_DIR": str(log_dir / tag),
-        "STREAMREC_LOG_LEVEL": "WARNING",
-        "STREAMREC_STREAM_LAG_INTERVAL_S": str(LAG_POLL_S),  # the drain wait reads the lag gauge
-    }
-    log = log_dir / f"worker-{tag}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder],
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    procs: list[subprocess.Popen] = []
+    webs: list[str] = []
+    metrics_ports: list[int] = []
     reader = None
     try:
-        wait_until_ready(proc, f"http://127.0.0.1:{s.web_port}", log)
+        # One consumer group: the workers share the events topic's partitions.
+        for w in range(workers):
+            ws = s.override(web_port=port(), metrics_port=port())
+            env = {
+                **os.environ,
+                "STREAMREC_MODEL_DIR": str(model_dir),
+                "STREAMREC_KAFKA_CONSUMER_GROUP": s.kafka.consumer_group,
+                "STREAMREC_TOPICS_EVENTS": s.topics.events,
+                "STREAMREC_TOPICS_RESULTS": s.topics.results,
+                "STREAMREC_TOPICS_DEAD_LETTER": s.topics.dead_letter,
+                "STREAMREC_TOPICS_ALERTS": s.topics.alerts,
+                "STREAMREC_REDIS_PREFIX": s.redis.prefix,
+                "STREAMREC_WEB_PORT": str(ws.web_port),
+                "STREAMREC_METRICS_PORT": str(ws.metrics_port),
+                "STREAMREC_STATE_DIR": str(log_dir / tag / f"worker-{w}"),
+                "STREAMREC_LOG_LEVEL": "WARNING",
+                "STREAMREC_STREAM_LAG_INTERVAL_S": str(LAG_POLL_S),  # the drain wait reads the lag gauge
+            }
+            log = log_dir / f"worker-{tag}-{w}.log"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder],
+                    env=env,
+                    stdout=open(log, "wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            webs.append(f"http://127.0.0.1:{ws.web_port}")
+            metrics_ports.append(ws.metrics_port)
+        for proc, web, w in zip(procs, webs, range(workers), strict=True):
+            wait_until_ready(proc, web, log_dir / f"worker-{tag}-{w}.log")
+        _wait_assigned(webs, s.topics.partitions)
         items = CatalogIndex.load(model_dir / "catalog").ids
         reader = _ResultsReader(s)
         # the floor's producer settings (the worker's own linger), so that ours/floor compares like with like
@@ -705,13 +737,14 @@ def _run_e2e_catalog(
             stack = LocalStack(s).pids()
         except StackError:  # Kafka and Redis are not the local stack's: only the worker is measured
             stack = {}
+        pids = [p.pid for p in procs]
         for rate in rates:
-            cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+            cpu0, t0 = _cpu_of(pids), time.monotonic()
             side0, bench0 = {k: _cpu_seconds(pid)[0] for k, pid in stack.items()}, time.process_time()
-            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent, s.metrics_port)
-            cpu1, dt = _cpu_seconds(proc.pid), time.monotonic() - t0
-            # cores used: the worker's event loop process and its scoring process; the broker and
-            # Redis of the local stack; this process (load generator and results reader)
+            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent, metrics_ports)
+            cpu1, dt = _cpu_of(pids), time.monotonic() - t0
+            # cores used: the workers' event loop processes and their scoring processes; the broker
+            # and Redis of the local stack; this process (load generator and results reader)
             lv["cpu_cores"] = {
                 "worker": round((cpu1[0] - cpu0[0]) / dt, 2),
                 "scoring_process": round((cpu1[1] - cpu0[1]) / dt, 2),
@@ -727,14 +760,15 @@ def _run_e2e_catalog(
                 click.echo(
                     f"      {st:<16} mean {v['mean_ms']:>8} ms  p50 {v['p50_ms']:>8}  p99 {v['p99_ms']:>8}"
                 )
-            lv.update(_rss_mb(proc.pid))
+            lv.update(_rss_of(pids))
+            lv["batches_per_worker"] = _batches(webs)  # since start: how the group split the load
             levels.append(lv)
-        result: dict[str, Any] = {"items": len(items), "levels": levels}
+        result: dict[str, Any] = {"items": len(items), "workers": workers, "levels": levels}
         if overload_s > 0:  # 3x the highest sustained rate: memory bounded, lag drains, pushes coalesce
             sustained = [lv["rate_events_per_s"] for lv in levels if lv.get("sustained")] or [rates[0]]
             rate = 3 * max(sustained)
-            lv = _e2e_level(producer, reader, rate, overload_s, items, 5000, rng, sent, s.metrics_port)
-            lv.update(_rss_mb(proc.pid), worker_alive=proc.poll() is None)
+            lv = _e2e_level(producer, reader, rate, overload_s, items, 5000, rng, sent, metrics_ports)
+            lv.update(_rss_of(pids), worker_alive=all(p.poll() is None for p in procs))
             lv["results_per_event"] = round(lv["results"] / max(lv["events"], 1), 3)
             click.echo(f"[{tag}] overload {rate:.0f} events/s for {overload_s:.0f} s: {lv}")
             result["overload"] = lv
@@ -742,13 +776,64 @@ def _run_e2e_catalog(
     finally:
         if reader is not None:
             reader.close()
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         _delete_topics(s)
         _clear_redis(s.redis.client(), s.redis.prefix)
+
+
+def _cpu_of(pids: Sequence[int]) -> tuple[float, float]:
+    """:func:`_cpu_seconds` added over several workers."""
+    both = [_cpu_seconds(pid) for pid in pids]
+    return sum(b[0] for b in both), sum(b[1] for b in both)
+
+
+def _rss_of(pids: Sequence[int]) -> dict[str, float]:
+    """:func:`_rss_mb` added over several workers (the peak is the sum of each one's peak)."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        for k, v in _rss_mb(pid).items():
+            out[k] = round(out.get(k, 0.0) + v, 1)
+    return out
+
+
+def _batches(webs: Sequence[str]) -> list[int]:
+    """Each worker's count of event batches processed so far (its ``/readyz``); -1 if it does not answer."""
+    from devstack.demo import _get
+
+    out = []
+    for web in webs:
+        status, body = _get(f"{web}/readyz")
+        out.append(int(orjson.loads(body).get("batches", -1)) if body else -1)
+    return out
+
+
+def _wait_assigned(webs: Sequence[str], partitions: int, timeout: float = 120.0) -> None:
+    """Wait until the workers' group has settled: every partition of the events topic is
+    assigned to one of them and none is rebalancing (a second worker joining moves partitions)."""
+    from devstack.demo import _get
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owned: list[int] = []
+        settled = True
+        for web in webs:
+            status, body = _get(f"{web}/readyz")
+            if status != 200:
+                settled = False
+                break
+            owned += orjson.loads(body)["assigned_partitions"]
+        if settled and sorted(owned) == list(range(partitions)):
+            return
+        time.sleep(0.5)
+    raise click.ClickException(
+        f"the {len(webs)} workers did not share the {partitions} partitions within {timeout:.0f} s"
+    )
 
 
 def _plot_e2e(result: dict[str, Any], path: Path) -> None:
@@ -796,6 +881,13 @@ def _plot_e2e(result: dict[str, Any], path: Path) -> None:
 @click.option(
     "--overload-s", type=float, default=60.0, show_default=True, help="Overload run length; 0: none."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes in one consumer group (at most the events topic's partitions get work).",
+)
 def e2e(
     quick: bool,
     output: Path | None,
@@ -803,6 +895,7 @@ def e2e(
     synthetic_items: int,
     rates: str | None,
     overload_s: float,
+    workers: int,
 ) -> None:
     """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
     import tempfile
@@ -830,12 +923,21 @@ def e2e(
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "gpu": _gpu_name()},
         "catalogs": {},
     }
+    result["workers"] = workers
     result["catalogs"]["online_retail"] = _run_e2e_catalog(
-        s, "online_retail", model_dir, levels, seconds, work, "none", overload_s=0.0 if quick else overload_s
+        s,
+        "online_retail",
+        model_dir,
+        levels,
+        seconds,
+        work,
+        "none",
+        overload_s=0.0 if quick else overload_s,
+        workers=workers,
     )
     if syn_dir is not None:
         result["catalogs"]["synthetic"] = _run_e2e_catalog(
-            s, "synthetic", syn_dir, levels, seconds, work, "none"
+            s, "synthetic", syn_dir, levels, seconds, work, "none", workers=workers
         )
         ann = _ann_recall(syn_dir, s)
         result["catalogs"]["synthetic"]["ann"] = ann

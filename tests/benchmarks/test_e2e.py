@@ -27,3 +27,17 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
     assert cores["worker"] > 0 and cores["kafka"] > 0 and cores["bench_client"] > 0
     assert res["kafka_floor"][0]["p50_ms"] > 0 and level["ratio_p50_vs_floor"] > 1
     assert (tmp_path / "e2e.png").is_file()
+
+
+def test_bench_e2e_runs_a_group_of_workers_that_share_the_partitions(retail_model_dir, tmp_path) -> None:
+    out = tmp_path / "e2e.json"
+    args = ["bench", "e2e", "--quick", "--synthetic-items", "0", "--model-dir", str(retail_model_dir),
+            "--workers", "2", "--output", str(out)]  # fmt: skip
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["workers"] == 2 and res["catalogs"]["online_retail"]["workers"] == 2
+    (level,) = res["catalogs"]["online_retail"]["levels"]
+    assert level["results"] > 0 and level["drain_s"] < 60.0, level  # the lag summed over both reached 0
+    # both workers consumed: the group split the events topic's partitions between them
+    assert len(level["batches_per_worker"]) == 2 and min(level["batches_per_worker"]) > 0, level
