@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -347,7 +348,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
     """Prequential replay of the real stream: streamrec vs baselines (HR, NDCG, MRR, coverage, novelty)."""
     from evaluation.baselines import BASELINES
 
-    s = get_settings().override(redis={"prefix": f"eval-{int(time.time())}"})
+    s = get_settings().override(redis={"prefix": run_prefix()})
     model_dir = model_dir or s.resolved_model_dir
     if not (model_dir / "manifest.json").exists():
         raise click.ClickException(
@@ -389,6 +390,12 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(overall, indent=2))
         click.echo(f"wrote {output}")
+
+
+def run_prefix() -> str:
+    """The Redis key prefix of one replay run: its own, also for runs started in the same second
+    (two of them sharing profiles would read each other's future)."""
+    return f"eval-{int(time.time())}-{uuid.uuid4().hex[:8]}"
 
 
 def ensure_pretrained(folder: Path, ds: Dataset, s: Settings) -> Path:

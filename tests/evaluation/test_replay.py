@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from evaluation.baselines import ItemKNN, MostPopular, RecentPopular, Repeat, SessionKNN
-from evaluation.replay import rank_metrics, run_replay, summarise
+from evaluation.replay import rank_metrics, run_prefix, run_replay, summarise
 from streamrec.datasets import load_generic
 from streamrec.events import make_event
 from streamrec.settings import Settings
@@ -166,3 +166,11 @@ def test_replay_splits_hits_into_rebuys_new_cold_and_tail_items(tmp_path):
     assert m["hr@20 new"] == rank_metrics([sc.ranks[1], sc.ranks[2]])["hr@20"]
     assert m["events cold"] == 1 and m["hr@20 cold"] == rank_metrics([sc.ranks[2]])["hr@20"]
     assert m["events tail"] == 2
+
+
+def test_replay_runs_started_in_the_same_second_keep_their_profiles_apart():
+    # Two tuning runs started together once shared one prefix (the second of the start): each
+    # read the other's profiles, written further into the stream, and scored far too well.
+    prefixes = {run_prefix() for _ in range(20)}
+    assert len(prefixes) == 20
+    assert all(p.startswith("eval-") for p in prefixes)
