@@ -814,22 +814,25 @@ def _batches(webs: Sequence[str]) -> list[int]:
 
 
 def _wait_assigned(webs: Sequence[str], partitions: int, timeout: float = 120.0) -> None:
-    """Wait until the workers' group has settled: every partition of the events topic is
-    assigned to one of them and none is rebalancing (a second worker joining moves partitions)."""
+    """Wait until the workers' group has settled: every partition of the events topic is owned by
+    exactly one of them, each owns some (while there are enough partitions) and none is
+    rebalancing. A worker is ready before its first assignment, and a second worker joining moves
+    partitions away from the first one a heartbeat later: a load level started then would
+    measure the rebalance."""
     from devstack.demo import _get
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        owned: list[int] = []
-        settled = True
+        owned: list[list[int]] = []
         for web in webs:
             status, body = _get(f"{web}/readyz")
             if status != 200:
-                settled = False
                 break
-            owned += orjson.loads(body)["assigned_partitions"]
-        if settled and sorted(owned) == list(range(partitions)):
-            return
+            owned.append(orjson.loads(body)["assigned_partitions"])
+        else:
+            each = all(owned) or len(webs) > partitions
+            if each and sorted(p for o in owned for p in o) == list(range(partitions)):
+                return
         time.sleep(0.5)
     raise click.ClickException(
         f"the {len(webs)} workers did not share the {partitions} partitions within {timeout:.0f} s"
