@@ -1,7 +1,9 @@
 """The faust agent: batches of the events topic → :class:`~streams.pipeline.EventPipeline`.
 
-The agent takes what the consumer has buffered, up to ``stream.batch_max`` events, without a
-fixed wait (``streams/batching.py``: a batch closes once the buffer stops growing, at most
+The consumer delivers the topic's records in bulk (``streams/transport.py``: faust's messages
+appended to one buffer, without faust's per-record event, queue and stream). The agent takes
+what is buffered, up to ``stream.batch_max`` events, without a fixed wait
+(``streams/batching.py``: a batch closes once the buffer stops growing, at most
 ``stream.batch_within_s`` after its first event), applies it (validation, dead letters,
 profiles) and then runs its hooks (demand, popularity, co-visitation, push) while the next
 batch is applied; a batch is acknowledged once its hooks are done, and batches finish in
@@ -23,12 +25,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 
 from streamrec.settings import Settings
 from streams import metrics
-from streams.batching import eager_batches
+from streams.batching import bulk_batches
 from streams.context import WorkerState
 from streams.faults import KAFKA, Backoff, dependency_of
 from streams.validation import RawRecord
@@ -36,17 +39,23 @@ from streams.validation import RawRecord
 log = logging.getLogger(__name__)
 
 
-def to_record(event: faust.types.EventT) -> RawRecord:
-    """A faust event (raw serializers) as a :class:`RawRecord` with its source position."""
-    msg = event.message
-    value = msg.value if isinstance(msg.value, bytes | None) else event.value
+def to_record(msg: Any) -> RawRecord:
+    """A faust message (the record's bytes) as a :class:`RawRecord` with its source position."""
+    value = msg.value if isinstance(msg.value, bytes | None) else None
     key = msg.key if isinstance(msg.key, bytes | None) else None
     return RawRecord(value=value, key=key, topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
 
 def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, settings: Settings) -> None:
-    """Attach the events agent to ``app``."""
+    """Attach the events agent to ``app``; the events topic's records go to it in bulk."""
     cfg = settings.stream
+    buffer = app.topics.deliver_in_bulk(  # type: ignore[attr-defined]  # streams.transport.Conductor
+        topic.get_topic_name(), cfg.batch_max, max(app.conf.stream_buffer_maxsize, 2 * cfg.batch_max)
+    )
+
+    def current(message: Any) -> bool:
+        """Fetched in this consumer generation, and no rebalance running (faust's stream's test)."""
+        return message.generation_id == app.consumer_generation_id and app.flow_control.is_active()
 
     @app.agent(topic, name="streamrec.events", concurrency=1)
     async def process_events(stream: faust.StreamT) -> None:
@@ -57,18 +66,24 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
         # The previous batch's hooks, then its acks: they run while this batch is applied.
         finishing: asyncio.Task[None] | None = None
 
-        async def finish(batch: list[faust.types.EventT], hooks: Callable[[], Awaitable[None]]) -> None:
+        async def finish(batch: list[Any], hooks: Callable[[], Awaitable[None]]) -> None:
             await hooks()  # never raises: a failing hook is logged
-            for ev in batch:
-                await stream.ack(ev)
+            ack = app.consumer.ack
+            for message in batch:
+                ack(message)
             state.batches += 1
 
+        aiter(stream.channel)  # subscribes the topic: its records now reach ``buffer``
+        inbound = app.monitor.stream_inbound_time  # faust's stalled-stream check reads it
         try:
-            async for batch in eager_batches(
-                stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s
+            async for batch in bulk_batches(
+                buffer, stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s, current
             ):
-                records = [to_record(ev) for ev in batch]
-                created = getattr(batch[0].message, "timestamp", None)  # the batch's oldest record
+                records = [to_record(m) for m in batch]
+                now = time.monotonic()
+                for tp in {m.tp for m in batch}:
+                    inbound[tp] = now
+                created = getattr(batch[0], "timestamp", None)  # the batch's oldest record
                 if created:
                     metrics.stage_seconds.labels("kafka_to_batch").observe(
                         max(0.0, time.time() - float(created))

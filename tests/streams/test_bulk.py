@@ -1,0 +1,136 @@
+"""Bulk delivery of the events topic: the consumer appends faust's messages to one buffer, the
+agent takes lists of them; flow control, backpressure and rebalances keep faust's meaning."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from faust.types import TP
+from faust.types.tuples import Message
+
+from streams import transport
+from streams.app import create_app
+from streams.batching import bulk_batches
+
+
+def _message(offset: int, topic: str = "events", generation: int = 0) -> Message:
+    return Message(topic, 0, offset, 0.0, 0, [], b"k", b"v%d" % offset, None, generation_id=generation)
+
+
+def test_a_buffer_signals_records_a_full_batch_and_no_room_and_gives_them_back_in_order():
+    async def run() -> None:
+        buf = transport.BulkBuffer(batch_max=3, maxsize=5)
+        assert not buf.ready.is_set() and not buf.full.is_set()
+        for i in range(5):
+            buf.put(i)
+        assert buf.ready.is_set() and buf.full.is_set()
+        assert not await _finishes(buf.wait_for_room())  # at maxsize: the conductor's delivery waits
+        assert buf.take(3) == [0, 1, 2]
+        assert buf.ready.is_set() and not buf.full.is_set()  # 2 left: less than a batch
+        assert await _finishes(buf.wait_for_room())
+        buf.clear()
+        assert len(buf) == 0 and not buf.ready.is_set()
+
+    asyncio.run(run())
+    assert transport.BulkBuffer(batch_max=10, maxsize=4).maxsize == 10  # always room for a batch
+
+
+async def _finishes(aw: Any, timeout: float = 0.05) -> bool:
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_the_worker_s_events_topic_goes_to_a_bulk_buffer_without_faust_s_per_record_event(settings):
+    app = create_app(settings, encoder_factory=None)
+    assert isinstance(app.topics, transport.Conductor)
+    buf = app.topics.bulk_buffer(settings.topics.events)
+    assert isinstance(buf, transport.BulkBuffer)
+    assert buf.batch_max == settings.stream.batch_max
+
+    async def run() -> None:
+        topic = app.agents["streamrec.events"].channel
+
+        def no_decode(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a record of the events topic was decoded into a faust event")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(topic, "decode", no_decode)
+            deliver = app.topics._build_handler(TP(settings.topics.events, 0), {topic})
+            app.flow_control.resume()
+            msgs = [_message(i, settings.topics.events) for i in range(3)]
+            for m in msgs:
+                await deliver(m)
+        assert buf.messages == msgs  # the messages themselves, in fetch order
+        # another topic keeps faust's own delivery: its records never reach the buffer
+        other = app.topics._build_handler(TP("other-topic", 0), set())
+        await other(_message(9, "other-topic"))
+        assert buf.messages == msgs
+
+    asyncio.run(run())
+
+
+def test_a_delivery_waits_while_the_flow_is_suspended_or_the_buffer_is_full(settings):
+    async def run() -> None:
+        app = create_app(settings, encoder_factory=None)  # on the loop: faust binds its events to it
+        buf = app.topics.bulk_buffer(settings.topics.events)
+        buf.batch_max, buf.maxsize = 1, 2  # small, for the test
+        deliver = app.topics._build_handler(TP(settings.topics.events, 0), set())
+        app.flow_control.suspend()  # a rebalance runs
+        first = asyncio.ensure_future(deliver(_message(0)))
+        assert not await _finishes(asyncio.shield(first))
+        assert len(buf) == 0
+        app.flow_control.resume()
+        await asyncio.wait_for(first, 1)
+        # the drain loop awaits each delivery: the one that fills the buffer waits for room
+        second = asyncio.ensure_future(deliver(_message(1)))
+        await asyncio.sleep(0.02)
+        assert not second.done() and len(buf) == 2
+        assert [m.offset for m in buf.take(1)] == [0]
+        await asyncio.wait_for(second, 1)
+        assert [m.offset for m in buf.messages] == [1]
+        app.flow_control.suspend()
+        app.flow_control.clear()  # what faust does when a rebalance starts: the buffer empties
+        assert len(buf) == 0
+
+    asyncio.run(run())
+
+
+class _Stream:
+    """What bulk_batches needs of the agent's stream."""
+
+    def __init__(self) -> None:
+        self.should_stop = False
+
+    async def wait_for_stopped(self, event: asyncio.Event, timeout: float) -> None:
+        await _finishes(event.wait(), timeout)
+
+
+def test_bulk_batches_close_when_the_buffer_stops_growing_hold_at_most_max_and_skip_stale_messages():
+    async def run() -> list[list[int]]:
+        buf = transport.BulkBuffer(batch_max=4, maxsize=100)
+        stream = _Stream()
+        batches: list[list[int]] = []
+
+        async def consume() -> None:
+            async for batch in bulk_batches(buf, stream, 4, 0.5, 1.0, current=lambda m: m.generation_id == 1):
+                batches.append([m.offset for m in batch])
+
+        task = asyncio.ensure_future(consume())
+        for i in range(6):  # one fetch: 6 records, the first two from before a rebalance
+            buf.put(_message(i, generation=0 if i < 2 else 1))
+        await asyncio.sleep(0.05)
+        buf.put(_message(6, generation=1))  # a later fetch
+        await asyncio.sleep(0.05)
+        stream.should_stop = True
+        await asyncio.wait_for(task, 2)
+        return batches
+
+    batches = asyncio.run(run())
+    # the first batch closed at max (4 taken, the 2 stale ones left out), the rest right after,
+    # the later record in a batch of its own, without waiting the 0.5 s window
+    assert batches == [[2, 3], [4, 5], [6]]
