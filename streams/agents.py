@@ -15,13 +15,15 @@ it is made after a crash whatever the hooks had done.
 
 A batch that fails on infrastructure (Redis or Kafka down) is retried with backoff
 (``streams/faults.py``: the log names the service and its setting, ``/readyz`` turns red with
-``waiting_for``) for ``stream.failure_retry_s``; then the agent raises, faust stops the
-worker, and the batch, never acknowledged, is redelivered after the restart.
+``waiting_for``) for ``stream.failure_retry_s``; then the batch goes back to the front of the
+buffer, never acknowledged, the worker crashes (faust stops it; ``/healthz`` says failed), and
+the batch is redelivered to whichever worker owns its partitions next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +48,11 @@ def to_record(msg: Any) -> RawRecord:
     return RawRecord(value=value, key=key, topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
 
+def is_current(app: faust.App, message: Any) -> bool:
+    """Fetched in this consumer generation, and no rebalance running (faust's stream's test)."""
+    return bool(message.generation_id == app.consumer_generation_id and app.flow_control.is_active())
+
+
 def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, settings: Settings) -> None:
     """Attach the events agent to ``app``; the events topic's records go to it in bulk."""
     cfg = settings.stream
@@ -53,9 +60,8 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
         topic.get_topic_name(), cfg.batch_max, max(app.conf.stream_buffer_maxsize, 2 * cfg.batch_max)
     )
 
-    def current(message: Any) -> bool:
-        """Fetched in this consumer generation, and no rebalance running (faust's stream's test)."""
-        return message.generation_id == app.consumer_generation_id and app.flow_control.is_active()
+    # Subscribes the topic now, in the consumer's first subscription: its records reach ``buffer``.
+    aiter(topic)
 
     @app.agent(topic, name="streamrec.events", concurrency=1)
     async def process_events(stream: faust.StreamT) -> None:
@@ -73,11 +79,15 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                 ack(message)
             state.batches += 1
 
-        aiter(stream.channel)  # subscribes the topic: its records now reach ``buffer``
         inbound = app.monitor.stream_inbound_time  # faust's stalled-stream check reads it
         try:
             async for batch in bulk_batches(
-                buffer, stream, cfg.batch_max, cfg.batch_within_s, cfg.batch_backlog_within_s, current
+                buffer,
+                stream,
+                cfg.batch_max,
+                cfg.batch_within_s,
+                cfg.batch_backlog_within_s,
+                functools.partial(is_current, app),
             ):
                 records = [to_record(m) for m in batch]
                 now = time.monotonic()
@@ -104,6 +114,10 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                                 cfg.failure_retry_s,
                                 exc,
                             )
+                            # Back to the buffer's front, unacknowledged: nothing after it is acked
+                            # first, whether faust restarts this agent or the worker stops.
+                            buffer.put_back(batch)
+                            await app.crash(exc)
                             raise
                         await asyncio.sleep(delay)
                 backoff.succeeded()

@@ -36,8 +36,8 @@ and puts it in the stream's queue; the stream takes it out again, sets its curre
 its sensors and processors; and each event is acknowledged through its message's reference
 count. In a GIL profile of the worker at 10,000 events/s that per-record path held ~40 % of the
 samples. For a topic the agent takes in batches, :meth:`Conductor.deliver_in_bulk` registers a
-buffer instead: the conductor appends the record's message to it (after the same flow-control
-check, and waiting while it is full), and the agent takes lists of them
+buffer instead: the conductor appends the record's message to it (after the flow-control check,
+and waiting while it is full), and the agent takes lists of them
 (``streams/batching.py``) and acknowledges each message to the consumer once its batch is done,
 so faust commits exactly what it would have. The agent skips messages fetched before the last
 rebalance (their generation, as faust's stream does), and faust's flow control empties the
@@ -167,6 +167,12 @@ class BulkBuffer:
         self._levels()
         return out
 
+    def put_back(self, messages: list[Any]) -> None:
+        """Return a taken batch to the front, in its order (it failed: the next take retries it
+        before any later record, so nothing after it is acknowledged first)."""
+        self.messages[:0] = messages
+        self._levels()
+
     def clear(self) -> None:
         """Drop what it holds (faust's flow control calls this when a rebalance starts)."""
         self.messages.clear()
@@ -174,12 +180,16 @@ class BulkBuffer:
 
     def _levels(self) -> None:
         n = len(self.messages)
-        if not n:
-            self.ready.clear()
-        if n < self.batch_max:
-            self.full.clear()
-        if n < self.maxsize:
-            self._room.set()
+        _set(self.ready, n > 0)
+        _set(self.full, n >= self.batch_max)
+        _set(self._room, n < self.maxsize)
+
+
+def _set(event: asyncio.Event, on: bool) -> None:
+    if on:
+        event.set()
+    else:
+        event.clear()
 
 
 class Conductor(faust_conductor.Conductor):
@@ -208,7 +218,9 @@ class Conductor(faust_conductor.Conductor):
         put = buffer.put
 
         async def on_message(message: Any) -> None:
-            await acquire_flow_control()  # suspended while a rebalance runs
+            # suspended while a rebalance runs; faust's own delivery also waits for its producer's
+            # buffer, which the worker does not use (its producers are confluent-kafka's)
+            await acquire_flow_control()
             put(message)
             if len(buffer) >= buffer.maxsize:
                 await buffer.wait_for_room()

@@ -134,3 +134,76 @@ def test_bulk_batches_close_when_the_buffer_stops_growing_hold_at_most_max_and_s
     # the first batch closed at max (4 taken, the 2 stale ones left out), the rest right after,
     # the later record in a batch of its own, without waiting the 0.5 s window
     assert batches == [[2, 3], [4, 5], [6]]
+
+
+def test_a_failed_batch_goes_back_to_the_front_of_the_buffer_in_its_order():
+    async def run() -> None:
+        buf = transport.BulkBuffer(batch_max=2, maxsize=3)
+        for i in range(5):
+            buf.put(i)
+        taken = buf.take(2)
+        assert not await _finishes(buf.wait_for_room())  # still 3: full
+        buf.take(1)
+        assert await _finishes(buf.wait_for_room())
+        buf.put_back(taken)
+        assert buf.messages == [0, 1, 3, 4]
+        assert buf.ready.is_set() and buf.full.is_set()
+        assert not await _finishes(buf.wait_for_room())  # back at maxsize: the delivery waits again
+
+    asyncio.run(run())
+
+
+def test_the_agent_takes_only_messages_of_this_consumer_generation_while_the_flow_runs(settings):
+    from streams.agents import is_current
+
+    async def run() -> None:
+        app = create_app(settings, encoder_factory=None)
+        app.flow_control.resume()
+        gen = app.consumer_generation_id
+        assert is_current(app, _message(1, generation=gen))
+        assert not is_current(app, _message(1, generation=gen + 1))  # fetched before the rebalance
+        app.flow_control.suspend()  # a rebalance runs
+        assert not is_current(app, _message(1, generation=gen))
+
+    asyncio.run(run())
+
+
+def test_a_batch_that_keeps_failing_is_put_back_unacknowledged_and_the_worker_crashes(settings):
+    # A restarted agent (faust's supervisor) or the next owner takes it again first: an offset
+    # after it is never acknowledged before it, so no commit skips it.
+    from types import SimpleNamespace
+
+    s = settings.override(stream={"failure_retry_s": 0.0})
+
+    class Failing:
+        async def apply(self, records: Any) -> Any:
+            raise ConnectionError("Redis is down")
+
+    async def run() -> tuple[list[int], list[BaseException], list[Any]]:
+        app = create_app(s, encoder_factory=None)
+        state = app.streamrec_state
+        state.ctx = SimpleNamespace(pipeline=Failing())
+        state.loaded.set()
+        app.flow_control.resume()
+        buf = app.topics.bulk_buffer(s.topics.events)
+        gen = app.consumer_generation_id
+        for i in range(3):
+            buf.put(_message(i, s.topics.events, generation=gen))
+        crashed: list[BaseException] = []
+        acked: list[Any] = []
+
+        async def crash(exc: BaseException) -> None:
+            crashed.append(exc)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(app, "crash", crash)
+            mp.setattr(app.consumer, "ack", acked.append)
+            agent = app.agents["streamrec.events"]
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(agent.fun(_Stream()), 5)
+        return [m.offset for m in buf.messages], crashed, acked
+
+    left, crashed, acked = asyncio.run(run())
+    assert left == [0, 1, 2]  # the whole batch, back in its order
+    assert len(crashed) == 1 and isinstance(crashed[0], ConnectionError)
+    assert acked == []
