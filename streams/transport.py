@@ -23,7 +23,9 @@ GIL time at 10,000 events/s, py-spy):
 * :class:`RawSchema`: the events topic carries bytes that our own validator decodes. faust's
   schema decode looks up the ``raw`` codec in the serializer registry for the key and for the
   value of every record (and ``app.conf.Event`` through faust's settings registry) only to hand
-  back the same bytes; this one builds the event from the record's bytes directly.
+  back the same bytes; this one builds the event from the record's bytes directly. (The
+  worker's agent now takes the topic's messages in bulk, below, and decodes none; the schema
+  stays the topic's for anything that reads it through a faust stream.)
 * :class:`Monitor`: faust's monitor sensor keeps per-record statistics (counts by topic and
   stream, in/out times, a runtime deque) for faust's own ``/stats`` pages, which the worker does
   not serve; its Prometheus metrics are its own (``streams/metrics.py``). This monitor keeps
