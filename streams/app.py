@@ -72,7 +72,10 @@ def create_app(
     app.streamrec_state = state  # type: ignore[attr-defined]
     events_topic = app.topic(
         s.topics.events,
-        schema=transport.RawSchema(),  # bytes in: our validator decodes them
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
         partitions=s.topics.partitions,
     )
     register_agents(app, events_topic, state, s)

@@ -7,30 +7,15 @@ awaitable, and the consumer's own stopped and crashed events, in a task and wait
 so every record costs four tasks, an ``asyncio.wait`` and three cancellations. In a py-spy
 profile of the worker at 1,000 events/s that drain loop held ~16 % of its GIL samples.
 
-Delivering a record almost never waits: the callback puts the event into the stream's
-in-memory queue, which has room unless the agent is far behind. :class:`Consumer` therefore
+Delivering a record almost never waits: the callback puts it into the bulk buffer below (or a
+stream's in-memory queue), which has room unless the agent is far behind. :class:`Consumer` therefore
 runs the callback inline up to its first suspension. If it finishes there and nothing asked
 delivery to stop, that is the result ``wait_first`` would have returned, without a task. If it
-suspends (a full queue), the started callback goes to faust's own ``wait_first`` unchanged in
+suspends (a full buffer), the started callback goes to faust's own ``wait_first`` unchanged in
 meaning: it races the suspend/stop events and is cancelled if one of them comes first.
 
 ``wait_first`` is called on the consumer by that drain loop only (faust-streaming is pinned to
 0.15.x; ``tests/streams/test_transport.py`` checks the call site is still the one described).
-
-Two more per-record costs of faust that the worker does not need (each ~3-4 % of the worker's
-GIL time at 10,000 events/s, py-spy):
-
-* :class:`RawSchema`: the events topic carries bytes that our own validator decodes. faust's
-  schema decode looks up the ``raw`` codec in the serializer registry for the key and for the
-  value of every record (and ``app.conf.Event`` through faust's settings registry) only to hand
-  back the same bytes; this one builds the event from the record's bytes directly. (The
-  worker's agent now takes the topic's messages in bulk, below, and decodes none; the schema
-  stays the topic's for anything that reads it through a faust stream.)
-* :class:`Monitor`: faust's monitor sensor keeps per-record statistics (counts by topic and
-  stream, in/out times, a runtime deque) for faust's own ``/stats`` pages, which the worker does
-  not serve; its Prometheus metrics are its own (``streams/metrics.py``). This monitor keeps
-  faust's other statistics (commits, rebalances, sends) and, of its four per-record calls, only
-  the time each partition's stream last took an event (faust's stalled-stream check reads it).
 
 Bulk delivery (:class:`BulkBuffer`, :class:`Conductor`): faust hands each record to a stream on
 its own: the conductor takes a lock, checks flow control and the producer buffer, builds an event
@@ -50,16 +35,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Generator
-from time import monotonic
 from typing import Any
 
 import faust
-from faust.sensors import Monitor as FaustMonitor
 from faust.transport import conductor as faust_conductor
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.services import WaitResults
 
-__all__ = ["App", "BulkBuffer", "Conductor", "Consumer", "Monitor", "RawSchema", "Transport"]
+__all__ = ["App", "BulkBuffer", "Conductor", "Consumer", "Transport"]
 
 
 class _Resume:
@@ -235,49 +218,8 @@ class Transport(faust_aiokafka.Transport):
     Conductor = Conductor
 
 
-class RawSchema(faust.Schema):
-    """Key and value are the record's bytes (what the ``raw`` codec returns), without a codec
-    lookup per record; see the module doc."""
-
-    def __init__(self) -> None:
-        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-
-    def compile(self, app: Any, **kwargs: Any) -> Any:
-        make_event = app.conf.Event  # read once: faust's settings registry is slow per record
-
-        async def decode(message: Any, *, propagate: bool = False) -> Any:
-            return make_event(app, message.key, message.value, message.headers, message)
-
-        return decode
-
-
-class Monitor(FaustMonitor):
-    """faust's monitor without its per-record statistics; see the module doc."""
-
-    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
-        return None
-
-    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> dict | None:
-        # kept: faust's stalled-stream check reads when each partition's stream last took an event
-        self.stream_inbound_time[tp] = monotonic()
-        return None
-
-    def on_stream_event_out(
-        self, tp: Any, offset: int, stream: Any, event: Any, state: dict | None = None
-    ) -> None:
-        return None
-
-    def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
-        return None
-
-
 class App(faust.App):
-    """faust.App on :class:`Transport` (consumer side; the producer transport is faust's), with
-    the per-record-quiet :class:`Monitor`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("Monitor", Monitor)
-        super().__init__(*args, **kwargs)
+    """faust.App on :class:`Transport` (consumer side; the producer transport is faust's)."""
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)

@@ -6,15 +6,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-import faust
 import faust.transport.consumer as faust_consumer
-import pytest
-from faust.sensors import Monitor as FaustMonitor
-from faust.types import TP
-from faust.types.tuples import Message
 
 from streams import transport
-from streams.app import _faust_app, create_app
+from streams.app import _faust_app
 
 
 def _consumer() -> transport.Consumer:
@@ -190,54 +185,3 @@ def test_a_drain_cancelled_while_a_delivery_waits_ends_the_delivery_at_once():
     for turns in (1, 5):
         seen, putters = asyncio.run(run(turns))
         assert seen == ["ended"] and putters == 0, turns
-
-
-def _record(key: bytes | None, value: bytes | None) -> Message:
-    return Message("events", 0, 5, 0.0, 0, [], key, value, None)
-
-
-def test_the_events_topic_decodes_records_to_their_bytes_without_a_codec_lookup(settings):
-    """The worker's events topic gives the events faust's raw codec would, without asking the
-    serializer registry for each record."""
-    app = create_app(settings, encoder_factory=None)
-    topic = app.agents["streamrec.events"].channel
-    assert isinstance(topic.schema, transport.RawSchema)
-    reference = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-
-    def no_lookup(*args, **kwargs):
-        raise AssertionError("a codec was looked up for a record")
-
-    async def decode_all() -> list[tuple[object, object, object, object]]:
-        expected = reference.compile(app)
-        out = []
-        for key, value in [(b"17850", b'{"user_id": "17850"}'), (None, b"\xff not json"), (b"k", None)]:
-            msg = _record(key, value)
-            want = await expected(msg)
-            with pytest.MonkeyPatch.context() as mp:  # a decode compiled now would call these
-                mp.setattr(app.serializers, "loads_key", no_lookup)
-                mp.setattr(app.serializers, "loads_value", no_lookup)
-                got = await topic.schema.compile(app)(msg)
-            assert got.message is msg
-            out.append((got.key, got.value, want.key, want.value))
-        return out
-
-    for key, value, want_key, want_value in asyncio.run(decode_all()):
-        assert (key, value) == (want_key, want_value)
-
-
-def test_the_worker_app_s_monitor_keeps_no_per_record_statistics(settings):
-    app = _faust_app(settings)
-    assert isinstance(app.monitor, transport.Monitor)
-    tp = TP("events", 0)
-    msg = _record(b"k", b"v")
-    quiet, faust_own = app.monitor, FaustMonitor()
-    quiet.on_message_in(tp, 5, msg)
-    state = quiet.on_stream_event_in(tp, 5, app.stream([]), None)
-    quiet.on_stream_event_out(tp, 5, app.stream([]), None, state)
-    quiet.on_message_out(tp, 5, msg)
-    faust_own.on_message_in(tp, 5, msg)
-    assert faust_own.messages_received_total == 1  # what faust's own monitor does per record
-    assert quiet.messages_received_total == 0 and quiet.events_total == 0 and not quiet.events_runtime
-    assert quiet.stream_inbound_time[tp] > 0  # faust's stalled-stream check reads it
-    quiet.on_commit_completed(None, quiet.time() - 0.5)  # the rest of faust's statistics are kept
-    assert list(quiet.commit_latency) == [pytest.approx(0.5, abs=0.4)]
