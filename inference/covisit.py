@@ -177,20 +177,30 @@ class CoVisitation:
         return out[:, :n] if n <= k else np.pad(out, ((0, 0), (0, n - k)))
 
     def scores_csr(
-        self, rows: np.ndarray, items: np.ndarray, m: int, canonical: bool = True
+        self,
+        rows: np.ndarray,
+        items: np.ndarray,
+        m: int,
+        canonical: bool = True,
+        weights: np.ndarray | None = None,
     ) -> sp.csr_matrix:
         """The users' scores as a sparse (m, rows counted so far) float32 matrix: only the items
         met with theirs are stored, so a round costs what the users' neighbourhoods hold, not
         m x catalog size. ``canonical``: sorted column indices, no duplicates (else as the
-        product gives them, for a caller that densifies it).
+        product gives them, for a caller that densifies it). ``weights``: one per (row, item)
+        pair (the pairs then distinct), e.g. the item's recency; default 1.
 
-        s_u(j) = Σ_i C_ij / sqrt(n_i n_j): the users' items weighted by 1/sqrt(n_i), one sparse
-        product with the counts, the columns scaled by 1/sqrt(n_j)."""
+        s_u(j) = Σ_i w_ui C_ij / sqrt(n_i n_j): the users' items weighted by w_ui / sqrt(n_i), one
+        sparse product with the counts, the columns scaled by 1/sqrt(n_j)."""
         st = self._state  # one published state for the whole call
         k = st.base.shape[0]
         ok = items < k
-        w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
-        w.data[:] = st.inv[w.indices]  # an item counts once per user (duplicates were summed)
+        if weights is None:
+            w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
+            w.data[:] = st.inv[w.indices]  # an item counts once per user (duplicates were summed)
+        else:
+            r, i = rows[ok], items[ok]
+            w = sp.csr_matrix((np.asarray(weights, np.float32)[ok] * st.inv[i], (r, i)), shape=(m, k))
         prod = w @ st.base
         if st.delta.nnz:
             prod = prod + w @ st.delta

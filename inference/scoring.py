@@ -321,9 +321,14 @@ class Scorer:
         if cv is None or cfg.covisit_weight <= 0:
             return None, None
         lists = [[e[0] for e in (getattr(r.profile, "recent_events", None) or [])] for r in sub]
-        rows, items, _, _ = self._flat_index(lists)
+        rows, items, _, pos = self._flat_index(lists)
         m, n = len(sub), len(self.catalog.ids)
-        S = cv.scores_csr(rows, items, m, canonical=False)
+        weights = None
+        if cfg.covisit_recency < 1.0 and rows.size:  # the r-th newest event counts recency^r
+            first = np.unique(rows * n + items, return_index=True)[1]  # an item at its newest event
+            rows, items = rows[first], items[first]
+            weights = np.power(np.float32(cfg.covisit_recency), pos[first]).astype(np.float32)
+        S = cv.scores_csr(rows, items, m, canonical=False, weights=weights)
         if S.shape[1] > n:  # rows counted beyond the catalog score nothing
             S = S[:, :n]
         if S.nnz * DENSE_COVISIT_FILL >= m * n:

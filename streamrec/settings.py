@@ -552,6 +552,16 @@ class ScoringSettings(SettingsGroup):
     covisit_candidates: int = Field(
         50, ge=0, le=2000, description="Extra candidates per user from the co-visitation scores."
     )
+    covisit_recency: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Recency weight of the user's recent items in the co-visitation feature: the item of the "
+        "r-th newest event (r = 0, 1, ...) counts recency^r (an item met several times, at its newest); "
+        "1 = every recent item alike. 0.6 chosen on Scientific's valid split (NDCG@10 0.0979 at 1, 0.0987 at "
+        "0.9, 0.1002 at 0.8, 0.1008 at 0.6, 0.1001 at 0.4, 0.0979 at 0.2); Online Retail's valid replay HR@20 "
+        "0.1156 at 1, 0.1152 at 0.8 and at 0.5 (within noise).",
+    )
     popularity_weight: float = Field(
         0.0,
         ge=0,

@@ -265,3 +265,34 @@ def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None
     assert [[it.item_id for it in lst] for lst in plain.recommend(reqs, now_ms=T0)] != [
         [i for i, _, _ in lst] for lst in dense
     ]
+
+
+def test_recency_weights_the_newest_items_and_one_keeps_the_plain_sum(monkeypatch) -> None:
+    """s_u(j) = Σ_i recency^r(i) · sim(i, j), r(i) the rank of the item's newest event; dense and
+    sparse forms agree, and recency 1 is the unweighted sum."""
+    from inference import scoring
+
+    n = 30
+    g = np.random.default_rng(5)
+    cv = CoVisitation.fit(n, [list(g.choice(n, 8, replace=False)) for _ in range(200)], window=8)
+    cat = _catalog(n, 8)
+    recent = ["i3", "i7", "i3", "i11"]  # newest first: i3 at rank 0 (and again at 2), i7 at 1, i11 at 3
+    prof = Profile(
+        "a", long_term=cat.matrix[0], long_term_weight=1.0, last_ts=T0,
+        recent_events=[[i, "view", T0] for i in recent],
+    )  # fmt: skip
+    req = [Request("a", prof, k=5, ref_ms=T0)]
+    counts = _dense(cv)
+    users = np.maximum(np.asarray(cv._users), 1.0)  # users who met each item
+    sim = counts / np.sqrt(users[:, None] * users[None, :])
+    none = np.empty(0, np.int64)
+    s = Settings()
+    for recency, weights in [(0.5, {3: 1.0, 7: 0.5, 11: 0.125}), (1.0, {3: 1.0, 7: 1.0, 11: 1.0})]:
+        want = sum(w * sim[i] for i, w in weights.items())
+        want = want / want.max()
+        scorer = Scorer(cat, s.scoring.model_copy(update={"covisit_recency": recency}), s.profile, covisit=cv)
+        for fill in (10**9, 0):
+            monkeypatch.setattr(scoring, "DENSE_COVISIT_FILL", fill)
+            got, _ = scorer._covisit(req, none, none, none)
+            assert got is not None
+            np.testing.assert_allclose(got.gather(np.arange(n)[None, :])[0], want, rtol=1e-5, atol=1e-6)
