@@ -320,14 +320,16 @@ class Scorer:
         cv, cfg = self.covisit, self.cfg
         if cv is None or cfg.covisit_weight <= 0:
             return None, None
-        lists = [[e[0] for e in (getattr(r.profile, "recent_events", None) or [])] for r in sub]
-        rows, items, _, pos = self._flat_index(lists)
+        events = [getattr(r.profile, "recent_events", None) or [] for r in sub]
+        rows, items, flat, _ = self._flat_index([[e[0] for e in evs] for evs in events])
         m, n = len(sub), len(self.catalog.ids)
         weights = None
-        if cfg.covisit_recency < 1.0 and rows.size:  # the r-th newest event counts recency^r
+        if cfg.covisit_recency < 1.0 and rows.size:
+            ts = np.fromiter((int(e[2]) for evs in events for e in evs), np.int64)[flat]
             first = np.unique(rows * n + items, return_index=True)[1]  # an item at its newest event
+            moments = _moment_rank(rows, ts)
             rows, items = rows[first], items[first]
-            weights = np.power(np.float32(cfg.covisit_recency), pos[first]).astype(np.float32)
+            weights = np.power(np.float32(cfg.covisit_recency), moments[first]).astype(np.float32)
         S = cv.scores_csr(rows, items, m, canonical=False, weights=weights)
         if S.shape[1] > n:  # rows counted beyond the catalog score nothing
             S = S[:, :n]
@@ -825,6 +827,22 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.where(n > 1e-12, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
+
+
+def _moment_rank(rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """For each (row, event time): how many distinct times of its row are newer (0 = the row's
+    newest moment). Events at one time (a basket's items) share a rank."""
+    order = np.lexsort((-ts, rows))
+    r, t = rows[order], ts[order]
+    new = np.ones(r.size, bool)
+    new[1:] = (r[1:] != r[:-1]) | (t[1:] != t[:-1])
+    dense = np.cumsum(new) - 1  # distinct (row, time) id, in row order, newest first
+    row_start = np.ones(r.size, bool)
+    row_start[1:] = r[1:] != r[:-1]
+    first_of_row = np.maximum.accumulate(np.where(row_start, np.arange(r.size), 0))
+    out = np.empty(r.size, np.int64)
+    out[order] = dense - dense[first_of_row]
+    return out
 
 
 @dataclass(frozen=True)

@@ -556,8 +556,9 @@ class ScoringSettings(SettingsGroup):
         0.6,
         gt=0,
         le=1,
-        description="Recency weight of the user's recent items in the co-visitation feature: the item of the "
-        "r-th newest event (r = 0, 1, ...) counts recency^r (an item met several times, at its newest); "
+        description="Recency weight of the user's recent items in the co-visitation feature: an item met at the "
+        "r-th newest moment (r = 0, 1, ...; a basket's items share one) counts recency^r (an item met several "
+        "times, at its newest); "
         "1 = every recent item alike. 0.6 chosen on Scientific's valid split (NDCG@10 0.0979 at 1, 0.0987 at "
         "0.9, 0.1002 at 0.8, 0.1008 at 0.6, 0.1001 at 0.4, 0.0979 at 0.2); Online Retail's valid replay HR@20 "
         "0.1156 at 1, 0.1152 at 0.8 and at 0.5 (within noise).",

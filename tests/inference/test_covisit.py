@@ -267,19 +267,20 @@ def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None
     ]
 
 
-def test_recency_weights_the_newest_items_and_one_keeps_the_plain_sum(monkeypatch) -> None:
-    """s_u(j) = Σ_i recency^r(i) · sim(i, j), r(i) the rank of the item's newest event; dense and
-    sparse forms agree, and recency 1 is the unweighted sum."""
+def test_recency_weights_the_newest_moments_and_one_keeps_the_plain_sum(monkeypatch) -> None:
+    """s_u(j) = Σ_i recency^r(i) · sim(i, j), r(i) the rank of the moment of the item's newest event
+    (a basket's items share one); dense and sparse forms agree, and recency 1 is the plain sum."""
     from inference import scoring
 
     n = 30
     g = np.random.default_rng(5)
     cv = CoVisitation.fit(n, [list(g.choice(n, 8, replace=False)) for _ in range(200)], window=8)
     cat = _catalog(n, 8)
-    recent = ["i3", "i7", "i3", "i11"]  # newest first: i3 at rank 0 (and again at 2), i7 at 1, i11 at 3
+    # newest first: i3 (moment 0, met again at 2), the basket i7 + i20 (moment 1), i11 (moment 3)
+    recent = [("i3", 0), ("i7", 1), ("i20", 1), ("i3", 2), ("i11", 3)]
     prof = Profile(
         "a", long_term=cat.matrix[0], long_term_weight=1.0, last_ts=T0,
-        recent_events=[[i, "view", T0] for i in recent],
+        recent_events=[[i, "view", T0 - 1000 * r] for i, r in recent],
     )  # fmt: skip
     req = [Request("a", prof, k=5, ref_ms=T0)]
     counts = _dense(cv)
@@ -287,7 +288,10 @@ def test_recency_weights_the_newest_items_and_one_keeps_the_plain_sum(monkeypatc
     sim = counts / np.sqrt(users[:, None] * users[None, :])
     none = np.empty(0, np.int64)
     s = Settings()
-    for recency, weights in [(0.5, {3: 1.0, 7: 0.5, 11: 0.125}), (1.0, {3: 1.0, 7: 1.0, 11: 1.0})]:
+    for recency, weights in [
+        (0.5, {3: 1.0, 7: 0.5, 20: 0.5, 11: 0.125}),
+        (1.0, {3: 1.0, 7: 1.0, 20: 1.0, 11: 1.0}),
+    ]:
         want = sum(w * sim[i] for i, w in weights.items())
         want = want / want.max()
         scorer = Scorer(cat, s.scoring.model_copy(update={"covisit_recency": recency}), s.profile, covisit=cv)
@@ -296,3 +300,11 @@ def test_recency_weights_the_newest_items_and_one_keeps_the_plain_sum(monkeypatc
             got, _ = scorer._covisit(req, none, none, none)
             assert got is not None
             np.testing.assert_allclose(got.gather(np.arange(n)[None, :])[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_moment_rank_counts_distinct_newer_times_per_row() -> None:
+    from inference.scoring import _moment_rank
+
+    rows = np.array([0, 0, 0, 0, 1, 1, 2])
+    ts = np.array([50, 50, 40, 10, 7, 9, 3])
+    np.testing.assert_array_equal(_moment_rank(rows, ts), [0, 0, 1, 2, 1, 0, 0])
