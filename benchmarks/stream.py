@@ -689,6 +689,7 @@ def _run_e2e_catalog(
     ensure_topics(s)
     procs: list[subprocess.Popen] = []
     webs: list[str] = []
+    logs: list[Path] = []
     metrics_ports: list[int] = []
     reader = None
     try:
@@ -711,6 +712,7 @@ def _run_e2e_catalog(
                 "STREAMREC_STREAM_LAG_INTERVAL_S": str(LAG_POLL_S),  # the drain wait reads the lag gauge
             }
             log = log_dir / f"worker-{tag}-{w}.log"
+            logs.append(log)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "streamrec.cli", "worker", "--encoder", encoder],
@@ -721,8 +723,8 @@ def _run_e2e_catalog(
             )
             webs.append(f"http://127.0.0.1:{ws.web_port}")
             metrics_ports.append(ws.metrics_port)
-        for proc, web, w in zip(procs, webs, range(workers), strict=True):
-            wait_until_ready(proc, web, log_dir / f"worker-{tag}-{w}.log")
+        for proc, web, log in zip(procs, webs, logs, strict=True):
+            wait_until_ready(proc, web, log)
         _wait_assigned(webs, s.topics.partitions)
         items = CatalogIndex.load(model_dir / "catalog").ids
         reader = _ResultsReader(s)
@@ -808,7 +810,7 @@ def _batches(webs: Sequence[str]) -> list[int]:
 
     out = []
     for web in webs:
-        status, body = _get(f"{web}/readyz")
+        _, body = _get(f"{web}/readyz")
         out.append(int(orjson.loads(body).get("batches", -1)) if body else -1)
     return out
 
