@@ -571,6 +571,16 @@ class ScoringSettings(SettingsGroup):
         "exp(alpha * s_i) * pop_i^w, pop_i the item's decayed popularity relative to the top item (the one "
         "the cold-start fallback uses); 0 = off.",
     )
+    popularity_half_life_s: float = Field(
+        7 * 24 * 3600.0,
+        ge=60,
+        le=366 * 24 * 3600.0,
+        description="Half-life (seconds of event time) of the shop's decayed demand that the popularity prior, "
+        "the buy-again demand weight and the cold-start fallback read (7 days; Online Retail's valid month: "
+        "HR@20 0.1156 at 7 days, 0.1155 at 3, 0.1151 at 1; new-item hits up, re-buys down, as demand shifts "
+        "faster). A worker that changes it must start on a fresh Redis prefix (the stored scores were decayed "
+        "with the old one).",
+    )
     popularity_items: int = Field(
         500,
         ge=1,

@@ -327,6 +327,23 @@ def test_popularity_decays_with_event_time(settings, redis_client):
     assert [i for i, _ in pop.top(2)] == ["new", "old"]
 
 
+def test_popularity_half_life_comes_from_the_settings(settings, redis_client):
+    """The worker builds RedisPopularity without a half-life: scoring.popularity_half_life_s rules."""
+    t0 = 1_700_000_000_000
+    old = [make_event("purchase", "a", item_id="old", ts=t0) for _ in range(3)]
+    new = [make_event("purchase", "b", item_id="new", ts=t0 + 2 * 3_600_000)]
+    short = settings.override(scoring={"popularity_half_life_s": 3600.0}, redis={"prefix": f"{settings.redis.prefix}-s"})
+    long = settings.override(scoring={"popularity_half_life_s": 30 * 86_400.0}, redis={"prefix": f"{settings.redis.prefix}-l"})
+    tops = []
+    for s in (short, long):
+        pop = RedisPopularity(s, redis_client)
+        pop.record(old)
+        pop.record(new)
+        tops.append([i for i, _ in pop.top(2)])
+    # Two half-lives: 1 new purchase outweighs 3 old ones; over two hours of a 30-day half-life, not.
+    assert tops == [["new", "old"], ["old", "new"]]
+
+
 def test_batch_of_users_scored_together_matches_one_by_one(catalog):
     scorer = _scorer(catalog)
     profs = [_profile(catalog, [f"{c}-{j}", f"{c}-{j + 1}"]) for c in CATS for j in (0, 5)]
