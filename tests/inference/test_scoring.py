@@ -332,8 +332,12 @@ def test_popularity_half_life_comes_from_the_settings(settings, redis_client):
     t0 = 1_700_000_000_000
     old = [make_event("purchase", "a", item_id="old", ts=t0) for _ in range(3)]
     new = [make_event("purchase", "b", item_id="new", ts=t0 + 2 * 3_600_000)]
-    short = settings.override(scoring={"popularity_half_life_s": 3600.0}, redis={"prefix": f"{settings.redis.prefix}-s"})
-    long = settings.override(scoring={"popularity_half_life_s": 30 * 86_400.0}, redis={"prefix": f"{settings.redis.prefix}-l"})
+    short = settings.override(
+        scoring={"popularity_half_life_s": 3600.0}, redis={"prefix": f"{settings.redis.prefix}-s"}
+    )
+    long = settings.override(
+        scoring={"popularity_half_life_s": 30 * 86_400.0}, redis={"prefix": f"{settings.redis.prefix}-l"}
+    )
     tops = []
     for s in (short, long):
         pop = RedisPopularity(s, redis_client)
