@@ -380,6 +380,13 @@ class StreamSettings(SettingsGroup):
         ge=1,
         description="One batch holds at most this many events (what the consumer has buffered, up to this).",
     )
+    batch_backlog_max: int = Field(
+        4000,
+        ge=1,
+        description="A batch taken while the consumer already holds more than batch_max events (the worker is "
+        "a whole batch behind) takes up to this many: no wait, and a shopper's several events share one profile "
+        "write, so a backlog drains faster. Below batch_max: off.",
+    )
     batch_within_s: float = Field(
         0.02,
         gt=0,

@@ -57,7 +57,9 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
     """Attach the events agent to ``app``; the events topic's records go to it in bulk."""
     cfg = settings.stream
     buffer = app.topics.deliver_in_bulk(  # type: ignore[attr-defined]  # streams.transport.Conductor
-        topic.get_topic_name(), cfg.batch_max, max(app.conf.stream_buffer_maxsize, 2 * cfg.batch_max)
+        topic.get_topic_name(),
+        cfg.batch_max,
+        max(app.conf.stream_buffer_maxsize, 2 * cfg.batch_max, 2 * cfg.batch_backlog_max),
     )
 
     # Subscribes the topic now, in the consumer's first subscription: its records reach ``buffer``.
@@ -88,6 +90,7 @@ def register_agents(app: faust.App, topic: faust.TopicT, state: WorkerState, set
                 cfg.batch_within_s,
                 cfg.batch_backlog_within_s,
                 functools.partial(is_current, app),
+                cfg.batch_backlog_max,
             ):
                 records = [to_record(m) for m in batch]
                 now = time.monotonic()

@@ -32,18 +32,21 @@ async def bulk_batches(
     max_wait_s: float,
     backlog_wait_s: float | None = None,
     current: Callable[[Any], bool] | None = None,
+    backlog_max: int | None = None,
 ) -> AsyncIterator[list[Any]]:
     """Lists of faust messages from a :class:`streams.transport.BulkBuffer` that the consumer
     fills, each closed once the buffer stops growing, holds ``max_`` or the window is up, until
-    ``stream`` (the agent's) stops. Messages for which
+    ``stream`` (the agent's) stops. A buffer that already holds more than ``max_`` (a backlog)
+    gives a batch of up to ``backlog_max``. Messages for which
     ``current`` is false (fetched before the last rebalance) are left out; not acknowledged."""
     window = BatchWindow(max_wait_s, backlog_wait_s)
+    big = max(max_, backlog_max or max_)
     while not stream.should_stop:
         await stream.wait_for_stopped(buffer.ready, timeout=1.0)
         if not len(buffer):
             continue
         window.update(await _drain(buffer.messages, buffer.full, window.wait_s))
-        batch = buffer.take(max_)
+        batch = buffer.take(big if len(buffer) > max_ else max_)
         if current is not None:
             batch = [m for m in batch if current(m)]
         if batch:

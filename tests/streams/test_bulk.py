@@ -136,6 +136,34 @@ def test_bulk_batches_close_when_the_buffer_stops_growing_hold_at_most_max_and_s
     assert batches == [[2, 3], [4, 5], [6]]
 
 
+def test_a_buffer_already_more_than_a_batch_behind_gives_a_backlog_batch():
+    async def run(puts: list[int]) -> list[list[int]]:
+        buf = transport.BulkBuffer(batch_max=4, maxsize=100)
+        stream = _Stream()
+        batches: list[list[int]] = []
+
+        async def consume() -> None:
+            async for batch in bulk_batches(buf, stream, 4, 0.5, 1.0, backlog_max=8):
+                batches.append([m.offset for m in batch])
+
+        offset = 0
+        for n in puts:  # one fetch of n records, then the agent takes what is buffered
+            for _ in range(n):
+                buf.put(_message(offset))
+                offset += 1
+            task = asyncio.ensure_future(consume())
+            await asyncio.sleep(0.05)
+            stream.should_stop = True
+            await asyncio.wait_for(task, 2)
+            stream.should_stop = False
+        return batches
+
+    # 11 buffered (more than a batch of 4): one backlog batch of 8, then the 3 left
+    assert asyncio.run(run([11])) == [list(range(8)), [8, 9, 10]]
+    # exactly a batch buffered: the ordinary batch; 5 buffered: all 5 at once
+    assert asyncio.run(run([4, 5])) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+
+
 def test_a_failed_batch_goes_back_to_the_front_of_the_buffer_in_its_order():
     async def run() -> None:
         buf = transport.BulkBuffer(batch_max=2, maxsize=3)
