@@ -33,6 +33,7 @@ import click
 import numpy as np
 import orjson
 
+from streamrec.kafka import arrived
 from streamrec.settings import Settings, get_settings
 
 BENCH_DIM = 384
@@ -347,16 +348,6 @@ def _synthetic_catalog_dir(root: Path, n_items: int, dim: int = 384, seed: int =
     return folder
 
 
-def _arrived(consumer: Any, wait_s: float = 0.1) -> list[Any]:
-    """Records as soon as one is there: ``poll`` wakes on the first record, then what else is
-    already fetched is taken without waiting. (``consume(n, timeout)`` waits for n records or
-    the whole timeout, which would add up to the timeout to every measured latency.)"""
-    first = consumer.poll(wait_s)
-    if first is None:
-        return []
-    return [first, *consumer.consume(num_messages=1000, timeout=0)]
-
-
 class _ResultsReader:
     """Consumes the results topic in a thread; records (arrival ms, message)."""
 
@@ -382,7 +373,7 @@ class _ResultsReader:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            for m in _arrived(self.consumer):
+            for m in arrived(self.consumer):
                 if m.error() is None:
                     now = time.time() * 1000.0
                     value = m.value()
@@ -497,7 +488,7 @@ def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
 
     def read() -> None:
         while not stop.is_set():
-            for m in _arrived(consumer):
+            for m in arrived(consumer):
                 value = m.value() if m.error() is None else None
                 if value:
                     k, sent = value.split(b" ")

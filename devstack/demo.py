@@ -37,6 +37,7 @@ import click
 import numpy as np
 import orjson
 
+from streamrec.kafka import arrived
 from streamrec.settings import Settings, get_settings, reorder_shop_env
 
 
@@ -126,6 +127,7 @@ class LiveView:
                 "group.id": f"demo-view-{os.getpid()}",
                 "auto.offset.reset": "latest",
                 "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,  # as the bench's results reader
             }
         )
         self.consumer.subscribe([s.topics.results, s.topics.alerts])
@@ -148,7 +150,7 @@ class LiveView:
 
     def _loop(self) -> None:
         while not self.stop_flag.is_set():
-            for m in self.consumer.consume(num_messages=500, timeout=0.5):
+            for m in arrived(self.consumer, 0.5):  # timed at arrival: not held for a batch
                 if m.error() is not None:
                     continue
                 now = time.time() * 1000
