@@ -584,8 +584,6 @@ def _e2e_level(
         if not caught_up and _total_lag(metrics_ports) == 0:
             caught_up, caught_up_at = True, time.monotonic()
     drain_s = max(0.0, max(quiet_since, caught_up_at) - sent_at) if caught_up else time.monotonic() - sent_at
-    # Not drained: how far behind the worker still is (events), and the share of the level left.
-    lag_left = 0.0 if caught_up else (_total_lag(metrics_ports) or 0.0)
     elapsed = time.monotonic() - t0
     rows = reader.rows[start_rows:]
     lat = np.array([arr - sent_ts[eid] for arr, eid in rows if eid in sent_ts], np.float64)
@@ -598,7 +596,8 @@ def _e2e_level(
         "drain_s": round(drain_s, 2),
         "sustained": drain_s <= DRAIN_BOUND_S and len(rows) > 0,
     }
-    if not caught_up:
+    if not caught_up:  # how far behind the worker still is (events), and the share of the level left
+        lag_left = _total_lag(metrics_ports) or 0.0
         out["lag_left_events"] = int(lag_left)
         out["lag_left_share"] = round(lag_left / max(n, 1), 3)
     if metrics_ports:

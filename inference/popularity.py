@@ -76,12 +76,10 @@ return tostring(cur)
 class RedisPopularity:
     """Writer and reader of decayed popularity (implements scoring.PopularitySource)."""
 
-    def __init__(self, settings: Settings, redis_client, half_life_s: float | None = None) -> None:
-        """``half_life_s``: the decay's half-life; default the settings' ``scoring.popularity_half_life_s``."""
+    def __init__(self, settings: Settings, redis_client) -> None:
         self.r = redis_client
         self.prefix = settings.redis.prefix
-        hl = settings.scoring.popularity_half_life_s if half_life_s is None else half_life_s
-        self.half_life_ms = hl * 1000.0
+        self.half_life_ms = settings.scoring.popularity_half_life_s * 1000.0
         p = settings.profile
         self.weights = {
             EventType.VIEW: p.weight_view,

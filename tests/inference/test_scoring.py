@@ -318,8 +318,13 @@ def test_cold_user_gets_popular_items_in_the_event_category(catalog, settings, r
     assert bag_shopper[0].item_id == "bag-3"
 
 
+def _hourly(settings):
+    """The settings with a 1-hour popularity half-life."""
+    return settings.override(scoring={"popularity_half_life_s": 3600.0})
+
+
 def test_popularity_decays_with_event_time(settings, redis_client):
-    pop = RedisPopularity(settings, redis_client, half_life_s=3600)
+    pop = RedisPopularity(_hourly(settings), redis_client)
     t0 = 1_700_000_000_000
     pop.record([make_event("purchase", "a", item_id="old", ts=t0) for _ in range(3)])
     # Two half-lives later, 1 purchase weighs more than 3 / 4.
@@ -359,7 +364,7 @@ def test_batch_of_users_scored_together_matches_one_by_one(catalog):
 
 def test_popularity_landmark_moves_without_overflow(settings, redis_client):
     """Years of event time over a 1-hour half-life: the landmark moves, ranks stay right."""
-    pop = RedisPopularity(settings, redis_client, half_life_s=3600)
+    pop = RedisPopularity(_hourly(settings), redis_client)
     t0 = 1_300_000_000_000
     pop.record([make_event("purchase", "a", item_id="old", ts=t0, category="c") for _ in range(5)])
     later = t0 + 3 * 365 * 86_400_000  # ~26,000 half-lives later
@@ -379,10 +384,10 @@ def test_popularity_writers_with_a_stale_landmark_copy_count_right(settings, red
         ("A", make_event("click", "u3", item_id="y", ts=t0 + 399 * h)),  # A's copy (t0) is stale here
         ("A", make_event("view", "u4", item_id="z", ts=t0 + 402 * h)),
     ]
-    two = settings.override(redis={"prefix": settings.redis.prefix + ":two"})
-    one = settings.override(redis={"prefix": settings.redis.prefix + ":one"})
-    a, b = (RedisPopularity(two, redis_client, half_life_s=3600) for _ in range(2))
-    single = RedisPopularity(one, redis_client, half_life_s=3600)
+    two = _hourly(settings).override(redis={"prefix": settings.redis.prefix + ":two"})
+    one = _hourly(settings).override(redis={"prefix": settings.redis.prefix + ":one"})
+    a, b = (RedisPopularity(two, redis_client) for _ in range(2))
+    single = RedisPopularity(one, redis_client)
     for k, (who, ev) in enumerate(seq):
         if k == 2:
             assert a._landmark_copy == t0 and float(redis_client.get(a._landmark_key)) == t0 + 401 * h
