@@ -182,6 +182,7 @@ class _StateWire(msgspec.Struct, array_like=True):
     slot_den: float = 0.0
     n_slots: int = 0
     parent: bytes = b""
+    sold_o: bytes = b""
 
 
 @dataclass
@@ -219,6 +220,9 @@ class DetectorState:
     slot_num: float = 0.0  # decayed shop events per active slot: num / den
     slot_den: float = 0.0
     parent: np.ndarray | None = None  # (K,) index of an item key's category key (-1: none)
+    # (K,) events over the longest horizon up to the key's last active window with demand: what
+    # it was selling before a silence began (the ring itself empties as the silence goes on)
+    sold_o: np.ndarray | None = None
     index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +241,7 @@ class DetectorState:
             ("since_n", np.float32, 0.0),
             ("fast_p", np.float32, 1.0),
             ("parent", np.int32, -1),
+            ("sold_o", np.float64, 0.0),
         ):
             v = getattr(self, name)
             if v is None or v.shape != (k,):
@@ -272,6 +277,8 @@ class DetectorState:
         self.fast_p = np.concatenate([self.fast_p, np.ones(n, np.float32)])
         assert self.parent is not None
         self.parent = np.concatenate([self.parent, np.full(n, -1, np.int32)])
+        assert self.sold_o is not None
+        self.sold_o = np.concatenate([self.sold_o, np.zeros(n)])
         self.levels = np.concatenate([self.levels, np.array([key_level(k) for k in new], np.int8)])
 
     def link(self, parents: Mapping[str, str]) -> None:
@@ -331,6 +338,7 @@ class DetectorState:
             since_n=_b(self.since_n, np.float32),
             fast_p=_b(self.fast_p, np.float32),
             parent=_b(self.parent, np.int32),
+            sold_o=_b(self.sold_o, np.float64),
             slot_num=self.slot_num,
             slot_den=self.slot_den,
             n_slots=self.n_slots,
@@ -387,6 +395,12 @@ class DetectorState:
             since_n=np.frombuffer(w.since_n, np.float32).copy() if w.since_n else None,
             fast_p=np.frombuffer(w.fast_p, np.float32).copy() if w.fast_p else None,
             parent=np.frombuffer(w.parent, np.int32).copy() if w.parent else None,
+            # a state stored before sold_o existed: the ring's sums are the best record there is
+            sold_o=(
+                np.frombuffer(w.sold_o, np.float64).copy()
+                if w.sold_o
+                else ring_o.sum(axis=0, dtype=np.float64)
+            ),
             slot_num=w.slot_num,
             slot_den=w.slot_den,
         )
@@ -475,6 +489,9 @@ def _detect_vec(
     o, total = _event_units(state, o_w, total_w, total_w2, decay)
     e = _expected_events(state, o, total)
     _push_window(state, window, o, e)
+    assert state.ring_o is not None and state.sold_o is not None
+    sold = np.flatnonzero(o > 0)
+    state.sold_o[sold] = state.ring_o[:, sold].sum(axis=0, dtype=np.float64)
     # Baseline update after computing e: the window is tested against the past only.
     _update_baseline(state, o, total, decay)
     assert state.since_n is not None
@@ -685,30 +702,29 @@ def _fast_transition(
 def _wait_tests(
     state: DetectorState, cfg: AlertSettings, window: int, end_ms: int, eligible: np.ndarray
 ) -> list[Transition]:
-    """Waiting-time drop test: no event for longer than the key's recent demand makes likely."""
+    """Waiting-time drop test: an item with no event for longer than its recent demand makes likely.
+
+    Items only: a stock-out is a product's. A category's quiet spell is no stock-out (its
+    buyers come in clumps the per-window dispersion does not describe: on the untouched Online
+    Retail year its waiting-time alerts were all followed by unchanged demand); a category's
+    real collapse is left to the window tests of ``drop_horizons``."""
     assert state.since_e is not None and state.since_n is not None
     out: list[Transition] = []
     cand = np.flatnonzero(
         (state.alert == NONE)
         & eligible
+        & (state.levels == LEVEL_ITEM)
         & (state.since_e >= cfg.min_drop_expected)
         & (state.since_n <= cfg.wait_max_windows)
     )
-    if cand.size:  # ...that were actually selling lately (not a stale share after a past drop)
-        assert state.ring_o is not None
-        cand = cand[state.ring_o[:, cand].sum(axis=0, dtype=np.float64) >= cfg.min_drop_expected]
+    if cand.size:  # ...that were actually selling before the silence (not a stale share after a
+        # past drop): the longest horizon up to its last sale, not the ring now, which empties
+        # as the silence goes on and hid most stock-outs of steady sellers
+        assert state.sold_o is not None
+        cand = cand[state.sold_o[cand] >= cfg.min_drop_expected]
     if cand.size:
         tail = wait_tail(state, cfg)
         hit = cand[tail[cand] <= cfg.wait_p_raise]
-        if hit.size:  # a category whose silence is that of its own silent (dropping) items is no news
-
-            def wait_test(j: int, cats: np.ndarray, o: np.ndarray, e: np.ndarray) -> np.ndarray:
-                assert state.since_n is not None
-                n = cfg.nb_size * np.maximum(state.since_n[cats].astype(np.float64), 1.0)
-                return np.where(e >= cfg.min_drop_expected, np.exp(-n * np.log1p(e / n)), 1.0)
-
-            since = [(np.zeros(state.size), state.since_e)]
-            hit = hit[~_explained(state, hit, _busy(state, hit, DROP), since, wait_test, cfg.wait_p_raise)]
         for i in hit.tolist():
             p = float(tail[i])
             n_w = int(state.since_n[i])

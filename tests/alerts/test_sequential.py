@@ -115,3 +115,17 @@ def test_a_category_wide_surge_still_alerts_when_no_single_item_explains_it() ->
     # with every item alerting on its own, the category would add nothing and stays quiet
     busy = _stream(cfg, rates, 204, extra={s: [0] * 8 for s in surge}, cats={0: "wide", 1: "wide"})
     assert "c:wide" not in {t.key for t in busy if t.raised}
+
+
+def test_a_steady_sellers_stock_out_is_flagged_although_the_silence_outlasts_the_recent_windows() -> None:
+    # Item 0 sells 0.4 an active hour, like the Online Retail top items: its silence becomes
+    # significant only after ~30 windows, when most of the longest horizon is already silent.
+    # What it sold before the silence began still counts as "selling lately".
+    cfg = AlertSettings(warmup_windows=10)
+    rates = np.concatenate([[0.4], np.full(59, 1.0)])
+    out = _stream(cfg, rates, 200, stop=(0, 120), cats={0: "steady", 1: "steady"})
+    mine = [t for t in out if t.key == "i:0" and t.raised]
+    assert mine and mine[0].kind == DROP and mine[0].source == "wait"
+    assert 20 <= mine[0].window - 120 <= max(cfg.drop_horizons), mine[0].window
+    # the category's own quiet spell is no stock-out: no waiting-time alert for it
+    assert [t for t in out if t.raised and t.key != "i:0"] == []
