@@ -827,9 +827,9 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
             "",
             "## How fast a stock-out can be told from purchases alone",
             "",
-            f"On the untouched stream, on each of {floor['trading_days']} trading days, "
-            f"{floor['silent_top_item_days_per_day']:.2f} of the day's top {floor['top_items']} items (by buyers over the "
-            f"4 weeks before, the pool the drop injections come from) sold to nobody that day, although nothing was "
+            f"On the untouched stream, over {floor['trading_days']} trading days, on average "
+            f"{floor['silent_top_item_days_per_day']:.2f} items a day of the day's top {floor['top_items']} (by buyers "
+            f"over the 4 weeks before, the pool the drop injections come from) sold to nobody that day, although nothing was "
             f"removed; such an item has {floor['median_buyers_per_trading_day']:.1f} buyers on a median trading day. "
             "A rule that flags a top item after one silent trading day would therefore raise about that many false "
             "alarms a day from these items alone: with purchases as the only signal, a one-day stock-out delay at "
