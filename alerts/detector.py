@@ -706,8 +706,8 @@ def _wait_tests(
 
     Items only: a stock-out is a product's. A category's quiet spell is no stock-out (its
     buyers come in clumps the per-window dispersion does not describe: on the untouched Online
-    Retail year its waiting-time alerts were all followed by unchanged demand); a category's
-    real collapse is left to the window tests of ``drop_horizons``."""
+    Retail year 5 of its 6 waiting-time alerts were followed by the same demand as before); a
+    category's real collapse is left to the window tests of ``drop_horizons``."""
     assert state.since_e is not None and state.since_n is not None
     out: list[Transition] = []
     cand = np.flatnonzero(

@@ -122,6 +122,23 @@ def test_state_round_trip_continues_identically() -> None:
     assert ta == tb and ta
     np.testing.assert_array_equal(a.share_num, b.share_num)
     np.testing.assert_array_equal(a.alert, b.alert)
+    assert a.sold_o is not None and a.sold_o.any()
+    np.testing.assert_array_equal(a.sold_o, b.sold_o)
+
+
+def test_a_state_stored_before_sold_o_takes_the_rings_sums() -> None:
+    import msgspec
+
+    from alerts.detector import _StateWire
+
+    cfg = AlertSettings()
+    state, _ = _run(cfg, 100, range(0), 0.0)
+    wire = msgspec.msgpack.decode(state.to_bytes(), type=_StateWire)
+    old = msgspec.msgpack.encode(msgspec.structs.replace(wire, sold_o=b""))
+    again = DetectorState.from_bytes(old, horizon_max(cfg))
+    assert again.ring_o is not None and again.sold_o is not None
+    np.testing.assert_allclose(again.sold_o, again.ring_o.sum(axis=0))
+    assert again.sold_o.any()
 
 
 def test_state_with_other_horizons_restarts_the_sums_only() -> None:
