@@ -251,14 +251,20 @@ def window_counts(
 
 
 BASELINE_MIN_COUNT = 8.0  # the trending baseline's own surge guard (decayed buyers), fixed
+BASELINE_MIN_DROP_EXPECTED = 8.0  # ...and its own drop guard (expected buyers over its fast horizon)
 
 
 def replay_baseline(
-    df: pd.DataFrame, settings: Settings, fast_hl: float, ratio: float, min_count: float = BASELINE_MIN_COUNT
+    df: pd.DataFrame,
+    settings: Settings,
+    fast_hl: float,
+    ratio: float,
+    min_count: float = BASELINE_MIN_COUNT,
+    min_drop_expected: float = BASELINE_MIN_DROP_EXPECTED,
 ) -> list[Raised]:
     """The trending baseline (decayed sums, fast vs slow) on the same per-window demand; a surge
-    needs ``min_count`` decayed buyers (its own guard, fixed so that tuning the detector's
-    guards does not move the reference)."""
+    needs ``min_count`` decayed buyers, a drop ``min_drop_expected`` expected ones (its own
+    guards, fixed so that tuning the detector's guards does not move the reference)."""
     cfg = settings.alerts
     w = settings.profile.weight_purchase
     wins, keys, counts = window_counts(df, cfg.window_s * 1000, w)
@@ -281,7 +287,7 @@ def replay_baseline(
         fast_count = fast  # decayed buyers in the recent windows
         r = f_level / np.maximum(ref, 1e-9)
         up = eligible & (state == 0) & (r >= ratio) & (fast_count >= min_count)
-        dn = eligible & (state == 0) & (r <= 1 / ratio) & (ref * norm_f >= cfg.min_drop_expected)
+        dn = eligible & (state == 0) & (r <= 1 / ratio) & (ref * norm_f >= min_drop_expected)
         clear_up = (state == 1) & (r < ratio / 2)
         clear_dn = (state == -1) & (r > 2 / ratio)
         for i in np.flatnonzero(up):

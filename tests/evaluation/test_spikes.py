@@ -63,3 +63,25 @@ def test_surge_floor_counts_natural_bursts_of_rare_items_and_the_waits() -> None
     waits = {w["buyers"]: w for w in out["surge_waits"]}
     assert waits[2]["median_wait_min"] == round(float(gamma.median(2, scale=15.0)), 1)  # 4/h: mean gap 15 min
     assert 0 < waits[3]["p_within_30_min"] < waits[2]["p_within_30_min"] < 1
+
+
+def test_the_trending_baselines_drop_guard_is_its_own() -> None:
+    """Tuning the detector's drop guard does not move the reference it is compared with."""
+    import pandas as pd
+
+    from evaluation.spikes import replay_baseline
+    from streamrec.settings import Settings
+
+    rows = []
+    for w in range(200):  # item "a" has 3 buyers an hour until it stops at hour 150; "b" goes on
+        for j in range(3):
+            if w < 150:
+                rows.append((w * 3_600_000 + j, f"u{w}-{j}", "a", ""))
+            rows.append((w * 3_600_000 + 10 + j, f"v{w}-{j}", "b", ""))
+    df = pd.DataFrame(rows, columns=["ts", "user_id", "item_id", "category"])
+    base = Settings()
+    strict = base.override(alerts={"min_drop_expected": 1_000.0})
+    a = replay_baseline(df, base, 3.0, 3.0)
+    b = replay_baseline(df, strict, 3.0, 3.0)
+    assert [(x.key, x.kind) for x in a if x.state == "raised"] == [("a", "drop")]
+    assert a == b
