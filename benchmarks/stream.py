@@ -33,7 +33,7 @@ import click
 import numpy as np
 import orjson
 
-from streamrec.kafka import arrived
+from streamrec.kafka import arrived, timing_consumer_config
 from streamrec.settings import Settings, get_settings
 
 BENCH_DIM = 384
@@ -356,15 +356,7 @@ class _ResultsReader:
 
         from confluent_kafka import Consumer
 
-        self.consumer = Consumer(
-            {
-                **s.kafka.librdkafka_config(),
-                "group.id": f"{s.kafka.consumer_group}-reader",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 5,
-            }
-        )
+        self.consumer = Consumer(timing_consumer_config(s, f"{s.kafka.consumer_group}-reader"))
         self.consumer.subscribe([s.topics.results])
         self.rows: list[tuple[float, str]] = []
         self.stop = threading.Event()
@@ -476,11 +468,11 @@ def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
 
     from confluent_kafka import Consumer
 
-    from streamrec.kafka import KafkaProducer, consumer_config, ensure_topics
+    from streamrec.kafka import KafkaProducer, ensure_topics
 
     topic = f"{s.topics.events}.floor-{int(rate)}"  # a fresh topic per rate: nothing old is read
     ensure_topics(s, extra={topic: 1})
-    consumer = Consumer(consumer_config(s, f"{s.kafka.consumer_group}-floor", **{"fetch.wait.max.ms": 5}))
+    consumer = Consumer(timing_consumer_config(s, f"{s.kafka.consumer_group}-floor"))
     consumer.subscribe([topic])
     lat: list[float] = []
     stop = threading.Event()

@@ -37,7 +37,7 @@ import click
 import numpy as np
 import orjson
 
-from streamrec.kafka import arrived
+from streamrec.kafka import arrived, timing_consumer_config
 from streamrec.settings import Settings, get_settings, reorder_shop_env
 
 
@@ -122,13 +122,7 @@ class LiveView:
 
         self.s = s
         self.consumer = Consumer(
-            {
-                **s.kafka.librdkafka_config(),
-                "group.id": f"demo-view-{os.getpid()}",
-                "auto.offset.reset": "latest",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 5,  # as the bench's results reader
-            }
+            timing_consumer_config(s, f"demo-view-{os.getpid()}", **{"auto.offset.reset": "latest"})
         )
         self.consumer.subscribe([s.topics.results, s.topics.alerts])
         self.results = 0

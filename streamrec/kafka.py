@@ -29,6 +29,7 @@ __all__ = [
     "consumer_config",
     "ensure_topics",
     "producer_config",
+    "timing_consumer_config",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -60,6 +61,12 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "enable.auto.commit": False,
         **overrides,
     }
+
+
+def timing_consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """:func:`consumer_config` for a reader that times arrivals (with :func:`arrived`): the broker
+    answers a fetch within 5 ms instead of librdkafka's 500 when no record is there yet."""
+    return consumer_config(settings, group_id, **{"fetch.wait.max.ms": 5, **overrides})
 
 
 def arrived(consumer: Any, wait_s: float = 0.1, max_records: int = 1000) -> list[Any]:

@@ -50,3 +50,10 @@ def test_arrived_gives_what_is_fetched_in_one_call_and_nothing_from_an_empty_top
         assert got == [b"r%d" % k for k in range(5)]  # in order, each once
     finally:
         consumer.close()
+
+
+def test_timing_consumer_config_is_the_consumer_config_with_a_short_fetch_wait(settings) -> None:
+    from streamrec.kafka import consumer_config, timing_consumer_config
+
+    cfg = timing_consumer_config(settings, "g", **{"auto.offset.reset": "latest"})
+    assert cfg == {**consumer_config(settings, "g"), "fetch.wait.max.ms": 5, "auto.offset.reset": "latest"}
