@@ -321,6 +321,10 @@ def ingest(quick: bool, output: Path | None, synthetic_events: int | None, retai
 
 E2E_RATES = (100, 1000, 5000, 10000)
 E2E_SECONDS = 15.0
+# The warm-up's load (events/s, at most the highest level): on a broker just started with the full
+# JIT, the first ~50,000 records run while C2 compiles; a long-running broker is past that.
+WARMUP_RATE = 5_000.0
+WARMUP_S = 30.0
 # A load level counts as sustained when results stop within this long after the last event.
 DRAIN_BOUND_S = 5.0
 # How often the drain wait reads the worker's lag gauge, and the gauge's update interval in the
@@ -527,13 +531,14 @@ def _e2e_level(
     rng: np.random.Generator,
     sent_ts: dict[str, float],
     metrics_ports: Sequence[int] = (),
+    user_prefix: str = "bu",
 ) -> dict[str, Any]:
     from streamrec.events import Event, EventType, encode
 
     start_rows = len(reader.rows)
     before = _scrape_all_stages(metrics_ports) if metrics_ports else {}
     n = int(rate * seconds)
-    users = [f"bu{u}" for u in (rng.zipf(1.3, n) % n_users).tolist()]
+    users = [f"{user_prefix}{u}" for u in (rng.zipf(1.3, n) % n_users).tolist()]
     pop = [items[i] for i in (rng.zipf(1.2, n) % len(items)).tolist()]
     kinds = [EventType(t) for t in ("view", "click", "add_to_cart", "purchase")]
     types = [kinds[t] for t in rng.choice(4, n, p=[0.6, 0.3, 0.07, 0.03]).tolist()]
@@ -655,6 +660,7 @@ def _run_e2e_catalog(
     encoder: str,
     overload_s: float = 0.0,
     workers: int = 1,
+    warmup_s: float = 0.0,
 ) -> dict[str, Any]:
     import socket
     import subprocess
@@ -727,6 +733,12 @@ def _run_e2e_catalog(
         except StackError:  # Kafka and Redis are not the local stack's: only the worker is measured
             stack = {}
         pids = [p.pid for p in procs]
+        warmup: dict[str, Any] | None = None
+        if warmup_s > 0:  # not measured: the broker's JIT and the worker reach their steady state
+            rate = min(WARMUP_RATE, max(rates))
+            lv = _e2e_level(producer, reader, rate, warmup_s, items, 5000, rng, sent, metrics_ports, "wu")
+            warmup = {k: lv.get(k) for k in ("rate_events_per_s", "events", "p50_ms", "p99_ms", "drain_s")}
+            click.echo(f"[{tag}] warm-up {rate:.0f} events/s for {warmup_s:.0f} s (not measured): {warmup}")
         for rate in rates:
             cpu0, t0 = _cpu_of(pids), time.monotonic()
             side0, bench0 = {k: _cpu_seconds(pid)[0] for k, pid in stack.items()}, time.process_time()
@@ -753,6 +765,8 @@ def _run_e2e_catalog(
             lv["batches_per_worker"] = _batches(webs)  # since start: how the group split the load
             levels.append(lv)
         result: dict[str, Any] = {"items": len(items), "workers": workers, "levels": levels}
+        if warmup is not None:
+            result["warmup"] = warmup
         if overload_s > 0:  # 3x the highest sustained rate: memory bounded, lag drains, pushes coalesce
             sustained = [lv["rate_events_per_s"] for lv in levels if lv.get("sustained")] or [rates[0]]
             rate = 3 * max(sustained)
@@ -874,6 +888,13 @@ def _plot_e2e(result: dict[str, Any], path: Path) -> None:
     "--overload-s", type=float, default=60.0, show_default=True, help="Overload run length; 0: none."
 )
 @click.option(
+    "--warmup-s",
+    type=click.FloatRange(0, 600),
+    default=None,
+    help=f"Seconds of unmeasured load (5,000 events/s at most, other shoppers) before each catalog's "
+    f"levels, so that the levels see a warm broker and worker [default: {WARMUP_S:.0f}; --quick: 0].",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -887,6 +908,7 @@ def e2e(
     synthetic_items: int,
     rates: str | None,
     overload_s: float,
+    warmup_s: float | None,
     workers: int,
 ) -> None:
     """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
@@ -898,6 +920,7 @@ def e2e(
     s = get_settings()
     levels = tuple(float(r) for r in rates.split(",")) if rates else ((50,) if quick else E2E_RATES)
     seconds = 4.0 if quick else E2E_SECONDS
+    warmup_s = (0.0 if quick else WARMUP_S) if warmup_s is None else warmup_s
     if model_dir is None:
         model_dir = s.resolved_model_dir
         if not (model_dir / "catalog").exists():
@@ -910,6 +933,7 @@ def e2e(
         "bench": "e2e",
         "quick": quick,
         "seconds_per_level": seconds,
+        "warmup_s": warmup_s,
         "coalesce_ms": s.scoring.coalesce_ms,
         "top_k": s.scoring.top_k,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "gpu": _gpu_name()},
@@ -926,10 +950,19 @@ def e2e(
         "none",
         overload_s=0.0 if quick else overload_s,
         workers=workers,
+        warmup_s=warmup_s,
     )
     if syn_dir is not None:
         result["catalogs"]["synthetic"] = _run_e2e_catalog(
-            s, "synthetic", syn_dir, levels, seconds, work, "none", workers=workers
+            s,
+            "synthetic",
+            syn_dir,
+            levels,
+            seconds,
+            work,
+            "none",
+            workers=workers,
+            warmup_s=warmup_s,
         )
         ann = _ann_recall(syn_dir, s)
         result["catalogs"]["synthetic"]["ann"] = ann

@@ -65,7 +65,8 @@ class PrivateStack:
         k: dict = {}
         if kafka:
             ctl = free_port_run(2)  # the controller, and the secure broker's internal listener
-            k = {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": ctl}
+            # short-lived: C1 alone starts on less CPU (the full JIT pays off on a long-running broker)
+            k = {"bootstrap_servers": f"127.0.0.1:{free_port()}", "controller_port": ctl, "full_jit": False}
         r: dict = {"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster}
         if secure:
             ca = root / "tls" / "ca.crt"

@@ -274,6 +274,12 @@ class LocalStack:
             raise StackError("the local SCRAM user name and password cannot contain '\"'")
         return ["--add-scram", f'{k.sasl_mechanism.value}=[name="{k.sasl_username}",password="{pw}"]']
 
+    def jvm_options(self) -> list[str]:
+        """Heap, collector and JIT of the local broker's JVM (``kafka.heap``, ``kafka.full_jit``)."""
+        k = self.s.kafka
+        jit = [] if k.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a cheaper start, slower code
+        return [f"-Xmx{k.heap}", f"-Xms{k.heap}", "-XX:+UseG1GC", *jit]
+
     def start_kafka(self, timeout: float = 90.0) -> ServiceStatus:
         host, port = self.s.kafka.first_host_port
         pid = self._read_pid(self.kafka_pidfile)
@@ -320,10 +326,7 @@ class LocalStack:
             logs = self.kafka_dir / "logs"
             cmd = [
                 java,
-                f"-Xmx{self.s.kafka.heap}",
-                f"-Xms{self.s.kafka.heap}",
-                "-XX:+UseG1GC",
-                "-XX:TieredStopAtLevel=1",
+                *self.jvm_options(),
                 "-Djava.awt.headless=true",
                 f"-Dkafka.logs.dir={logs}",
                 f"-Dlog4j2.configurationFile={self.deploy / 'log4j2.yaml'}",

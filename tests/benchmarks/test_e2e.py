@@ -32,12 +32,16 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
 def test_bench_e2e_runs_a_group_of_workers_that_share_the_partitions(retail_model_dir, tmp_path) -> None:
     out = tmp_path / "e2e.json"
     args = ["bench", "e2e", "--quick", "--synthetic-items", "0", "--model-dir", str(retail_model_dir),
-            "--workers", "2", "--output", str(out)]  # fmt: skip
+            "--workers", "2", "--warmup-s", "2", "--output", str(out)]  # fmt: skip
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["workers"] == 2 and res["catalogs"]["online_retail"]["workers"] == 2
     (level,) = res["catalogs"]["online_retail"]["levels"]
+    # the unmeasured warm-up ran first (the quick level's 50 events/s for 2 s), apart from the level
+    warm = res["catalogs"]["online_retail"]["warmup"]
+    assert res["warmup_s"] == 2.0 and warm["rate_events_per_s"] == 50 and warm["events"] == 100, warm
+    assert level["events"] == 200 and level["results"] <= level["events"], level
     assert level["results"] > 0 and level["drain_s"] < 60.0, level  # the lag summed over both reached 0
     # both workers consumed: the group split the events topic's partitions between them
     assert len(level["batches_per_worker"]) == 2 and min(level["batches_per_worker"]) > 0, level

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
@@ -95,6 +96,7 @@ def _isolated_settings(tmp_path) -> Settings:
             "bootstrap_servers": f"127.0.0.1:{_free_port_for_tests()}",
             "controller_port": _free_port_for_tests(),
             "heap": "256m",
+            "full_jit": False,
         },
         redis={"url": f"redis://127.0.0.1:{_free_port_for_tests()}/0"},
     )
@@ -108,6 +110,9 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path):
     try:
         first = {r.name: r for r in st.up()}
         assert all(r.healthy and r.managed for r in first.values())
+        # the broker runs with the JVM options of its settings (here C1 only, 256 MB)
+        argv = Path(f"/proc/{first['kafka'].pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-XX:TieredStopAtLevel=1" in argv and b"-Xmx256m" in argv
         second = {r.name: r for r in st.up()}
         assert {n: r.pid for n, r in second.items()} == {n: r.pid for n, r in first.items()}
         status = {r.name: r for r in st.status()}
@@ -176,3 +181,11 @@ def test_kafka_start_timeout_names_the_log(tmp_path):
             st.start_kafka(timeout=0.5)
     finally:
         st.down()
+
+
+def test_broker_jvm_runs_the_full_jit_unless_told_otherwise(tmp_path):
+    """``kafka.full_jit`` (default on) leaves the JVM's tiered JIT whole; off, C1 alone."""
+    full = LocalStack(Settings().override(state_dir=tmp_path, kafka={"heap": "1g"}))
+    assert full.jvm_options() == ["-Xmx1g", "-Xms1g", "-XX:+UseG1GC"]
+    c1 = LocalStack(Settings().override(state_dir=tmp_path, kafka={"heap": "1g", "full_jit": False}))
+    assert c1.jvm_options()[-1] == "-XX:TieredStopAtLevel=1"
