@@ -26,6 +26,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -521,13 +522,65 @@ def _kafka_floor(s: Settings, rate: float, seconds: float) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Workload:
+    """Who and what the e2e levels' events are about, shaped after a real shop (see :func:`shaped_workload`)."""
+
+    items: list[str]
+    item_p: np.ndarray  # draw probability of each item
+    user_p: np.ndarray  # draw probability of each shopper (by activity rank)
+    burst_sizes: np.ndarray  # events a shopper sends at once (an order's lines), drawn uniformly
+
+    def shoppers(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Shopper ranks of ``n`` events: bursts of one shopper's events, shoppers by activity."""
+        sizes = rng.choice(self.burst_sizes, size=max(1, n))  # at least n events' worth
+        who = rng.choice(self.user_p.size, size=sizes.size, p=self.user_p)
+        return np.repeat(who, sizes)[:n]
+
+    def describe(self) -> dict[str, Any]:
+        top_i, top_u = np.sort(self.item_p)[::-1], np.sort(self.user_p)[::-1]
+        return {
+            "items": len(self.items),
+            "top_item_shares": [round(float(x), 4) for x in top_i[:3]],
+            "shoppers": int(self.user_p.size),
+            "top_shopper_shares": [round(float(x), 4) for x in top_u[:3]],
+            "mean_burst": round(float(self.burst_sizes.mean()), 2),
+        }
+
+
+def shaped_workload(ds, items: Sequence[str], bursts: bool = False) -> Workload:
+    """The dataset's shopper activity (each of its shoppers' share of the events) and item
+    popularity: each catalog item's own share when the catalog is the dataset's, else its
+    rank-share curve (a power law fitted on its 2,000 best sellers) over the catalog in a random
+    order. Online Retail: the busiest shopper 2 % of the events, the best seller 0.5 %.
+
+    Without ``bursts`` each event is drawn on its own (a clickstream: a shopper's views and clicks
+    come seconds apart, so nearly every event owes its own push); with them a shopper sends a
+    burst of events at once, sized like the dataset's orders (its events at one time: Online
+    Retail's invoices, 21 lines on average), and most of a burst coalesces into one push."""
+    inter = ds.interactions
+    sizes = np.ones(1, np.int64)
+    if bursts and "ts" in inter:
+        sizes = inter.groupby(["user_id", "ts"]).size().to_numpy(np.int64)
+    users = inter["user_id"].value_counts().to_numpy(np.float64)
+    counts = inter.loc[inter["item_id"].ne(""), "item_id"].value_counts()
+    known = counts.reindex(list(items)).to_numpy(np.float64)
+    if np.isfinite(known).mean() >= 0.5:  # the dataset's own catalog: its items' shares
+        item_w = np.where(np.isfinite(known), known, 0.5)  # never sold: half a sale
+    else:
+        top = counts.to_numpy(np.float64)[:2000]
+        slope = -np.polyfit(np.log(np.arange(1, top.size + 1)), np.log(top), 1)[0]
+        ranks = np.random.default_rng(1).permutation(len(items)) + 1.0
+        item_w = ranks**-slope
+    return Workload(list(items), item_w / item_w.sum(), users / users.sum(), sizes)
+
+
 def _e2e_level(
     producer,
     reader: _ResultsReader,
     rate: float,
     seconds: float,
-    items: list[str],
-    n_users: int,
+    load: Workload,
     rng: np.random.Generator,
     sent_ts: dict[str, float],
     metrics_ports: Sequence[int] = (),
@@ -538,8 +591,8 @@ def _e2e_level(
     start_rows = len(reader.rows)
     before = _scrape_all_stages(metrics_ports) if metrics_ports else {}
     n = int(rate * seconds)
-    users = [f"{user_prefix}{u}" for u in (rng.zipf(1.3, n) % n_users).tolist()]
-    pop = [items[i] for i in (rng.zipf(1.2, n) % len(items)).tolist()]
+    users = [f"{user_prefix}{u}" for u in load.shoppers(n, rng).tolist()]
+    pop = [load.items[i] for i in rng.choice(len(load.items), n, p=load.item_p).tolist()]
     kinds = [EventType(t) for t in ("view", "click", "add_to_cart", "purchase")]
     types = [kinds[t] for t in rng.choice(4, n, p=[0.6, 0.3, 0.07, 0.03]).tolist()]
     ids = [uuid.uuid4().hex for _ in range(n)]
@@ -658,10 +711,13 @@ def _run_e2e_catalog(
     seconds: float,
     log_dir: Path,
     encoder: str,
+    shop: Any,
+    bursts: bool = False,
     overload_s: float = 0.0,
     workers: int = 1,
     warmup_s: float = 0.0,
 ) -> dict[str, Any]:
+    """The levels on one catalog; ``shop`` (a dataset) shapes the events' shoppers and items."""
     import socket
     import subprocess
     import sys
@@ -720,6 +776,7 @@ def _run_e2e_catalog(
             wait_until_ready(proc, web, log)
         _wait_assigned(webs, s.topics.partitions)
         items = CatalogIndex.load(model_dir / "catalog").ids
+        load = shaped_workload(shop, items, bursts)
         reader = _ResultsReader(s)
         # the floor's producer settings (the worker's own linger), so that ours/floor compares like with like
         same_as_floor: dict[str, Any] = {"linger.ms": s.kafka.linger_ms}
@@ -736,13 +793,13 @@ def _run_e2e_catalog(
         warmup: dict[str, Any] | None = None
         if warmup_s > 0:  # not measured: the broker's JIT and the worker reach their steady state
             rate = min(WARMUP_RATE, max(rates))
-            lv = _e2e_level(producer, reader, rate, warmup_s, items, 5000, rng, sent, metrics_ports, "wu")
+            lv = _e2e_level(producer, reader, rate, warmup_s, load, rng, sent, metrics_ports, "wu")
             warmup = {k: lv.get(k) for k in ("rate_events_per_s", "events", "p50_ms", "p99_ms", "drain_s")}
             click.echo(f"[{tag}] warm-up {rate:.0f} events/s for {warmup_s:.0f} s (not measured): {warmup}")
         for rate in rates:
             cpu0, t0 = _cpu_of(pids), time.monotonic()
             side0, bench0 = {k: _cpu_seconds(pid)[0] for k, pid in stack.items()}, time.process_time()
-            lv = _e2e_level(producer, reader, rate, seconds, items, 5000, rng, sent, metrics_ports)
+            lv = _e2e_level(producer, reader, rate, seconds, load, rng, sent, metrics_ports)
             cpu1, dt = _cpu_of(pids), time.monotonic() - t0
             # cores used: the workers' event loop processes and their scoring processes; the broker
             # and Redis of the local stack; this process (load generator and results reader)
@@ -764,13 +821,14 @@ def _run_e2e_catalog(
             lv.update(_rss_of(pids))
             lv["batches_per_worker"] = _batches(webs)  # since start: how the group split the load
             levels.append(lv)
-        result: dict[str, Any] = {"items": len(items), "workers": workers, "levels": levels}
+        result: dict[str, Any] = {"items": len(items), "workers": workers, "workload": load.describe()}
+        result["levels"] = levels
         if warmup is not None:
             result["warmup"] = warmup
         if overload_s > 0:  # 3x the highest sustained rate: memory bounded, lag drains, pushes coalesce
             sustained = [lv["rate_events_per_s"] for lv in levels if lv.get("sustained")] or [rates[0]]
             rate = 3 * max(sustained)
-            lv = _e2e_level(producer, reader, rate, overload_s, items, 5000, rng, sent, metrics_ports)
+            lv = _e2e_level(producer, reader, rate, overload_s, load, rng, sent, metrics_ports)
             lv.update(_rss_of(pids), worker_alive=all(p.poll() is None for p in procs))
             lv["results_per_event"] = round(lv["results"] / max(lv["events"], 1), 3)
             click.echo(f"[{tag}] overload {rate:.0f} events/s for {overload_s:.0f} s: {lv}")
@@ -895,6 +953,19 @@ def _plot_e2e(result: dict[str, Any], path: Path) -> None:
     f"catalog's levels, so that they see a warm broker and worker [default: {WARMUP_S:.0f}; --quick: 0].",
 )
 @click.option(
+    "--dataset",
+    default="online-retail",
+    show_default=True,
+    help="Dataset (name or generic folder) whose shopper activity and item popularity shape the events.",
+)
+@click.option(
+    "--bursts/--no-bursts",
+    default=False,
+    show_default=True,
+    help="Shoppers send bursts of events sized like the dataset's orders (most of a burst coalesces "
+    "into one push); default: a clickstream, each event drawn on its own (about one push per event).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -910,6 +981,8 @@ def e2e(
     overload_s: float,
     warmup_s: float | None,
     workers: int,
+    dataset: str,
+    bursts: bool,
 ) -> None:
     """Event → result latency (p50/p95/p99) and results/s at several loads, two catalogs."""
     import tempfile
@@ -927,6 +1000,7 @@ def e2e(
             model_dir = s.state_dir / "model-pretrained"
             if not (model_dir / "catalog").exists():
                 ensure_pretrained(model_dir, load_dataset("online-retail", s.data_dir), s)
+    shop = load_dataset(dataset, s.data_dir)
     work = Path(tempfile.mkdtemp(prefix="streamrec-e2e-"))
     syn_dir = _synthetic_catalog_dir(work, 5_000 if quick else synthetic_items) if synthetic_items else None
     result: dict[str, Any] = {
@@ -936,6 +1010,8 @@ def e2e(
         "warmup_s": warmup_s,
         "coalesce_ms": s.scoring.coalesce_ms,
         "top_k": s.scoring.top_k,
+        "stream_shaped_after": shop.name,
+        "bursts": bursts,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "gpu": _gpu_name()},
         "catalogs": {},
     }
@@ -948,6 +1024,8 @@ def e2e(
         seconds,
         work,
         "none",
+        shop,
+        bursts,
         overload_s=0.0 if quick else overload_s,
         workers=workers,
         warmup_s=warmup_s,
@@ -961,6 +1039,8 @@ def e2e(
             seconds,
             work,
             "none",
+            shop,
+            bursts,
             workers=workers,
             # not warmed: the broker is warm from the first catalog, and 150,000 warm-up events
             # would grow this catalog's stream co-visitation far beyond what its levels start from

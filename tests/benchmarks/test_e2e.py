@@ -27,6 +27,10 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
     assert cores["worker"] > 0 and cores["kafka"] > 0 and cores["bench_client"] > 0
     assert res["kafka_floor"][0]["p50_ms"] > 0 and level["ratio_p50_vs_floor"] > 1
     assert (tmp_path / "e2e.png").is_file()
+    # the events follow Online Retail's shoppers and sales (its busiest shopper ~2 % of the events)
+    work = res["catalogs"]["online_retail"]["workload"]
+    assert res["stream_shaped_after"] == "online-retail" and work["shoppers"] > 4000, work
+    assert 0.01 < work["top_shopper_shares"][0] < 0.05 and work["top_item_shares"][0] < 0.02, work
 
 
 def test_bench_e2e_runs_a_group_of_workers_that_share_the_partitions(retail_model_dir, tmp_path) -> None:
