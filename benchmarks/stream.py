@@ -14,6 +14,10 @@ synthetic stream shaped like it (1M events; ``--quick``: 20k):
 Item vectors are seeded random unit vectors (dim 384, like the served encoder) for the
 dataset's item ids: ingest cost does not depend on their values, and no trained model is needed.
 Topics and Redis keys are unique to the run and removed at the end.
+
+``e2e`` (event produced → list received on the results topic) draws its events after a real
+shop (:func:`shaped_workload`: Online Retail's shopper activity and item sales), a clickstream
+by default, and measures the bare Kafka round trip beside it.
 """
 
 from __future__ import annotations
@@ -1042,8 +1046,8 @@ def e2e(
             shop,
             bursts,
             workers=workers,
-            # not warmed: the broker is warm from the first catalog, and 150,000 warm-up events
-            # would grow this catalog's stream co-visitation far beyond what its levels start from
+            # not warmed: the broker is warm from the first catalog, and on the earlier zipf stream
+            # 150,000 warm-up events grew this catalog's co-visitation far beyond its levels' start
         )
         ann = _ann_recall(syn_dir, s)
         result["catalogs"]["synthetic"]["ann"] = ann
