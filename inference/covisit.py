@@ -56,13 +56,22 @@ def window_meetings(
     return window
 
 
+# A base this full (nnz x DENSE_BASE_FILL >= n^2) and at most this large is also kept dense: a
+# round's product is then one sparse x dense product (each of a user's items adds its row), about
+# 4x faster than the sparse x sparse one on Online Retail (3,659 items, 24 % full: a 54 MB copy).
+DENSE_BASE_FILL = 8
+DENSE_BASE_MAX_ITEMS = 6_000
+
+
 class _Published(NamedTuple):
     """What a scoring call reads, swapped as one reference: counts = ``base`` + ``delta`` (the
-    recent folds, small) and each item's 1/sqrt(users)."""
+    recent folds, small), each item's 1/sqrt(users), and ``base`` as a dense array when it is
+    small and full enough (else None)."""
 
     base: sp.csr_matrix
     delta: sp.csr_matrix
     inv: np.ndarray
+    dense: np.ndarray | None = None
 
 
 class CoVisitation:
@@ -159,7 +168,13 @@ class CoVisitation:
         inv = np.ones(n, np.float32)
         k = min(n, users.size)
         inv[:k] = 1.0 / np.sqrt(np.maximum(users[:k], 1.0))
-        return _Published(base, delta, inv)
+        prev = getattr(self, "_state", None)
+        dense = None
+        if prev is not None and prev.base is base:  # unchanged base: its dense copy stays
+            dense = prev.dense
+        elif n <= DENSE_BASE_MAX_ITEMS and base.nnz * DENSE_BASE_FILL >= n * n:
+            dense = base.toarray()
+        return _Published(base, delta, inv, dense)
 
     def counts(self) -> sp.csr_matrix:
         """Every count folded so far (the seed's and the stream's), as one CSR matrix."""
@@ -193,14 +208,7 @@ class CoVisitation:
         s_u(j) = Σ_i w_ui C_ij / sqrt(n_i n_j): the users' items weighted by w_ui / sqrt(n_i), one
         sparse product with the counts, the columns scaled by 1/sqrt(n_j)."""
         st = self._state  # one published state for the whole call
-        k = st.base.shape[0]
-        ok = items < k
-        if weights is None:
-            w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
-            w.data[:] = st.inv[w.indices]  # an item counts once per user (duplicates were summed)
-        else:
-            r, i = rows[ok], items[ok]
-            w = sp.csr_matrix((np.asarray(weights, np.float32)[ok] * st.inv[i], (r, i)), shape=(m, k))
+        w = self._user_weights(st, rows, items, m, weights)
         prod = w @ st.base
         if st.delta.nnz:
             prod = prod + w @ st.delta
@@ -209,6 +217,40 @@ class CoVisitation:
             prod.sum_duplicates()  # also sorts the indices
         prod.data *= st.inv[prod.indices]
         return prod
+
+    @property
+    def has_dense(self) -> bool:
+        """The counts are small and full enough to score densely (:meth:`scores_dense`)."""
+        return self._state.dense is not None
+
+    def scores_dense(
+        self, rows: np.ndarray, items: np.ndarray, m: int, weights: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """:meth:`scores_csr` as a dense (m, rows counted so far) float32 array, from the dense
+        copy of the base (one sparse x dense product); None when there is no dense copy."""
+        st = self._state
+        if st.dense is None:
+            return None
+        w = self._user_weights(st, rows, items, m, weights)
+        out = np.asarray(w @ st.dense, np.float32)
+        if st.delta.nnz:
+            out += (w @ st.delta).toarray()
+        out *= st.inv[None, :]
+        return out
+
+    @staticmethod
+    def _user_weights(
+        st: _Published, rows: np.ndarray, items: np.ndarray, m: int, weights: np.ndarray | None
+    ) -> sp.csr_matrix:
+        """(m, rows counted) CSR: each user's items weighted by w_ui / sqrt(n_i)."""
+        k = st.base.shape[0]
+        ok = items < k
+        if weights is None:
+            w = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(m, k))
+            w.data[:] = st.inv[w.indices]  # an item counts once per user (duplicates were summed)
+            return w
+        r, i = rows[ok], items[ok]
+        return sp.csr_matrix((np.asarray(weights, np.float32)[ok] * st.inv[i], (r, i)), shape=(m, k))
 
     @property
     def nnz(self) -> int:

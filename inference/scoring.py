@@ -330,11 +330,15 @@ class Scorer:
             moments = _moment_rank(rows, ts)
             rows, items = rows[first], items[first]
             weights = np.power(np.float32(cfg.covisit_recency), moments[first]).astype(np.float32)
+        dense = cv.scores_dense(rows, items, m, weights=weights)  # a small, full catalog: dense
+        if dense is not None:
+            return self._covisit_dense(_widened(dense, n), excl_rows, excl_items, unavailable)
         S = cv.scores_csr(rows, items, m, canonical=False, weights=weights)
         if S.shape[1] > n:  # rows counted beyond the catalog score nothing
             S = S[:, :n]
         if S.nnz * DENSE_COVISIT_FILL >= m * n:
-            return self._covisit_dense(S, excl_rows, excl_items, unavailable)
+            w = min(n, S.shape[1])
+            return self._covisit_dense(_widened(S[:, :w].toarray(), n), excl_rows, excl_items, unavailable)
         S.sum_duplicates()  # sorted columns: the keys below come out ascending
         counts = np.diff(S.indptr)
         nonempty = np.flatnonzero(counts)
@@ -362,13 +366,10 @@ class Scorer:
         return scores, (r_of[best], cols[best])
 
     def _covisit_dense(
-        self, S_csr: Any, excl_rows: np.ndarray, excl_items: np.ndarray, unavailable: np.ndarray
+        self, S: np.ndarray, excl_rows: np.ndarray, excl_items: np.ndarray, unavailable: np.ndarray
     ) -> tuple[_DenseScores, tuple[np.ndarray, np.ndarray] | None]:
-        """:meth:`_covisit` on a dense (m, n) array (the catalog's rows beyond the counted ones: 0)."""
-        m, n = S_csr.shape[0], len(self.catalog.ids)
-        S = np.zeros((m, n), np.float32)
-        w = min(n, S_csr.shape[1])
-        S[:, :w] = S_csr[:, :w].toarray()
+        """:meth:`_covisit` on the dense (m, n) scores ``S`` (scaled here, in place)."""
+        n = S.shape[1]
         S /= np.maximum(S.max(1, keepdims=True), 1e-12)
         k = min(self.cfg.covisit_candidates, n)
         if k <= 0:
@@ -581,10 +582,12 @@ class Scorer:
         quota_binds = bool((np.minimum(prebuy[:, :kk].sum(1), kk) > quota).any())
         if (lam >= 1.0 and not quota_binds) or pool <= 1:
             return np.where(np.isfinite(prel[:, :kk]), cols[:, :kk], -1)
-        H = self.catalog.matrix[np.maximum(np.take_along_axis(idx, cols, 1), 0)]  # (m, pool, dim)
-        # Pool-to-pool similarities, one batched BLAS product (m, pool, pool): about half the time of
-        # a mat-vec per step, and each step then only gathers its pick's row.
-        G = np.matmul(H, H.transpose(0, 2, 1)) if lam < 1.0 else None
+        G = None
+        if lam < 1.0:  # relevance only (a binding buy-again quota): no similarities needed
+            H = self.catalog.matrix[np.maximum(np.take_along_axis(idx, cols, 1), 0)]  # (m, pool, dim)
+            # Pool-to-pool similarities, one batched BLAS product (m, pool, pool): about half the time
+            # of a mat-vec per step, and each step then only gathers its pick's row.
+            G = np.matmul(H, H.transpose(0, 2, 1))
         ar = np.arange(m)
         base = lam * prel  # the relevance part of every step's score
         # alive: not picked, finite relevance, and not a re-buy once the row's quota is used up.
@@ -876,3 +879,14 @@ class _SparseScores:
         hit = (idx >= 0) & (self.keys[pos] == q)
         out[hit] = self.values[pos[hit]]
         return out
+
+
+def _widened(S: np.ndarray, n: int) -> np.ndarray:
+    """Dense scores with exactly ``n`` columns: the catalog's rows beyond the counted ones score 0,
+    counted rows beyond the catalog are dropped."""
+    if S.shape[1] == n:
+        return S
+    out = np.zeros((S.shape[0], n), np.float32)
+    w = min(n, S.shape[1])
+    out[:, :w] = S[:, :w]
+    return out

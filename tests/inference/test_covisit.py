@@ -207,13 +207,16 @@ def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None
     """A round's co-visitation scores are dense on a small catalog and sparse on a large one
     (inference.scoring.DENSE_COVISIT_FILL): both forms must rank every user the same, with
     exclusions, unavailable items and users without co-visited items in the batch."""
+    import inference.covisit as covisit
     import inference.scoring as scoring
 
     n = 400
     cat = _catalog(n, 16, seed=3)
     g = np.random.default_rng(5)
     seqs = [list(g.choice(n, 12, replace=False)) for _ in range(300)]
+    monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", 0)  # this one scores sparse x sparse
     cv = CoVisitation.fit(n, seqs, window=4)
+    assert not cv.has_dense
     cat.upsert(["i7", "i8"], cat.matrix[[7, 8]], available=[False, False])
     reqs = []
     for u in range(24):
@@ -242,6 +245,13 @@ def test_sparse_and_dense_co_visitation_give_the_same_lists(monkeypatch) -> None
 
     dense, sparse = lists(10**9), lists(0)
     assert dense == sparse
+    # a small, full catalog keeps its counts dense too: the same lists from one sparse x dense product
+    monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", 6_000)
+    cv_dense = CoVisitation.fit(n, seqs, window=4)
+    assert cv_dense.has_dense  # 400 items, ~18 % of the pairs counted
+    scorer.covisit = cv_dense
+    assert lists(0) == sparse
+    scorer.covisit = cv
     shown = {i for lst in dense for i, _, _ in lst}
     assert not shown & {"i7", "i8"}  # unavailable
     # the two forms themselves: the same score at every catalog row, the same extra candidates
@@ -308,3 +318,29 @@ def test_moment_rank_counts_distinct_newer_times_per_row() -> None:
     rows = np.array([0, 0, 0, 0, 1, 1, 2])
     ts = np.array([50, 50, 40, 10, 7, 9, 3])
     np.testing.assert_array_equal(_moment_rank(rows, ts), [0, 0, 1, 2, 1, 0, 0])
+
+
+def test_dense_counts_score_as_the_sparse_product_with_recent_folds_and_weights(monkeypatch) -> None:
+    """``scores_dense`` (the dense copy of the base) equals ``scores_csr``: base and recent folds,
+    recency weights, rows counted beyond the users' items; a sparse base keeps no dense copy."""
+    import inference.covisit as covisit
+
+    n = 60
+    g = np.random.default_rng(2)
+    seqs = [list(g.choice(n, 10, replace=False)) for _ in range(80)]
+    cv = CoVisitation.fit(n, seqs, window=5)
+    assert cv.has_dense
+    cv.add(np.array([1, 2, 3]), np.array([4, 5, 6]), np.array([1, 4]))  # a fold into the delta
+    cv.fold()
+    assert cv._state.delta.nnz > 0 and cv.has_dense
+    rows = np.array([0, 0, 1, 2, 2, 2], np.int64)
+    items = np.array([1, 7, 4, 3, 9, 30], np.int64)
+    for w in (None, np.array([1.0, 0.6, 1.0, 1.0, 0.6, 0.36], np.float32)):
+        dense = cv.scores_dense(rows, items, 4, weights=w)
+        assert dense is not None and dense.dtype == np.float32 and dense.shape == (4, n)
+        ref = cv.scores_csr(rows, items, 4, weights=w).toarray()
+        np.testing.assert_allclose(dense, ref, rtol=1e-6, atol=1e-7)
+        assert not dense[3].any()  # a user without items
+    monkeypatch.setattr(covisit, "DENSE_BASE_FILL", 0)  # no base counts as full enough to keep dense
+    sparse = CoVisitation.fit(n, seqs, window=5)
+    assert not sparse.has_dense and sparse.scores_dense(rows, items, 4) is None
