@@ -1020,35 +1020,20 @@ def e2e(
         "catalogs": {},
     }
     result["workers"] = workers
-    result["catalogs"]["online_retail"] = _run_e2e_catalog(
-        s,
-        "online_retail",
-        model_dir,
-        levels,
-        seconds,
-        work,
-        "none",
-        shop,
-        bursts,
-        overload_s=0.0 if quick else overload_s,
-        workers=workers,
-        warmup_s=warmup_s,
+
+    def catalog(tag: str, folder: Path, **kw: Any) -> dict[str, Any]:
+        return _run_e2e_catalog(
+            s, tag, folder, levels, seconds, work, "none", shop, bursts, workers=workers, **kw
+        )
+
+    oload = 0.0 if quick else overload_s
+    result["catalogs"]["online_retail"] = catalog(
+        "online_retail", model_dir, overload_s=oload, warmup_s=warmup_s
     )
     if syn_dir is not None:
-        result["catalogs"]["synthetic"] = _run_e2e_catalog(
-            s,
-            "synthetic",
-            syn_dir,
-            levels,
-            seconds,
-            work,
-            "none",
-            shop,
-            bursts,
-            workers=workers,
-            # not warmed: the broker is warm from the first catalog, and on the earlier zipf stream
-            # 150,000 warm-up events grew this catalog's co-visitation far beyond its levels' start
-        )
+        # not warmed: the broker is warm from the first catalog, and on the earlier zipf stream
+        # 150,000 warm-up events grew this catalog's co-visitation far beyond its levels' start
+        result["catalogs"]["synthetic"] = catalog("synthetic", syn_dir)
         ann = _ann_recall(syn_dir, s)
         result["catalogs"]["synthetic"]["ann"] = ann
         result["catalogs"]["synthetic"]["ann_recall_at_20"] = ann.get("recall_at_20")
