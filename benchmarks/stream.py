@@ -32,11 +32,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
 import orjson
+import pandas as pd
 
 from streamrec.kafka import arrived, timing_consumer_config
 from streamrec.settings import Settings, get_settings
@@ -60,6 +61,25 @@ class _NullDeadLetters:
             raise RuntimeError(f"{len(letters)} unexpected dead letters in the bench stream")
 
 
+class ShopCounts(NamedTuple):
+    """What a dataset says about its shop's traffic: each shopper's events, each item's, and the
+    sizes of its orders (a shopper's events at one time), ids in sorted order."""
+
+    users: np.ndarray
+    user_events: np.ndarray
+    items: np.ndarray
+    item_events: np.ndarray
+    order_sizes: np.ndarray
+
+
+def shop_counts(ds) -> ShopCounts:
+    """:class:`ShopCounts` of a dataset (the ingest bench's stream and the e2e levels' shape)."""
+    inter = ds.interactions
+    users, ucount = np.unique(inter["user_id"].to_numpy(), return_counts=True)
+    items, icount = np.unique(inter["item_id"].to_numpy(), return_counts=True)
+    return ShopCounts(users, ucount, items, icount, inter.groupby(["user_id", "ts"]).size().to_numpy())
+
+
 def synthetic_retail(ds, n: int, seed: int = 0) -> list[bytes]:
     """``n`` purchase events shaped like Online Retail: its user activity, item popularity,
     invoice sizes (bursts of lines at one time) and event rate, with fresh ids."""
@@ -67,9 +87,7 @@ def synthetic_retail(ds, n: int, seed: int = 0) -> list[bytes]:
 
     rng = np.random.default_rng(seed)
     inter = ds.interactions
-    users, ucount = np.unique(inter["user_id"].to_numpy(), return_counts=True)
-    items, icount = np.unique(inter["item_id"].to_numpy(), return_counts=True)
-    inv = inter.groupby(["user_id", "ts"]).size().to_numpy()
+    users, ucount, items, icount, inv = shop_counts(ds)
     span = float(inter["ts"].max() - inter["ts"].min())
     gap_ms = span / max(len(inv), 1)
     cat = ds.item_category()
@@ -562,17 +580,16 @@ def shaped_workload(ds, items: Sequence[str], bursts: bool = False) -> Workload:
     come seconds apart, so nearly every event owes its own push); with them a shopper sends a
     burst of events at once, sized like the dataset's orders (its events at one time: Online
     Retail's invoices, 21 lines on average), and most of a burst coalesces into one push."""
-    inter = ds.interactions
-    sizes = np.ones(1, np.int64)
-    if bursts and "ts" in inter:
-        sizes = inter.groupby(["user_id", "ts"]).size().to_numpy(np.int64)
-    users = inter["user_id"].value_counts().to_numpy(np.float64)
-    counts = inter.loc[inter["item_id"].ne(""), "item_id"].value_counts()
+    shop = shop_counts(ds)
+    sizes = shop.order_sizes.astype(np.int64) if bursts else np.ones(1, np.int64)
+    users = np.sort(shop.user_events.astype(np.float64))[::-1]  # by activity rank
+    sold = shop.items != ""
+    counts = pd.Series(shop.item_events[sold].astype(np.float64), index=shop.items[sold])
     known = counts.reindex(list(items)).to_numpy(np.float64)
     if np.isfinite(known).mean() >= 0.5:  # the dataset's own catalog: its items' shares
         item_w = np.where(np.isfinite(known), known, 0.5)  # never sold: half a sale
     else:
-        top = counts.to_numpy(np.float64)[:2000]
+        top = np.sort(counts.to_numpy())[::-1][:2000]
         slope = -np.polyfit(np.log(np.arange(1, top.size + 1)), np.log(top), 1)[0]
         ranks = np.random.default_rng(1).permutation(len(items)) + 1.0
         item_w = ranks**-slope
@@ -998,13 +1015,14 @@ def e2e(
     levels = tuple(float(r) for r in rates.split(",")) if rates else ((50,) if quick else E2E_RATES)
     seconds = 4.0 if quick else E2E_SECONDS
     warmup_s = (0.0 if quick else WARMUP_S) if warmup_s is None else warmup_s
+    shop = load_dataset(dataset, s.data_dir)
     if model_dir is None:
         model_dir = s.resolved_model_dir
         if not (model_dir / "catalog").exists():
             model_dir = s.state_dir / "model-pretrained"
             if not (model_dir / "catalog").exists():
-                ensure_pretrained(model_dir, load_dataset("online-retail", s.data_dir), s)
-    shop = load_dataset(dataset, s.data_dir)
+                retail = shop if shop.name == "online-retail" else load_dataset("online-retail", s.data_dir)
+                ensure_pretrained(model_dir, retail, s)
     work = Path(tempfile.mkdtemp(prefix="streamrec-e2e-"))
     syn_dir = _synthetic_catalog_dir(work, 5_000 if quick else synthetic_items) if synthetic_items else None
     result: dict[str, Any] = {

@@ -99,7 +99,7 @@ class CoVisitation:
         self._dirty = False  # pairs or user counts added since the last fold
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()  # one fold at a time (a background one, or a save)
-        self._state = self._build(base, _empty(base.shape[0]), self._users)
+        self._state = self._build(base, _empty(base.shape[0]), self._users, None)
 
     @property
     def n(self) -> int:
@@ -158,9 +158,11 @@ class CoVisitation:
         if pa:
             a, b = np.concatenate(pa), np.concatenate(pb)
             delta = (delta + sp.csr_matrix((np.ones(a.size, np.float32), (a, b)), shape=(n, n))).tocsr()
-        self._state = self._build(base, delta, users)
+        self._state = self._build(base, delta, users, st)
 
-    def _build(self, base: sp.csr_matrix, delta: sp.csr_matrix, users: np.ndarray) -> _Published:
+    def _build(
+        self, base: sp.csr_matrix, delta: sp.csr_matrix, users: np.ndarray, prev: _Published | None
+    ) -> _Published:
         """The state to publish; the delta is merged into the base once it has grown large."""
         if delta.nnz and delta.nnz >= self.merge_fraction * max(base.nnz, 1):
             base, delta = (base + delta).tocsr(), _empty(base.shape[0])
@@ -168,7 +170,6 @@ class CoVisitation:
         inv = np.ones(n, np.float32)
         k = min(n, users.size)
         inv[:k] = 1.0 / np.sqrt(np.maximum(users[:k], 1.0))
-        prev = getattr(self, "_state", None)
         dense = None
         if prev is not None and prev.base is base:  # unchanged base: its dense copy stays
             dense = prev.dense

@@ -337,8 +337,7 @@ class Scorer:
         if S.shape[1] > n:  # rows counted beyond the catalog score nothing
             S = S[:, :n]
         if S.nnz * DENSE_COVISIT_FILL >= m * n:
-            w = min(n, S.shape[1])
-            return self._covisit_dense(_widened(S[:, :w].toarray(), n), excl_rows, excl_items, unavailable)
+            return self._covisit_dense(_widened(S.toarray(), n), excl_rows, excl_items, unavailable)
         S.sum_duplicates()  # sorted columns: the keys below come out ascending
         counts = np.diff(S.indptr)
         nonempty = np.flatnonzero(counts)

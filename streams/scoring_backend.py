@@ -138,7 +138,9 @@ def build_scorer(
             fold_in_background=s.scoring.covisit_fold_background,
         )
         log.info(
-            "co-visitation: %d pairs from the model folder's seed, learning from the stream", covisit.nnz
+            "co-visitation: %d pairs from the model folder's seed (%s), learning from the stream",
+            covisit.nnz,
+            "kept dense too" if covisit.has_dense else "sparse",
         )
     scorer = Scorer(
         catalog,

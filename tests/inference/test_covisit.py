@@ -150,10 +150,10 @@ def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices
     started, release = threading.Event(), threading.Event()
     real = cv._build
 
-    def slow(base, delta, users):  # hold the fold until the test has scored meanwhile
+    def slow(*args):  # hold the fold until the test has scored meanwhile
         started.set()
         release.wait(10)
-        return real(base, delta, users)
+        return real(*args)
 
     cv._build = slow  # type: ignore[method-assign]
     index_of = lambda ids: np.array([int(x[1:]) for x in ids], np.int64)  # noqa: E731
