@@ -17,3 +17,9 @@ redis_seconds = Histogram(
     ["op"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+profile_cache = Counter(
+    "streamrec_profile_cache",
+    "Users of a batch by where their profile came from: hit (the copy the worker last wrote), miss "
+    "(read from Redis), outdated (a cached copy the write found out of date: read again).",
+    ["result"],
+)

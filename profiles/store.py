@@ -26,6 +26,12 @@ Exactly-once effect (Kafka delivers at least once):
   and recomputed (``profile.write_retries`` times).
 
 Reads and writes are one pipeline round trip each per batch (plus one per conflict retry).
+Users the store wrote recently skip the read (``profile.cache_users``): it keeps the profiles as
+it last wrote them, and the compare-and-set of a cached copy also checks the hash's write token
+(new at every write: nobody, not even a delete and new writes up to the same version, wrote the
+user since) and that none of the batch's event ids is applied yet (the check the read's
+ZMSCORE makes otherwise). A copy that fails either check is dropped and the user read and
+computed again, in the same batch.
 The whole profile is one hash field and the applied event ids go as one msgpack argument, so a
 write sends about a dozen arguments per user whatever its number of events (rather than forty
 plus two per event: command packing in the client was a third of the profile stage), and a read
@@ -35,9 +41,12 @@ still read, and rewritten in the current layout, their old fields removed, by th
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,24 +71,35 @@ _ids_encoder = msgspec.msgpack.Encoder()
 
 # Compare-and-set write of one user: profile fields, offsets and applied event ids.
 # KEYS: profile hash, ids zset. ARGV: expected version, #field args, #ids, ids to keep, #fields
-# to delete, field/value pairs..., the ids as one msgpack array [score, member, ...], fields to
-# delete...  Returns the new version or -1 on conflict. The ids travel as one argument (Redis's
-# Lua has cmsgpack): as two arguments per event, packing them in the client was a quarter of
-# the profile stage. Scores are event times in ms, exact in a Lua number.
+# to delete, expected write token ('' = the profile was just read), new write token, field/value
+# pairs..., the ids as one msgpack array [score, member, ...], fields to delete...
+# Returns {new version, dedupe horizon}; {-1, 0} when the user was written since (version or
+# token moved), {-2, 0} when written from a cached copy and one of the ids is applied already.
+# The ids travel as one argument (Redis's Lua has cmsgpack): as two arguments per event, packing
+# them in the client was a quarter of the profile stage. Scores are event times in ms, exact in a
+# Lua number. The token, new at every write, tells a cached copy from a user deleted and written
+# again up to the same version.
 _WRITE_LUA = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if cur ~= tonumber(ARGV[1]) then return -1 end
+if cur ~= tonumber(ARGV[1]) then return {-1, 0} end
 local nf = tonumber(ARGV[2])
 local ni = tonumber(ARGV[3])
 local keep = tonumber(ARGV[4])
 local nd = tonumber(ARGV[5])
-local base = 5
-redis.call('HSET', KEYS[1], 'v', cur + 1, unpack(ARGV, base + 1, base + nf))
+local base = 7
+local ids = {}
+if ni > 0 then ids = cmsgpack.unpack(ARGV[base + nf + 1]) end
+if ARGV[6] ~= '' then
+  if (redis.call('HGET', KEYS[1], 'w') or '') ~= ARGV[6] then return {-1, 0} end
+  for i = 2, 2 * ni, 2 do
+    if redis.call('ZSCORE', KEYS[2], ids[i]) then return {-2, 0} end
+  end
+end
+redis.call('HSET', KEYS[1], 'v', cur + 1, 'w', ARGV[7], unpack(ARGV, base + 1, base + nf))
 if nd > 0 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, base + nf + 2, base + nf + 1 + nd))
 end
 if ni > 0 then
-  local ids = cmsgpack.unpack(ARGV[base + nf + 1])
   local i = 1
   local last = 2 * ni
   while i <= last do
@@ -95,7 +115,7 @@ if ni > 0 then
     redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
   end
 end
-return cur + 1
+return {cur + 1, tonumber(redis.call('HGET', KEYS[1], 'hz') or '0')}
 """
 
 
@@ -170,6 +190,7 @@ class _Blob(msgspec.Struct, array_like=True):
 _BLOB_FIELD = "b"
 _OFFSET_PREFIX = "o:"
 _SCRIPT_FIELDS = ("version", "v"), ("dedupe_horizon_ts", "hz")  # written by _WRITE_LUA only
+# Also written by _WRITE_LUA only: the write token ("w"), read by the script alone.
 _BLOB_ENCODER = msgspec.msgpack.Encoder()
 _BLOB_DECODER = msgspec.msgpack.Decoder(_Blob)
 
@@ -243,6 +264,7 @@ class _UserEvents:
 
     profile: Profile  # as read (an empty one for a new user)
     legacy: bool = False  # stored in the older one-field-per-attribute layout (rewrite it)
+    cached: str = ""  # write token of the cached copy the profile came from ("" = read from Redis)
     kept: list[int] = field(default_factory=list)  # batch indices of the events to apply
     offsets: dict[str, int] = field(default_factory=dict)  # newest offset of the events, by topic:partition
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -269,6 +291,11 @@ class ProfileStore:
         self.prefix = settings.redis.prefix
         self._write = redis_client.register_script(_WRITE_LUA)
         self._clear = redis_client.register_script(_CLEAR_PENDING_LUA)
+        # user -> (profile as last written, its write token); least recently written first.
+        self._cache: OrderedDict[str, tuple[Profile, str]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._tokens = itertools.count()
+        self._token_prefix = os.urandom(6).hex()
 
     # -- keys ------------------------------------------------------------------------------
     def profile_key(self, user_id: str) -> str:
@@ -315,8 +342,32 @@ class ProfileStore:
 
     def delete_users(self, user_ids: Sequence[str]) -> int:
         """Forget users (profile and dedupe ids). Returns the number of keys removed."""
+        self._take_cached([str(u) for u in user_ids])
         keys = [k for u in user_ids for k in (self.profile_key(u), self.ids_key(u))]
         return int(self.redis.delete(*keys)) if keys else 0
+
+    # -- the cache of written profiles ----------------------------------------------------
+    def _take_cached(self, users: Sequence[str]) -> dict[str, tuple[Profile, str]]:
+        """Remove and return the cached copies of these users (put back once written again)."""
+        if not self.cfg.cache_users:
+            return {}
+        with self._cache_lock:
+            pop = self._cache.pop
+            out = {u: hit for u in users if (hit := pop(u, None)) is not None}
+        metrics.profile_cache.labels("hit").inc(len(out))
+        metrics.profile_cache.labels("miss").inc(len(users) - len(out))
+        return out
+
+    def _put_cached(self, written: Sequence[tuple[str, Profile, str]]) -> None:
+        cap = self.cfg.cache_users
+        if not cap or not written:
+            return
+        with self._cache_lock:
+            cache = self._cache
+            for u, p, token in written[-cap:]:
+                cache[u] = (p, token)
+            while len(cache) > cap:
+                cache.popitem(last=False)
 
     @staticmethod
     def _decode(user_id: str, h: Mapping[bytes, bytes]) -> Profile:
@@ -408,17 +459,40 @@ class ProfileStore:
         item_vectors: np.ndarray,
         query_vectors: Mapping[int, np.ndarray],
         res: ApplyResult,
+        use_cache: bool = True,
     ) -> list[str]:
-        """Read, de-duplicate, compute and write the given users; return the conflicted ones."""
+        """Read (or take from the cache), de-duplicate, compute and write the given users; return
+        the conflicted ones. Users whose cached copy was out of date are done again from Redis."""
         users = list(by_user)
-        raw = self._read_users(users, by_user, events)
-        state = [
-            self._dedupe(u, raw[2 * k], raw[2 * k + 1], by_user[u], events, positions)
-            for k, u in enumerate(users)
-        ]
+        cached = self._take_cached(users) if use_cache else {}
+        misses = [u for u in users if u not in cached]
+        raw = iter(self._read_users(misses, by_user, events) if misses else ())
+        state = []
+        for u in users:
+            hit = cached.get(u)
+            if hit is None:
+                h, scores = next(raw), next(raw)
+                ue = _UserEvents(
+                    self._decode(u, h) if h else Profile(user_id=u),
+                    legacy=bool(h) and _BLOB_FIELD.encode() not in h,
+                )
+            else:  # the ids are checked by the write
+                ue, scores = _UserEvents(hit[0], cached=hit[1]), None
+            state.append(self._dedupe(ue, scores, by_user[u], events, positions))
         updated = self._compute(state, events, item_vectors, query_vectors)
-        conflicted = self._write_users(users, state, updated, events)
-        _tally(users, state, updated, conflicted, res)
+        conflicted, outdated = self._write_users(users, state, updated, events)
+        _tally(users, state, updated, [*conflicted, *outdated], res)
+        if outdated:
+            metrics.profile_cache.labels("outdated").inc(len(outdated))
+            conflicted += self._apply_users(
+                {u: by_user[u] for u in outdated},
+                events,
+                positions,
+                item_vectors,
+                query_vectors,
+                res,
+                use_cache=False,
+            )
         return conflicted
 
     def _read_users(
@@ -435,20 +509,16 @@ class ProfileStore:
         metrics.redis_seconds.labels("read").observe(time.perf_counter() - t0)
         return raw
 
+    @staticmethod
     def _dedupe(
-        self,
-        user: str,
-        h: Mapping[bytes, bytes],
-        scores: Sequence[float | None],
+        ue: _UserEvents,
+        scores: Sequence[float | None] | None,
         indices: Sequence[int],
         events: Sequence[Event],
         positions: Sequence[Position | None] | None,
     ) -> _UserEvents:
-        """Decode a user's profile and keep the events not applied yet (replays, duplicates, stale)."""
-        ue = _UserEvents(
-            self._decode(user, h) if h else Profile(user_id=user),
-            legacy=bool(h) and _BLOB_FIELD.encode() not in h,
-        )
+        """Keep the user's events not applied yet (replays, duplicates, stale). ``scores`` (the
+        events' ids in the user's applied-id set) is None for a cached profile: its write checks."""
         prof, offs, skips = ue.profile, ue.offsets, ue.skipped
         seen: set[str] = set()
         for j, i in enumerate(indices):
@@ -459,7 +529,7 @@ class ProfileStore:
                     skips["duplicate"] += 1
                     continue
                 offs[pos.tp] = max(offs.get(pos.tp, -1), pos.offset)
-            if scores[j] is not None or e.event_id in seen:
+            if (scores is not None and scores[j] is not None) or e.event_id in seen:
                 skips["duplicate"] += 1
                 continue
             if e.ts < prof.dedupe_horizon_ts:
@@ -494,8 +564,9 @@ class ProfileStore:
         state: Sequence[_UserEvents],
         updated: Mapping[int, Profile],
         events: Sequence[Event],
-    ) -> list[str]:
-        """One pipeline: a compare-and-set write per updated user; return the conflicted users.
+    ) -> tuple[list[str], list[str]]:
+        """One pipeline: a compare-and-set write per updated user. Returns the conflicted users
+        and those whose cached copy was out of date; the users written go to the cache.
 
         The script goes as a bare EVALSHA: a registered script in a redis-py pipeline costs a
         SCRIPT EXISTS round trip on every execute. When Redis lost its script cache (a restart)
@@ -510,7 +581,21 @@ class ProfileStore:
             out, order = self._send_writes(users, state, updated, events)
         metrics.redis_seconds.labels("write").observe(time.perf_counter() - t0)
         # Replies by position: the watermark-only HSETs of other users sit in the same pipeline.
-        return [users[k] for k, pos in order if int(out[pos]) < 0]
+        conflicted: list[str] = []
+        outdated: list[str] = []
+        written: list[tuple[str, Profile, str]] = []
+        for k, pos, token in order:
+            version, horizon = (int(x) for x in out[pos])
+            if version > 0:
+                p = updated[k]
+                p.version, p.dedupe_horizon_ts = version, horizon
+                written.append((users[k], p, token))
+            elif state[k].cached:  # not a concurrent write in this batch: the copy was old
+                outdated.append(users[k])
+            else:
+                conflicted.append(users[k])
+        self._put_cached(written)
+        return conflicted, outdated
 
     def _send_writes(
         self,
@@ -518,14 +603,16 @@ class ProfileStore:
         state: Sequence[_UserEvents],
         updated: Mapping[int, Profile],
         events: Sequence[Event],
-    ) -> tuple[list[Any], list[tuple[int, int]]]:
+    ) -> tuple[list[Any], list[tuple[int, int, str]]]:
         pipe = RoutedPipeline(self.redis)  # one pipeline per Redis Cluster node (scripts included)
         # Users about to change owe a fresh push: marked before the write (at least once), cleared
         # by the pusher once a list computed from this version or a later one is delivered.
         owed = {users[k]: state[k].profile.version + 1 for k in updated}
         if owed:
             pipe.on(self.pending_key).zadd(self.pending_key, owed, gt=True)
-        order: list[tuple[int, int]] = []  # (user index, position of its CAS reply in the pipeline)
+        # (user index, position of its CAS reply in the pipeline, the write's token)
+        order: list[tuple[int, int, str]] = []
+        prefix = self._token_prefix
         for k, u in enumerate(users):
             s = state[k]
             if k in updated:
@@ -534,15 +621,18 @@ class ProfileStore:
                 fields = self._encode(p)
                 ids = _ids_encoder.encode([x for i in s.kept for x in (events[i].ts, events[i].event_id)])
                 drop = _LEGACY_FIELD_NAMES if s.legacy else ()
+                token = f"{prefix}{next(self._tokens):x}"
                 args: list[bytes | str | int | float] = [
                     s.profile.version,
                     len(fields),
                     len(s.kept),
                     self.cfg.dedupe_event_ids,
                     len(drop),
+                    s.cached,
+                    token,
                 ]
                 args += [*fields, ids, *drop]
-                order.append((k, len(pipe)))
+                order.append((k, len(pipe), token))
                 pk = self.profile_key(u)
                 pipe.on(pk).evalsha(self._write.sha, 2, pk, self.ids_key(u), *args)
             elif s.offsets and s.profile.version:  # never create a profile from duplicates alone

@@ -55,6 +55,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "streamrec_profile_writes": ("counter", ()),
     "streamrec_profile_events_skipped": ("counter", ("reason",)),
     "streamrec_redis_seconds": ("histogram", ("op",)),
+    "streamrec_profile_cache": ("counter", ("result",)),
     # inference/metrics.py
     "streamrec_encoder_batch_size": ("histogram", ()),
     "streamrec_encoder_seconds": ("histogram", ()),

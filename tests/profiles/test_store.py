@@ -96,10 +96,12 @@ def test_profile_in_the_older_layout_is_updated_and_rewritten(store, encoder, re
         },
     )  # fmt: skip
     assert store.get_profile(user).n_events == before.n_events  # read from the old fields
+    # A worker of this version (nothing cached: the old layout was written by an older one).
+    store = ProfileStore(redis_client, store.settings, items=store.items)
     res = _apply(store, events[20:], encoder, start_offset=20)
     assert res.applied == 10
     fields = set(redis_client.hkeys(key))
-    assert fields == {b"b", b"v", b"o:ev:0"}, fields  # hz appears once event ids are evicted
+    assert fields == {b"b", b"v", b"w", b"o:ev:0"}, fields  # hz appears once event ids are evicted
     ref = reference_profiles(events, store.items, encoder, store.settings.profile)
     assert_profile_matches(store.get_profile(user), ref[user])
 
@@ -260,6 +262,7 @@ def test_applied_event_ids_keep_their_exact_times_and_bytes(store, redis_client,
 
 def test_conflict_between_read_and_write_retries(redis_client, settings, items):
     """Another worker writes a user between this store's read and write (rebalance overlap)."""
+    settings = settings.override(profile={"cache_users": 0})  # every batch reads the user
     store = ProfileStore(redis_client, settings, items=items)
     store.apply_batch([make_event("view", "u", item_id="i1", ts=1_700_000_000_000)])
     real_decode = store._decode
@@ -292,6 +295,7 @@ def test_store_refuses_decoding_client(settings):
 def test_conflict_is_found_behind_a_watermark_only_write(redis_client, settings, items):
     """A user whose events are all duplicates gets a watermark-only write in the same pipeline as
     another user's compare-and-set: the conflict of the second must still be seen and retried."""
+    settings = settings.override(profile={"cache_users": 0})  # every batch reads the users
     store = ProfileStore(redis_client, settings, items=items)
     t = 1_700_000_000_000
     dup = make_event("view", "a", item_id="i1", ts=t)
@@ -323,3 +327,74 @@ def test_conflict_is_found_behind_a_watermark_only_write(redis_client, settings,
         "purchase": 1,
         "click": 1,
     }
+
+
+def _cache_count(result: str) -> float:
+    from profiles import metrics
+
+    return metrics.profile_cache.labels(result)._value.get()
+
+
+def test_cached_copy_written_since_by_another_worker_is_read_again(redis_client, settings, items):
+    """The store skips the read of a user it wrote; when another worker wrote the user since,
+    the write finds out, and the user is read and computed again in the same batch."""
+    t = 1_700_000_000_000
+    mine = ProfileStore(redis_client, settings, items=items)
+    other = ProfileStore(redis_client, settings, items=items)
+    mine.apply_batch([make_event("view", "u", item_id="i1", ts=t)])
+    hits, outdated = _cache_count("hit"), _cache_count("outdated")
+    mine.apply_batch([make_event("click", "u", item_id="i2", ts=t + 1)])  # from the copy
+    assert _cache_count("hit") == hits + 1 and _cache_count("outdated") == outdated
+    other.apply_batch([make_event("purchase", "u", item_id="i7", ts=t + 2)])
+    res = mine.apply_batch([make_event("click", "u", item_id="i3", ts=t + 3)])
+    assert res.applied == 1 and res.changed_users == {"u"} and not res.conflicts
+    assert _cache_count("outdated") == outdated + 1
+    p = other.get_profile("u")
+    assert p.n_events == {"view": 1, "click": 2, "purchase": 1} and p.version == 4
+    assert p.purchased_items == ["i7"] and [e[0] for e in p.recent_events] == ["i3", "i7", "i2", "i1"]
+
+
+def test_reproduced_duplicate_of_a_cached_user_is_skipped(redis_client, settings, items):
+    """An event re-produced at a new offset: the cached copy has no applied-id set, the write
+    checks the ids and the user is read again, so the duplicate is still skipped."""
+    store = ProfileStore(redis_client, settings, items=items)
+    t = 1_700_000_000_000
+    ev = make_event("purchase", "u", item_id="i1", ts=t)
+    store.apply_batch([ev], positions=[Position("ev", 0, 1)])
+    before = redis_client.hgetall(store.profile_key("u"))
+    res = store.apply_batch([ev], positions=[Position("ev", 0, 2)])
+    assert res.applied == 0 and res.skipped == {"duplicate": 1} and not res.changed_users
+    after = redis_client.hgetall(store.profile_key("u"))
+    assert after.pop(b"o:ev:0") == b"2" and before.pop(b"o:ev:0") == b"1"
+    assert after == before  # the profile itself is untouched
+    assert store.get_profile("u").purchase_counts == {"i1": 1}
+
+
+def test_user_deleted_and_written_again_up_to_the_same_version_is_not_taken_from_the_cache(
+    redis_client, settings, items
+):
+    """The version alone cannot tell: deleted, then written once by another worker, the user is
+    back at the cached version. The write token tells, and the deleted event stays deleted."""
+    t = 1_700_000_000_000
+    mine = ProfileStore(redis_client, settings, items=items)
+    other = ProfileStore(redis_client, settings, items=items)
+    mine.apply_batch([make_event("purchase", "u", item_id="i1", ts=t)])
+    other.delete_users(["u"])
+    other.apply_batch([make_event("view", "u", item_id="i2", ts=t + 1)])
+    assert other.get_profile("u").version == 1  # as in mine's copy
+    res = mine.apply_batch([make_event("click", "u", item_id="i3", ts=t + 2)])
+    assert res.applied == 1
+    p = other.get_profile("u")
+    assert p.n_events == {"view": 1, "click": 1} and p.purchased_items == [] and p.version == 2
+
+
+def test_cache_keeps_the_users_written_last(redis_client, settings, items):
+    settings = settings.override(profile={"cache_users": 3})
+    store = ProfileStore(redis_client, settings, items=items)
+    t = 1_700_000_000_000
+    store.apply_batch([make_event("view", f"u{k}", item_id="i1", ts=t + k) for k in range(5)])
+    hits, misses = _cache_count("hit"), _cache_count("miss")
+    store.apply_batch([make_event("view", f"u{k}", item_id="i2", ts=t + 10) for k in (4, 3, 2, 1, 0)])
+    assert _cache_count("hit") == hits + 3 and _cache_count("miss") == misses + 2
+    for k in range(5):
+        assert store.get_profile(f"u{k}").n_events == {"view": 2}
