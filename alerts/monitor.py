@@ -41,13 +41,14 @@ same window; a worker that does not get the lock leaves the closing to the one t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from alerts import metrics
 from alerts.detector import (
@@ -262,7 +263,7 @@ class DemandMonitor:
             return []
         counted, late, wm_raw, closed = self._count(
             keys=[self.base],
-            args=[json.dumps(payload, separators=(",", ":")), int(self.cfg.window_ttl_s), self.spw],
+            args=[orjson.dumps(payload), int(self.cfg.window_ttl_s), self.spw],
         )
         syn = payload.pop("syn")
         if syn:

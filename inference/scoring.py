@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,8 +48,9 @@ from streamrec.interfaces import Catalog, DemandAdjustments, PopularitySource
 from streamrec.settings import ProfileSettings, ScoringSettings
 
 
-@dataclass(frozen=True)
-class ScoredItem:
+class ScoredItem(NamedTuple):
+    """One item of a list (a named tuple: a round builds thousands of them)."""
+
     item_id: str
     score: float
     reason: str

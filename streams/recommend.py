@@ -64,7 +64,7 @@ def result_message(
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     msg = ResultMessage(
         user_id=str(user_id),
-        items=[RecommendedItem(str(it.item_id), round(float(it.score), 6), str(it.reason)) for it in items],
+        items=[RecommendedItem(str(i), round(float(s), 6), str(r)) for i, s, r in items],
         model_version=str(model_version),
         generated_at=int(now_ms),
         source_event_id=source_event_id,

@@ -252,7 +252,7 @@ def _pack(items: Sequence[ScoredItem]) -> tuple[list[str], list[float], list[str
 
 
 def _unpack(packed: tuple[list[str], list[float], list[str]]) -> list[ScoredItem]:
-    return [ScoredItem(i, s, r) for i, s, r in zip(*packed, strict=True)]
+    return list(map(ScoredItem._make, zip(*packed, strict=True)))
 
 
 class ProcessScoring:
