@@ -35,6 +35,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -252,7 +253,8 @@ def _pack(items: Sequence[ScoredItem]) -> tuple[list[str], list[float], list[str
 
 
 def _unpack(packed: tuple[list[str], list[float], list[str]]) -> list[ScoredItem]:
-    return list(map(ScoredItem._make, zip(*packed, strict=True)))
+    # tuple.__new__ straight from C: the named tuple's own constructor runs Python per item
+    return list(map(tuple.__new__, repeat(ScoredItem), zip(*packed, strict=True)))
 
 
 class ProcessScoring:
