@@ -342,7 +342,9 @@ class ProfileStore:
 
     def delete_users(self, user_ids: Sequence[str]) -> int:
         """Forget users (profile and dedupe ids). Returns the number of keys removed."""
-        self._take_cached([str(u) for u in user_ids])
+        with self._cache_lock:
+            for u in user_ids:
+                self._cache.pop(str(u), None)
         keys = [k for u in user_ids for k in (self.profile_key(u), self.ids_key(u))]
         return int(self.redis.delete(*keys)) if keys else 0
 
