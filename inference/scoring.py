@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,6 +58,22 @@ class ScoredItem(NamedTuple):
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "score": round(float(self.score), 6), "reason": self.reason}
+
+
+#: One list as three parallel lists (item ids, scores, reasons): what a round builds in bulk and
+#: what the scoring process sends back (it pickles several times faster than the named tuples).
+PackedList = tuple[list[str], list[float], list[str]]
+
+
+def pack(items: Sequence[ScoredItem]) -> PackedList:
+    """A list of :class:`ScoredItem` as a :data:`PackedList`."""
+    return [it.item_id for it in items], [it.score for it in items], [it.reason for it in items]
+
+
+def unpack(packed: PackedList) -> list[ScoredItem]:
+    """A :data:`PackedList` as :class:`ScoredItem` s."""
+    # tuple.__new__ straight from C: the named tuple's own constructor runs Python per item
+    return list(map(tuple.__new__, repeat(ScoredItem), zip(*packed, strict=True)))
 
 
 @dataclass
@@ -191,9 +208,16 @@ class Scorer:
     ) -> list[list[ScoredItem]]:
         """Top-K per request, one matrix product for the whole batch. ``timings`` (if given)
         receives the seconds of the whole call (``scoring``) and of the user model (``user_model``)."""
+        return [unpack(p) for p in self.recommend_packed(reqs, now_ms, timings)]
+
+    def recommend_packed(
+        self, reqs: Sequence[Request], now_ms: int | None = None, timings: dict[str, float] | None = None
+    ) -> list[PackedList]:
+        """:meth:`recommend`'s lists as :data:`PackedList` s, built for the whole batch at once (the
+        scoring process sends these)."""
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        out: list[list[ScoredItem]] = [[] for _ in reqs]
+        out: list[PackedList] = [([], [], []) for _ in reqs]
         if not reqs:
             return out
         P, has, q_share = self.context_vectors(reqs, now_ms, timings)
@@ -203,7 +227,7 @@ class Scorer:
         if warm.size:
             self._score_warm(reqs, warm, P, q_share, out, popular, now_ms)
         for r in np.flatnonzero(~has).tolist():
-            out[r] = self._fallback(reqs[r], popular)
+            out[r] = pack(self._fallback(reqs[r], popular))
         elapsed = time.perf_counter() - t0
         metrics.scoring_seconds.observe(elapsed)
         metrics.scoring_batch_users.observe(len(reqs))
@@ -218,7 +242,7 @@ class Scorer:
         rows: np.ndarray,
         P: np.ndarray,
         q_share: np.ndarray,
-        out: list,
+        out: list[PackedList],
         popular: dict[tuple[str | None, int], list[tuple[str, float]]],
         now_ms: int,
     ) -> None:
@@ -268,19 +292,20 @@ class Scorer:
         sel = np.take_along_axis(c.idx, np.maximum(order, 0), 1)
         sel = np.where(order >= 0, sel, -1)
         take = np.maximum(order, 0)
+        sel_trend = np.take_along_axis(trend, take, 1)
         codes, similar = self._reason_codes(
             sub,
             Pw,
             sel,
             np.take_along_axis(fac, take, 1),
-            np.take_along_axis(trend, take, 1),
+            sel_trend,
             np.take_along_axis(c.bonus, take, 1),
             q_share[rows],
         )
-        sel_probs = np.take_along_axis(probs, take, 1)
-        sel_trend = np.take_along_axis(trend, take, 1)
+        ks = np.array([r.k for r in sub], np.int64)
+        lists = self._packed_lists(ks, sel, np.take_along_axis(probs, take, 1), codes, similar, sel_trend)
         for j, r in enumerate(rows.tolist()):
-            out[r] = self._items_of_row(sub[j].k, sel[j], sel_probs[j], codes[j], similar[j], sel_trend[j])
+            out[r] = lists[j]
 
     def _exclusions(self, sub: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
         """(request row, catalog row) pairs to filter: excluded ids, and purchases when filtered."""
@@ -676,19 +701,17 @@ class Scorer:
         trend: np.ndarray,
         bonus: np.ndarray,
         q_share: np.ndarray,
-    ) -> tuple[np.ndarray, list[list[str]]]:
-        """Reason per selected item, as codes (see ``_REASONS``), plus each row's recent ids for
-        ``similar_to``: trending (boosted) > buy_again > matches_query > similar_to > popular."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Reason per selected item, as codes (see ``_REASONS``), and for ``similar_to`` the catalog
+        row of the user's recent item it is most similar to (-1 for none): trending (boosted) >
+        buy_again > matches_query > similar_to > popular."""
         cat = self.catalog
         m, k = sel.shape
         H = cat.matrix[np.maximum(sel, 0)]  # (m, k, dim)
         Q, has_q = self._query_vectors(sub, q_share)
         q_sim = np.einsum("mkd,md->mk", H, Q)
         recent = [list(getattr(r.profile, "recent_items", None) or [])[:20] for r in sub]
-        r_rows, r_items, _, r_pos = self._flat_index(recent)
-        known_ids = [
-            [recent[j][q] for q in ps.tolist()] for j, ps in enumerate(_split_rows(r_rows, r_pos, m))
-        ]
+        r_rows, r_items, _, _ = self._flat_index(recent)
         counts = np.bincount(r_rows, minlength=m)
         width = max(1, int(counts.max()) if counts.size else 0)
         col = np.arange(r_rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -705,7 +728,7 @@ class Scorer:
         codes[query_wins] = 2
         codes[bonus > 0] = 1
         codes[(fac > 1.0) & (trend != None)] = 0  # noqa: E711 (object array comparison)
-        similar = [[known_ids[j][b] if known_ids[j] else "" for b in r_best[j].tolist()] for j in range(m)]
+        similar = np.where(has_r, np.take_along_axis(R_idx, r_best, 1), -1)
         return codes, similar
 
     def _query_vectors(self, sub: Sequence[Request], q_share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -720,30 +743,37 @@ class Scorer:
                 Q[j], has[j] = p.query, True
         return _unit(Q), has
 
-    def _items_of_row(
+    def _packed_lists(
         self,
-        k: int,
+        ks: np.ndarray,
         sel: np.ndarray,
         probs: np.ndarray,
         codes: np.ndarray,
-        similar: list[str],
+        similar: np.ndarray,
         trend: np.ndarray,
-    ) -> list[ScoredItem]:
+    ) -> list[PackedList]:
+        """Each row's first ``ks[r]`` picks (up to its first empty slot) as a :data:`PackedList`,
+        built for all rows at once: one gather per column, no Python per item but the ids and
+        reason strings themselves."""
+        m, width = sel.shape
+        filled = np.cumprod(sel >= 0, axis=1, dtype=bool) & (np.arange(width)[None, :] < ks[:, None])
+        r, c = np.nonzero(filled)  # row by row, in slot order
         ids = self.catalog.ids
-        out = []
-        for i, pr, code, sim_to, tr in zip(
-            sel[:k].tolist(),
-            probs[:k].tolist(),
-            codes[:k].tolist(),
-            similar[:k],
-            trend[:k].tolist(),
-            strict=True,
-        ):
-            if i < 0:
-                break
-            reason = tr if code == 0 else f"similar_to:{sim_to}" if code == 3 else _REASONS[code]
-            out.append(ScoredItem(ids[i], pr, reason))
-        return out
+        item_ids = [ids[i] for i in sel[r, c].tolist()]
+        scores = probs[r, c].tolist()
+        reasons = np.array(_REASONS, object)[codes[r, c]]
+        at = np.flatnonzero(codes[r, c] == 3)
+        if at.size:
+            reasons[at] = [
+                f"similar_to:{ids[i]}" if i >= 0 else "similar_to:" for i in similar[r[at], c[at]].tolist()
+            ]
+        at = np.flatnonzero(codes[r, c] == 0)
+        if at.size:
+            reasons[at] = trend[r[at], c[at]]
+        texts: list[str] = reasons.tolist()
+        ends = np.cumsum(filled.sum(1)).tolist()
+        starts = [0, *ends[:-1]]
+        return [(item_ids[a:b], scores[a:b], texts[a:b]) for a, b in zip(starts, ends, strict=True)]
 
     def _top_popular(
         self, k: int, category: str | None, memo: dict[tuple[str | None, int], list[tuple[str, float]]]

@@ -35,7 +35,6 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -44,7 +43,7 @@ import numpy as np
 from inference.catalog import CatalogIndex
 from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
 from inference.popularity import RedisPopularity
-from inference.scoring import Request, ScoredItem, Scorer
+from inference.scoring import PackedList, Request, ScoredItem, Scorer, unpack
 from inference.user_model import load_user_model
 from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog
@@ -168,6 +167,13 @@ class LocalScoring:
         return self.scorer.catalog.model_version
 
     def score(self, batch: ScoreBatch) -> Scored:
+        out, packed = self.score_packed(batch)
+        out.lists = [unpack(p) for p in packed]
+        return out
+
+    def score_packed(self, batch: ScoreBatch) -> tuple[Scored, list[PackedList]]:
+        """:meth:`score` with the lists apart, as the scorer builds them (what the scoring
+        process sends); the returned :class:`Scored` has no lists."""
         from streams import metrics
 
         t0 = time.perf_counter()
@@ -181,8 +187,8 @@ class LocalScoring:
             {u: (p.last_event_id, p.last_ts) for u, p in profiles.items()},
             {u: list(p.offsets) for u, p in profiles.items()},
         )
-        out.lists = self.scorer.recommend(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
-        return out
+        reqs = batch.requests(profiles)
+        return out, self.scorer.recommend_packed(reqs, now_ms=batch.now_ms, timings=out.timings)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if self.recorder is not None and len(user_ids):
@@ -229,11 +235,11 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
             if kind == "record":
                 backend.record(msg[1], msg[2])
             elif kind == "score":
-                out = backend.score(msg[1])
+                out, packed = backend.score_packed(msg[1])
                 conn.send(
                     (
                         "ok",
-                        [_pack(x) for x in out.lists],
+                        packed,
                         out.versions,
                         out.timings,
                         out.sources,
@@ -245,16 +251,6 @@ def _child(conn: Connection, settings: Settings, items_factory: str) -> None:
                 conn.send(("error", traceback.format_exc(limit=8), dependency_of(exc)))
             else:
                 log.exception("scoring process: %s message failed", kind)
-
-
-def _pack(items: Sequence[ScoredItem]) -> tuple[list[str], list[float], list[str]]:
-    """A list as three plain lists: pickles several times faster than the dataclasses."""
-    return [it.item_id for it in items], [it.score for it in items], [it.reason for it in items]
-
-
-def _unpack(packed: tuple[list[str], list[float], list[str]]) -> list[ScoredItem]:
-    # tuple.__new__ straight from C: the named tuple's own constructor runs Python per item
-    return list(map(tuple.__new__, repeat(ScoredItem), zip(*packed, strict=True)))
 
 
 class ProcessScoring:
@@ -372,7 +368,7 @@ class ProcessScoring:
             raise DependencyError(f"scoring {n} users failed in the scoring process:{detail}", dependency)
         _, packed, versions, timings, sources, partitions = reply
         observe_timings(timings, n)
-        return Scored([_unpack(p) for p in packed], versions, timings, sources, partitions)
+        return Scored([unpack(p) for p in packed], versions, timings, sources, partitions)
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if not len(user_ids) or self._closed:  # at shutdown the counts die with the child anyway
