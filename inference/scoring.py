@@ -95,6 +95,8 @@ class Request:
 #: (users x catalog) array: on Online Retail (3,659 items) a round's neighbourhoods cover most of
 #: the catalog and the dense array is fastest; on a 100,000-item catalog they cover a small share.
 DENSE_COVISIT_FILL = 8
+#: The smallest positive float32: a co-visitation score must exceed 0 to make a candidate.
+_TINY = np.float32(np.nextafter(np.float32(0), np.float32(1)))
 
 
 class Scorer:
@@ -401,14 +403,21 @@ class Scorer:
             return _DenseScores(S), None
         masked = S.copy()
         masked[excl_rows, excl_items] = 0.0
-        masked[:, unavailable] = 0.0
-        # The k best of each row, ties at the k-th value broken by the lowest catalog row (as the
-        # sparse form's stable sort does): every value above the k-th, then its equals in order.
-        kth = -np.partition(-masked, k - 1, axis=1)[:, k - 1 : k]
-        above = masked > kth
-        tied = (masked == kth) & (masked > 0)
-        need = k - above.sum(1, keepdims=True)
-        take = (above | (tied & (np.cumsum(tied, axis=1) <= need))) & (masked > 0)
+        if unavailable.size:
+            masked[:, unavailable] = 0.0
+        # The k best positive values of each row, ties at the k-th value broken by the lowest
+        # catalog row (as the sparse form's stable sort does). Most rows have no tie there: the
+        # values at or above the k-th are exactly k; the others keep every value above the k-th,
+        # then its equals in order.
+        kth = np.partition(masked, n - k, axis=1)[:, n - k : n - k + 1]
+        kth = np.maximum(kth, _TINY)  # a row with fewer than k positive values takes them all
+        take = masked >= kth
+        tied_rows = np.flatnonzero(take.sum(1) > k)
+        if tied_rows.size:
+            sub, at = masked[tied_rows], kth[tied_rows]
+            above, tied = sub > at, sub == at
+            need = k - above.sum(1, keepdims=True)
+            take[tied_rows] = above | (tied & (np.cumsum(tied, axis=1) <= need))
         rows, cols = np.nonzero(take)  # by row, then item
         return _DenseScores(S), (rows.astype(np.int64), cols.astype(np.int64))
 

@@ -55,6 +55,22 @@ def test_exact_topk_matches_brute_force_with_exclusions() -> None:
         assert np.all(np.diff(sc[r]) <= 1e-7)
 
 
+def test_exact_topk_with_tied_scores_returns_the_best_scores() -> None:
+    """Items with the same vector tie; a tie at the k-th score must still give k distinct items
+    holding the k best scores (the partition's fast path falls back to argpartition there)."""
+    base = _random(50, seed=4)
+    m = np.repeat(base, 4, axis=0)  # every vector four times: ties at every rank
+    cat = CatalogIndex.from_arrays([f"i{k}" for k in range(200)], m, "v1")
+    q = _random(3, seed=2)
+    for k in (10, 11, 13):  # the k-th best falls inside a group of four equals
+        idx, sc = cat.topk(q, k)
+        for r in range(3):
+            want = np.sort(m @ q[r])[::-1][:k]
+            np.testing.assert_allclose(sc[r], want, rtol=1e-6)
+            np.testing.assert_allclose(m[idx[r]] @ q[r], sc[r], rtol=1e-6)
+            assert len(set(idx[r].tolist())) == k
+
+
 def test_topk_pads_when_fewer_items_than_k() -> None:
     cat = CatalogIndex.from_arrays(["a", "b", "c"], _random(3), "v1")
     idx, sc = cat.topk(_random(1, seed=3), 5, exclude=[np.array([1])])
