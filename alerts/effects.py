@@ -81,10 +81,6 @@ class RedisDemandAdjustments:
             return np.ones(0, np.float64), []
         return _combine(item_ids, categories, *self.active())
 
-    def any_active(self) -> bool:
-        """Whether any effect is stored (lapsed ones included: ``factors`` leaves those out)."""
-        return bool(self.redis.hlen(effects_key(self.prefix)))
-
     def active(self, now_ms: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """({item: factor}, {category: factor}) of the alerts active now (lapsed ones left out)."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -121,8 +117,8 @@ class StaticDemandAdjustments:
             )
         return _combine(item_ids, categories, self.items, self.categories)
 
-    def any_active(self) -> bool:
-        return bool(self.items or self.categories)
+    def active(self) -> tuple[dict[str, float], dict[str, float]]:
+        return self.items, self.categories
 
 
 def _combine(

@@ -35,7 +35,7 @@ filtered; MMR re-ranks the candidates for diversity; each item carries a reason:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, NamedTuple
@@ -122,6 +122,8 @@ class Scorer:
         self.covisit = covisit  # the collaborative signal (inference/covisit.py), grown from the stream
         # The popularity prior's last read: (clock bucket, catalog size, revision) → (log_pop, top rows).
         self._prior: tuple[tuple[int, int, Any], np.ndarray, np.ndarray] | None = None
+        # The demand factors' last per-row arrays: (factors in force, catalog size, revision) → arrays.
+        self._demand_memo: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -577,22 +579,54 @@ class Scorer:
 
     def _demand(self, idx: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
         """Demand factors (1 without an anomaly) and trend reasons (object array, None) of the
-        top-k candidates, in one lookup; bought columns get 1 and None."""
+        top-k candidates, gathered from per-catalog-row arrays; bought columns get 1 and None."""
         fac = np.ones(idx.shape, np.float32)
         trend = np.full(idx.shape, None, object)
-        if self.adjustments is None or not self.adjustments.any_active():
-            return fac, trend  # no alert: no per-candidate lookup (the common case)
+        if self.adjustments is None:
+            return fac, trend
+        items, categories = self.adjustments.active()  # one small read per round
+        if not items and not categories:
+            return fac, trend  # no alert: nothing per candidate (the common case)
+        row_fac, row_trend = self._demand_rows(items, categories)
         top = idx[:, :n_top]
         valid = top >= 0
-        if valid.any():
-            cat = self.catalog
-            vidx = top[valid].tolist()
-            f, rs = self.adjustments.factors([cat.ids[i] for i in vidx], [cat.categories[i] for i in vidx])
-            sub_f = np.ones(top.shape, np.float32)
-            sub_f[valid] = np.asarray(f, np.float32)
-            sub_t = np.full(top.shape, None, object)
-            sub_t[valid] = np.asarray(list(rs), object)
-            fac[:, :n_top], trend[:, :n_top] = sub_f, sub_t
+        at = np.maximum(top, 0)
+        fac[:, :n_top] = np.where(valid, row_fac[at], np.float32(1.0))
+        trend[:, :n_top] = np.where(valid, row_trend[at], None)
+        return fac, trend
+
+    def _demand_rows(
+        self, items: Mapping[str, float], categories: Mapping[str, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every catalog row's demand factor (its item's factor times its category's) and trend
+        reason (``trending`` for a surging item, else ``trending_in:<category>``, else None), for
+        the factors in force; kept while they and the catalog stay the same."""
+        cat = self.catalog
+        revision = getattr(cat, "revision", None)
+        key = (tuple(items.items()), tuple(categories.items()), len(cat.ids), revision)
+        cached = self._demand_memo
+        if cached is not None and revision is not None and cached[0] == key:
+            return cached[1], cached[2]
+        n = len(cat.ids)
+        f_item = np.ones(n, np.float64)
+        if items:
+            rows = cat.index_of(list(items))
+            vals = np.fromiter(items.values(), np.float64, len(items))
+            f_item[rows[rows >= 0]] = vals[rows >= 0]
+        f_cat = np.ones(n, np.float64)
+        trend = np.full(n, None, object)
+        if categories:
+            names = np.asarray(cat.categories, object)
+            for c, f in categories.items():
+                if not c:  # an item without a category never takes one's factor
+                    continue
+                rows = np.flatnonzero(names == c)
+                f_cat[rows] = f
+                if f > 1.0:
+                    trend[rows] = f"trending_in:{c}"
+        trend[f_item > 1.0] = "trending"
+        fac = (f_item * f_cat).astype(np.float32)
+        self._demand_memo = (key, fac, trend)
         return fac, trend
 
     def _mmr_batch(

@@ -9,7 +9,7 @@ applies, and a :class:`Hook`. The packages never import each other's internals: 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -44,17 +44,15 @@ class TextEncoder(Protocol):
 
 @runtime_checkable
 class DemandAdjustments(Protocol):
-    """Time-limited multipliers from demand spikes (>1 boost) and drops (<1 damping)."""
+    """Time-limited multipliers from demand spikes (>1 boost) and drops (<1 damping).
 
-    def factors(
-        self, item_ids: Sequence[str], categories: Sequence[str]
-    ) -> tuple[np.ndarray, list[str | None]]:
-        """(multiplier per item, shape (n,), 1.0 when none; reason per item, e.g. 'trending_in:lantern')."""
-        ...
+    An item's multiplier is its own factor times its category's (1.0 where none applies); its
+    reason is ``trending`` when the item itself surges, else ``trending_in:<category>`` when its
+    category does, else none (a damped item just ranks lower). The scorer reads the factors once
+    per round and applies them to every candidate with array operations."""
 
-    def any_active(self) -> bool:
-        """False when certainly no adjustment applies now: the scorer then skips the per-item
-        lookup (one cheap check per round instead of a lookup of every candidate)."""
+    def active(self) -> tuple[Mapping[str, float], Mapping[str, float]]:
+        """The factors in force now: ({item id: factor}, {category: factor}), both empty when none."""
         ...
 
 

@@ -70,7 +70,9 @@ recommendation_requests = Counter(
 #   encode_queries  search queries through the encoder;  profiles  Redis read, apply, write
 #   hooks           demand monitor, popularity, push bookkeeping (run concurrently)
 #   push_wait       profile changed → its scoring round starts (leading edge ≈ 0; coalescing)
-#   score           profiles read + scorer, per round;  publish  serialise + queue to Kafka
+#   score           the round trip to the scorer, per round: score_read (profiles read) and
+#                   score_compute (the scorer) inside it, the rest transport and waits
+#   publish         serialise + queue to Kafka
 stage_seconds = Histogram(
     "streamrec_stage_seconds",
     "Seconds spent per stage of the event → pushed recommendation path (see streams/metrics.py).",

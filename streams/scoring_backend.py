@@ -187,8 +187,9 @@ class LocalScoring:
             {u: (p.last_event_id, p.last_ts) for u, p in profiles.items()},
             {u: list(p.offsets) for u, p in profiles.items()},
         )
-        reqs = batch.requests(profiles)
-        return out, self.scorer.recommend_packed(reqs, now_ms=batch.now_ms, timings=out.timings)
+        lists = self.scorer.recommend_packed(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
+        metrics.stage_seconds.labels("score_compute").observe(out.timings["scoring"])
+        return out, lists
 
     def record(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> None:
         if self.recorder is not None and len(user_ids):
@@ -430,6 +431,7 @@ def observe_timings(timings: Mapping[str, float], users: int) -> None:
         im.user_model_seconds.observe(timings["user_model"])
     if "scoring" in timings:
         im.scoring_seconds.observe(timings["scoring"])
+        metrics.stage_seconds.labels("score_compute").observe(timings["scoring"])
     im.scoring_batch_users.observe(users)
 
 

@@ -27,7 +27,8 @@ def test_boosts_never_surface_unavailable_items() -> None:
         Request(f"u{j}", SimpleNamespace(long_term=vecs[j % 10] + 0.1 * rng.normal(size=8)), k=10)
         for j in range(20)
     ]
-    assert adj.any_active() and not StaticDemandAdjustments().any_active()
+    assert adj.active() == ({"it0": 50.0, "it1": 50.0}, {"lamps": 1.5})
+    assert StaticDemandAdjustments().active() == ({}, {})
     for adjustments in (adj, None):
         lists = Scorer(catalog, s.scoring, s.profile, adjustments=adjustments).recommend(users, now_ms=0)
         assert all("it0" not in [x.item_id for x in lst] for lst in lists)
@@ -46,13 +47,12 @@ def test_factors_in_redis_lapse_clear_and_cost_one_read_whatever_the_candidates(
     from alerts.effects import DemandEffectWriter, RedisDemandAdjustments, effects_key
 
     writer, reader = DemandEffectWriter(settings), RedisDemandAdjustments(settings, redis_client)
-    assert not reader.any_active()  # the scorer skips the per-candidate lookup
+    assert reader.active() == ({}, {})  # the scorer skips the per-candidate work
     now = 1_800_000_000_000
     ttl_ms = 1000 * settings.alerts.effect_ttl_s
     pipe = redis_client.pipeline(transaction=True)
     writer.queue(pipe, [("i:A", SURGE), ("c:lamps", SURGE), ("i:B", DROP)], [], now_ms=now)
     pipe.execute()
-    assert reader.any_active()
     items, cats = reader.active(now_ms=now + 1)
     assert items == {"A": settings.alerts.boost, "B": settings.alerts.damping}
     assert cats == {"lamps": settings.alerts.boost}
@@ -69,4 +69,34 @@ def test_factors_in_redis_lapse_clear_and_cost_one_read_whatever_the_candidates(
     assert reader.active(now_ms=now + ttl_ms + 1) == ({"A": settings.alerts.boost}, {})
     assert set(redis_client.hkeys(effects_key(settings.redis.prefix))) == {b"i:A"}
     redis_client.delete(effects_key(settings.redis.prefix))
-    assert not reader.any_active()
+    assert reader.active() == ({}, {})
+
+
+def test_the_scorer_applies_the_factors_as_the_per_item_combine_does() -> None:
+    """The scorer turns the factors in force into per-catalog-row arrays once; every candidate
+    must get what ``factors`` gives item by item (item x category, reason precedence), also
+    after the factors or the catalog change."""
+    s = Settings()
+    rng = np.random.default_rng(1)
+    ids = [f"it{i}" for i in range(60)]
+    cats = ["lamps" if i < 20 else "bags" if i < 40 else "" for i in range(60)]
+    catalog = CatalogIndex.from_arrays(ids, rng.normal(size=(60, 8)).astype(np.float32), "t", cats)
+    adj = StaticDemandAdjustments(
+        {"it1": 2.0, "it25": 0.5, "it45": 1.5, "gone": 3.0}, {"lamps": 1.5, "bags": 0.5}
+    )
+    scorer = Scorer(catalog, s.scoring, s.profile, adjustments=adj)
+    idx = rng.integers(-1, 60, size=(7, 30))
+    for step in range(3):
+        fac, trend = scorer._demand(idx, 20)
+        valid = idx[:, :20] >= 0
+        rows = idx[:, :20][valid]
+        want_f, want_r = adj.factors([catalog.ids[i] for i in rows], [catalog.categories[i] for i in rows])
+        np.testing.assert_array_equal(fac[:, :20][valid], np.asarray(want_f, np.float32))
+        assert trend[:, :20][valid].tolist() == want_r
+        assert (fac[:, 20:] == 1).all() and (fac[:, :20][~valid] == 1).all()
+        assert all(t is None for t in trend[:, 20:].ravel()) and all(t is None for t in trend[:, :20][~valid])
+        if step == 0:  # the alerts change: the rows follow
+            adj.items = {"it2": 1.5}
+            adj.categories = {"": 9.0, "bags": 2.0}
+        else:  # the catalog changes: it3 moves into bags
+            catalog.upsert(["it3"], catalog.matrix[[3]], categories=["bags"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from alerts.effects import StaticDemandAdjustments
 from inference.catalog import CatalogIndex
 from inference.popularity import RedisPopularity
 from inference.scoring import Request, Scorer
@@ -215,27 +216,15 @@ def test_a_fresh_search_query_moves_results_toward_matching_items(catalog):
     assert sum(r.item_id.startswith("mug-") for r in later) >= 9
 
 
-class _Boosts:
-    """DemandAdjustments over a fixed dict (the Redis-backed one lives in alerts.effects)."""
-
-    def __init__(self, by_category: dict[str, float]):
-        self.by_category = by_category
-
-    def any_active(self):
-        return True
-
-    def factors(self, item_ids, categories):
-        f = np.array([self.by_category.get(c, 1.0) for c in categories], np.float32)
-        return f, [f"trending_in:{c}" if c in self.by_category else None for c in categories]
-
-
 def test_demand_boost_lifts_a_category_with_a_trending_reason(catalog):
     # A shopper who browses mugs and bags alike: both are candidates.
     prof = _profile(catalog, ["bag-1", "mug-1", "bag-2", "mug-2"])
     prof.session = None  # long-term only: an even mix of the two categories
     s = Settings()
     plain = Scorer(catalog, s.scoring, s.profile)
-    boosted = Scorer(catalog, s.scoring, s.profile, adjustments=_Boosts({"bag": 3.0}))
+    boosted = Scorer(
+        catalog, s.scoring, s.profile, adjustments=StaticDemandAdjustments(categories={"bag": 3.0})
+    )
     [a] = plain.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
     [b] = boosted.recommend([Request("u1", prof, k=10)], now_ms=prof.last_ts)
 
@@ -247,20 +236,6 @@ def test_demand_boost_lifts_a_category_with_a_trending_reason(catalog):
     assert not any(r.reason.startswith("trending") for r in a)
 
 
-class _ItemBoosts:
-    """Item-level demand factors (a surge on single products)."""
-
-    def __init__(self, by_item: dict[str, float]):
-        self.by_item = by_item
-
-    def any_active(self):
-        return True
-
-    def factors(self, item_ids, categories):
-        f = np.array([self.by_item.get(i, 1.0) for i in item_ids], np.float32)
-        return f, ["trending" if i in self.by_item else None for i in item_ids]
-
-
 def test_a_trending_slot_goes_to_a_relevant_surging_item_only(catalog):
     prof = _profile(catalog, ["mug-1", "mug-2", "mug-3"])
     prof.session = None
@@ -268,7 +243,7 @@ def test_a_trending_slot_goes_to_a_relevant_surging_item_only(catalog):
     near = next(i for i in ranked[30:45] if not i.startswith("mug-"))  # among the shopper's candidates
     far = ranked[-1]  # the least similar product: outside the pool MMR picks from
     s = Settings()
-    adj = _ItemBoosts({near: 1.5, far: 1.5})
+    adj = StaticDemandAdjustments({near: 1.5, far: 1.5})
     req = [Request("u1", prof, k=10)]
     [plain] = Scorer(catalog, s.scoring, s.profile).recommend(req, now_ms=prof.last_ts)
     [factor_only] = Scorer(

@@ -6,28 +6,13 @@ import numpy as np
 import pytest
 from support.scoring_reference import ReferenceScorer
 
+from alerts.effects import StaticDemandAdjustments
 from inference.catalog import CatalogIndex
 from inference.scoring import Request, Scorer
 from profiles.model import Profile
 from streamrec.settings import Settings
 
 NOW = 1_700_000_000_000
-
-
-class _Boosts:
-    """Demand factors for a few items (a surge on some, a drop on others)."""
-
-    def __init__(self, ids: list[str]) -> None:
-        self.f = {i: (1.5 if n % 2 else 0.5) for n, i in enumerate(ids)}
-
-    def any_active(self):
-        return True
-
-    def factors(self, item_ids, categories):
-        return np.array([self.f.get(i, 1.0) for i in item_ids], np.float32), [
-            ("trending_in:" + c if self.f.get(i, 1.0) > 1 else None)
-            for i, c in zip(item_ids, categories, strict=True)
-        ]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +87,13 @@ def test_batched_scorer_equals_the_per_user_reference(
             "popularity_candidates": 15,
         }
     )
-    adj = _Boosts(catalog.ids[::7]) if boosts else None
+    adj = (  # surges and drops on single items and a surge on one category
+        StaticDemandAdjustments(
+            {i: (1.5 if n % 2 else 0.5) for n, i in enumerate(catalog.ids[::7])}, {"c3": 1.4}
+        )
+        if boosts
+        else None
+    )
     pop = _Popular(catalog.ids)
     reqs = _requests(catalog, seed=int(exclude_purchased) + 2 * int(boosts))
     got = Scorer(catalog, s.scoring, s.profile, adjustments=adj, popularity=pop).recommend(reqs, now_ms=NOW)

@@ -121,12 +121,13 @@ class ReferenceScorer:
         factors: np.ndarray = np.ones(flat.shape, np.float32)
         reasons: list[str | None] = [None] * flat.size
         if self.adjustments is not None and valid.any():
-            vidx = flat[valid]
-            f, rs = self.adjustments.factors([cat.ids[i] for i in vidx], [cat.categories[i] for i in vidx])
-            factors[valid] = np.asarray(f, np.float32)
-            pos = np.flatnonzero(valid)
-            for t, reason in zip(pos.tolist(), rs, strict=True):
-                reasons[t] = reason
+            item_f, cat_f = self.adjustments.active()
+            for t in np.flatnonzero(valid).tolist():  # candidate by candidate
+                item, category = cat.ids[flat[t]], cat.categories[flat[t]]
+                fi = item_f.get(item, 1.0)
+                fc = cat_f.get(category, 1.0) if category else 1.0
+                factors[t] = np.float32(fi * fc)
+                reasons[t] = "trending" if fi > 1.0 else f"trending_in:{category}" if fc > 1.0 else None
         factors = factors.reshape(cand_idx.shape)
         log_pop = self._log_popularity()
         for j, r in enumerate(rows):
