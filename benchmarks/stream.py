@@ -839,6 +839,8 @@ def _run_e2e_catalog(
                 click.echo(
                     f"      {st:<16} mean {v['mean_ms']:>8} ms  p50 {v['p50_ms']:>8}  p99 {v['p99_ms']:>8}"
                 )
+            if not lv["results"]:  # a broken push path: stop here and say where to look
+                raise click.ClickException(_no_results(rate, logs))
             lv.update(_rss_of(pids))
             lv["batches_per_worker"] = _batches(webs)  # since start: how the group split the load
             levels.append(lv)
@@ -919,6 +921,22 @@ def _wait_assigned(webs: Sequence[str], partitions: int, timeout: float = 120.0)
     raise click.ClickException(
         f"the {len(webs)} workers did not share the {partitions} partitions within {timeout:.0f} s"
     )
+
+
+def _no_results(rate: float, logs: Sequence[Path], lines: int = 12) -> str:
+    """The error of a level whose events gave no pushed list: the workers' logs and their last lines."""
+    parts = [
+        f"no recommendation list reached the results topic at {rate:.0f} events/s: the push path is "
+        "broken (the workers' last log lines follow; whole logs at the paths given)"
+    ]
+    for log in logs:
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            tail = ["(log not readable)"]
+        parts.append(f"--- {log}")
+        parts.extend(tail or ["(empty)"])
+    return "\n".join(parts)
 
 
 def _plot_e2e(result: dict[str, Any], path: Path) -> None:

@@ -20,7 +20,13 @@ def test_bench_e2e_quick_reports_latency_stages_floor_and_a_drained_lag(retail_m
     assert level["results"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
     # drained: the worker's consumer lag (its metrics) reached 0 before the bench's 60 s deadline
     assert level["drain_s"] < 60.0, level
-    assert {"kafka_to_batch", "profiles", "score", "publish"} <= set(level["stages"])
+    assert {"kafka_to_batch", "profiles", "score", "score_read", "score_compute", "publish"} <= set(
+        level["stages"]
+    )
+    # the scoring process's own read and scorer are parts of the round trip the worker measures
+    st = level["stages"]
+    assert st["score_compute"]["n"] == st["score"]["n"] > 0, st
+    assert st["score_read"]["mean_ms"] + st["score_compute"]["mean_ms"] <= st["score"]["mean_ms"], st
     # the CPU beside the worker on the same cores: the stack's broker and Redis, the bench itself
     cores = level["cpu_cores"]
     assert {"worker", "scoring_process", "kafka", "redis", "bench_client"} <= set(cores), cores
@@ -49,3 +55,15 @@ def test_bench_e2e_runs_a_group_of_workers_that_share_the_partitions(retail_mode
     assert level["results"] > 0 and level["drain_s"] < 60.0, level  # the lag summed over both reached 0
     # both workers consumed: the group split the events topic's partitions between them
     assert len(level["batches_per_worker"]) == 2 and min(level["batches_per_worker"]) > 0, level
+
+
+def test_a_level_without_pushed_lists_fails_with_the_workers_last_log_lines(tmp_path) -> None:
+    from benchmarks.stream import _no_results
+
+    log = tmp_path / "worker-0.log"
+    log.write_text("\n".join(f"line {i}" for i in range(40)) + "\nValueError: the push failed\n")
+    msg = _no_results(1000, [log, tmp_path / "missing.log"])
+    assert "no recommendation list reached the results topic at 1000 events/s" in msg
+    assert str(log) in msg and "ValueError: the push failed" in msg and "line 29" in msg
+    assert "line 20" not in msg  # only the last lines
+    assert "(log not readable)" in msg
