@@ -124,6 +124,7 @@ class Scorer:
         self._prior: tuple[tuple[int, int, Any], np.ndarray, np.ndarray] | None = None
         # The demand factors' last per-row arrays: (factors in force, catalog size, revision) → arrays.
         self._demand_memo: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
+        self._codes_memo: tuple[tuple[int, Any], np.ndarray, dict[str, int]] | None = None
 
     # -- context vectors -----------------------------------------------------------------
     def context_vectors(
@@ -613,21 +614,38 @@ class Scorer:
             rows = cat.index_of(list(items))
             vals = np.fromiter(items.values(), np.float64, len(items))
             f_item[rows[rows >= 0]] = vals[rows >= 0]
-        f_cat = np.ones(n, np.float64)
-        trend = np.full(n, None, object)
-        if categories:
-            names = np.asarray(cat.categories, object)
-            for c, f in categories.items():
-                if not c:  # an item without a category never takes one's factor
-                    continue
-                rows = np.flatnonzero(names == c)
-                f_cat[rows] = f
+        # Per category, then one gather by each row's category code: O(catalog + alerts), however
+        # many categories surge at once (a load step can raise hundreds).
+        codes, code_of = self._category_codes()
+        code_f = np.ones(len(code_of), np.float64)
+        code_trend = np.full(len(code_of), None, object)
+        for c, f in categories.items():
+            j = code_of.get(c) if c else None  # an item without a category never takes one's factor
+            if j is not None:
+                code_f[j] = f
                 if f > 1.0:
-                    trend[rows] = f"trending_in:{c}"
+                    code_trend[j] = f"trending_in:{c}"
+        f_cat = code_f[codes]
+        trend = code_trend[codes]
         trend[f_item > 1.0] = "trending"
         fac = (f_item * f_cat).astype(np.float32)
         self._demand_memo = (key, fac, trend)
         return fac, trend
+
+    def _category_codes(self) -> tuple[np.ndarray, dict[str, int]]:
+        """Each catalog row's category as a small integer, and the code of each category; kept
+        while the catalog's size and revision stay the same."""
+        cat = self.catalog
+        revision = getattr(cat, "revision", None)
+        key = (len(cat.ids), revision)
+        memo = self._codes_memo
+        if memo is not None and revision is not None and memo[0] == key:
+            return memo[1], memo[2]
+        code_of: dict[str, int] = {}
+        names = cat.categories
+        codes = np.fromiter((code_of.setdefault(c, len(code_of)) for c in names), np.int64, len(names))
+        self._codes_memo = (key, codes, code_of)
+        return codes, code_of
 
     def _mmr_batch(
         self, idx: np.ndarray, rel: np.ndarray, k: int, rebuy: np.ndarray, quota: np.ndarray
