@@ -412,7 +412,9 @@ class Scorer:
         # catalog row (as the sparse form's stable sort does). Most rows have no tie there: the
         # values at or above the k-th are exactly k; the others keep every value above the k-th,
         # then its equals in order.
-        kth = np.partition(masked, n - k, axis=1)[:, n - k : n - k + 1]
+        # (selected from the low end of the negated values: numpy's introselect from the high end
+        # degrades on rows of mostly zeros, 2.3 s instead of 0.12 s on 256 x 100,000 at 15 % fill)
+        kth = -np.partition(-masked, k - 1, axis=1)[:, k - 1 : k]
         kth = np.maximum(kth, _TINY)  # a row with fewer than k positive values takes them all
         take = masked >= kth
         tied_rows = np.flatnonzero(take.sum(1) > k)
