@@ -187,7 +187,9 @@ class LocalScoring:
             {u: (p.last_event_id, p.last_ts) for u, p in profiles.items()},
             {u: list(p.offsets) for u, p in profiles.items()},
         )
-        lists = self.scorer.recommend_packed(batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings)
+        lists = self.scorer.recommend_packed(
+            batch.requests(profiles), now_ms=batch.now_ms, timings=out.timings
+        )
         metrics.stage_seconds.labels("score_compute").observe(out.timings["scoring"])
         return out, lists
 
