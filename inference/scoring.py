@@ -818,19 +818,18 @@ class Scorer:
         """Each row's first ``ks[r]`` picks (up to its first empty slot) as a :data:`PackedList`,
         built for all rows at once: one gather per column, no Python per item but the ids and
         reason strings themselves."""
-        m, width = sel.shape
+        width = sel.shape[1]
         filled = np.cumprod(sel >= 0, axis=1, dtype=bool) & (np.arange(width)[None, :] < ks[:, None])
         r, c = np.nonzero(filled)  # row by row, in slot order
         ids = self.catalog.ids
         item_ids = [ids[i] for i in sel[r, c].tolist()]
         scores = probs[r, c].tolist()
-        reasons = np.array(_REASONS, object)[codes[r, c]]
-        at = np.flatnonzero(codes[r, c] == 3)
+        code = codes[r, c]
+        reasons = np.array(_REASONS, object)[code]
+        at = np.flatnonzero(code == 3)  # similar_to: only where the user has a recent item (row >= 0)
         if at.size:
-            reasons[at] = [
-                f"similar_to:{ids[i]}" if i >= 0 else "similar_to:" for i in similar[r[at], c[at]].tolist()
-            ]
-        at = np.flatnonzero(codes[r, c] == 0)
+            reasons[at] = [f"similar_to:{ids[i]}" for i in similar[r[at], c[at]].tolist()]
+        at = np.flatnonzero(code == 0)
         if at.size:
             reasons[at] = trend[r[at], c[at]]
         texts: list[str] = reasons.tolist()
