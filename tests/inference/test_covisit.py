@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from evaluation.baselines import ItemSimilarity
@@ -137,11 +138,14 @@ def test_counts_grow_with_the_catalog() -> None:
     assert cv.scores(np.array([0]), np.array([5]), 1, len(cat.ids))[0, 0] > 0
 
 
-def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices() -> None:
+def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices(monkeypatch) -> None:
     """The worker folds in a thread: record returns at once; until the fold is published,
-    scores come from the previous matrix, never from a half-built one."""
+    scores come from the previous matrix, never from a half-built one (sparse form)."""
     import threading
 
+    import inference.covisit as covisit
+
+    monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", 0)  # the sparse form: merges publish new matrices
     n = 300
     g = np.random.default_rng(3)
     seqs = [list(g.integers(0, n, 20)) for _ in range(2000)]
@@ -168,9 +172,59 @@ def test_a_background_fold_never_blocks_recording_and_scores_read_whole_matrices
     assert after[0, 1] > before[0, 1] or after[0, 2] > before[0, 2]  # now published
 
 
-def test_folds_cost_what_is_new_and_give_the_counts_of_one_fold() -> None:
-    """Folds go into a small recent matrix beside the base (merged once it grows), a fold with
-    nothing new does no work, and scores equal those of the same counts folded at once."""
+def test_an_in_place_fold_of_dense_counts_is_never_read_half_done(monkeypatch) -> None:
+    """Dense form: a background fold adds its pairs to the counts in place. record returns at
+    once; a score read while the fold is adding waits for it and then sees all of its pairs with
+    the user counts of the same fold, never a part of them."""
+    import threading
+
+    import inference.covisit as covisit
+
+    n = 300
+    g = np.random.default_rng(3)
+    seqs = [list(g.integers(0, n, 20)) for _ in range(2000)]
+    cv = CoVisitation.fit(n, seqs, window=5)
+    assert cv.has_dense
+    before = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n).copy()
+    started, release = threading.Event(), threading.Event()
+    real = covisit._inv
+
+    def slow(*args):  # called inside the fold's lock, after the pairs were added
+        started.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(covisit, "_inv", slow)
+    index_of = lambda ids: np.array([int(x[1:]) for x in ids], np.int64)  # noqa: E731
+    rec = CoVisitRecorder(cv, index_of, window=5, fold_every_s=0.0, fold_in_background=True)
+    rec.record(["u"] * 4, ["i1", "i2", "i1", "i2"])  # i1, i2 meet: new evidence for them
+    assert started.wait(10)  # the fold is running and record has returned
+    read: list[np.ndarray] = []
+    reader = threading.Thread(target=lambda: read.append(cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n)))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and not read  # waits for the fold instead of reading half of it
+    release.set()
+    assert rec.settle(10)
+    reader.join(10)
+    after = cv.scores(np.array([0, 0]), np.array([1, 2]), 1, n)
+    assert after[0, 1] > before[0, 1] or after[0, 2] > before[0, 2]  # published
+    np.testing.assert_array_equal(read[0], after)  # the whole fold: its pairs and its user counts
+    # the same counts as the sparse form given the same events
+    monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", 0)
+    ref = CoVisitation.fit(n, [*seqs, [1, 2]], window=5)
+    np.testing.assert_array_equal(cv.counts().toarray(), ref.counts().toarray())
+
+
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_folds_cost_what_is_new_and_give_the_counts_of_one_fold(form: str, monkeypatch) -> None:
+    """Sparse form: folds go into a small recent matrix beside the base (merged once it grows).
+    Dense form: folds add to the counts in place, never merging or copying them. Either way a
+    fold with nothing new does no work, and scores equal those of the same counts folded at once."""
+    import inference.covisit as covisit
+
+    if form == "sparse":
+        monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", 0)
     n = 50
     g = np.random.default_rng(5)
     stream = [(f"u{g.integers(30)}", f"i{g.integers(n)}") for _ in range(3000)]
@@ -183,13 +237,18 @@ def test_folds_cost_what_is_new_and_give_the_counts_of_one_fold() -> None:
     a.record([u for u, _ in stream], [i for _, i in stream])
     whole.fold()
     saw_delta = merged = False
+    dense = folded._state.dense
+    assert (dense is not None) == (form == "dense")
     for k in range(0, len(stream), 25):
         base = folded._state.base
         b.record([u for u, _ in stream[k : k + 25]], [i for _, i in stream[k : k + 25]])
         folded.fold()
         saw_delta |= folded._state.delta.nnz > 0
         merged |= folded._state.base is not base
-    assert saw_delta and merged  # both paths ran
+    if form == "sparse":
+        assert saw_delta and merged  # both paths ran
+    else:  # every fold went into the same array
+        assert not saw_delta and folded._state.dense is dense and folded._state.base is None
     state = folded._state
     folded.fold()  # nothing new: the published state is kept as it is
     assert folded._state is state
@@ -321,26 +380,45 @@ def test_moment_rank_counts_distinct_newer_times_per_row() -> None:
 
 
 def test_dense_counts_score_as_the_sparse_product_with_recent_folds_and_weights(monkeypatch) -> None:
-    """``scores_dense`` (the dense copy of the base) equals ``scores_csr``: base and recent folds,
-    recency weights, rows counted beyond the users' items; a sparse base keeps no dense copy."""
+    """``scores_dense`` (the dense counts) equals the sparse form's ``scores_csr`` over the same
+    events: the seed and later folds, recency weights, rows counted beyond the users' items, a row
+    the catalog added since; sparse counts keep no dense copy."""
     import inference.covisit as covisit
 
     n = 60
     g = np.random.default_rng(2)
     seqs = [list(g.choice(n, 10, replace=False)) for _ in range(80)]
     cv = CoVisitation.fit(n, seqs, window=5)
-    assert cv.has_dense
-    cv.add(np.array([1, 2, 3]), np.array([4, 5, 6]), np.array([1, 4]))  # a fold into the delta
-    cv.fold()
-    assert cv._state.delta.nnz > 0 and cv.has_dense
-    rows = np.array([0, 0, 1, 2, 2, 2], np.int64)
-    items = np.array([1, 7, 4, 3, 9, 30], np.int64)
-    for w in (None, np.array([1.0, 0.6, 1.0, 1.0, 0.6, 0.36], np.float32)):
-        dense = cv.scores_dense(rows, items, 4, weights=w)
-        assert dense is not None and dense.dtype == np.float32 and dense.shape == (4, n)
-        ref = cv.scores_csr(rows, items, 4, weights=w).toarray()
-        np.testing.assert_allclose(dense, ref, rtol=1e-6, atol=1e-7)
-        assert not dense[3].any()  # a user without items
-    monkeypatch.setattr(covisit, "DENSE_BASE_FILL", 0)  # no base counts as full enough to keep dense
+    monkeypatch.setattr(covisit, "DENSE_BASE_FILL", 0)  # no counts are full enough to keep dense
     sparse = CoVisitation.fit(n, seqs, window=5)
-    assert not sparse.has_dense and sparse.scores_dense(rows, items, 4) is None
+    monkeypatch.setattr(covisit, "DENSE_BASE_FILL", 8)
+    assert cv.has_dense and not sparse.has_dense
+    for c in (cv, sparse):  # a fold (in place, into the delta), then one with a new catalog row
+        c.add(np.array([1, 2, 3]), np.array([4, 5, 6]), np.array([1, 4]))
+        c.fold()
+        c.add(np.array([60, 60]), np.array([1, 2]), np.array([60]))
+        c.fold()
+    assert cv.has_dense and cv.n == n + 1 and sparse._state.delta.nnz > 0
+    rows = np.array([0, 0, 1, 2, 2, 2, 3], np.int64)
+    items = np.array([1, 7, 4, 3, 9, 30, 60], np.int64)
+    for w in (None, np.array([1.0, 0.6, 1.0, 1.0, 0.6, 0.36, 1.0], np.float32)):
+        dense = cv.scores_dense(rows, items, 5, weights=w)
+        assert dense is not None and dense.dtype == np.float32 and dense.shape == (5, n + 1)
+        ref = sparse.scores_csr(rows, items, 5, weights=w).toarray()
+        np.testing.assert_allclose(dense, ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            cv.scores_csr(rows, items, 5, weights=w).toarray(), ref, rtol=1e-6, atol=1e-7
+        )
+        assert not dense[4].any()  # a user without items
+        assert dense[3, 1] > 0  # the new row's meetings
+    assert sparse.scores_dense(rows, items, 5) is None
+    np.testing.assert_array_equal(cv.counts().toarray(), sparse.counts().toarray())
+    assert cv.nnz == sparse.counts().nnz
+    # beyond the dense form's size the counts turn sparse, keeping every count
+    monkeypatch.setattr(covisit, "DENSE_BASE_MAX_ITEMS", n + 1)
+    cv.add(np.array([61]), np.array([0]), np.array([61]))
+    cv.fold()
+    sparse.add(np.array([61]), np.array([0]), np.array([61]))
+    sparse.fold()
+    assert not cv.has_dense and cv.n == n + 2
+    np.testing.assert_array_equal(cv.counts().toarray(), sparse.counts().toarray())
