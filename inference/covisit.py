@@ -62,7 +62,7 @@ def window_meetings(
 # round's product is then one sparse x dense product (each of a user's items adds its row), about
 # 4x faster than the sparse x sparse one on Online Retail (3,659 items, 24 % full: 54 MB), and a
 # fold adds its pairs in place (no merge: a merge and a fresh dense copy took 50-150 ms alone and
-# 300-450 ms on a loaded worker, every few seconds to minutes depending on the event rate).
+# 330-450 ms in a loaded scoring process, more often the higher the event rate).
 DENSE_BASE_FILL = 8
 DENSE_BASE_MAX_ITEMS = 6_000
 
@@ -174,6 +174,7 @@ class CoVisitation:
             with self._dense_lock:  # no product reads it meanwhile; the state changes with it
                 # by flat index: 6x faster than a 2-d index (400,000 pairs: 6 vs 40 ms); the
                 # array is C-contiguous (toarray, pad), so the flat view is the array itself
+                assert dense.flags.c_contiguous
                 np.add.at(dense.reshape(-1), a * n + b, np.float32(1.0))
                 self._state = _Published(None, _empty(n), _inv(users, n), dense)
             return
