@@ -85,6 +85,11 @@ class UserModelConfig:
     # 0.0918 with their weight decay 1.0): within noise, so the defaults stay.
     offset_lr_scale: float = 1.0  # learning rate of the per-item offsets, relative to lr
     offset_weight_decay: float = 0.0  # AdamW decay of the offsets (pulls items back to their text)
+    # Exponential moving average of the weights over the optimiser's steps (torch's swa_utils), in
+    # epochs of steps (0 = off): what is evaluated on valid, kept and exported is the average, so
+    # the model depends less on where an epoch ends (the kept epoch moved Online Retail's test
+    # Recall@10 by 0.007 between epochs 4 and 5).
+    ema_epochs: float = 0.0
 
 
 # -- the module ----------------------------------------------------------------------------
@@ -485,6 +490,7 @@ def _fit(
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups)
     n_ex = len(train) if not cfg.max_examples else min(len(train), cfg.max_examples)
+    live, avg, kept = _averaging(model, cfg, n_ex)
     best: tuple[float, dict[str, Any], dict[str, Any]] = (-1.0, {}, {})
     history: list[dict[str, Any]] = []
     bad = 0
@@ -505,10 +511,12 @@ def _fit(
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            if avg is not None:
+                avg.update_parameters(live)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        model.alpha = log_alpha.exp().item()
-        met = ndcg_recall(model, valid) if valid is not None else {}
+        model.alpha = kept.alpha = log_alpha.exp().item()
+        met = ndcg_recall(kept, valid) if valid is not None else {}
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "alpha": model.alpha, **met,
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
         history.append(rec)
@@ -517,7 +525,7 @@ def _fit(
             best = (0.0, {}, rec)
             continue
         if met["ndcg@10"] > best[0]:
-            best = (met["ndcg@10"], _state(model), rec)
+            best = (met["ndcg@10"], _state(kept), rec)
             bad = 0
         else:
             bad += 1
@@ -527,7 +535,26 @@ def _fit(
         model.tower.load_state_dict(best[1]["tower"])
         model.table.load_state_dict(best[1]["table"])
         model.alpha = best[1]["alpha"]
+    elif kept is not model:  # no selection (a refit): the average after the last epoch
+        model.tower.load_state_dict(kept.tower.state_dict())
+        model.table.load_state_dict(kept.table.state_dict())
     return model, best[2], history
+
+
+def _averaging(
+    model: TrainedUserModel, cfg: UserModelConfig, n_ex: int
+) -> tuple[nn.Module, Any, TrainedUserModel]:
+    """With ``cfg.ema_epochs``: (the live modules, their exponential moving average, a model that
+    reads the averaged weights); without: (modules, None, ``model`` itself)."""
+    live = nn.ModuleDict({"tower": model.tower, "table": model.table})
+    if cfg.ema_epochs <= 0:
+        return live, None, model
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    steps = max(1.0, cfg.ema_epochs * math.ceil(n_ex / cfg.batch_size))
+    avg = AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(1.0 - 1.0 / steps), use_buffers=False)
+    kept = TrainedUserModel(avg.module["tower"], avg.module["table"], cfg, model.alpha)
+    return live, avg, kept
 
 
 def _state(model: TrainedUserModel) -> dict[str, Any]:

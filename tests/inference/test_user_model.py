@@ -284,3 +284,52 @@ def test_export_keeps_the_torch_weights_it_was_exported_from(user_model_dir) -> 
     tower = load_tower(folder / "user")
     for (name, a), b in zip(model.tower.state_dict().items(), tower.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _examples(cat: CatalogIndex, n: int, seed: int):
+    """``n`` next-item cases over ``cat``: a context of items whose successor is the target."""
+    from inference.training.user_model import Examples
+
+    g = np.random.default_rng(seed)
+    first = g.integers(0, len(cat.ids) - 4, n)
+    events = [[[f"i{f + k}", "view", T0 - (3 - k) * 60_000] for k in range(3)] for f in first.tolist()]
+    arrays = event_arrays(events, [T0] * n, cat.index_of, 6)
+    query = np.zeros((n, cat.dim), np.float32)
+    return Examples(
+        arrays, first + 3, [np.asarray([f, f + 1, f + 2]) for f in first], query, np.zeros(n, np.float32)
+    )
+
+
+def test_weight_averaging_is_what_is_evaluated_kept_and_returned() -> None:
+    """With ``ema_epochs`` the model evaluated on valid, kept and returned (exported) is the moving
+    average of the weights, not the last step's: an average over a horizon far longer than the
+    run stays at the first step's weights, one of a single step is the last weights."""
+    pytest.importorskip("torch")
+    import torch
+
+    from inference.training.user_model import UserModelConfig, _fit, ndcg_recall
+
+    cat = _catalog()
+    train, valid = _examples(cat, 96, 1), _examples(cat, 40, 2)
+
+    def fit(epochs: int, ema: float, max_examples: int = 0, with_valid: bool = False):
+        cfg = UserModelConfig(n_events=6, d_model=32, layers=1, heads=2, batch_size=16, lr=3e-3, dropout=0.0,
+                              epochs=epochs, ema_epochs=ema, max_examples=max_examples, patience=9)  # fmt: skip
+        torch.manual_seed(0)
+        return _fit(cat, train, cfg, epochs, valid if with_valid else None, False, np.random.default_rng(0))
+
+    def weights(m) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in [*m.tower.parameters(), m.table.offset]])
+
+    plain, _, _ = fit(3, 0.0)
+    one_step, _, _ = fit(1, 0.0, max_examples=16)
+    frozen, _, _ = fit(3, 1e9)  # the average never moves from the first step's weights
+    last, _, _ = fit(3, 1e-9)  # an average over one step is the last weights
+    assert not torch.allclose(weights(plain), weights(one_step))
+    torch.testing.assert_close(weights(frozen), weights(one_step))
+    torch.testing.assert_close(weights(last), weights(plain))
+    # selection reads the averaged weights: the returned model scores the kept epoch's valid figure
+    model, best, history = fit(4, 1.0, with_valid=True)
+    assert len(history) == 4 and best["ndcg@10"] == max(h["ndcg@10"] for h in history)
+    assert ndcg_recall(model, valid)["ndcg@10"] == pytest.approx(best["ndcg@10"], abs=1e-6)
+    assert not torch.allclose(weights(model), weights(fit(int(best["epoch"]), 0.0)[0]))
