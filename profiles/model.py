@@ -31,6 +31,7 @@ only matters when more events are added; it is kept as ``long_term_ts`` and ``la
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ from streamrec.settings import ProfileSettings
 
 EVENT_TYPES: tuple[EventType, ...] = tuple(EventType)
 TYPE_INDEX = {t: i for i, t in enumerate(EVENT_TYPES)}
+_TYPE_NAMES: tuple[str, ...] = tuple(t.value for t in EVENT_TYPES)
+_TS = operator.itemgetter(2)  # the time of a recent event [item_id, type, ts]
 SEARCH = TYPE_INDEX[EventType.SEARCH]
 PURCHASE = TYPE_INDEX[EventType.PURCHASE]
 _NO_TS = np.iinfo(np.int64).min
@@ -216,7 +219,8 @@ def apply(
         is_search=is_search,
         last_search=np.maximum.reduceat(np.where(is_search, b.idx, -1), b.starts),
     )
-    return [_new_profile(k, p, b, upd, cfg, model_version) for k, p in enumerate(profiles)]
+    rows = _Rows(b, upd)
+    return [_new_profile(k, p, b, upd, rows, cfg, model_version) for k, p in enumerate(profiles)]
 
 
 def _sort_events(ev: EventColumns, m: int, cfg: ProfileSettings) -> _Sorted:
@@ -343,70 +347,112 @@ def _session(b: _Sorted, s: _Stored, cfg: ProfileSettings) -> _Session:
     )
 
 
+class _Rows:
+    """What :func:`_new_profile` reads, as Python lists built once per batch: indexing a numpy
+    array per user and per event (a scalar object each time) cost more than the maths."""
+
+    def __init__(self, b: _Sorted, upd: _Update) -> None:
+        se = upd.session
+        self.counts = upd.counts.tolist()
+        self.last = upd.last.tolist()
+        self.lt_w = upd.lt_w.tolist()
+        self.lt_ref = upd.lt_ref.tolist()
+        # the means, divided as one array (the same numbers as row by row), float32 like stored
+        self.long_term = _means(upd.lt_sum, upd.lt_w)
+        self.has_nonlate = se.has_nonlate.tolist()
+        self.last_nonlate = se.last_nonlate.tolist()
+        self.se_w = se.weight.tolist()
+        self.session = _means(se.sum, se.weight)
+        self.last_search = upd.last_search.tolist()
+        self.starts, self.ends = b.starts.tolist(), b.ends.tolist()
+        self.typ = b.typ.tolist()
+        self.ts = b.ts.tolist()
+        self.nonlate = se.nonlate.tolist()
+        order = b.order.tolist()
+        self.order = order
+        item_ids = b.ev.item_ids
+        self.item = [item_ids[i] for i in order]  # item id of each sorted event
+
+
+def _means(sums: np.ndarray, weights: np.ndarray) -> list[np.ndarray | None]:
+    """Row k: ``sums[k] / weights[k]`` as float32 (its own array: a profile kept in the store's
+    cache must not hold the batch's matrix), None where the weight is not positive."""
+    pos = weights > 0
+    out: list[np.ndarray | None] = [None] * len(weights)
+    if pos.any():
+        rows = np.flatnonzero(pos)
+        means = (sums[rows] / weights[rows, None]).astype(np.float32)
+        for r, k in enumerate(rows.tolist()):
+            out[k] = means[r].copy()
+    return out
+
+
 def _new_profile(
-    k: int, p: Profile, b: _Sorted, upd: _Update, cfg: ProfileSettings, model_version: str | None
+    k: int, p: Profile, b: _Sorted, upd: _Update, r: _Rows, cfg: ProfileSettings, model_version: str | None
 ) -> Profile:
     """User k's profile after the batch."""
     n_events = dict(p.n_events)
-    for t, cnt in zip(EVENT_TYPES, upd.counts[k], strict=True):
+    for name, cnt in zip(_TYPE_NAMES, r.counts[k], strict=True):
         if cnt:
-            n_events[t.value] = n_events.get(t.value, 0) + int(cnt)
+            n_events[name] = n_events.get(name, 0) + cnt
     q = Profile.__new__(Profile)  # a shallow copy (dataclasses.replace re-runs __init__: 3x slower)
     q.__dict__.update(p.__dict__)
-    q.last_ts = int(upd.last[k])
+    q.last_ts = r.last[k]
     q.n_events = n_events
     q.model_version = model_version if model_version is not None else p.model_version
     q.offsets = dict(p.offsets)
-    if upd.lt_w[k] > 0:
-        q.long_term = (upd.lt_sum[k] / upd.lt_w[k]).astype(np.float32)
-        q.long_term_weight = float(upd.lt_w[k])
-        q.long_term_ts = int(upd.lt_ref[k])
-    if upd.session.has_nonlate[k]:
-        _set_present(q, p, k, b, upd, cfg)
-    _add_purchases(q, p, k, b, cfg)
-    _add_recent_events(q, p, k, b, cfg)
-    _set_query(q, p, k, b, upd)
+    if r.lt_w[k] > 0:
+        q.long_term = r.long_term[k]
+        q.long_term_weight = r.lt_w[k]
+        q.long_term_ts = r.lt_ref[k]
+    lo, hi = r.starts[k], r.ends[k]
+    if r.has_nonlate[k]:
+        _set_present(q, p, k, lo, hi, b, r, cfg)
+    _add_purchases(q, p, lo, hi, r, cfg)
+    _add_recent_events(q, p, lo, hi, r, cfg)
+    _set_query(q, p, k, b, r)
     return q
 
 
-def _set_present(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update, cfg: ProfileSettings) -> None:
+def _set_present(
+    q: Profile, p: Profile, k: int, lo: int, hi: int, b: _Sorted, r: _Rows, cfg: ProfileSettings
+) -> None:
     """Session vector, session id, last event id and recent items (from the non-late events)."""
-    se = upd.session
-    if se.weight[k] > 0:
-        q.session = (se.sum[k] / se.weight[k]).astype(np.float32)
-        q.session_weight = float(se.weight[k])
+    if r.se_w[k] > 0:
+        q.session = r.session[k]
+        q.session_weight = r.se_w[k]
     else:
         q.session, q.session_weight = None, 0.0
-    j = int(se.last_nonlate[k])
+    j = r.last_nonlate[k]
     q.session_id = b.sids[j]
-    q.last_event_id = b.ev.event_ids[b.order[j]]
+    q.last_event_id = b.ev.event_ids[r.order[j]]
+    nonlate, typ, item = r.nonlate, r.typ, r.item
     recent_new = [
-        item
-        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
-        if se.nonlate[i] and not upd.is_search[i] and (item := b.item_id(i))
+        it for i in range(hi - 1, lo - 1, -1) if nonlate[i] and typ[i] != SEARCH and (it := item[i])
     ]
     if recent_new:
         q.recent_items = _front_unique(recent_new, p.recent_items, cfg.recent_items)
 
 
-def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSettings) -> None:
+def _add_purchases(q: Profile, p: Profile, lo: int, hi: int, r: _Rows, cfg: ProfileSettings) -> None:
     """Purchased items (late purchases included) and their purchase counts.
 
     Applied one purchase at a time in event order, so the bounded state is a function of the
     events whatever the batching: an item pushed out of the capped list loses its count, and
     one that comes back starts again at 1.
     """
-    bought = [item for i in range(b.starts[k], b.ends[k]) if b.typ[i] == PURCHASE and (item := b.item_id(i))]
+    typ, item = r.typ, r.item
+    bought = [it for i in range(lo, hi) if typ[i] == PURCHASE and (it := item[i])]
     if not bought:
         return
     items = list(p.purchased_items)
     counts = dict(p.purchase_counts)
     cap = cfg.purchased_items
-    for item in bought:  # oldest first
-        if item in items:
-            items.remove(item)
-        items.insert(0, item)
-        counts[item] = counts.get(item, 0) + 1
+    for it in bought:  # oldest first
+        if it in items:
+            items.remove(it)
+        items.insert(0, it)
+        counts[it] = counts.get(it, 0) + 1
         for gone in items[cap:]:
             counts.pop(gone, None)
         del items[cap:]
@@ -414,7 +460,7 @@ def _add_purchases(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSetti
     q.purchase_counts = {i: counts[i] for i in items if i in counts}
 
 
-def _add_recent_events(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileSettings) -> None:
+def _add_recent_events(q: Profile, p: Profile, lo: int, hi: int, r: _Rows, cfg: ProfileSettings) -> None:
     """The newest ``cfg.recent_events`` item events, late ones included, by event time.
 
     A total order (event time, then arrival) whose top N does not depend on where batches were
@@ -422,24 +468,26 @@ def _add_recent_events(q: Profile, p: Profile, k: int, b: _Sorted, cfg: ProfileS
     """
     if cfg.recent_events <= 0:
         return
+    typ, item, ts = r.typ, r.item, r.ts
     new = [
-        [item, EVENT_TYPES[b.typ[i]].value, int(b.ts[i])]
-        for i in range(b.ends[k] - 1, b.starts[k] - 1, -1)
-        if b.typ[i] != SEARCH and (item := b.item_id(i))
+        [it, _TYPE_NAMES[typ[i]], ts[i]]
+        for i in range(hi - 1, lo - 1, -1)
+        if typ[i] != SEARCH and (it := item[i])
     ]
     if new:
-        merged = sorted([*new, *p.recent_events], key=lambda e: -e[2])  # stable: new first on ties
+        # newest first; a stable sort (reverse keeps ties in order): new before stored on ties
+        merged = sorted([*new, *p.recent_events], key=_TS, reverse=True)
         q.recent_events = merged[: cfg.recent_events]
 
 
-def _set_query(q: Profile, p: Profile, k: int, b: _Sorted, upd: _Update) -> None:
+def _set_query(q: Profile, p: Profile, k: int, b: _Sorted, r: _Rows) -> None:
     """The latest search by event time, unless the stored query is newer."""
-    j = int(upd.last_search[k])
-    if j >= 0 and (p.query_ts is None or b.ts[j] >= p.query_ts):
+    j = r.last_search[k]
+    if j >= 0 and (p.query_ts is None or r.ts[j] >= p.query_ts):
         ev = b.ev
-        src = int(b.order[j])
+        src = r.order[j]
         q.query_text = ev.queries[src]
-        q.query_ts = int(b.ts[j])
+        q.query_ts = r.ts[j]
         if ev.query_vectors is not None and ev.has_query_vector is not None and ev.has_query_vector[src]:
             q.query = np.asarray(ev.query_vectors[src], np.float32)
         else:

@@ -370,6 +370,22 @@ def test_reproduced_duplicate_of_a_cached_user_is_skipped(redis_client, settings
     assert store.get_profile("u").purchase_counts == {"i1": 1}
 
 
+def test_cached_write_checks_every_id_of_a_long_batch(redis_client, settings, items):
+    """The write from a cached copy looks the batch's ids up in chunks (1,000 per call): a
+    re-produced event at the end of a 2,500-event batch is still found, and the user is read
+    again; its new events apply once, the duplicate not at all."""
+    store = ProfileStore(redis_client, settings.override(profile={"dedupe_event_ids": 5000}), items=items)
+    t = 1_700_000_000_000
+    old = make_event("purchase", "u", item_id="i1", ts=t)
+    store.apply_batch([old], positions=[Position("ev", 0, 1)])
+    new = [make_event("view", "u", item_id=f"i{k % 9}", ts=t + 1 + k) for k in range(2499)]
+    res = store.apply_batch([*new, old], positions=[Position("ev", 0, 2 + k) for k in range(2500)])
+    assert res.applied == 2499 and res.skipped == {"duplicate": 1} and res.changed_users == {"u"}
+    p = store.get_profile("u")
+    assert p.n_events == {"purchase": 1, "view": 2499} and p.offsets == {"ev:0": 2501}
+    assert redis_client.zcard(store.ids_key("u")) == 2500
+
+
 def test_user_deleted_and_written_again_up_to_the_same_version_is_not_taken_from_the_cache(
     redis_client, settings, items
 ):
