@@ -367,7 +367,7 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
 @click.option(
     "--ema-epochs",
     type=float,
-    default=0.0,
+    default=1.0,
     show_default=True,
     help="Keep an exponential moving average of the weights over about this many epochs of steps and "
     "evaluate, keep and export the average (0 = the weights as trained).",
