@@ -134,9 +134,6 @@ class _Sorted:
     idx: np.ndarray  # (E,) arange
     sids: list[str | None]  # session ids, sorted
 
-    def item_id(self, i: int) -> str | None:
-        return self.ev.item_ids[self.order[i]]
-
 
 @dataclass
 class _Stored:
@@ -220,7 +217,7 @@ def apply(
         last_search=np.maximum.reduceat(np.where(is_search, b.idx, -1), b.starts),
     )
     rows = _Rows(b, upd)
-    return [_new_profile(k, p, b, upd, rows, cfg, model_version) for k, p in enumerate(profiles)]
+    return [_new_profile(k, p, b, rows, cfg, model_version) for k, p in enumerate(profiles)]
 
 
 def _sort_events(ev: EventColumns, m: int, cfg: ProfileSettings) -> _Sorted:
@@ -388,7 +385,7 @@ def _means(sums: np.ndarray, weights: np.ndarray) -> list[np.ndarray | None]:
 
 
 def _new_profile(
-    k: int, p: Profile, b: _Sorted, upd: _Update, r: _Rows, cfg: ProfileSettings, model_version: str | None
+    k: int, p: Profile, b: _Sorted, r: _Rows, cfg: ProfileSettings, model_version: str | None
 ) -> Profile:
     """User k's profile after the batch."""
     n_events = dict(p.n_events)
