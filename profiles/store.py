@@ -78,13 +78,9 @@ _ids_encoder = msgspec.msgpack.Encoder()
 # The ids travel as one argument (Redis's Lua has cmsgpack): as two arguments per event, packing
 # them in the client was a quarter of the profile stage. Scores are event times in ms, exact in a
 # Lua number. The token, new at every write, tells a cached copy from a user deleted and written
-# again up to the same version. Calls inside the script cost Redis a few µs each, paid by every
-# user of every batch: version, token and horizon come from one HMGET, a cached write checks its
-# ids with ZMSCORE (1,000 per call), and the trim pops the oldest ids with their scores in one
-# ZPOPMIN (the same ids ZRANGE + ZREMRANGEBYRANK removed).
+# again up to the same version.
 _WRITE_LUA = """
-local st = redis.call('HMGET', KEYS[1], 'v', 'w', 'hz')
-local cur = tonumber(st[1] or '0')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if cur ~= tonumber(ARGV[1]) then return {-1, 0} end
 local nf = tonumber(ARGV[2])
 local ni = tonumber(ARGV[3])
@@ -94,24 +90,15 @@ local base = 7
 local ids = {}
 if ni > 0 then ids = cmsgpack.unpack(ARGV[base + nf + 1]) end
 if ARGV[6] ~= '' then
-  if (st[2] or '') ~= ARGV[6] then return {-1, 0} end
-  local members = {}
-  for i = 2, 2 * ni, 2 do members[#members + 1] = ids[i] end
-  local i = 1
-  while i <= ni do
-    local j = math.min(i + 999, ni)
-    local found = redis.call('ZMSCORE', KEYS[2], unpack(members, i, j))
-    for k = 1, j - i + 1 do
-      if found[k] then return {-2, 0} end
-    end
-    i = j + 1
+  if (redis.call('HGET', KEYS[1], 'w') or '') ~= ARGV[6] then return {-1, 0} end
+  for i = 2, 2 * ni, 2 do
+    if redis.call('ZSCORE', KEYS[2], ids[i]) then return {-2, 0} end
   end
 end
 redis.call('HSET', KEYS[1], 'v', cur + 1, 'w', ARGV[7], unpack(ARGV, base + 1, base + nf))
 if nd > 0 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, base + nf + 2, base + nf + 1 + nd))
 end
-local hz = tonumber(st[3] or '0')
 if ni > 0 then
   local i = 1
   local last = 2 * ni
@@ -122,15 +109,13 @@ if ni > 0 then
   end
   local extra = redis.call('ZCARD', KEYS[2]) - keep
   if extra > 0 then
-    local gone = redis.call('ZPOPMIN', KEYS[2], extra)
-    local top = gone[#gone]
-    if tonumber(top) > hz then
-      redis.call('HSET', KEYS[1], 'hz', top)
-      hz = tonumber(top)
-    end
+    local top = redis.call('ZRANGE', KEYS[2], extra - 1, extra - 1, 'WITHSCORES')
+    local hz = tonumber(redis.call('HGET', KEYS[1], 'hz') or '0')
+    if tonumber(top[2]) > hz then redis.call('HSET', KEYS[1], 'hz', top[2]) end
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
   end
 end
-return {cur + 1, hz}
+return {cur + 1, tonumber(redis.call('HGET', KEYS[1], 'hz') or '0')}
 """
 
 

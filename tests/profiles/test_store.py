@@ -371,9 +371,9 @@ def test_reproduced_duplicate_of_a_cached_user_is_skipped(redis_client, settings
 
 
 def test_cached_write_checks_every_id_of_a_long_batch(redis_client, settings, items):
-    """The write from a cached copy looks the batch's ids up in chunks (1,000 per call): a
-    re-produced event at the end of a 2,500-event batch is still found, and the user is read
-    again; its new events apply once, the duplicate not at all."""
+    """The write from a cached copy checks every id of the batch: a re-produced event at the end
+    of a 2,500-event batch is still found, and the user is read again; its new events apply once,
+    the duplicate not at all."""
     store = ProfileStore(redis_client, settings.override(profile={"dedupe_event_ids": 5000}), items=items)
     t = 1_700_000_000_000
     old = make_event("purchase", "u", item_id="i1", ts=t)
