@@ -419,15 +419,6 @@ class StreamSettings(SettingsGroup):
         "gather for twice as long, up to this (seconds): bigger batches, fewer round trips per event; the "
         "wait falls back to batch_within_s once the buffer runs dry.",
     )
-    inline_max_events: int = Field(
-        64,
-        ge=0,
-        le=100_000,
-        description="A batch of at most this many events writes its profiles and runs its blocking hooks "
-        "(popularity, co-visitation) on the event loop's own thread: at low load handing them to a worker "
-        "thread, and waiting for the GIL to come back, cost more than the work. Bigger batches go to a "
-        "thread, so the loop keeps serving pushes and requests meanwhile; 0 = always a thread.",
-    )
     commit_interval_s: float = Field(
         2.8,
         gt=0,

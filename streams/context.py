@@ -105,9 +105,7 @@ def build_context(
     producer = KafkaProducer(s)
     store = ProfileStore(redis, s, items=items)
     dead_letters = KafkaDeadLetterSink(producer, s.topics.dead_letter, tail_reader=dead_letter_tail_reader(s))
-    pipeline = EventPipeline(
-        store, Validator(items), dead_letters, encoder=encoder, inline_max=s.stream.inline_max_events
-    )
+    pipeline = EventPipeline(store, Validator(items), dead_letters, encoder=encoder)
 
     item_category = item_categories(items)  # one map for the demand hook and the popularity recorder
     demand = demand_hook(s, redis, item_category, AlertPublisher(producer, s.topics.alerts))

@@ -13,11 +13,8 @@ and what the benchmark drives directly. Per batch:
    that counts (demand monitor) never counts an event twice.
 
 Blocking work (Redis, the encoder, the dead-letter producer) runs in a thread so the worker's
-event loop keeps serving pushes and requests; the profile writes and blocking hooks of a small
-batch (``stream.inline_max_events``) run on the loop's thread, where a hand-off and the wait for the
-GIL to come back would cost more than the work (faust's consumer heart-beats in its own thread).
-Input never raises; Redis/Kafka failures do, and the caller retries the whole batch, which is
-safe because step 3 is idempotent.
+event loop keeps heart-beating. Input never raises; Redis/Kafka failures do, and the caller
+retries the whole batch, which is safe because step 3 is idempotent.
 """
 
 from __future__ import annotations
@@ -63,11 +60,8 @@ class EventPipeline:
         dead_letters: DeadLetterSink,
         encoder: TextEncoder | None = None,
         hooks: Sequence[Hook | BlockingHook] = (),
-        inline_max: int = 0,
     ) -> None:
         self.store = store
-        # Batches of at most this many events: profile writes and blocking hooks on the loop's thread.
-        self.inline_max = inline_max
         self.validator = validator
         self.dead_letters = dead_letters
         self.encoder = encoder
@@ -116,20 +110,16 @@ class EventPipeline:
         positions = [
             Position(r.topic, r.partition, r.offset) if r.partition >= 0 else None for r in batch.records
         ]
-
-        def write() -> ApplyResult:
-            return self.store.apply_batch(
+        res.apply = await loop.run_in_executor(
+            None,
+            lambda: self.store.apply_batch(
                 batch.events,
                 positions=positions,
                 item_vectors=batch.item_vectors,
                 item_found=np.ones(len(batch.events), bool),
                 query_vectors=query_vectors,
-            )
-
-        if len(batch.events) <= self.inline_max:
-            res.apply = write()
-        else:
-            res.apply = await loop.run_in_executor(None, write)
+            ),
+        )
         t = _lap(stage.labels("profiles"), t)
         res.valid = len(batch.events)
         res.dead_lettered = len(batch.dead)
@@ -156,9 +146,7 @@ class EventPipeline:
         the loop; one failing loses nothing."""
         blocking, others = self._blocking, self._async
         jobs: list[Awaitable[Any]] = [hook(applied, changed) for hook in others]
-        if blocking and len(applied) <= self.inline_max:
-            jobs.append(_done(_run_blocking(blocking, applied, changed)))
-        elif blocking:
+        if blocking:
             loop = asyncio.get_running_loop()
             jobs.append(loop.run_in_executor(None, _run_blocking, blocking, applied, changed))
         results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -224,10 +212,6 @@ def _run_blocking(
 
 async def _nothing() -> None:
     return None
-
-
-async def _done(value: Any) -> Any:
-    return value
 
 
 def _lap(hist: Any, t: float) -> float:

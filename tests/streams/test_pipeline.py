@@ -113,50 +113,6 @@ def test_blocking_hooks_share_one_worker_thread_and_a_failing_one_stops_none(set
     assert "b broke" in caplog.text
 
 
-def test_small_batches_write_and_run_blocking_hooks_on_the_loop_thread(settings, redis_client):
-    """A batch of at most ``inline_max`` events writes its profiles and runs its blocking hooks on
-    the event loop's thread (no hand-off); a bigger one hands both to a worker thread. Both write
-    the same profiles."""
-    import threading
-
-    import msgspec
-
-    items = RandomItems()
-    threads: dict[str, list[int]] = {"write": [], "hook": []}
-
-    class Store(ProfileStore):
-        def apply_batch(self, *a, **kw):
-            threads["write"].append(threading.get_ident())
-            return super().apply_batch(*a, **kw)
-
-    class Blocking:
-        def run_blocking(self, events, changed):
-            threads["hook"].append(threading.get_ident())
-
-    class NoDeadLetters:
-        async def send(self, letters):
-            assert not letters
-
-    store = Store(redis_client, settings, items=items)
-    pipe = EventPipeline(store, Validator(items), NoDeadLetters(), None, hooks=[Blocking()], inline_max=10)
-    small = generate_events(3, 10, seed=4)
-    big = [msgspec.structs.replace(e, user_id="big-" + e.user_id) for e in generate_events(4, 11, seed=5)]
-
-    async def run() -> int:
-        await pipe.process(_records(small))
-        await pipe.process(_records(big, partition=1))
-        return threading.get_ident()
-
-    loop_thread = asyncio.run(run())
-    assert threads["write"][0] == loop_thread and threads["hook"][0] == loop_thread
-    assert threads["write"][1] != loop_thread and threads["hook"][1] != loop_thread
-    for events in (small, big):
-        ref = reference_profiles(events, items, None, settings.profile)
-        got = store.get_profiles(list(ref))
-        for u, p in ref.items():
-            assert_profile_matches(got[u], p)
-
-
 def test_search_without_encoder_keeps_text_only(settings, redis_client):
     items = RandomItems()
 
