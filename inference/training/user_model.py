@@ -555,7 +555,9 @@ def _averaging(
 
     steps = max(1.0, cfg.ema_epochs * math.ceil(n_ex / cfg.batch_size))
     avg = AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(1.0 - 1.0 / steps), use_buffers=False)
-    kept = TrainedUserModel(avg.module["tower"], avg.module["table"], cfg, model.alpha)
+    copy = avg.module  # the ModuleDict's averaged copy
+    assert isinstance(copy, nn.ModuleDict)
+    kept = TrainedUserModel(copy["tower"], copy["table"], cfg, model.alpha)  # type: ignore[arg-type]
     return live, avg, kept
 
 
