@@ -170,7 +170,6 @@ class _Update:
     session: _Session
     counts: np.ndarray  # (m, len(EVENT_TYPES)) events of the batch by type
     last: np.ndarray  # (m,) new last event time
-    is_search: np.ndarray  # (E,) bool
     last_search: np.ndarray  # (m,) sorted position of the user's latest search, -1 if none
 
 
@@ -213,7 +212,6 @@ def apply(
             m, len(EVENT_TYPES)
         ),
         last=np.maximum(s.last, np.maximum.reduceat(b.ts, b.starts)),
-        is_search=is_search,
         last_search=np.maximum.reduceat(np.where(is_search, b.idx, -1), b.starts),
     )
     rows = _Rows(b, upd)
@@ -365,10 +363,9 @@ class _Rows:
         self.typ = b.typ.tolist()
         self.ts = b.ts.tolist()
         self.nonlate = se.nonlate.tolist()
-        order = b.order.tolist()
-        self.order = order
+        self.order = b.order.tolist()
         item_ids = b.ev.item_ids
-        self.item = [item_ids[i] for i in order]  # item id of each sorted event
+        self.item = [item_ids[i] for i in self.order]  # item id of each sorted event
 
 
 def _means(sums: np.ndarray, weights: np.ndarray) -> list[np.ndarray | None]:
