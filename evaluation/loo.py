@@ -18,12 +18,13 @@ a PNG plot and JSON. :func:`ranking_metrics` and :func:`full_ranking_ranks` are 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -33,7 +34,10 @@ from tqdm.auto import tqdm
 from evaluation.baselines import ItemSimilarity
 from inference.training.pairs import EvalCases, eval_cases
 from streamrec.datasets import SPLITS, Dataset, load_dataset
-from streamrec.settings import Settings, get_settings
+from streamrec.settings import ScoringSettings, Settings, get_settings
+
+if TYPE_CHECKING:
+    from inference.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +216,7 @@ class ServedRanker:
         redis_client: Any,
         use_user_model: bool = True,
         use_covisit: bool = True,
+        tuned: bool = True,
     ) -> None:
         import uuid
         from dataclasses import replace
@@ -220,12 +225,15 @@ class ServedRanker:
         from inference.catalog import CatalogIndex
         from inference.covisit import CoVisitation, CoVisitRecorder
         from inference.popularity import RedisPopularity
-        from inference.scoring import Request, Scorer
+        from inference.scoring import Request
+        from inference.tuning import with_model_scoring
         from inference.user_model import load_user_model
         from profiles.store import ProfileStore
 
         self.name = name
         s = settings.override(redis={"prefix": f"{settings.redis.prefix}:loo:{uuid.uuid4().hex[:8]}"})
+        if tuned:  # the scoring weights the worker would serve this folder with
+            s = with_model_scoring(s, model_dir)
         self.catalog = CatalogIndex.load(Path(model_dir) / "catalog")
         if use_user_model:
             refuse_seen_split(Path(model_dir), split)
@@ -258,15 +266,29 @@ class ServedRanker:
             keys = list(redis_client.scan_iter(match=f"*{s.redis.prefix}*", count=5000))
             for i in range(0, len(keys), 5000):
                 redis_client.delete(*keys[i : i + 5000])
-        self.scorer = Scorer(
-            self.catalog, s.scoring, s.profile, popularity=snapshot, user_model=um, covisit=covisit
-        )
+        self._parts = (s.profile, snapshot, um, covisit)
+        self.scoring = s.scoring
+        self.scorer = self._scorer(s.scoring)
         last = hist.groupby(hist["user_id"].astype(str))["ts"].max().to_dict()
         self.requests = [
             Request(u, profiles.get(u), k=LIST_K, exclude_ids=h, ref_ms=int(last.get(u, 0)))
             for u, h in zip(cases.users, cases.histories, strict=True)
         ]
         self.now_ms = int(hist["ts"].max()) if len(hist) else 0
+
+    def _scorer(self, scoring: ScoringSettings) -> Scorer:
+        from inference.scoring import Scorer
+
+        profile, popularity, user_model, covisit = self._parts
+        return Scorer(
+            self.catalog, scoring, profile, popularity=popularity, user_model=user_model, covisit=covisit
+        )
+
+    def variant(self, name: str, scoring: ScoringSettings) -> ServedRanker:
+        """The same profiles, model and co-visitation ranked with other scoring settings (tuning)."""
+        other = copy.copy(self)
+        other.name, other.scoring, other.scorer = name, scoring, self._scorer(scoring)
+        return other
 
     def ranked(self, rows: np.ndarray) -> list[np.ndarray]:
         lists = self.scorer.recommend([self.requests[r] for r in rows], now_ms=self.now_ms)

@@ -110,6 +110,7 @@ class StreamrecMethod:
         from inference.covisit import CoVisitation, CoVisitRecorder
         from inference.popularity import RedisPopularity
         from inference.scoring import Scorer
+        from inference.tuning import with_model_scoring
         from inference.user_model import load_user_model
         from profiles.store import ProfileStore
 
@@ -117,6 +118,7 @@ class StreamrecMethod:
         s = settings.override(
             redis={"prefix": f"{settings.redis.prefix}:{name}"}, scoring=REORDER_SHOP_SCORING
         )
+        s = with_model_scoring(s, model_dir)  # the folder's tuned weights, as the worker serves it
         self.settings = s
         self.catalog = CatalogIndex.load(model_dir / "catalog")
         um = load_user_model(model_dir, self.catalog) if s.scoring.user_model else None

@@ -41,6 +41,7 @@ COMMANDS = {
     "index": "inference.training.cli:index",
     "encode": "inference.training.cli:encode",
     "train-user": "inference.training.cli:train_user",
+    "tune": "evaluation.tune:tune",
     "fetch-encoder": "inference.training.encoders:fetch_encoder_cmd",
     # streaming: the faust worker (streams/)
     "worker": "streams.cli:worker",

@@ -22,6 +22,7 @@ from typing import Any
 
 from alerts.hook import DemandHook, demand_hook, item_categories
 from alerts.publish import AlertPublisher
+from inference.tuning import with_model_scoring
 from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog, ItemVectors, TextEncoder
 from streamrec.kafka import KafkaProducer
@@ -98,7 +99,7 @@ def build_context(
     ``items_factory``/``encoder_factory`` name ``callable(settings)``; ``encoder_factory=None``
     runs without a text encoder (search events then keep their query text without a vector).
     """
-    s = settings
+    s = with_model_scoring(settings)  # the weights `streamrec tune` chose for the served folder
     items, encoder = _load_plugins(s, items_factory, encoder_factory)
     redis = s.redis.client()
     redis.ping()

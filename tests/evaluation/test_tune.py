@@ -1,0 +1,49 @@
+"""`streamrec tune`'s choice rule and grid parsing (the CLI flow: tests/inference/training/test_tune_cli.py)."""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+import pytest
+
+from evaluation.loo import ranking_metrics
+from evaluation.tune import choose, parse_grid, per_case
+from streamrec.settings import ScoringSettings
+
+
+def test_the_best_point_is_chosen_only_when_its_gain_is_beyond_noise() -> None:
+    rng = np.random.default_rng(0)
+    ref = (rng.random(2000) < 0.1).astype(float)
+    clear = np.maximum(ref, (rng.random(2000) < 0.1).astype(float))  # finds about 90 % more
+    assert choose([ref, clear, ref * 0])[:2] == (1, 1)
+    # one case more out of 2,000: the best, but not beyond noise, so the settings' values stay
+    slight = ref.copy()
+    slight[np.flatnonzero(ref == 0)[0]] = 1.0
+    best, chosen, (lo, hi) = choose([ref, slight])
+    assert (best, chosen) == (1, 0) and lo <= 0 < hi
+    # a tie with the settings' values keeps them
+    assert choose([ref, ref.copy()])[:2] == (0, 0)
+
+
+def test_per_case_contributions_average_to_the_reported_metrics() -> None:
+    ranks = np.array([1, 0, 3, 12, 60, 2], float)
+    m = ranking_metrics(ranks)
+    for key in ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr"):
+        assert per_case(key, ranks).mean() == pytest.approx(m[key])
+
+
+def test_the_grid_is_every_combination_checked_against_the_fields_bounds() -> None:
+    base = ScoringSettings()
+    grid = parse_grid(["covisit_weight=0,0.1", "mmr_lambda=1,0.9,1.0"], base)
+    assert grid == [
+        {"covisit_weight": 0.0, "mmr_lambda": 1.0},
+        {"covisit_weight": 0.0, "mmr_lambda": 0.9},
+        {"covisit_weight": 0.1, "mmr_lambda": 1.0},
+        {"covisit_weight": 0.1, "mmr_lambda": 0.9},
+    ]
+    with pytest.raises(click.BadParameter, match="mmr_lambda"):
+        parse_grid(["mmr_lambda=1.5"], base)
+    with pytest.raises(click.BadParameter, match="cannot be tuned"):
+        parse_grid(["top_k=10,20"], base)
+    with pytest.raises(click.BadParameter, match="NAME=V1"):
+        parse_grid(["covisit_weight"], base)

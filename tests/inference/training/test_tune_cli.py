@@ -1,0 +1,72 @@
+"""`streamrec train-user --no-refit` → `streamrec tune` → the served folder ranks with the choice:
+`eval loo`'s streamrec row on the same valid cases equals the tune report's figures for it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from inference.tuning import TUNED_FILE, with_model_scoring
+from streamrec.cli import main
+from streamrec.settings import Settings
+
+
+def _invoke(args: list[str], env: dict[str, str]) -> str:
+    res = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
+    generic_dataset_dir: Path, pretrained_dir: Path, tmp_path: Path, settings: Settings
+) -> None:
+    from streamrec.settings import get_settings
+
+    get_settings.cache_clear()
+    env = {"STREAMREC_STATE_DIR": str(tmp_path / "state"), "STREAMREC_REDIS_PREFIX": settings.redis.prefix}
+    model = tmp_path / "model"
+    shutil.copytree(pretrained_dir, model)
+    data = str(generic_dataset_dir)
+    try:
+        _invoke(["index", "--dataset", data, "--model-dir", str(model)], env)
+        _invoke(["train-user", "--dataset", data, "--model-dir", str(model), "--epochs", "2",
+                 "--eval-users", "0", "--layers", "1", "--no-refit"], env)  # fmt: skip
+        served = tmp_path / "served"
+        served.mkdir()
+        res_dir = tmp_path / "tune"
+        _invoke(["tune", "--dataset", data, "--model-dir", str(model), "--grid", "covisit_weight=0,1.5",
+                 "--write-to", str(model), "--write-to", str(served), "--results-dir", str(res_dir)], env)  # fmt: skip
+        report = json.loads((res_dir / "tune-third-dataset.json").read_text())
+        assert (res_dir / "tune-third-dataset.md").is_file() and (
+            res_dir / "tune-third-dataset.png"
+        ).is_file()
+        # the settings' own value first, then the grid; every point measured on the same cases
+        points = report["points"]
+        assert [p["values"]["covisit_weight"] for p in points] == [0.2, 0.0, 1.5]
+        assert len({p["n"] for p in points}) == 1 and report["cases"] == points[0]["n"] > 0
+        best = max(points, key=lambda p: p["ndcg@10"])
+        assert report["best"] == best["values"]
+        lo, _ = report["gain_vs_reference"]["interval_90"]
+        assert report["chosen"] == (best["values"] if lo > 0 else points[0]["values"])
+        for folder in (model, served):
+            assert json.loads((folder / TUNED_FILE).read_text())["chosen"] == report["chosen"]
+            assert (
+                with_model_scoring(Settings(), folder).scoring.covisit_weight
+                == report["chosen"]["covisit_weight"]
+            )
+        # eval ranks a folder with the weights its file names: with each point's weights written
+        # there, its streamrec row is that point's figures (the co-visitation weight changes them)
+        assert len({(p["recall@10"], p["ndcg@10"], p["mrr"]) for p in points}) > 1, points
+        for point in points:
+            (model / TUNED_FILE).write_text(json.dumps({**report, "chosen": point["values"]}))
+            out = tmp_path / "loo.json"
+            _invoke(["eval", "loo", "--dataset", data, "--split", "valid", "--model-dir", str(model),
+                     "--no-sasrec", "--results-dir", str(tmp_path / "res"), "--output", str(out)], env)  # fmt: skip
+            row = json.loads(out.read_text())["streamrec"]
+            keys = ("recall@10", "ndcg@10", "recall@50", "mrr", "n")
+            assert {k: row[k] for k in keys} == {k: point[k] for k in keys}, point["values"]
+    finally:
+        get_settings.cache_clear()
