@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import click
 import numpy as np
@@ -38,7 +38,10 @@ from tqdm import tqdm
 
 from streamrec.datasets import SPLITS, Dataset, load_dataset
 from streamrec.events import Event
-from streamrec.settings import REORDER_SHOP_SCORING, Settings, get_settings
+from streamrec.settings import REORDER_SHOP_SCORING, ScoringSettings, Settings, get_settings
+
+if TYPE_CHECKING:
+    from inference.scoring import Scorer
 
 KS = (10, 20)
 LIST_K = max(KS)
@@ -57,9 +60,13 @@ class MethodScores:
     rebuy: list[bool] = field(default_factory=list)
     cold: list[bool] = field(default_factory=list)
     tail: list[bool] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)  # whose event (paired bootstraps over users)
 
-    def add(self, rank: int, day: str, rebuy: bool = False, cold: bool = False, tail: bool = False) -> None:
+    def add(
+        self, rank: int, day: str, rebuy: bool = False, cold: bool = False, tail: bool = False, user: str = ""
+    ) -> None:
         self.ranks.append(rank)
+        self.users.append(user)
         self.days.append(day)
         self.rebuy.append(rebuy)
         self.cold.append(cold)
@@ -105,11 +112,12 @@ class ReplayMethod(Protocol):
 class StreamrecMethod:
     """streamrec itself: ProfileStore (real Redis) + Scorer over a model folder's catalog."""
 
-    def __init__(self, name: str, settings: Settings, model_dir: Path, redis_client) -> None:
+    def __init__(
+        self, name: str, settings: Settings, model_dir: Path, redis_client, tuned: bool = True
+    ) -> None:
         from inference.catalog import CatalogIndex
         from inference.covisit import CoVisitation, CoVisitRecorder
         from inference.popularity import RedisPopularity
-        from inference.scoring import Scorer
         from inference.tuning import with_model_scoring
         from inference.user_model import load_user_model
         from profiles.store import ProfileStore
@@ -118,7 +126,8 @@ class StreamrecMethod:
         s = settings.override(
             redis={"prefix": f"{settings.redis.prefix}:{name}"}, scoring=REORDER_SHOP_SCORING
         )
-        s = with_model_scoring(s, model_dir)  # the folder's tuned weights, as the worker serves it
+        if tuned:  # the folder's tuned weights, as the worker serves it
+            s = with_model_scoring(s, model_dir)
         self.settings = s
         self.catalog = CatalogIndex.load(model_dir / "catalog")
         um = load_user_model(model_dir, self.catalog) if s.scoring.user_model else None
@@ -132,22 +141,37 @@ class StreamrecMethod:
             self.covisit, self.catalog.index_of, s.scoring.covisit_window, fold_every_s=None
         )
         self._fold_hour = -1
-        self.scorer = Scorer(
-            self.catalog,
-            s.scoring,
-            s.profile,
-            popularity=self.popularity,
-            user_model=um,
-            covisit=self.covisit,
-        )
+        self.user_model = um
+        self.scorer = self._scorer(s.scoring)
         self.redis = redis_client
 
-    def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:
+    def _scorer(self, scoring: ScoringSettings) -> Scorer:
+        from inference.scoring import Scorer
+
+        return Scorer(
+            self.catalog,
+            scoring,
+            self.settings.profile,
+            popularity=self.popularity,
+            user_model=self.user_model,
+            covisit=self.covisit,
+        )
+
+    def variant(self, scoring: ScoringSettings) -> ReplayMethod:
+        """Another scorer over this method's state (profiles, popularity, co-visitation), for
+        tuning: it ranks and learns nothing itself, so it must come before this method in
+        :func:`run_replay`'s methods, and this method then learns each basket once."""
+        return _ScorerVariant(self, self._scorer(scoring))
+
+    def recommend(
+        self, user_ids: Sequence[str], k: int, now_ms: int, scorer: Scorer | None = None
+    ) -> list[list[str]]:
         from inference.scoring import Request
 
         profiles = self.store.get_profiles(list(user_ids))
         reqs = [Request(u, profiles.get(u), k=k, ref_ms=now_ms) for u in user_ids]
-        return [[it.item_id for it in lst] for lst in self.scorer.recommend(reqs, now_ms=now_ms)]
+        lists = (scorer or self.scorer).recommend(reqs, now_ms=now_ms)
+        return [[it.item_id for it in lst] for lst in lists]
 
     def update(self, events: Sequence[Event]) -> None:
         res = self.store.apply_batch(events)
@@ -163,6 +187,19 @@ class StreamrecMethod:
         keys = list(self.redis.scan_iter(match=f"*{self.settings.redis.prefix}*", count=5000))
         for i in range(0, len(keys), 5000):
             self.redis.delete(*keys[i : i + 5000])
+
+
+class _ScorerVariant:
+    """:meth:`StreamrecMethod.variant`: its profiles, ranked by another scorer."""
+
+    def __init__(self, base: StreamrecMethod, scorer: Scorer) -> None:
+        self.base, self.scorer = base, scorer
+
+    def recommend(self, user_ids: Sequence[str], k: int, now_ms: int) -> list[list[str]]:
+        return self.base.recommend(user_ids, k, now_ms, scorer=self.scorer)
+
+    def update(self, events: Sequence[Event]) -> None:
+        pass  # the base method learns
 
 
 def run_replay(
@@ -229,6 +266,7 @@ def run_replay(
                     rebuy=e.item_id in bought[e.user_id],
                     cold=e.item_id not in item_pop,
                     tail=e.item_id not in head,
+                    user=e.user_id,
                 )
             m.update(batch)
         for e in batch:

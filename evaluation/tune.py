@@ -65,36 +65,57 @@ def parse_grid(specs: Sequence[str], base: ScoringSettings) -> list[dict[str, An
 
 
 def per_case(metric: str, ranks: np.ndarray) -> np.ndarray:
-    """Each case's contribution to ``metric`` (its mean over cases is :func:`ranking_metrics`')."""
+    """Each case's contribution to ``metric`` (its mean over cases is :func:`ranking_metrics`';
+    ``hr@k`` is the replay's name of ``recall@k``)."""
     r = np.asarray(ranks, np.float64)
     hit = r >= 1
     name, _, k = metric.partition("@")
     if name == "mrr":
         return np.where(hit, 1.0 / np.maximum(r, 1.0), 0.0)
     inside = hit & (r <= int(k))
-    if name == "recall":
+    if name in ("recall", "hr"):
         return inside.astype(np.float64)
     return np.where(inside, 1.0 / np.log2(1.0 + np.maximum(r, 1.0)), 0.0)
 
 
 def paired_interval(
-    gain: np.ndarray, level: float = LEVEL, n: int = BOOTSTRAP, seed: int = 0
+    gain: np.ndarray,
+    groups: Sequence[str] | None = None,
+    level: float = LEVEL,
+    n: int = BOOTSTRAP,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """Bootstrap interval (over cases, paired) of the mean per-case gain."""
+    """Bootstrap interval of the mean per-case gain, paired. With ``groups`` (each case's user)
+    whole users are resampled, so that the correlated events of one shopper count as one draw."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(gain), size=(n, len(gain)))
-    means = gain[idx].mean(1)
+    gain = np.asarray(gain, np.float64)
+    if groups is None:
+        sums, counts = gain, np.ones_like(gain)
+    else:
+        codes, _ = _codes(groups)
+        sums = np.bincount(codes, weights=gain)
+        counts = np.bincount(codes).astype(np.float64)
+    idx = rng.integers(0, len(sums), size=(n, len(sums)))
+    means = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 
 
-def choose(contrib: Sequence[np.ndarray]) -> tuple[int, int, tuple[float, float]]:
+def _codes(groups: Sequence[str]) -> tuple[np.ndarray, int]:
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), np.int64, len(groups))
+    return codes, len(index)
+
+
+def choose(
+    contrib: Sequence[np.ndarray], groups: Sequence[str] | None = None
+) -> tuple[int, int, tuple[float, float]]:
     """(best point, chosen point, interval of the best's per-case gain over point 0) from each
     point's per-case metric contributions; point 0 holds the settings' values. The best (ties:
     the earliest) is chosen only when the lower end of that interval is above zero."""
     means = [float(c.mean()) for c in contrib]
     best = max(range(len(means)), key=lambda i: (means[i], -i))
-    lo, hi = paired_interval(contrib[best] - contrib[0]) if best else (0.0, 0.0)
+    lo, hi = paired_interval(contrib[best] - contrib[0], groups) if best else (0.0, 0.0)
     return best, best if lo > 0 else 0, (lo, hi)
 
 
@@ -108,7 +129,16 @@ def _ranks(ds: Dataset, ranker: ServedRanker, targets: np.ndarray, chunk: int = 
     return np.where(out <= LIST_K, out, 0)
 
 
-def tune_scoring(
+def _points(
+    grid: Sequence[Mapping[str, Any]], scoring: ScoringSettings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the settings' values of the grid's fields, every point to measure: those values first)."""
+    fields = list(grid[0]) if grid else []  # the order the grid was given in
+    reference = {k: getattr(scoring, k) for k in fields}
+    return reference, [reference, *[dict(g) for g in grid if dict(g) != reference]]
+
+
+def tune_loo(
     ds: Dataset,
     model_dir: Path,
     settings: Settings,
@@ -116,7 +146,7 @@ def tune_scoring(
     metric: str = "ndcg@10",
     max_users: int = 0,
 ) -> dict[str, Any]:
-    """Rank the valid cases at every grid point (and at the settings' own values) and choose."""
+    """Leave-one-out: rank the valid cases (one per user) at every point and choose."""
     from tqdm.auto import tqdm
 
     cases = eval_cases(ds, "valid").take(max_users, 0)
@@ -127,24 +157,78 @@ def tune_scoring(
     )
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     targets = np.fromiter((pos[t] for t in cases.targets), np.int64, len(cases))
-    fields = list(grid[0]) if grid else []  # the order the grid was given in
-    reference = {k: getattr(base.scoring, k) for k in fields}
+    reference, values = _points(grid, base.scoring)
     points: list[dict[str, Any]] = []
     contrib: list[np.ndarray] = []
-    for values in tqdm(
-        [reference, *[dict(g) for g in grid if dict(g) != reference]], desc="tune", unit="point"
-    ):
-        ranker = base.variant(json.dumps(values), base.scoring.model_copy(update=values))
-        ranks = _ranks(ds, ranker, targets)
-        points.append({"values": values, **ranking_metrics(ranks)})
+    for v in tqdm(values, desc="tune", unit="point"):
+        ranks = _ranks(ds, base.variant(json.dumps(v), base.scoring.model_copy(update=v)), targets)
+        points.append({"values": v, **ranking_metrics(ranks)})
         contrib.append(per_case(metric, ranks))
-    best, chosen_at, (lo, hi) = choose(contrib)
-    chosen = points[chosen_at]["values"]
+    return _result(
+        ds, "loo", model_dir, metric, reference, points, contrib, None, len(cases), list(METRIC_KEYS)
+    )
+
+
+REPLAY_COLUMNS = ["hr@10", "hr@20", "ndcg@10", "mrr", "hr@20 new", "hr@20 rebuy"]
+
+
+def tune_replay(
+    ds: Dataset,
+    model_dir: Path,
+    settings: Settings,
+    grid: Sequence[Mapping[str, Any]],
+    metric: str = "hr@20",
+    days: int | None = None,
+) -> dict[str, Any]:
+    """Prequential replay of the valid period with the re-ordering shop's scoring (as ``eval
+    replay``): every point ranks each basket from the same profiles, then they learn it once."""
+    from evaluation.loo import refuse_seen_split
+    from evaluation.replay import ReplayMethod, StreamrecMethod, run_prefix, run_replay, summarise
+
+    refuse_seen_split(model_dir, "valid")
+    s = settings.override(redis={"prefix": run_prefix()})
+    base = StreamrecMethod("settings", s, model_dir, s.redis.client(), tuned=False)
+    reference, values = _points(grid, base.settings.scoring)
+    names = [json.dumps(v) for v in values]
+    methods: dict[str, ReplayMethod] = {
+        n: base.variant(base.settings.scoring.model_copy(update=v))
+        for n, v in zip(names[1:], values[1:], strict=True)
+    }
+    methods[names[0]] = base  # last: it learns each basket after every point has ranked it
+    try:
+        scores = run_replay(ds, methods, s, max_test_days=days, split="valid")
+    finally:
+        base.cleanup()
+    overall, _ = summarise(scores, len(ds.items))
+    points = [{"values": v, **overall[n]} for n, v in zip(names, values, strict=True)]
+    contrib = [per_case(metric, np.asarray(scores[n].ranks)) for n in names]
+    users = scores[names[0]].users
+    return _result(
+        ds, "replay", model_dir, metric, reference, points, contrib, users, len(set(users)), REPLAY_COLUMNS
+    )
+
+
+def _result(
+    ds: Dataset,
+    protocol: str,
+    model_dir: Path,
+    metric: str,
+    reference: dict[str, Any],
+    points: list[dict[str, Any]],
+    contrib: list[np.ndarray],
+    groups: Sequence[str] | None,
+    users: int,
+    columns: list[str],
+) -> dict[str, Any]:
+    best, chosen_at, (lo, hi) = choose(contrib, groups)
     return {
         "dataset": ds.name,
+        "protocol": protocol,
         "split": "valid",
-        "cases": len(cases),
+        "cases": len(contrib[0]),
+        "users": users,
         "metric": metric,
+        "columns": columns,
         "model_dir": str(model_dir),
         "reference": reference,
         "points": points,
@@ -153,10 +237,10 @@ def tune_scoring(
             "mean": float(points[best][metric] - points[0][metric]),
             f"interval_{int(LEVEL * 100)}": [lo, hi],
         },
-        "chosen": chosen,
+        "chosen": points[chosen_at]["values"],
         "rule": (
-            f"the best {metric} point is chosen when the lower end of the paired bootstrap {int(LEVEL * 100)} % "
-            "interval of its per-user gain over the settings' values is above 0; otherwise those values stay"
+            f"the best {metric} point is chosen when the lower end of a paired bootstrap {int(LEVEL * 100)} % "
+            "interval (users resampled) of its gain over the settings' values is above 0; otherwise those values stay"
         ),
     }
 
@@ -195,7 +279,9 @@ def _plot(result: Mapping[str, Any], path: Path) -> Path:
                linewidths=2, zorder=5, label="chosen")  # fmt: skip
     ax.set_xlabel(x_name)
     ax.set_ylabel(f"{metric} (valid split)")
-    ax.set_title(f"{result['dataset']}: scoring weights on the valid split ({result['cases']} users)")
+    ax.set_title(
+        f"{result['dataset']}, {result['protocol']}: scoring weights on the valid split ({result['users']} users)"
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -204,8 +290,15 @@ def _plot(result: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+PROTOCOLS = {
+    "loo": "leave-one-out cases of the valid split (one per user), full ranking, history excluded",
+    "replay": "events of the valid period replayed test-then-learn per basket with the re-ordering shop's "
+    "scoring (as `eval replay`)",
+}
+
+
 def markdown(result: Mapping[str, Any], plot: Path) -> str:
-    keys = [k for k in METRIC_KEYS]
+    keys = list(result["columns"])
     fields = list(result["reference"])
     head = "| " + " | ".join([*fields, *keys]) + " |"
     rows = [head, "|" + "---|" * (len(fields) + len(keys))]
@@ -218,12 +311,12 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
     lo, hi = g[f"interval_{int(LEVEL * 100)}"]
     return "\n".join(
         [
-            f"# Scoring weights tuned on {result['dataset']}'s valid split",
+            f"# Scoring weights tuned on {result['dataset']}'s valid split ({result['protocol']})",
             "",
-            f"- {result['cases']} leave-one-out cases of the valid split, full ranking, history excluded, through the "
-            f"served path; model folder {result['model_dir']} (not trained on valid)",
+            f"- {result['cases']} {PROTOCOLS[result['protocol']]}, {result['users']} users, through the served "
+            f"path; model folder {result['model_dir']} (not trained on valid)",
             f"- first row: the settings' values; best {result['metric']}: {result['best']} "
-            f"({g['mean']:+.4f}, {int(LEVEL * 100)} % interval of the per-user gain [{lo:+.4f}, {hi:+.4f}])",
+            f"({g['mean']:+.4f}, {int(LEVEL * 100)} % interval of the gain [{lo:+.4f}, {hi:+.4f}])",
             f"- chosen: {result['chosen']} ({result['rule']})",
             "",
             *rows,
@@ -248,14 +341,28 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
     help="A model folder whose user model was not trained on valid (`streamrec train-user --no-refit`).",
 )
 @click.option(
+    "--protocol",
+    type=click.Choice(list(PROTOCOLS)),
+    default="loo",
+    show_default=True,
+    help="loo: discovery (history excluded), NDCG@10 by default; replay: a re-ordering shop's live stream "
+    "(re-buys allowed, REORDER_SHOP_SCORING), HR@20 by default.",
+)
+@click.option(
     "--grid",
     multiple=True,
     default=DEFAULT_GRID,
     show_default=True,
     help="NAME=V1,V2,... over a scoring field (repeat for a product grid).",
 )
-@click.option("--metric", type=click.Choice(list(METRIC_KEYS)), default="ndcg@10", show_default=True)
-@click.option("--max-users", type=int, default=0, help="A seeded sample of the valid cases (0 = all).")
+@click.option(
+    "--metric",
+    type=click.Choice([*METRIC_KEYS, *REPLAY_COLUMNS[:4]]),
+    default=None,
+    help="What is maximised (default: ndcg@10 for loo, hr@20 for replay).",
+)
+@click.option("--max-users", type=int, default=0, help="loo: a seeded sample of the valid cases (0 = all).")
+@click.option("--days", type=int, default=None, help="replay: the first this many days of the valid period.")
 @click.option(
     "--write-to",
     type=click.Path(path_type=Path, file_okay=False),
@@ -268,9 +375,11 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
 def tune(
     dataset: str,
     model_dir: Path,
+    protocol: str,
     grid: tuple[str, ...],
-    metric: str,
+    metric: str | None,
     max_users: int,
+    days: int | None,
     write_to: tuple[Path, ...],
     results_dir: Path,
 ) -> None:
@@ -282,17 +391,32 @@ def tune(
         raise click.ClickException(
             f"no catalog in {model_dir}: build one with `streamrec index --model-dir {model_dir}`"
         )
+    missing = [f for f in write_to if not f.is_dir()]
+    if missing:
+        raise click.ClickException(f"--write-to {missing[0]}: no such model folder")
     points = parse_grid(grid, s.scoring)
-    result = tune_scoring(ds, model_dir, s, points, metric, max_users)
+    if protocol == "loo":
+        metric = metric or "ndcg@10"
+        if metric not in METRIC_KEYS:
+            raise click.BadParameter(
+                f"{metric} is a replay metric; loo maximises one of {', '.join(METRIC_KEYS)}"
+            )
+        result = tune_loo(ds, model_dir, s, points, metric, max_users)
+    else:
+        metric = metric or "hr@20"
+        if metric not in REPLAY_COLUMNS:
+            raise click.BadParameter(
+                f"{metric} is a loo metric; replay maximises one of {', '.join(REPLAY_COLUMNS[:4])}"
+            )
+        result = tune_replay(ds, model_dir, s, points, metric, days)
     result["seconds"] = round(time.time() - t0, 1)
     results_dir.mkdir(parents=True, exist_ok=True)
-    plot = _plot(result, results_dir / f"tune-{ds.name}.png")
+    tag = f"{ds.name}-{protocol}"
+    plot = _plot(result, results_dir / f"tune-{tag}.png")
     report = markdown(result, plot)
-    (results_dir / f"tune-{ds.name}.md").write_text(report)
-    (results_dir / f"tune-{ds.name}.json").write_text(json.dumps(result, indent=2))
+    (results_dir / f"tune-{tag}.md").write_text(report)
+    (results_dir / f"tune-{tag}.json").write_text(json.dumps(result, indent=2))
     click.echo(report)
     for folder in write_to:
-        if not folder.is_dir():
-            raise click.ClickException(f"--write-to {folder}: no such model folder")
         (folder / TUNED_FILE).write_text(json.dumps(result, indent=2))
         click.echo(f"wrote {folder / TUNED_FILE}: {result['chosen']}")

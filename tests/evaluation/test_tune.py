@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evaluation.loo import ranking_metrics
-from evaluation.tune import choose, parse_grid, per_case
+from evaluation.tune import choose, paired_interval, parse_grid, per_case
 from streamrec.settings import ScoringSettings
 
 
@@ -47,3 +47,15 @@ def test_the_grid_is_every_combination_checked_against_the_fields_bounds() -> No
         parse_grid(["top_k=10,20"], base)
     with pytest.raises(click.BadParameter, match="NAME=V1"):
         parse_grid(["covisit_weight"], base)
+
+
+def test_resampling_whole_users_widens_the_interval_of_correlated_events() -> None:
+    rng = np.random.default_rng(1)
+    # 200 users with 20 events each; a user's events all gain or all lose together
+    per_user = rng.choice([-1.0, 1.0], size=200) * 0.5 + 0.05
+    gain = np.repeat(per_user, 20)
+    users = [f"u{u}" for u in range(200) for _ in range(20)]
+    lo_e, hi_e = paired_interval(gain)
+    lo_u, hi_u = paired_interval(gain, users)
+    assert lo_e < gain.mean() < hi_e and lo_u < gain.mean() < hi_u
+    assert (hi_u - lo_u) > 3 * (hi_e - lo_e)  # about sqrt(20) wider: 200 draws, not 4,000

@@ -39,9 +39,9 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
         res_dir = tmp_path / "tune"
         _invoke(["tune", "--dataset", data, "--model-dir", str(model), "--grid", "covisit_weight=0,1.5",
                  "--write-to", str(model), "--write-to", str(served), "--results-dir", str(res_dir)], env)  # fmt: skip
-        report = json.loads((res_dir / "tune-third-dataset.json").read_text())
-        assert (res_dir / "tune-third-dataset.md").is_file() and (
-            res_dir / "tune-third-dataset.png"
+        report = json.loads((res_dir / "tune-third-dataset-loo.json").read_text())
+        assert (res_dir / "tune-third-dataset-loo.md").is_file() and (
+            res_dir / "tune-third-dataset-loo.png"
         ).is_file()
         # the settings' own value first, then the grid; every point measured on the same cases
         points = report["points"]
@@ -68,5 +68,17 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
             row = json.loads(out.read_text())["streamrec"]
             keys = ("recall@10", "ndcg@10", "recall@50", "mrr", "n")
             assert {k: row[k] for k in keys} == {k: point[k] for k in keys}, point["values"]
+        # the re-ordering shop's protocol: the valid period replayed, every point ranking each basket
+        # from the same profiles before they learn it (as `eval replay`)
+        _invoke(["tune", "--dataset", data, "--model-dir", str(model), "--protocol", "replay",
+                 "--grid", "covisit_weight=0,1.5", "--results-dir", str(res_dir)], env)  # fmt: skip
+        replay = json.loads((res_dir / "tune-third-dataset-replay.json").read_text())
+        assert replay["metric"] == "hr@20" and [p["values"]["covisit_weight"] for p in replay["points"]] == [
+            0.2,
+            0.0,
+            1.5,
+        ]
+        assert all(p["events"] == replay["cases"] >= replay["users"] > 0 for p in replay["points"])
+        assert all(0 <= p["hr@10"] <= p["hr@20"] <= 1 for p in replay["points"])
     finally:
         get_settings.cache_clear()
