@@ -107,15 +107,24 @@ def _codes(groups: Sequence[str]) -> tuple[np.ndarray, int]:
     return codes, len(index)
 
 
+def interval_level(points: int) -> float:
+    """The confidence of the interval that must clear zero: :data:`LEVEL`, Bonferroni-corrected
+    for the points compared with the settings' values (the best of many noisy points looks
+    better than it is: with 12 points, a 99.1 % interval)."""
+    return 1.0 - (1.0 - LEVEL) / max(1, points - 1)
+
+
 def choose(
     contrib: Sequence[np.ndarray], groups: Sequence[str] | None = None
 ) -> tuple[int, int, tuple[float, float]]:
     """(best point, chosen point, interval of the best's per-case gain over point 0) from each
     point's per-case metric contributions; point 0 holds the settings' values. The best (ties:
-    the earliest) is chosen only when the lower end of that interval is above zero."""
+    the earliest) is chosen only when the lower end of that interval (:func:`interval_level`)
+    is above zero."""
     means = [float(c.mean()) for c in contrib]
     best = max(range(len(means)), key=lambda i: (means[i], -i))
-    lo, hi = paired_interval(contrib[best] - contrib[0], groups) if best else (0.0, 0.0)
+    level = interval_level(len(contrib))
+    lo, hi = paired_interval(contrib[best] - contrib[0], groups, level) if best else (0.0, 0.0)
     return best, best if lo > 0 else 0, (lo, hi)
 
 
@@ -235,12 +244,14 @@ def _result(
         "best": points[best]["values"],
         "gain_vs_reference": {
             "mean": float(points[best][metric] - points[0][metric]),
-            f"interval_{int(LEVEL * 100)}": [lo, hi],
+            "interval": [lo, hi],
+            "interval_level": interval_level(len(points)),
         },
         "chosen": points[chosen_at]["values"],
         "rule": (
-            f"the best {metric} point is chosen when the lower end of a paired bootstrap {int(LEVEL * 100)} % "
-            "interval (users resampled) of its gain over the settings' values is above 0; otherwise those values stay"
+            f"the best {metric} point is chosen when the lower end of a paired bootstrap interval (users "
+            f"resampled; {int(LEVEL * 100)} % Bonferroni-corrected for the {len(points) - 1} points compared) of its "
+            "gain over the settings' values is above 0; otherwise those values stay"
         ),
     }
 
@@ -308,7 +319,7 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
         vals[-1] += mark
         rows.append("| " + " | ".join([*vals, *[f"{p[k]:.4f}" for k in keys]]) + " |")
     g = result["gain_vs_reference"]
-    lo, hi = g[f"interval_{int(LEVEL * 100)}"]
+    lo, hi = g["interval"]
     return "\n".join(
         [
             f"# Scoring weights tuned on {result['dataset']}'s valid split ({result['protocol']})",
@@ -316,7 +327,7 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
             f"- {result['cases']} {PROTOCOLS[result['protocol']]}, {result['users']} users, through the served "
             f"path; model folder {result['model_dir']} (not trained on valid)",
             f"- first row: the settings' values; best {result['metric']}: {result['best']} "
-            f"({g['mean']:+.4f}, {int(LEVEL * 100)} % interval of the gain [{lo:+.4f}, {hi:+.4f}])",
+            f"({g['mean']:+.4f}, {100 * g['interval_level']:.1f} % interval of the gain [{lo:+.4f}, {hi:+.4f}])",
             f"- chosen: {result['chosen']} ({result['rule']})",
             "",
             *rows,

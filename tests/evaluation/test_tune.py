@@ -59,3 +59,18 @@ def test_resampling_whole_users_widens_the_interval_of_correlated_events() -> No
     lo_u, hi_u = paired_interval(gain, users)
     assert lo_e < gain.mean() < hi_e and lo_u < gain.mean() < hi_u
     assert (hi_u - lo_u) > 3 * (hi_e - lo_e)  # about sqrt(20) wider: 200 draws, not 4,000
+
+
+def test_the_more_points_are_compared_the_wider_the_interval_the_best_must_clear() -> None:
+    from evaluation.tune import interval_level
+
+    assert interval_level(2) == pytest.approx(0.90) and interval_level(12) == pytest.approx(1 - 0.10 / 11)
+    rng = np.random.default_rng(2)
+    ref = (rng.random(3000) < 0.1).astype(float)
+    better = ref.copy()
+    flip = rng.choice(3000, 120, replace=False)  # about 80 gains and 40 losses: a small, noisy lead
+    better[flip] = 1.0 - better[flip]
+    assert better.mean() > ref.mean()
+    _, _, (lo2, hi2) = choose([ref, better])
+    _, _, (lo12, hi12) = choose([ref, better, *[ref * 0] * 10])
+    assert lo12 < lo2 and hi12 > hi2

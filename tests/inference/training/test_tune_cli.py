@@ -49,7 +49,7 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
         assert len({p["n"] for p in points}) == 1 and report["cases"] == points[0]["n"] > 0
         best = max(points, key=lambda p: p["ndcg@10"])
         assert report["best"] == best["values"]
-        lo, _ = report["gain_vs_reference"]["interval_90"]
+        lo, _ = report["gain_vs_reference"]["interval"]
         assert report["chosen"] == (best["values"] if lo > 0 else points[0]["values"])
         for folder in (model, served):
             assert json.loads((folder / TUNED_FILE).read_text())["chosen"] == report["chosen"]
