@@ -247,7 +247,10 @@ def _result(
             "interval": [lo, hi],
             "interval_level": interval_level(len(points)),
         },
-        "chosen": points[chosen_at]["values"],
+        # what the folder's scoring.json sets: nothing when the settings' values stay (so a folder
+        # tuned under a preset, e.g. the replay's, never carries the preset's own values elsewhere)
+        "chosen": points[chosen_at]["values"] if chosen_at else {},
+        "chosen_point": points[chosen_at]["values"],
         "rule": (
             f"the best {metric} point is chosen when the lower end of a paired bootstrap interval (users "
             f"resampled; {int(LEVEL * 100)} % Bonferroni-corrected for the {len(points) - 1} points compared) of its "
@@ -285,7 +288,7 @@ def _plot(result: Mapping[str, Any], path: Path) -> Path:
         linewidth=1,
         label=f"the settings' values {result['reference']}",
     )
-    chosen = next(p for p in result["points"] if p["values"] == result["chosen"])
+    chosen = next(p for p in result["points"] if p["values"] == result["chosen_point"])
     ax.scatter([float(chosen["values"][x_name])], [chosen[metric]], s=220, facecolors="none", edgecolors="red",
                linewidths=2, zorder=5, label="chosen")  # fmt: skip
     ax.set_xlabel(x_name)
@@ -314,7 +317,7 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
     head = "| " + " | ".join([*fields, *keys]) + " |"
     rows = [head, "|" + "---|" * (len(fields) + len(keys))]
     for p in result["points"]:
-        mark = " **(chosen)**" if p["values"] == result["chosen"] else ""
+        mark = " **(chosen)**" if p["values"] == result["chosen_point"] else ""
         vals = [str(p["values"][f]) for f in fields]
         vals[-1] += mark
         rows.append("| " + " | ".join([*vals, *[f"{p[k]:.4f}" for k in keys]]) + " |")
@@ -328,7 +331,8 @@ def markdown(result: Mapping[str, Any], plot: Path) -> str:
             f"path; model folder {result['model_dir']} (not trained on valid)",
             f"- first row: the settings' values; best {result['metric']}: {result['best']} "
             f"({g['mean']:+.4f}, {100 * g['interval_level']:.1f} % interval of the gain [{lo:+.4f}, {hi:+.4f}])",
-            f"- chosen: {result['chosen']} ({result['rule']})",
+            f"- chosen: {result['chosen'] or 'the settings’ values stay (scoring.json sets nothing)'} "
+            f"({result['rule']})",
             "",
             *rows,
             "",
@@ -430,4 +434,4 @@ def tune(
     click.echo(report)
     for folder in write_to:
         (folder / TUNED_FILE).write_text(json.dumps(result, indent=2))
-        click.echo(f"wrote {folder / TUNED_FILE}: {result['chosen']}")
+        click.echo(f"wrote {folder / TUNED_FILE}: {result['chosen'] or 'nothing to change'}")

@@ -50,13 +50,13 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
         best = max(points, key=lambda p: p["ndcg@10"])
         assert report["best"] == best["values"]
         lo, _ = report["gain_vs_reference"]["interval"]
-        assert report["chosen"] == (best["values"] if lo > 0 else points[0]["values"])
+        assert report["chosen_point"] == (best["values"] if lo > 0 else points[0]["values"])
+        # the folder sets the chosen values, or nothing when the settings' values stay
+        assert report["chosen"] == (report["chosen_point"] if lo > 0 else {})
         for folder in (model, served):
             assert json.loads((folder / TUNED_FILE).read_text())["chosen"] == report["chosen"]
-            assert (
-                with_model_scoring(Settings(), folder).scoring.covisit_weight
-                == report["chosen"]["covisit_weight"]
-            )
+            tuned = with_model_scoring(Settings(), folder).scoring.covisit_weight
+            assert tuned == report["chosen_point"]["covisit_weight"]
         # eval ranks a folder with the weights its file names: with each point's weights written
         # there, its streamrec row is that point's figures (the co-visitation weight changes them)
         assert len({(p["recall@10"], p["ndcg@10"], p["mrr"]) for p in points}) > 1, points
@@ -80,5 +80,8 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
         ]
         assert all(p["events"] == replay["cases"] >= replay["users"] > 0 for p in replay["points"])
         assert all(0 <= p["hr@10"] <= p["hr@20"] <= 1 for p in replay["points"])
+        # here the successor is found at 0.2 and at 1.5 alike (HR@20 1.0): a tie keeps the settings' values
+        assert replay["points"][0]["hr@20"] == max(p["hr@20"] for p in replay["points"])
+        assert replay["chosen"] == {} and replay["chosen_point"] == replay["reference"]
     finally:
         get_settings.cache_clear()
