@@ -451,7 +451,8 @@ class StreamSettings(SettingsGroup):
 
 
 class ScoringSettings(SettingsGroup):
-    """How a user's top-K is computed."""
+    """How a user's top-K is computed. A model folder's `scoring.json` (written by `streamrec tune`)
+    may set its ranking weights for that folder; a value set here explicitly wins."""
 
     top_k: int = Field(20, ge=1, description="Length K of the pushed recommendation lists.")
     user_model: bool = Field(
