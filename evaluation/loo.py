@@ -340,16 +340,28 @@ def evaluate_methods(
     excl = [np.fromiter((pos[i] for i in h if i in pos), np.int64) for h in cases.histories]
     results: dict[str, dict[str, float]] = {}
     for sc in scorers:
-        ranks = np.zeros(len(cases), np.float64)
-        for s in range(0, len(cases), chunk):
-            rows = np.arange(s, min(s + chunk, len(cases)))
-            if isinstance(sc, ServedRanker):
-                lists = [_reindex(sc.catalog.ids, lst, pos) for lst in sc.ranked(rows)]
-                ranks[rows] = _list_ranks(lists, targets[rows])
-            else:
+        if isinstance(sc, ServedRanker):
+            ranks = served_ranks(sc, targets, pos, chunk)
+        else:
+            ranks = np.zeros(len(cases), np.float64)
+            for s in range(0, len(cases), chunk):
+                rows = np.arange(s, min(s + chunk, len(cases)))
                 ranks[rows] = full_ranking_ranks(sc.scores(rows), targets[rows], [excl[r] for r in rows])
         results[sc.name] = ranking_metrics(np.where(ranks <= LIST_K, ranks, 0))
     return results
+
+
+def served_ranks(
+    ranker: ServedRanker, targets: np.ndarray, pos: Mapping[str, int], chunk: int = 512
+) -> np.ndarray:
+    """Each case's target position (1-based, 0 = absent) in the served list of ``ranker``;
+    ``targets`` and ``pos`` in the dataset's item positions."""
+    ranks = np.zeros(len(targets), np.float64)
+    for s in range(0, len(targets), chunk):
+        rows = np.arange(s, min(s + chunk, len(targets)))
+        lists = [_reindex(ranker.catalog.ids, lst, pos) for lst in ranker.ranked(rows)]
+        ranks[rows] = _list_ranks(lists, targets[rows])
+    return ranks
 
 
 def _reindex(ids: Sequence[str], rows: np.ndarray, pos: Mapping[str, int]) -> np.ndarray:

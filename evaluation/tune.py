@@ -26,7 +26,7 @@ from typing import Any
 import click
 import numpy as np
 
-from evaluation.loo import LIST_K, METRIC_KEYS, ServedRanker, _list_ranks, _reindex, ranking_metrics
+from evaluation.loo import LIST_K, METRIC_KEYS, ServedRanker, ranking_metrics, served_ranks
 from inference.training.pairs import eval_cases
 from inference.tuning import TUNABLE, TUNED_FILE
 from streamrec.datasets import Dataset, load_dataset
@@ -128,16 +128,6 @@ def choose(
     return best, best if lo > 0 else 0, (lo, hi)
 
 
-def _ranks(ds: Dataset, ranker: ServedRanker, targets: np.ndarray, chunk: int = 512) -> np.ndarray:
-    pos = {i: k for k, i in enumerate(ds.item_ids)}
-    out = np.zeros(len(targets), np.float64)
-    for s in range(0, len(targets), chunk):
-        rows = np.arange(s, min(s + chunk, len(targets)))
-        lists = [_reindex(ranker.catalog.ids, lst, pos) for lst in ranker.ranked(rows)]
-        out[rows] = _list_ranks(lists, targets[rows])
-    return np.where(out <= LIST_K, out, 0)
-
-
 def _points(
     grid: Sequence[Mapping[str, Any]], scoring: ScoringSettings
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -170,7 +160,8 @@ def tune_loo(
     points: list[dict[str, Any]] = []
     contrib: list[np.ndarray] = []
     for v in tqdm(values, desc="tune", unit="point"):
-        ranks = _ranks(ds, base.variant(json.dumps(v), base.scoring.model_copy(update=v)), targets)
+        ranks = served_ranks(base.variant(json.dumps(v), base.scoring.model_copy(update=v)), targets, pos)
+        ranks = np.where(ranks <= LIST_K, ranks, 0)
         points.append({"values": v, **ranking_metrics(ranks)})
         contrib.append(per_case(metric, ranks))
     return _result(
