@@ -372,16 +372,9 @@ def encode(texts: tuple[str, ...], model_dir: Path | None, variant: str | None, 
     help="Keep an exponential moving average of the weights over about this many epochs of steps and "
     "evaluate, keep and export the average (0 = the weights as trained).",
 )
-@click.option(
-    "--repeats/--no-repeats",
-    default=False,
-    show_default=True,
-    help="Train on re-orders too (items the user had before are targets, no history mask): for shops whose "
-    "customers re-order, whose buy-again context (STREAMREC_SCORING_REPEAT_CONTEXT) reads the model.",
-)
 def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int, n_events: int | None, layers: int,
                eval_users: int, threads: int, seed: int, max_examples: int, refit: bool,
-               ema_epochs: float, repeats: bool) -> None:  # fmt: skip
+               ema_epochs: float) -> None:  # fmt: skip
     """Train the user model over the catalog's item vectors and export it to <model-dir>/user."""
     from inference.catalog import CatalogIndex
     from inference.training.user_model import (
@@ -400,7 +393,7 @@ def train_user(dataset: str, model_dir: Path | None, item_repr: str, epochs: int
     cfg = UserModelConfig(
         n_events=n_events or s.profile.recent_events, layers=layers, item_repr=item_repr,  # type: ignore[arg-type]
         epochs=epochs, eval_users=eval_users, threads=threads, seed=seed, refit=refit, max_examples=max_examples,
-        ema_epochs=ema_epochs, repeats=repeats,
+        ema_epochs=ema_epochs,
     )  # fmt: skip
     t0 = time.perf_counter()
     model = train_user_model(ds, cat, cfg)

@@ -92,11 +92,6 @@ class UserModelConfig:
     # Online Retail 0.0307 vs 0.0282 (both epoch 5), Scientific 0.0902 (epoch 4) vs 0.0903 (epoch 3),
     # with a flatter peak on both.
     ema_epochs: float = 1.0
-    # Targets include items the user had before and the softmax is not masked by the history: a
-    # model of what comes next *including re-orders*, for shops whose customers re-order (the
-    # scorer's buy-again context, ``scoring.repeat_context``, then reads a model trained on re-buys).
-    # Selection on valid still measures discovery (first new item, history excluded).
-    repeats: bool = False
 
 
 # -- the module ----------------------------------------------------------------------------
@@ -265,11 +260,8 @@ def event_types(ds: Dataset) -> np.ndarray:
     return ds.interactions["type"].astype(str).to_numpy()
 
 
-def training_examples(
-    ds: Dataset, index_of: Any, n_events: int, dim: int, splits=("train",), repeats: bool = False
-) -> Examples:
-    """Next-item cases of ``splits`` with basket contexts (see the module doc); ``repeats``: the
-    items a user had before are targets too, and nothing is masked (``UserModelConfig.repeats``)."""
+def training_examples(ds: Dataset, index_of: Any, n_events: int, dim: int, splits=("train",)) -> Examples:
+    """Next-item cases of ``splits`` with basket contexts (see the module doc)."""
     inter = ds.interactions
     types = event_types(ds)
     keep = (
@@ -297,7 +289,7 @@ def training_examples(
         u = users[order[start]]
         while end < n and users[order[end]] == u:
             end += 1
-        _user_examples(order[start:end], item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist, repeats)
+        _user_examples(order[start:end], item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist)
         start = end
     arr = event_arrays(ctx, refs, index_of, n_events)
     m = len(targets)
@@ -306,10 +298,9 @@ def training_examples(
     )
 
 
-def _user_examples(idx, item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist, repeats=False) -> None:  # noqa: ANN001
+def _user_examples(idx, item_ids, ts, typ, rows, n_events, ctx, refs, targets, hist) -> None:  # noqa: ANN001
     events: list[list[Any]] = []  # oldest first
     seen: set[int] = set()
-    nothing = np.zeros(0, np.int64)
     k = 0
     while k < len(idx):
         j = k
@@ -318,9 +309,9 @@ def _user_examples(idx, item_ids, ts, typ, rows, n_events, ctx, refs, targets, h
         basket = idx[k:j]
         if events:
             recent = events[::-1][:n_events]
-            h = nothing if repeats else np.fromiter(seen, np.int64, len(seen))
+            h = np.fromiter(seen, np.int64, len(seen))
             for b in dict.fromkeys(int(rows[x]) for x in basket):
-                if repeats or b not in seen:
+                if b not in seen:
                     ctx.append(recent)
                     refs.append(int(recent[0][2]))
                     targets.append(b)
@@ -446,7 +437,7 @@ def train_user_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dim = catalog.dim
-    train = training_examples(ds, catalog.index_of, cfg.n_events, dim, repeats=cfg.repeats)
+    train = training_examples(ds, catalog.index_of, cfg.n_events, dim)
     if not len(train):
         raise ValueError(
             f"no training examples in {ds.name}: users need two or more baskets in the train split"
@@ -461,7 +452,7 @@ def train_user_model(
     if not cfg.refit:
         return model
     splits = ("train", valid_split)
-    full = training_examples(ds, catalog.index_of, cfg.n_events, dim, splits=splits, repeats=cfg.repeats)
+    full = training_examples(ds, catalog.index_of, cfg.n_events, dim, splits=splits)
     torch.manual_seed(cfg.seed)
     refit, _, _ = _fit(
         catalog, full, cfg, int(best["epoch"]), None, progress, np.random.default_rng(cfg.seed)

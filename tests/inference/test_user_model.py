@@ -333,33 +333,3 @@ def test_weight_averaging_is_what_is_evaluated_kept_and_returned() -> None:
     assert len(history) == 4 and best["ndcg@10"] == max(h["ndcg@10"] for h in history)
     assert ndcg_recall(model, valid)["ndcg@10"] == pytest.approx(best["ndcg@10"], abs=1e-6)
     assert not torch.allclose(weights(model), weights(fit(int(best["epoch"]), 0.0)[0]))
-
-
-def test_training_on_repeats_makes_reorders_targets_and_masks_nothing(tmp_path: Path) -> None:
-    """Without ``repeats`` an item the user had before is never a target and the history is
-    masked; with it (a re-ordering shop) the re-order is a target too and nothing is masked."""
-    import pandas as pd
-
-    from inference.training.user_model import training_examples
-    from streamrec.datasets import load_generic
-
-    folder = tmp_path / "reorders"
-    folder.mkdir()
-    pd.DataFrame({"item_id": [f"i{k}" for k in range(5)], "title": [f"thing {k}" for k in range(5)]}).to_csv(
-        folder / "items.csv", index=False
-    )
-    rows = [("u0", "i0", 0), ("u0", "i1", 0), ("u0", "i2", 1), ("u0", "i0", 2), ("u0", "i3", 2)]
-    pd.DataFrame([{"user_id": u, "item_id": i, "order": o, "type": "purchase"} for u, i, o in rows]).to_csv(
-        folder / "interactions.csv", index=False
-    )
-    ds = load_generic(folder)
-    cat = _catalog(5)
-    splits = ("train", "valid", "test")
-    plain = training_examples(ds, cat.index_of, 4, 16, splits=splits)
-    assert plain.targets.tolist() == [2, 3]  # the re-ordered i0 is not a target
-    assert sorted(plain.history[1].tolist()) == [0, 1, 2]
-    again = training_examples(ds, cat.index_of, 4, 16, splits=splits, repeats=True)
-    assert again.targets.tolist() == [2, 0, 3]  # the basket's items in order, the re-order included
-    assert all(h.size == 0 for h in again.history)
-    # the same contexts: the events before each target's basket, newest first
-    assert again.arrays.idx[1].tolist()[:3] == [2, 1, 0] == again.arrays.idx[2].tolist()[:3]
