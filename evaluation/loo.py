@@ -81,6 +81,49 @@ def ranking_metrics(ranks: Sequence[float] | np.ndarray, ks: Sequence[int] = KS)
     return out
 
 
+def per_case(metric: str, ranks: np.ndarray) -> np.ndarray:
+    """Each case's contribution to ``metric`` (its mean over cases is :func:`ranking_metrics`';
+    ``hr@k`` is the replay's name of ``recall@k``)."""
+    r = np.asarray(ranks, np.float64)
+    hit = r >= 1
+    name, _, k = metric.partition("@")
+    if name == "mrr":
+        return np.where(hit, 1.0 / np.maximum(r, 1.0), 0.0)
+    inside = hit & (r <= int(k))
+    if name in ("recall", "hr"):
+        return inside.astype(np.float64)
+    return np.where(inside, 1.0 / np.log2(1.0 + np.maximum(r, 1.0)), 0.0)
+
+
+def paired_interval(
+    gain: np.ndarray,
+    groups: Sequence[str] | None = None,
+    level: float = 0.90,
+    n: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of the mean per-case gain, paired. With ``groups`` (each case's user)
+    whole users are resampled, so that the correlated events of one shopper count as one draw."""
+    rng = np.random.default_rng(seed)
+    gain = np.asarray(gain, np.float64)
+    if groups is None:
+        sums, counts = gain, np.ones_like(gain)
+    else:
+        codes, _ = _codes(groups)
+        sums = np.bincount(codes, weights=gain)
+        counts = np.bincount(codes).astype(np.float64)
+    idx = rng.integers(0, len(sums), size=(n, len(sums)))
+    means = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _codes(groups: Sequence[str]) -> tuple[np.ndarray, int]:
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), np.int64, len(groups))
+    return codes, len(index)
+
+
 def recall_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:
     """Share of cases whose target is within the top k."""
     return ranking_metrics(ranks, (k,))[f"recall@{k}"]
@@ -331,10 +374,15 @@ def _list_ranks(lists: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
 
 
 def evaluate_methods(
-    ds: Dataset, cases: EvalCases, scorers: Sequence[Ranker | ServedRanker], chunk: int = 512
+    ds: Dataset,
+    cases: EvalCases,
+    scorers: Sequence[Ranker | ServedRanker],
+    chunk: int = 512,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of every method over ``cases`` (full ranking, history excluded; ranks beyond
-    ``LIST_K`` count as misses, so MRR is MRR@LIST_K for every method alike)."""
+    ``LIST_K`` count as misses, so MRR is MRR@LIST_K for every method alike). ``ranks_out``
+    receives each method's per-case ranks (0 = a miss), for paired comparisons."""
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     targets = np.fromiter((pos[t] for t in cases.targets), np.int64, len(cases))
     excl = [np.fromiter((pos[i] for i in h if i in pos), np.int64) for h in cases.histories]
@@ -347,8 +395,42 @@ def evaluate_methods(
             for s in range(0, len(cases), chunk):
                 rows = np.arange(s, min(s + chunk, len(cases)))
                 ranks[rows] = full_ranking_ranks(sc.scores(rows), targets[rows], [excl[r] for r in rows])
-        results[sc.name] = ranking_metrics(np.where(ranks <= LIST_K, ranks, 0))
+        ranks = np.where(ranks <= LIST_K, ranks, 0)
+        results[sc.name] = ranking_metrics(ranks)
+        if ranks_out is not None:
+            ranks_out[sc.name] = ranks
     return results
+
+
+def paired_gains(
+    ranks: Mapping[str, np.ndarray],
+    of: str,
+    metrics: Sequence[str] = ("ndcg@10", "recall@10"),
+    level: float = 0.90,
+) -> dict[str, dict[str, list[float]]]:
+    """``of``'s gain over every other method on the same cases: {method: {metric: [mean, low,
+    high]}}, a paired bootstrap interval (cases resampled: one per user)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, r in ranks.items():
+        if name == of:
+            continue
+        out[name] = {}
+        for m in metrics:
+            gain = per_case(m, ranks[of]) - per_case(m, r)
+            lo, hi = paired_interval(gain, level=level)
+            out[name][m] = [float(gain.mean()), lo, hi]
+    return out
+
+
+def gains_table(gains: Mapping[str, Mapping[str, Sequence[float]]], of: str) -> str:
+    """:func:`paired_gains` as a Markdown table."""
+    metrics = list(next(iter(gains.values()), {}))
+    head = f"| {of} against | " + " | ".join(f"{m} gain (90 % interval)" for m in metrics) + " |"
+    rows = [head, "|---|" + "---|" * len(metrics)]
+    for name, g in gains.items():
+        cells = [f"{g[m][0]:+.4f} ({g[m][1]:+.4f}, {g[m][2]:+.4f})" for m in metrics]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def served_ranks(
@@ -430,6 +512,7 @@ def run_evaluation(
     max_users: int = 0,
     sasrec: bool = True,
     seed: int = 0,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, dict[str, float]], EvalCases, dict[str, str]]:
     """Baselines, the ID-only sequential model and every served configuration
     (name → (model folder, use its user model, use co-visitation)) on the evaluation cases of ``split``."""
@@ -460,7 +543,7 @@ def run_evaluation(
         from inference.catalog import CatalogIndex
 
         scorers.insert(2, sasrec_ranker(ds, cases, split, CatalogIndex.load(first / "catalog")))
-    return evaluate_methods(ds, cases, scorers), cases, versions
+    return evaluate_methods(ds, cases, scorers, ranks_out=ranks_out), cases, versions
 
 
 def pretrained_model_dir(s: Settings) -> Path:
@@ -552,7 +635,10 @@ def loo(
             raise click.BadParameter(f"{spec!r}: the mode after ':' is one of {', '.join(COMPARE_MODES)}")
         served[name] = (Path(path), *COMPARE_MODES[mode])
     served["streamrec"] = (model_dir, True, True)
-    results, cases, versions = run_evaluation(ds, split, served, s, max_users, sasrec=sasrec)
+    ranks: dict[str, np.ndarray] = {}
+    results, cases, versions = run_evaluation(ds, split, served, s, max_users, sasrec=sasrec, ranks_out=ranks)
+    # How sure "ahead of" is: streamrec's gain over every other row, paired on the same users.
+    gains = paired_gains(ranks, "streamrec")
     published = PUBLISHED if ds.name == "scientific" else {}
     notes = [
         f"dataset {ds.name}: {len(ds.items)} items; split {split}; {len(cases)} users evaluated"
@@ -572,6 +658,7 @@ def loo(
     tag = f"{ds.name}-{split}"
     plot = plot_results(results, results_dir / f"loo-{tag}.png", f"{ds.name} {split}: full ranking")
     md = [f"# Leave-one-out evaluation: {ds.name}, {split}", "", markdown_table(results), ""]
+    md += ["## streamrec against each row, paired on the same users", "", gains_table(gains, "streamrec"), ""]
     if published:
         md += [
             "## Published figures (same data, leave-one-out, full ranking)",
@@ -589,6 +676,10 @@ def loo(
     click.echo("\n".join(md))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        # Method names are the top-level keys; the published figures and notes are in the Markdown.
-        output.write_text(json.dumps(results, indent=2))
+        # Method names are the top-level keys (streamrec's row also holds its paired gains over the
+        # others); the published figures and notes are in the Markdown.
+        rows: dict[str, Any] = {
+            k: ({**v, "gain_vs": gains} if k == "streamrec" else v) for k, v in results.items()
+        }
+        output.write_text(json.dumps(rows, indent=2))
         click.echo(f"wrote {output}")

@@ -26,14 +26,21 @@ from typing import Any
 import click
 import numpy as np
 
-from evaluation.loo import LIST_K, METRIC_KEYS, ServedRanker, ranking_metrics, served_ranks
+from evaluation.loo import (
+    LIST_K,
+    METRIC_KEYS,
+    ServedRanker,
+    paired_interval,
+    per_case,
+    ranking_metrics,
+    served_ranks,
+)
 from inference.training.pairs import eval_cases
 from inference.tuning import TUNABLE, TUNED_FILE
 from streamrec.datasets import Dataset, load_dataset
 from streamrec.settings import ScoringSettings, Settings, get_settings
 
 DEFAULT_GRID = ("covisit_weight=0,0.1,0.2,0.3,0.5",)
-BOOTSTRAP = 2000
 LEVEL = 0.90
 
 
@@ -62,49 +69,6 @@ def parse_grid(specs: Sequence[str], base: ScoringSettings) -> list[dict[str, An
         dict(zip([n for n, _ in axes], combo, strict=True))
         for combo in itertools.product(*[v for _, v in axes])
     ]
-
-
-def per_case(metric: str, ranks: np.ndarray) -> np.ndarray:
-    """Each case's contribution to ``metric`` (its mean over cases is :func:`ranking_metrics`';
-    ``hr@k`` is the replay's name of ``recall@k``)."""
-    r = np.asarray(ranks, np.float64)
-    hit = r >= 1
-    name, _, k = metric.partition("@")
-    if name == "mrr":
-        return np.where(hit, 1.0 / np.maximum(r, 1.0), 0.0)
-    inside = hit & (r <= int(k))
-    if name in ("recall", "hr"):
-        return inside.astype(np.float64)
-    return np.where(inside, 1.0 / np.log2(1.0 + np.maximum(r, 1.0)), 0.0)
-
-
-def paired_interval(
-    gain: np.ndarray,
-    groups: Sequence[str] | None = None,
-    level: float = LEVEL,
-    n: int = BOOTSTRAP,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Bootstrap interval of the mean per-case gain, paired. With ``groups`` (each case's user)
-    whole users are resampled, so that the correlated events of one shopper count as one draw."""
-    rng = np.random.default_rng(seed)
-    gain = np.asarray(gain, np.float64)
-    if groups is None:
-        sums, counts = gain, np.ones_like(gain)
-    else:
-        codes, _ = _codes(groups)
-        sums = np.bincount(codes, weights=gain)
-        counts = np.bincount(codes).astype(np.float64)
-    idx = rng.integers(0, len(sums), size=(n, len(sums)))
-    means = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
-def _codes(groups: Sequence[str]) -> tuple[np.ndarray, int]:
-    index: dict[str, int] = {}
-    codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), np.int64, len(groups))
-    return codes, len(index)
 
 
 def interval_level(points: int) -> float:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from inference.manifest import verify_model_dir
@@ -141,13 +142,23 @@ def test_eval_loo_writes_markdown_plot_and_json(retail_model_dir: Path, tmp_path
         res["streamrec"]["n"] == 150
         and 0 <= res["streamrec"]["recall@10"] <= res["streamrec"]["recall@50"] <= 1
     )
+    # streamrec's gains over every other row, paired on the same users: the reported differences
+    gains = res["streamrec"].pop("gain_vs")
+    assert set(gains) == set(res) - {"streamrec"}
+    for name, g in gains.items():
+        for metric in ("ndcg@10", "recall@10"):
+            mean, lo, hi = g[metric]
+            assert mean == pytest.approx(res["streamrec"][metric] - res[name][metric])
+            assert lo <= mean <= hi
     # the cached retail model has no user model: the served row is the profile blend + co-visitation
     assert res["streamrec"] == res["text + co-visitation"]
+    assert gains["text + co-visitation"]["ndcg@10"] == [0.0, 0.0, 0.0]  # the same lists: no gain, no doubt
     assert res["text + user model"] == res["text only (profile blend)"]
     assert res["streamrec"]["ndcg@10"] != res["text only (profile blend)"]["ndcg@10"]
     assert (tmp_path / "res" / "loo-online-retail-test.png").stat().st_size > 1000
     md = (tmp_path / "res" / "loo-online-retail-test.md").read_text()
     assert "history items are excluded" in md and "| item_knn |" in md
+    assert "| streamrec against | ndcg@10 gain (90 % interval) |" in md
     assert "history items are excluded" in text
 
 
