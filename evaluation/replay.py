@@ -296,7 +296,46 @@ def summarise(scores: dict[str, MethodScores], n_items: int) -> tuple[dict, pd.D
     return overall, pd.DataFrame(rows)
 
 
-def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: list[str]) -> Path:
+def paired_vs(
+    scores: dict[str, MethodScores],
+    of: str,
+    k: int = LIST_K,
+    level: float = 0.90,
+    n: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """``of``'s HR@k against every other method on the same events: the gain (difference) and
+    the ratio, each with a bootstrap interval that resamples whole users (a customer's basket
+    events are not independent). {method: {"hr@k gain": [value, low, high], "hr@k ratio": [...]}}."""
+    from evaluation.loo import per_case
+
+    users = scores[of].users
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(u, len(index)) for u in users), np.int64, len(users))
+    mine = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(scores[of].ranks)), minlength=len(index))
+    count = np.bincount(codes, minlength=len(index)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(index), size=(n, len(index)))
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, sc in scores.items():
+        if name == of or sc.users != users:
+            continue
+        theirs = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(sc.ranks)), minlength=len(index))
+        a, b, c = mine[draws].sum(1), theirs[draws].sum(1), count[draws].sum(1)
+        gain = (mine.sum() - theirs.sum()) / max(count.sum(), 1.0)
+        ratio = mine.sum() / theirs.sum() if theirs.sum() else float("inf")
+        g_lo, g_hi = np.quantile((a - b) / np.maximum(c, 1.0), q)
+        r_lo, r_hi = np.quantile(a / np.maximum(b, 1e-12), q)
+        out[name] = {
+            f"hr@{k} gain": [float(gain), float(g_lo), float(g_hi)],
+            f"hr@{k} ratio": [float(ratio), float(r_lo), float(r_hi)],
+        }
+    return out
+
+
+def write_report(
+    overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: list[str], versus: dict | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,6 +388,20 @@ def write_report(overall: dict, per_day: pd.DataFrame, out_dir: Path, notes: lis
     lines += ["", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for n in sorted(overall, key=lambda n: -overall[n]["hr@10"]):
         lines.append(f"| {n} | " + " | ".join(f"{overall[n][c]:.4f}" for c in cols) + " |")
+    if versus:
+        key = f"hr@{LIST_K}"
+        lines += [
+            "",
+            "streamrec against each method on the same events (90 % intervals, whole users resampled):",
+            "",
+            f"| streamrec against | {key} gain | {key} ratio |",
+            "|---|---|---|",
+        ]
+        for name, v in sorted(versus.items(), key=lambda kv: -kv[1][f"{key} ratio"][0]):
+            g, r = v[f"{key} gain"], v[f"{key} ratio"]
+            lines.append(
+                f"| {name} | {g[0]:+.4f} ({g[1]:+.4f}, {g[2]:+.4f}) | ×{r[0]:.3f} (×{r[1]:.3f}, ×{r[2]:.3f}) |"
+            )
     lines += ["", "![HR@10 per day](replay_hr10_per_day.png)", "", "![overall](replay_overall.png)", ""]
     path = out_dir / "replay.md"
     path.write_text("\n".join(lines))
@@ -424,10 +477,12 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
         f"model: {ours.catalog.model_version}; pretrained: {pretrained.catalog.model_version}",
         f"run time {time.time() - t0:.0f}s" + (" (quick)" if quick else ""),
     ]
-    report = write_report(overall, per_day, Path(results_dir), notes)
+    versus = paired_vs(scores, "streamrec")
+    report = write_report(overall, per_day, Path(results_dir), notes, versus)
     click.echo(report.read_text())
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
+        overall["streamrec"]["vs"] = versus  # HR@20 gain and ratio over each method, with intervals
         Path(output).write_text(json.dumps(overall, indent=2))
         click.echo(f"wrote {output}")
 

@@ -136,6 +136,17 @@ def test_eval_replay_quick_cli(retail_model_dir, tmp_path, stack):
     for m in data.values():
         assert 0.0 <= m["hr@10"] <= m["hr@20"] <= 1.0 and m["events"] > 1000
     assert (tmp_path / "replay.md").exists() and (tmp_path / "replay_hr10_per_day.png").exists()
+    # streamrec's HR@20 against each method on the same events, with intervals over whole users
+    vs = data["streamrec"]["vs"]
+    assert set(vs) == set(data) - {"streamrec"}
+    for name, v in vs.items():
+        gain, g_lo, g_hi = v["hr@20 gain"]
+        ratio, r_lo, r_hi = v["hr@20 ratio"]
+        assert gain == pytest.approx(data["streamrec"]["hr@20"] - data[name]["hr@20"])
+        assert g_lo <= gain <= g_hi and r_lo <= ratio <= r_hi
+        if data[name]["hr@20"] > 0:
+            assert ratio == pytest.approx(data["streamrec"]["hr@20"] / data[name]["hr@20"])
+    assert "| streamrec against | hr@20 gain | hr@20 ratio |" in (tmp_path / "replay.md").read_text()
 
 
 def test_replay_splits_hits_into_rebuys_new_cold_and_tail_items(tmp_path):
@@ -174,3 +185,19 @@ def test_replay_runs_started_in_the_same_second_keep_their_profiles_apart():
     prefixes = {run_prefix() for _ in range(20)}
     assert len(prefixes) == 20
     assert all(p.startswith("eval-") for p in prefixes)
+
+
+def test_paired_intervals_resample_whole_users():
+    """Two methods on the same events: the gain and ratio of HR@20 and their intervals; a user
+    whose many events all differ moves the interval as one draw, not as many."""
+    from evaluation.replay import MethodScores, paired_vs
+
+    a, b = MethodScores(), MethodScores()
+    for u in range(40):
+        for _ in range(10):  # user u: 10 events; a finds all of users 0-19's, b finds users 10-29's
+            a.add(1 if u < 20 else 0, "2011-01-01", user=f"u{u}")
+            b.add(1 if 10 <= u < 30 else 0, "2011-01-01", user=f"u{u}")
+    vs = paired_vs({"a": a, "b": b}, "a")["b"]
+    assert vs["hr@20 gain"][0] == pytest.approx(0.0) and vs["hr@20 ratio"][0] == pytest.approx(1.0)
+    lo, hi = vs["hr@20 gain"][1:]
+    assert lo < 0 < hi and hi - lo > 0.2  # 20 differing users of 40: wide, though 200 events differ
