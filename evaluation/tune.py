@@ -1,11 +1,19 @@
 """``streamrec tune``: choose a model folder's scoring weights on its shop's valid split.
 
-The served path (``evaluation.loo.ServedRanker``: profiles built by ``profiles/`` on a real Redis,
-ranked by ``inference/scoring.py`` with the folder's user model and the co-visitation learned
-from the histories) ranks the valid split's leave-one-out cases once per grid point, history
-excluded, as ``eval loo`` does. The point with the best metric is chosen only when it beats the
-settings' own values by more than the noise of this split: the lower end of a paired bootstrap
-90 % interval of its per-user gain must be above zero. Otherwise the settings' values stay.
+Two protocols, both through the served path:
+
+* ``loo``: ``evaluation.loo.ServedRanker`` (profiles built by ``profiles/`` on a real Redis, ranked
+  by ``inference/scoring.py`` with the folder's user model and the co-visitation learned from the
+  histories) ranks the valid split's leave-one-out cases once per grid point, history excluded, as
+  ``eval loo`` does;
+* ``replay``: the valid period replayed basket by basket with the re-ordering shop's scoring, as
+  ``eval replay`` does; every grid point ranks each basket from the same profiles before they
+  learn it once.
+
+The point with the best metric is chosen only when it beats the settings' own values by more
+than the noise of the split: the lower end of a paired bootstrap interval of its gain (whole
+users resampled; 90 %, Bonferroni-corrected for the points compared) must be above zero.
+Otherwise the settings' values stay and the file sets nothing.
 
 The choice is written as ``scoring.json`` (:mod:`inference.tuning`) into the folders named by
 ``--write-to`` (typically the refit folder that is served, trained the same way on train + valid),
