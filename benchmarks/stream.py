@@ -1084,11 +1084,11 @@ def e2e(
         sustained = [lv["rate_events_per_s"] for lv in w["levels"] if lv.get("sustained")]
         w["saturation_events_per_s_at_least"] = max(sustained) if sustained else 0
     plot = output.with_suffix(".png") if output else work / "e2e.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)  # before the plot: a new --output folder
     _plot_e2e(result, plot)
     result["plot"] = str(plot)
     text = json.dumps(result, indent=2)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     click.echo(text)
 

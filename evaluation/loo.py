@@ -109,7 +109,7 @@ def paired_interval(
     if groups is None:
         sums, counts = gain, np.ones_like(gain)
     else:
-        codes, _ = _codes(groups)
+        codes = group_codes(groups)
         sums = np.bincount(codes, weights=gain)
         counts = np.bincount(codes).astype(np.float64)
     idx = rng.integers(0, len(sums), size=(n, len(sums)))
@@ -118,10 +118,10 @@ def paired_interval(
     return float(lo), float(hi)
 
 
-def _codes(groups: Sequence[str]) -> tuple[np.ndarray, int]:
+def group_codes(groups: Sequence[str]) -> np.ndarray:
+    """Each case's group (its user) as 0, 1, ... in order of first appearance (for ``np.bincount``)."""
     index: dict[str, int] = {}
-    codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), np.int64, len(groups))
-    return codes, len(index)
+    return np.fromiter((index.setdefault(g, len(index)) for g in groups), np.int64, len(groups))
 
 
 def recall_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:

@@ -307,20 +307,20 @@ def paired_vs(
     """``of``'s HR@k against every other method on the same events: the gain (difference) and
     the ratio, each with a bootstrap interval that resamples whole users (a customer's basket
     events are not independent). {method: {"hr@k gain": [value, low, high], "hr@k ratio": [...]}}."""
-    from evaluation.loo import per_case
+    from evaluation.loo import group_codes, per_case
 
     users = scores[of].users
-    index: dict[str, int] = {}
-    codes = np.fromiter((index.setdefault(u, len(index)) for u in users), np.int64, len(users))
-    mine = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(scores[of].ranks)), minlength=len(index))
-    count = np.bincount(codes, minlength=len(index)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(index), size=(n, len(index)))
+    codes = group_codes(users)
+    n_users = int(codes.max()) + 1 if codes.size else 0
+    mine = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(scores[of].ranks)), minlength=n_users)
+    count = np.bincount(codes, minlength=n_users).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, n_users, size=(n, n_users))
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     out: dict[str, dict[str, list[float]]] = {}
     for name, sc in scores.items():
         if name == of or sc.users != users:
             continue
-        theirs = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(sc.ranks)), minlength=len(index))
+        theirs = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(sc.ranks)), minlength=n_users)
         a, b, c = mine[draws].sum(1), theirs[draws].sum(1), count[draws].sum(1)
         gain = (mine.sum() - theirs.sum()) / max(count.sum(), 1.0)
         ratio = mine.sum() / theirs.sum() if theirs.sum() else float("inf")

@@ -10,7 +10,7 @@ figures they were chosen by::
 :func:`with_model_scoring` gives the settings a scorer of that folder runs with: the folder's
 chosen values for the fields that the settings leave at their defaults. A value set explicitly
 (environment, ``.env``, :meth:`~streamrec.settings.Settings.override`) always wins, so an operator
-can still pin any weight. The worker's scorer (``streams/scoring_backend.py``) and the served rows
+can still pin any weight. The worker (``streams/context.py``, at start, for its scorer and hooks) and the served rows
 of ``eval loo`` and ``eval replay`` all read it, so what is evaluated is what is served.
 Only the scorer's own ranking weights (:data:`TUNABLE`) can be carried; nothing that changes the
 stream's behaviour (list length, coalescing, batching) comes from a model folder.

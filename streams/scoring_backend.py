@@ -44,7 +44,6 @@ from inference.catalog import CatalogIndex
 from inference.covisit import CoVisitation, CoVisitRecorder, load_covisit
 from inference.popularity import RedisPopularity
 from inference.scoring import PackedList, Request, ScoredItem, Scorer, unpack
-from inference.tuning import with_model_scoring
 from inference.user_model import load_user_model
 from profiles.store import ProfileStore
 from streamrec.interfaces import Catalog
@@ -120,7 +119,7 @@ def build_scorer(
     ``threads``: the user model's ONNX Runtime threads (0 = one per core)."""
     from alerts.effects import RedisDemandAdjustments
 
-    s = with_model_scoring(settings)  # the weights `streamrec tune` chose for this folder, unless set
+    s = settings  # with the model folder's tuned weights already (streams.context.build_context)
     if isinstance(catalog, CatalogIndex):
         catalog.prepare()  # a large catalog's ANN index, before the first round rather than in it
     user_model = None
