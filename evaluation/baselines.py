@@ -12,17 +12,27 @@ All of them allow repeat purchases, as streamrec does in the replay (see evaluat
 - ``session_knn``: SKNN (Jannach & Ludewig, 2017): the m past baskets most similar (cosine)
   to the user's recent items vote for their items.
 - ``repeat``: the user's own past items by decayed frequency (buy-again), then popular.
+- ``sasrec``: the ID-based sequential model (SASRec-style): the user model's architecture over
+  learned item-ID embeddings, no text (:func:`train_sequential_id`, trained in the same job on the
+  periods before the evaluated one), run over each user's latest events as the stream brings them.
+  Its weights stay fixed over the evaluated period (it is not retrained online); items it never saw
+  in training cannot be recommended by it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from streamrec.events import Event
+from streamrec.datasets import SPLITS, Dataset
+from streamrec.events import Event, EventType
+
+if TYPE_CHECKING:
+    from inference.training.user_model import TrainedUserModel
 
 TYPE_WEIGHT = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 6.0}
 
@@ -277,6 +287,75 @@ class Repeat(_UserHistory):
             d = self.freq[e.user_id]
             d[int(i)] = d.get(int(i), 0.0) + x
         self._remember(ev, idx)
+
+
+def train_sequential_id(
+    ds: Dataset, catalog: Any, split: str, threads: int = 0, progress: bool = True
+) -> TrainedUserModel:
+    """The ID-only sequential baseline, trained for evaluating ``split``: on the train split
+    (the epoch chosen on valid), then, for the test split, refit on train + valid for that many
+    epochs, as ``streamrec train-user`` does for the served user model. ``catalog`` gives the item
+    rows (its text vectors are not used)."""
+    from inference.training.user_model import UserModelConfig, train_user_model
+
+    cfg = UserModelConfig(item_repr="id", threads=threads, refit=split != "valid")
+    return train_user_model(ds, catalog, cfg, progress=progress)
+
+
+class SequentialID(_UserHistory):
+    """The trained ID-only sequential model on the stream (see the module doc): each user's last
+    ``n_events`` events → the model's context vector → the items by dot product, repeats allowed;
+    users without events get the popular items."""
+
+    name = "sasrec"
+
+    def __init__(
+        self, item_ids: Sequence[str], model: TrainedUserModel, catalog: Any, ds: Dataset, split: str
+    ) -> None:
+        super().__init__(item_ids)
+        self.model = model
+        self.index_of = catalog.index_of
+        self.n_events = model.cfg.n_events
+        self.events: defaultdict[str, deque[tuple[str, str, int]]] = defaultdict(
+            lambda: deque(maxlen=self.n_events)
+        )
+        rows = catalog.index_of(self.ids)
+        matrix = model.item_matrix()
+        self.items = np.zeros((self.n, matrix.shape[1]), np.float32)
+        self.items[rows >= 0] = matrix[rows[rows >= 0]]
+        # Only items with a trained embedding can be ranked: those seen before the evaluated split.
+        inter = ds.interactions
+        seen = inter.loc[inter["split"].isin(SPLITS[: SPLITS.index(split)]), "item_id"].astype(str).unique()
+        known = np.zeros(self.n, bool)
+        known[[self.index[i] for i in seen if i in self.index]] = True
+        self.unknown = ~known | (rows < 0)
+
+    def recommend(self, user_ids, k, now_ms):
+        from inference.user_model import event_arrays
+
+        ctx = [list(self.events.get(u, ()))[::-1] for u in user_ids]  # newest first
+        warm = [j for j, c in enumerate(ctx) if c]
+        out = [self._top(self.fallback.counts, k) if not c else [] for c in ctx]
+        if warm:
+            arrays = event_arrays(
+                [ctx[j] for j in warm], [ctx[j][0][2] for j in warm], self.index_of, self.n_events
+            )
+            dim = self.items.shape[1]
+            P = self.model.contexts(
+                arrays, np.zeros((len(warm), dim), np.float32), np.zeros(len(warm), np.float32)
+            )
+            S = P @ self.items.T
+            S[:, self.unknown] = -np.inf
+            ranked = min(k, int((~self.unknown).sum()))
+            for j, row in zip(warm, S, strict=True):
+                out[j] = self._top(row, ranked)
+        return out
+
+    def update(self, events):
+        self.fallback.update(events)
+        for e in events:
+            if e.item_id and e.type is not EventType.SEARCH:
+                self.events[e.user_id].append((e.item_id, e.type.value, e.ts))
 
 
 BASELINES = {cls.name: cls for cls in (MostPopular, RecentPopular, ItemKNN, SessionKNN, Repeat)}

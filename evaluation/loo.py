@@ -492,11 +492,11 @@ def sasrec_ranker(ds: Dataset, cases: EvalCases, split: str, catalog: Any, threa
     """The ID-only sequential baseline (SASRec-style): the user model's architecture over learned
     ID embeddings, no text, trained here on the train split (valid for early stopping) and, for
     the test split, refit on train + valid like the served user model (``streamrec train-user``)."""
-    from inference.training.user_model import UserModelConfig, eval_examples, train_user_model
+    from evaluation.baselines import train_sequential_id
+    from inference.training.user_model import eval_examples
 
-    cfg = UserModelConfig(item_repr="id", threads=threads, refit=split != "valid")
-    model = train_user_model(ds, catalog, cfg)
-    ex = eval_examples(ds, split, catalog.index_of, cfg.n_events, catalog.dim, cases=cases)
+    model = train_sequential_id(ds, catalog, split, threads)
+    ex = eval_examples(ds, split, catalog.index_of, model.cfg.n_events, catalog.dim, cases=cases)
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     items = np.zeros((len(pos), catalog.dim), np.float32)
     rows = catalog.index_of(list(pos))

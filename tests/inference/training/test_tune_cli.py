@@ -83,5 +83,17 @@ def test_tune_chooses_on_valid_and_what_it_chose_is_what_eval_ranks_with(
         # here the successor is found at 0.2 and at 1.5 alike (HR@20 1.0): a tie keeps the settings' values
         assert replay["points"][0]["hr@20"] == max(p["hr@20"] for p in replay["points"])
         assert replay["chosen"] == {} and replay["chosen_point"] == replay["reference"]
+        # `eval replay` on the same folder and period, with the ID-based sequential baseline
+        # trained in the same job (on train; the valid period is evaluated)
+        out = tmp_path / "replay.json"
+        _invoke(["eval", "replay", "--dataset", data, "--model-dir", str(model), "--pretrained-dir", str(model),
+                 "--split", "valid", "--results-dir", str(tmp_path / "rep"), "--output", str(out)], env)  # fmt: skip
+        rows = json.loads(out.read_text())
+        assert rows["sasrec"]["events"] == rows["streamrec"]["events"] == replay["cases"]
+        assert (
+            0 <= rows["sasrec"]["hr@10"] <= rows["sasrec"]["hr@20"] <= 1
+            and "sasrec" in rows["streamrec"]["vs"]
+        )
+        assert "sasrec: ID-only sequential model" in (tmp_path / "rep" / "replay.md").read_text()
     finally:
         get_settings.cache_clear()
