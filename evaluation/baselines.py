@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -290,16 +291,83 @@ class Repeat(_UserHistory):
 
 
 def train_sequential_id(
-    ds: Dataset, catalog: Any, split: str, threads: int = 0, progress: bool = True
+    ds: Dataset,
+    catalog: Any,
+    split: str,
+    threads: int = 0,
+    progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> TrainedUserModel:
     """The ID-only sequential baseline, trained for evaluating ``split``: on the train split
     (the epoch chosen on valid), then, for the test split, refit on train + valid for that many
     epochs, as ``streamrec train-user`` does for the served user model. ``catalog`` gives the item
-    rows (its text vectors are not used)."""
+    rows (its text vectors are not used).
+
+    With ``cache_dir``, a model trained before on the same interactions, item rows and
+    configuration is loaded from there instead (``eval loo`` and ``eval replay`` of one dataset
+    share one training of tens of minutes), and a new one is saved there."""
     from inference.training.user_model import UserModelConfig, train_user_model
 
     cfg = UserModelConfig(item_repr="id", threads=threads, refit=split != "valid")
-    return train_user_model(ds, catalog, cfg, progress=progress)
+    path = cache_dir / f"sasrec-{ds.name}-{split}-{_training_key(ds, catalog, cfg)}" if cache_dir else None
+    if path is not None and path.with_suffix(".json").is_file():
+        return _load_sequential_id(path, catalog, cfg)
+    model = train_user_model(ds, catalog, cfg, progress=progress)
+    if path is not None:
+        _save_sequential_id(model, path)
+    return model
+
+
+def _training_key(ds: Dataset, catalog: Any, cfg: Any) -> str:
+    """What a trained ID-only model depends on: the interactions, the item rows, the configuration
+    (not the thread count)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import pandas as pd
+
+    cols = [c for c in ("user_id", "item_id", "ts", "split", "type") if c in ds.interactions]
+    h = hashlib.sha256(pd.util.hash_pandas_object(ds.interactions[cols], index=False).to_numpy().tobytes())
+    h.update("\n".join(catalog.ids).encode())
+    h.update(
+        json.dumps(
+            {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}, sort_keys=True
+        ).encode()
+    )
+    return h.hexdigest()[:16]
+
+
+def _save_sequential_id(model: TrainedUserModel, path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"tower.{k}": v for k, v in model.tower.state_dict().items()}
+    tensors.update({f"table.{k}": v for k, v in model.table.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(
+        json.dumps({"alpha": model.alpha, "metrics": model.metrics}, default=float)
+    )
+
+
+def _load_sequential_id(path: Path, catalog: Any, cfg: Any) -> TrainedUserModel:
+    import json
+
+    from safetensors.torch import load_file
+
+    from inference.training.user_model import ItemTable, TrainedUserModel, UserTower
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    tower = UserTower(catalog.dim, cfg)
+    tower.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("tower.")})
+    table = ItemTable(catalog.matrix, np.zeros(len(catalog.ids), np.float32), cfg.item_repr, cfg.seed)
+    table.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("table.")})
+    return TrainedUserModel(
+        tower.eval(), table, cfg, float(meta["alpha"]), {**meta["metrics"], "cached": str(path)}
+    )
 
 
 class SequentialID(_UserHistory):

@@ -488,14 +488,17 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: Path, title: st
 
 
 # -- the command --------------------------------------------------------------------------
-def sasrec_ranker(ds: Dataset, cases: EvalCases, split: str, catalog: Any, threads: int = 0) -> VectorRanker:
+def sasrec_ranker(
+    ds: Dataset, cases: EvalCases, split: str, catalog: Any, threads: int = 0, cache_dir: Path | None = None
+) -> VectorRanker:
     """The ID-only sequential baseline (SASRec-style): the user model's architecture over learned
     ID embeddings, no text, trained here on the train split (valid for early stopping) and, for
-    the test split, refit on train + valid like the served user model (``streamrec train-user``)."""
+    the test split, refit on train + valid like the served user model (``streamrec train-user``);
+    one trained before on the same data is loaded from ``cache_dir`` (shared with ``eval replay``)."""
     from evaluation.baselines import train_sequential_id
     from inference.training.user_model import eval_examples
 
-    model = train_sequential_id(ds, catalog, split, threads)
+    model = train_sequential_id(ds, catalog, split, threads, cache_dir=cache_dir)
     ex = eval_examples(ds, split, catalog.index_of, model.cfg.n_events, catalog.dim, cases=cases)
     pos = {i: k for k, i in enumerate(ds.item_ids)}
     items = np.zeros((len(pos), catalog.dim), np.float32)
@@ -542,7 +545,8 @@ def run_evaluation(
         first = next(iter(served.values()))[0]
         from inference.catalog import CatalogIndex
 
-        scorers.insert(2, sasrec_ranker(ds, cases, split, CatalogIndex.load(first / "catalog")))
+        catalog = CatalogIndex.load(first / "catalog")
+        scorers.insert(2, sasrec_ranker(ds, cases, split, catalog, cache_dir=settings.state_dir / "cache"))
     return evaluate_methods(ds, cases, scorers, ranks_out=ranks_out), cases, versions
 
 

@@ -469,7 +469,7 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
     methods.update({name: cls(ds.item_ids) for name, cls in BASELINES.items()})
     t0 = time.time()
     if sasrec:  # trained in this job, on the periods before the evaluated one (not timed below)
-        seq = train_sequential_id(ds, ours.catalog, split)
+        seq = train_sequential_id(ds, ours.catalog, split, cache_dir=s.state_dir / "cache")
         methods[SequentialID.name] = SequentialID(ds.item_ids, seq, ours.catalog, ds, split)
         t_train, t0 = time.time() - t0, time.time()
     try:
@@ -493,7 +493,8 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
         notes.append(
             f"sasrec: ID-only sequential model ({cfg.layers} layers, d {cfg.d_model}, last {cfg.n_events} "
             f"events), {epochs} epochs chosen on valid, trained on {'train + valid' if cfg.refit else 'train'} "
-            f"in {t_train:.0f}s; weights fixed over the {split} period"
+            + (f"(loaded from {seq.metrics['cached']})" if "cached" in seq.metrics else f"in {t_train:.0f}s")
+            + f"; weights fixed over the {split} period"
         )
     versus = paired_vs(scores, "streamrec")
     report = write_report(overall, per_day, Path(results_dir), notes, versus)

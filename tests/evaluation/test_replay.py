@@ -83,6 +83,7 @@ def test_sequential_id_baseline_learns_what_follows_what(tmp_path):
     import numpy as np
 
     from inference.catalog import CatalogIndex
+    from inference.user_model import event_arrays
 
     items = ["a", "b", "c", "d", "e", "f", "z"]
     pd.DataFrame({"item_id": items, "text": [f"item {i}" for i in items]}).to_csv(
@@ -103,8 +104,19 @@ def test_sequential_id_baseline_learns_what_follows_what(tmp_path):
     catalog = CatalogIndex(
         ds.item_ids, rng.standard_normal((len(ds.item_ids), 16)).astype(np.float32), "random"
     )
-    model = train_sequential_id(ds, catalog, "test", progress=False)
+    model = train_sequential_id(ds, catalog, "test", progress=False, cache_dir=tmp_path / "cache")
     assert model.metrics["refit"]["splits"] == ["train", "valid"]
+    # a second job on the same data loads the same model; other data trains anew
+    again = train_sequential_id(ds, catalog, "test", progress=False, cache_dir=tmp_path / "cache")
+    assert "cached" in again.metrics and again.alpha == model.alpha
+    assert np.array_equal(again.item_matrix(), model.item_matrix())
+    arrays = event_arrays([[("a", "purchase", T0)]], [T0], catalog.index_of, model.cfg.n_events)
+    q = np.zeros((1, 16), np.float32), np.zeros(1, np.float32)
+    assert np.allclose(again.contexts(arrays, *q), model.contexts(arrays, *q), atol=1e-6)
+    assert (
+        "cached"
+        not in train_sequential_id(ds, catalog, "valid", progress=False, cache_dir=tmp_path / "cache").metrics
+    )
     seq = SequentialID(ds.item_ids, model, catalog, ds, "test")
     seq.update([_ev("x", "a", 3 * DAY), _ev("y", "c", 3 * DAY), _ev("w", "z", 3 * DAY)])
     after_a, after_c, cold = seq.recommend(["x", "y", "never"], 3, T0 + 3 * DAY)
