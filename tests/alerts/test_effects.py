@@ -86,17 +86,56 @@ def test_the_scorer_applies_the_factors_as_the_per_item_combine_does() -> None:
     )
     scorer = Scorer(catalog, s.scoring, s.profile, adjustments=adj)
     idx = rng.integers(-1, 60, size=(7, 30))
+    bought = rng.random(idx.shape) < 0.2  # the users' own past purchases: left to buy-again
     for step in range(3):
-        fac, trend = scorer._demand(idx, 20)
-        valid = idx[:, :20] >= 0
-        rows = idx[:, :20][valid]
+        fac, trend = scorer._demand(idx, bought)
+        take = (idx >= 0) & ~bought
+        rows = idx[take]
         want_f, want_r = adj.factors([catalog.ids[i] for i in rows], [catalog.categories[i] for i in rows])
-        np.testing.assert_array_equal(fac[:, :20][valid], np.asarray(want_f, np.float32))
-        assert trend[:, :20][valid].tolist() == want_r
-        assert (fac[:, 20:] == 1).all() and (fac[:, :20][~valid] == 1).all()
-        assert all(t is None for t in trend[:, 20:].ravel()) and all(t is None for t in trend[:, :20][~valid])
+        np.testing.assert_array_equal(fac[take], np.asarray(want_f, np.float32))
+        assert trend[take].tolist() == want_r
+        assert (fac[~take] == 1).all() and all(t is None for t in trend[~take])
         if step == 0:  # the alerts change: the rows follow
             adj.items = {"it2": 1.5}
             adj.categories = {"": 9.0, "bags": 2.0}
         else:  # the catalog changes: it3 moves into bags
             catalog.upsert(["it3"], catalog.matrix[[3]], categories=["bags"])
+
+
+class _Popular:
+    """The shop's popular items, best first (a PopularitySource)."""
+
+    def __init__(self, top: list[tuple[str, float]]) -> None:
+        self._top = top
+
+    def top(self, k: int, category: str | None = None) -> list[tuple[str, float]]:
+        return self._top[:k]
+
+
+def test_a_surge_reaches_the_lists_through_every_candidate_source_but_buy_again_stays() -> None:
+    """A surging item that is one of a shopper's candidates only as one of the shop's popular
+    items (outside the similarity top-k) takes its boost and the trending slot; the shopper's own
+    past purchase, surging too, stays buy-again with the same score."""
+    s = Settings().override(scoring={"exclude_purchased": False, "popularity_weight": 1.0})
+    rng = np.random.default_rng(2)
+    n = 200
+    vecs = rng.normal(size=(n, 8)).astype(np.float32)
+    ids = [f"it{i}" for i in range(n)]
+    catalog = CatalogIndex.from_arrays(ids, vecs, "t", ["bags"] * n)
+    taste = vecs[0] + 0.1 * rng.normal(size=8)
+    # just outside the similarity top-k candidates (60 for lists of 10): close enough to the
+    # shopper's taste to qualify once boosted, never a candidate without the popular items
+    far = int(np.argsort(-(catalog.matrix @ (taste / np.linalg.norm(taste))))[64])
+    popular = _Popular([(f"it{far}", 1.0), ("it7", 0.9), ("it8", 0.8)])
+    profile = SimpleNamespace(long_term=taste, purchased_items=["it7"], purchase_counts={"it7": 2})
+    reqs = [Request("u", profile, k=10)]
+    adj = StaticDemandAdjustments({f"it{far}": s.alerts.boost, "it7": s.alerts.boost}, {})
+    before = Scorer(catalog, s.scoring, s.profile, popularity=popular).recommend(reqs, now_ms=0)[0]
+    after = Scorer(catalog, s.scoring, s.profile, popularity=popular, adjustments=adj).recommend(
+        reqs, now_ms=0
+    )[0]
+    assert f"it{far}" not in [x.item_id for x in before]
+    shown = {x.item_id: x for x in after}
+    assert shown[f"it{far}"].reason == "trending"
+    assert shown["it7"].reason == "buy_again" and before[0].item_id == after[0].item_id == "it7"
+    assert shown["it7"].score == before[0].score

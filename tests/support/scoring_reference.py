@@ -121,13 +121,8 @@ class ReferenceScorer:
         factors: np.ndarray = np.ones(flat.shape, np.float32)
         reasons: list[str | None] = [None] * flat.size
         if self.adjustments is not None and valid.any():
-            item_f, cat_f = self.adjustments.active()
             for t in np.flatnonzero(valid).tolist():  # candidate by candidate
-                item, category = cat.ids[flat[t]], cat.categories[flat[t]]
-                fi = item_f.get(item, 1.0)
-                fc = cat_f.get(category, 1.0) if category else 1.0
-                factors[t] = np.float32(fi * fc)
-                reasons[t] = "trending" if fi > 1.0 else f"trending_in:{category}" if fc > 1.0 else None
+                factors[t], reasons[t] = self._factor(int(flat[t]))
         factors = factors.reshape(cand_idx.shape)
         log_pop = self._log_popularity()
         for j, r in enumerate(rows):
@@ -138,19 +133,24 @@ class ReferenceScorer:
             fac = factors[j][ok]
             rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
             bought, b_bonus = self._repeat_bonus(req, excl[j])
-            # Bought items join the candidates even when their similarity is low; their demand
-            # factor is 1 (they were not in the batch's factor lookup).
+            # Bought items and the shop's popular items join the candidates even when their
+            # similarity is low; every candidate but the user's own purchases takes its demand factor.
             extra = bought[~np.isin(bought, idx)]
             popular = self._popular(excl[j])
             extra = np.concatenate([extra, popular[~np.isin(popular, np.concatenate([idx, extra]))]])
             idx = np.concatenate([idx, extra])
             sim = np.concatenate([sim, cat.matrix[extra] @ P[r]]).astype(np.float32)
-            fac = np.concatenate([fac, np.ones(extra.size, np.float32)])
-            rsn += [None] * extra.size
+            more = [self._factor(int(i)) for i in extra]
+            fac = np.concatenate([fac, np.asarray([f for f, _ in more], np.float32)])
+            rsn += [t for _, t in more]
             bonus = np.zeros(idx.size, np.float32)
             if bought.size:
                 where = {int(i): t for t, i in enumerate(idx)}
-                bonus[[where[int(i)] for i in bought]] = b_bonus
+                at = [where[int(i)] for i in bought]
+                bonus[at] = b_bonus
+                fac[at] = 1.0
+                for t in at:
+                    rsn[t] = None
             logits = alpha * sim + np.log(np.maximum(fac, 1e-6))
             rebuy_ctx = self.cfg.repeat_context * logits
             if log_pop is not None:
@@ -165,6 +165,17 @@ class ReferenceScorer:
             out[r] = self._explain(
                 req, idx[order], probs[order], [rsn[o] for o in order], fac[order], q_share[r], bonus[order]
             )
+
+    def _factor(self, row: int) -> tuple[np.float32, str | None]:
+        """One catalog row's demand factor (item x category) and trend reason."""
+        if self.adjustments is None:
+            return np.float32(1.0), None
+        item_f, cat_f = self.adjustments.active()
+        item, category = self.catalog.ids[row], self.catalog.categories[row]
+        fi = item_f.get(item, 1.0)
+        fc = cat_f.get(category, 1.0) if category else 1.0
+        reason = "trending" if fi > 1.0 else f"trending_in:{category}" if fc > 1.0 else None
+        return np.float32(fi * fc), reason
 
     def _trending(
         self, order: np.ndarray, rel: np.ndarray, boosted: np.ndarray, rebuy: np.ndarray, k: int, k_max: int
