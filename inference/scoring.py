@@ -586,15 +586,19 @@ class Scorer:
         it (similarity top-k, co-visitation, the shop's popular items), so a surging item reaches
         the shoppers whose candidates hold it; the user's own past purchases (``bought``) get 1 and
         None (buy-again follows the user's habits and the shop's decayed demand)."""
-        items, categories = self.adjustments.active() if self.adjustments is not None else ({}, {})
-        if not items and not categories:  # no alert: nothing per candidate (the common case)
-            return np.ones(idx.shape, np.float32), np.full(idx.shape, None, object)
-        row_fac, row_trend = self._demand_rows(items, categories)  # one small read per round
+        fac = np.ones(idx.shape, np.float32)
+        trend = np.full(idx.shape, None, object)
+        if self.adjustments is None:
+            return fac, trend
+        items, categories = self.adjustments.active()  # one small read per round
+        if not items and not categories:
+            return fac, trend  # no alert: nothing per candidate (the common case)
+        row_fac, row_trend = self._demand_rows(items, categories)
         take = (idx >= 0) & ~bought
-        at = np.maximum(idx, 0)
-        return np.where(take, row_fac[at], np.float32(1.0)).astype(np.float32), np.where(
-            take, row_trend[at], None
-        )
+        rows = idx[take]
+        fac[take] = row_fac[rows]
+        trend[take] = row_trend[rows]
+        return fac, trend
 
     def _demand_rows(
         self, items: Mapping[str, float], categories: Mapping[str, float]
