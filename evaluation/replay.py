@@ -488,11 +488,14 @@ def replay(dataset, model_dir, pretrained_dir, results_dir, output, quick, days,
         f"run time {time.time() - t0:.0f}s" + (" (quick)" if quick else ""),
     ]
     if sasrec:
-        cfg = seq.cfg
-        epochs = seq.metrics.get("refit", {}).get("epochs", seq.metrics["best"]["epoch"])
+        cfg, ref = seq.cfg, seq.metrics.get("refit")
+        grid = ", ".join(
+            f"{g['value']:g}: {g['ndcg@10']:.4f}" for g in seq.metrics["grid"]["offset_lr_scale"]
+        )
         notes.append(
-            f"sasrec: ID-only sequential model ({cfg.layers} layers, d {cfg.d_model}, last {cfg.n_events} "
-            f"events), {epochs} epochs chosen on valid, trained on {'train + valid' if cfg.refit else 'train'} "
+            f"sasrec: ID-only sequential model ({cfg.layers} layers, d {cfg.d_model}, last {cfg.n_events} events), "
+            f"item-embedding learning rate x{cfg.offset_lr_scale:g} and {seq.metrics['best']['epoch']} epochs chosen "
+            f"on valid (NDCG@10 by learning rate: {grid}), trained on {'train + valid' if ref else 'train'} "
             + (f"(loaded from {seq.metrics['cached']})" if "cached" in seq.metrics else f"in {t_train:.0f}s")
             + f"; weights fixed over the {split} period"
         )

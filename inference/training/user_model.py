@@ -451,6 +451,17 @@ def train_user_model(
     model.metrics = {"best": best, "history": history, "examples": len(train), "valid_cases": len(valid)}
     if not cfg.refit:
         return model
+    return refit_user_model(ds, catalog, model, valid_split, progress)
+
+
+def refit_user_model(
+    ds: Dataset, catalog: Any, selected: TrainedUserModel, valid_split: str = "valid", progress: bool = True
+) -> TrainedUserModel:
+    """A fresh model of ``selected``'s configuration, trained from the same seed on the train and
+    ``valid_split`` cases for the number of epochs the selection kept (see :func:`train_user_model`)."""
+    cfg = selected.cfg
+    dim = catalog.dim
+    best = selected.metrics["best"]
     splits = ("train", valid_split)
     full = training_examples(ds, catalog.index_of, cfg.n_events, dim, splits=splits)
     torch.manual_seed(cfg.seed)
@@ -458,7 +469,7 @@ def train_user_model(
         catalog, full, cfg, int(best["epoch"]), None, progress, np.random.default_rng(cfg.seed)
     )
     refit.metrics = {
-        **model.metrics,
+        **selected.metrics,
         "refit": {"splits": list(splits), "epochs": int(best["epoch"]), "examples": len(full)},
     }
     log.info("user model %s: refit on %s for %d epochs (%d examples)", cfg.item_repr, "+".join(splits),

@@ -106,6 +106,11 @@ def test_sequential_id_baseline_learns_what_follows_what(tmp_path):
     )
     model = train_sequential_id(ds, catalog, "test", progress=False, cache_dir=tmp_path / "cache")
     assert model.metrics["refit"]["splits"] == ["train", "valid"]
+    # the embeddings' learning rate is chosen on valid: the model refit is the best one's
+    grid = model.metrics["grid"]["offset_lr_scale"]
+    assert [g["value"] for g in grid] == [1.0, 10.0]
+    best = max(grid, key=lambda g: g["ndcg@10"])
+    assert model.cfg.offset_lr_scale == best["value"] and model.metrics["refit"]["epochs"] == best["epoch"]
     # a second job on the same data loads the same model; other data trains anew
     again = train_sequential_id(ds, catalog, "test", progress=False, cache_dir=tmp_path / "cache")
     assert "cached" in again.metrics and again.alpha == model.alpha
