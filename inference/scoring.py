@@ -269,7 +269,7 @@ class Scorer:
         S, extra = self._covisit(sub, excl_rows, excl_items, unavailable)
         log_pop, extra = self._popularity_prior(len(sub), extra, popular, now_ms)
         c = self._candidates(sub, Pw, top_idx, top_sim, excl_rows, excl_items, extra)
-        fac, trend = self._demand(c.idx, c.bonus > 0)
+        fac, trend = self._demand(c.idx)
         alpha = self.cfg.alpha
         valid = c.idx >= 0
         log_fac = np.log(np.maximum(fac, 1e-6))
@@ -580,12 +580,11 @@ class Scorer:
         pi = np.where(rebuy.any(1), np.where(disc.any(1), share, 1.0), 0.0).astype(np.float32)
         return (pi[:, None] * q + (1.0 - pi)[:, None] * p_new).astype(np.float32)
 
-    def _demand(self, idx: np.ndarray, bought: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Demand factors (1 without an anomaly) and trend reasons (object array, None) of the
-        candidates, gathered from per-catalog-row arrays: every discovery, whichever source brought
-        it (similarity top-k, co-visitation, the shop's popular items), so a surging item reaches
-        the shoppers whose candidates hold it; the user's own past purchases (``bought``) get 1 and
-        None (buy-again follows the user's habits and the shop's decayed demand)."""
+    def _demand(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Demand factors (1 without an anomaly) and trend reasons (object array, None) of every
+        candidate, whichever source brought it (similarity top-k, co-visitation, the shop's popular
+        items, the user's own past purchases), gathered from per-catalog-row arrays: a surging item
+        reaches every shopper whose candidates hold it, those who bought it before included."""
         fac = np.ones(idx.shape, np.float32)
         trend = np.full(idx.shape, None, object)
         if self.adjustments is None:
@@ -594,7 +593,7 @@ class Scorer:
         if not items and not categories:
             return fac, trend  # no alert: nothing per candidate (the common case)
         row_fac, row_trend = self._demand_rows(items, categories)
-        take = (idx >= 0) & ~bought
+        take = idx >= 0
         rows = idx[take]
         fac[take] = row_fac[rows]
         trend[take] = row_trend[rows]

@@ -86,10 +86,9 @@ def test_the_scorer_applies_the_factors_as_the_per_item_combine_does() -> None:
     )
     scorer = Scorer(catalog, s.scoring, s.profile, adjustments=adj)
     idx = rng.integers(-1, 60, size=(7, 30))
-    bought = rng.random(idx.shape) < 0.2  # the users' own past purchases: left to buy-again
     for step in range(3):
-        fac, trend = scorer._demand(idx, bought)
-        take = (idx >= 0) & ~bought
+        fac, trend = scorer._demand(idx)
+        take = idx >= 0
         rows = idx[take]
         want_f, want_r = adj.factors([catalog.ids[i] for i in rows], [catalog.categories[i] for i in rows])
         np.testing.assert_array_equal(fac[take], np.asarray(want_f, np.float32))
@@ -112,10 +111,10 @@ class _Popular:
         return self._top[:k]
 
 
-def test_a_surge_reaches_the_lists_through_every_candidate_source_but_buy_again_stays() -> None:
+def test_a_surge_reaches_the_lists_through_every_candidate_source() -> None:
     """A surging item that is one of a shopper's candidates only as one of the shop's popular
-    items (outside the similarity top-k) takes its boost and the trending slot; the shopper's own
-    past purchase, surging too, stays buy-again with the same score."""
+    items (outside the similarity top-k) takes its boost and the trending slot; so does one the
+    shopper bought before, outside the top-k too (before, only the top-k columns took factors)."""
     s = Settings().override(scoring={"exclude_purchased": False, "popularity_weight": 1.0})
     rng = np.random.default_rng(2)
     n = 200
@@ -125,17 +124,18 @@ def test_a_surge_reaches_the_lists_through_every_candidate_source_but_buy_again_
     taste = vecs[0] + 0.1 * rng.normal(size=8)
     # just outside the similarity top-k candidates (60 for lists of 10): close enough to the
     # shopper's taste to qualify once boosted, never a candidate without the popular items
-    far = int(np.argsort(-(catalog.matrix @ (taste / np.linalg.norm(taste))))[64])
-    popular = _Popular([(f"it{far}", 1.0), ("it7", 0.9), ("it8", 0.8)])
-    profile = SimpleNamespace(long_term=taste, purchased_items=["it7"], purchase_counts={"it7": 2})
+    order = np.argsort(-(catalog.matrix @ (taste / np.linalg.norm(taste))))
+    far, mine = f"it{order[64]}", f"it{order[70]}"
+    popular = _Popular([(far, 1.0), ("it7", 0.9), ("it8", 0.8)])
+    profile = SimpleNamespace(long_term=taste, purchased_items=["it7", mine], purchase_counts={"it7": 3})
     reqs = [Request("u", profile, k=10)]
-    adj = StaticDemandAdjustments({f"it{far}": s.alerts.boost, "it7": s.alerts.boost}, {})
-    before = Scorer(catalog, s.scoring, s.profile, popularity=popular).recommend(reqs, now_ms=0)[0]
-    after = Scorer(catalog, s.scoring, s.profile, popularity=popular, adjustments=adj).recommend(
-        reqs, now_ms=0
-    )[0]
-    assert f"it{far}" not in [x.item_id for x in before]
-    shown = {x.item_id: x for x in after}
-    assert shown[f"it{far}"].reason == "trending"
-    assert shown["it7"].reason == "buy_again" and before[0].item_id == after[0].item_id == "it7"
-    assert shown["it7"].score == before[0].score
+    plain = Scorer(catalog, s.scoring, s.profile, popularity=popular).recommend(reqs, now_ms=0)[0]
+    for surging in (far, mine):
+        adj = StaticDemandAdjustments({surging: s.alerts.boost}, {})
+        got = Scorer(catalog, s.scoring, s.profile, popularity=popular, adjustments=adj).recommend(
+            reqs, now_ms=0
+        )[0]
+        shown = {x.item_id: x.reason for x in got}
+        assert shown.get(surging) == "trending", (surging, shown)
+        assert plain[0].item_id == got[0].item_id == "it7" and shown["it7"] == "buy_again"
+    assert {x.item_id: x.reason for x in plain}.get(far) is None

@@ -134,7 +134,7 @@ class ReferenceScorer:
             rsn = [reasons[j * cand_idx.shape[1] + t] for t in np.flatnonzero(ok)]
             bought, b_bonus = self._repeat_bonus(req, excl[j])
             # Bought items and the shop's popular items join the candidates even when their
-            # similarity is low; every candidate but the user's own purchases takes its demand factor.
+            # similarity is low; every candidate takes its demand factor.
             extra = bought[~np.isin(bought, idx)]
             popular = self._popular(excl[j])
             extra = np.concatenate([extra, popular[~np.isin(popular, np.concatenate([idx, extra]))]])
@@ -146,11 +146,7 @@ class ReferenceScorer:
             bonus = np.zeros(idx.size, np.float32)
             if bought.size:
                 where = {int(i): t for t, i in enumerate(idx)}
-                at = [where[int(i)] for i in bought]
-                bonus[at] = b_bonus
-                fac[at] = 1.0
-                for t in at:
-                    rsn[t] = None
+                bonus[[where[int(i)] for i in bought]] = b_bonus
             logits = alpha * sim + np.log(np.maximum(fac, 1e-6))
             rebuy_ctx = self.cfg.repeat_context * logits
             if log_pop is not None:
