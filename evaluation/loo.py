@@ -104,18 +104,23 @@ def paired_interval(
 ) -> tuple[float, float]:
     """Bootstrap interval of the mean per-case gain, paired. With ``groups`` (each case's user)
     whole users are resampled, so that the correlated events of one shopper count as one draw."""
-    rng = np.random.default_rng(seed)
     gain = np.asarray(gain, np.float64)
-    if groups is None:
-        sums, counts = gain, np.ones_like(gain)
-    else:
-        codes = group_codes(groups)
-        sums = np.bincount(codes, weights=gain)
-        counts = np.bincount(codes).astype(np.float64)
-    idx = rng.integers(0, len(sums), size=(n, len(sums)))
-    means = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    codes = group_codes(groups) if groups is not None else np.arange(len(gain))
+    sums, counts = resampled_sums(codes, [gain, np.ones_like(gain)], n, seed)
+    lo, hi = np.quantile(sums / np.maximum(counts, 1.0), [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def resampled_sums(
+    codes: np.ndarray, columns: Sequence[np.ndarray], n: int = 2000, seed: int = 0
+) -> list[np.ndarray]:
+    """Bootstrap over groups: ``n`` resamples (with replacement) of the groups ``codes`` names
+    (0, 1, ...; see :func:`group_codes`), and for each per-case column its sum over every
+    resample, (n,), all columns from the same draws (so ratios and differences stay paired)."""
+    n_groups = int(codes.max()) + 1 if codes.size else 0
+    per_group = [np.bincount(codes, weights=np.asarray(c, np.float64), minlength=n_groups) for c in columns]
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n, n_groups))
+    return [g[draws].sum(1) for g in per_group]
 
 
 def group_codes(groups: Sequence[str]) -> np.ndarray:

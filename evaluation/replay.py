@@ -307,22 +307,19 @@ def paired_vs(
     """``of``'s HR@k against every other method on the same events: the gain (difference) and
     the ratio, each with a bootstrap interval that resamples whole users (a customer's basket
     events are not independent). {method: {"hr@k gain": [value, low, high], "hr@k ratio": [...]}}."""
-    from evaluation.loo import group_codes, per_case
+    from evaluation.loo import group_codes, per_case, resampled_sums
 
     users = scores[of].users
     codes = group_codes(users)
-    n_users = int(codes.max()) + 1 if codes.size else 0
-    mine = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(scores[of].ranks)), minlength=n_users)
-    count = np.bincount(codes, minlength=n_users).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, n_users, size=(n, n_users))
+    mine = per_case(f"hr@{k}", np.asarray(scores[of].ranks))
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     out: dict[str, dict[str, list[float]]] = {}
     for name, sc in scores.items():
         if name == of or sc.users != users:
             continue
-        theirs = np.bincount(codes, weights=per_case(f"hr@{k}", np.asarray(sc.ranks)), minlength=n_users)
-        a, b, c = mine[draws].sum(1), theirs[draws].sum(1), count[draws].sum(1)
-        gain = (mine.sum() - theirs.sum()) / max(count.sum(), 1.0)
+        theirs = per_case(f"hr@{k}", np.asarray(sc.ranks))
+        a, b, c = resampled_sums(codes, [mine, theirs, np.ones_like(mine)], n, seed)
+        gain = (mine.sum() - theirs.sum()) / max(len(mine), 1)
         ratio = mine.sum() / theirs.sum() if theirs.sum() else float("inf")
         g_lo, g_hi = np.quantile((a - b) / np.maximum(c, 1.0), q)
         r_lo, r_hi = np.quantile(a / np.maximum(b, 1e-12), q)
